@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A WebSocket-streaming gateway for the Runware image-inference API.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gateway (embedded local provider by default)")
+    serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     return parser
