@@ -138,7 +138,8 @@ def _capsule(px: np.ndarray, py: np.ndarray, a: tuple[float, float], b: tuple[fl
 def _smin(a: np.ndarray, k: float, b: np.ndarray) -> np.ndarray:
     """Smooth union of two distance fields: limbs grow into each other without seams."""
     h = np.clip(k - np.abs(a - b), 0.0, None) / k
-    return np.minimum(a, b) - h * h * k * 0.25
+    union: np.ndarray = np.minimum(a, b) - h * h * k * 0.25
+    return union
 
 
 def _figure(rng: np.random.Generator, px: np.ndarray, py: np.ndarray, cx: float, floor: float,
@@ -189,7 +190,8 @@ def _shade_figure(d: np.ndarray, light: tuple[float, float], height: float) -> n
     key = _smoothstep(0.04, 0.5, lambert) * (0.3 + lambert)
     back = np.clip(gx * lx + gy * ly, 0.0, 1.0)
     rim = np.exp(np.clip(d, None, 0.0) / (0.006 * height)) * back
-    return 0.01 + 0.8 * key + 0.9 * rim
+    radiance: np.ndarray = 0.01 + 0.8 * key + 0.9 * rim
+    return radiance
 
 
 def _scene_luminance(style: Style, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -262,7 +264,8 @@ def _scene_luminance(style: Style, rng: np.random.Generator, h: int, w: int) -> 
         yy = rng.integers(0, h, n)
         xx = rng.integers(0, w, n)
         lum[yy, xx] += 1.5 * beam[yy, xx] * rng.random(n, dtype=F)
-    return lum
+    radiance: np.ndarray = lum
+    return radiance
 
 
 def _tone(lum: np.ndarray, black: float, white: float) -> np.ndarray:
@@ -325,7 +328,8 @@ def render_scene(prompt: str, seed: int, width: int, height: int) -> Image.Image
 def luminance(image: Image.Image | np.ndarray) -> np.ndarray:
     """Rec. 709 luma of an 8-bit RGB picture, in [0, 1]."""
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, F)
-    return (rgb[..., 0] * F(0.2126) + rgb[..., 1] * F(0.7152) + rgb[..., 2] * F(0.0722)) / F(255)
+    luma: np.ndarray = rgb[..., 0] * F(0.2126) + rgb[..., 1] * F(0.7152) + rgb[..., 2] * F(0.0722)
+    return luma / F(255)
 
 
 def regrade(reference: Image.Image, prompt: str, seed: int, width: int, height: int) -> Image.Image:
