@@ -339,9 +339,9 @@ def regrade(reference: Image.Image, prompt: str, seed: int, width: int, height: 
     lum = luminance(fitted)
     # local contrast: push each pixel away from its neighbourhood's mean
     radius = max(2.0, min(width, height) / 40)
-    blurred = np.asarray(
-        Image.fromarray(lum, "F").filter(ImageFilter.GaussianBlur(radius)), dtype=F
-    )
+    # (Pillow blurs 8-bit images only; 8 bits are plenty for a neighbourhood mean)
+    gray = Image.fromarray((lum * 255.0 + 0.5).astype(np.uint8), "L")
+    blurred = np.asarray(gray.filter(ImageFilter.GaussianBlur(radius)), dtype=F) / F(255)
     detailed = lum + 1.2 * (lum - blurred)
     # crush what is darker than the median, burn the brightest few percent
     black, white = np.percentile(detailed, [52.0, 96.0])

@@ -121,6 +121,7 @@ class LocalProvider:
         catalogue: Catalogue | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        pool: RenderPool | None = None,
     ) -> None:
         self.config = config
         self.faults = config.faults
@@ -140,7 +141,8 @@ class LocalProvider:
             default_ttl=config.image_retention,
             clock=clock,
         )
-        self.pool = RenderPool(workers=config.render_workers, max_queue=config.render_queue)
+        self._own_pool = pool is None
+        self.pool = pool or RenderPool(workers=config.render_workers, max_queue=config.render_queue)
         self._connections: set[_Connection] = set()
         self._work: set[asyncio.Task[None]] = set()
         self._fast_image: bytes | None = None
@@ -185,7 +187,8 @@ class LocalProvider:
             await self._runner.cleanup()
         if self._http is not None:
             await self._http.close()
-        self.pool.close()
+        if self._own_pool:
+            self.pool.close()
 
     @property
     def url(self) -> str:
@@ -515,14 +518,15 @@ class LocalProvider:
             )
             return
         data: list[Any] = []
-        errors: list[ErrorItem] = []
+        failures: list[ErrorItem] = []  # a failure of the whole task is reported once
         for generation in entry.generations:
             if generation.status == "processing":
                 data.append(ProcessingItem(taskType="imageInference", taskUUID=request.taskUUID))
             elif generation.result is not None:
                 data.append(msgspec.structs.replace(generation.result, status="success"))
-            elif generation.error is not None and generation.error not in errors:
-                errors.append(msgspec.structs.replace(generation.error, status="error"))
+            elif generation.error is not None and generation.error not in failures:
+                failures.append(generation.error)
+        errors = [msgspec.structs.replace(error, status="error") for error in failures]
         if data:
             session.deliver(encode_data(data))
         if errors:

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.provider.faults import Faults
+from gateway.provider.pool import RenderPool
+from gateway.provider.server import LocalProvider, ProviderConfig
+from tests.timing import MS
+
+KEY = "provider-test-key"
+MODEL = "exactly:photo@extreme-contrast"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="session")
+def render_pool() -> Iterator[RenderPool]:
+    pool = RenderPool(workers=2, max_queue=64)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def provider(render_pool: RenderPool) -> AsyncIterator[LocalProvider]:
+    instance = LocalProvider(
+        ProviderConfig(keys=frozenset({KEY})), rng=random.Random(7), pool=render_pool
+    )
+    await instance.start()
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20000 * MS)) as session:
+        yield session
+
+
+class Client:
+    """A raw WebSocket client of the Runware protocol, for asserting frames one by one."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send(self, *tasks: dict[str, Any]) -> None:
+        await self.ws.send_str(json.dumps(list(tasks)))
+
+    async def recv(self, within: float = 20000 * MS) -> dict[str, Any]:
+        message = await self.ws.receive(timeout=within)
+        assert message.type == aiohttp.WSMsgType.TEXT, message
+        frame: dict[str, Any] = json.loads(message.data)
+        return frame
+
+    async def auth(self, key: str = KEY, session: str | None = None) -> str:
+        task: dict[str, Any] = {"taskType": "authentication", "apiKey": key}
+        if session is not None:
+            task["connectionSessionUUID"] = session
+        await self.send(task)
+        reply = await self.recv()
+        assert "errors" not in reply, reply
+        uuid: str = reply["data"][0]["connectionSessionUUID"]
+        return uuid
+
+
+async def connect(http: aiohttp.ClientSession, url: str) -> Client:
+    return Client(await http.ws_connect(url, max_msg_size=0))
+
+
+def set_faults(provider: LocalProvider, **changes: Any) -> None:
+    provider.faults = provider.faults.updated(changes)
+
+
+__all__ = ["KEY", "MODEL", "Client", "Clock", "Faults", "connect", "set_faults"]
