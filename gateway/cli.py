@@ -8,6 +8,8 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -36,9 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="A WebSocket-streaming gateway for the Runware image-inference API.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve = commands.add_parser(
+        "serve", help="run the gateway (with its embedded local provider unless told otherwise)"
+    )
+    serve.add_argument("--config", type=Path, help="a TOML file (see README)")
+    serve.add_argument("--host", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default 8080")
+    serve.add_argument("--provider-url", help="e.g. wss://ws-api.runware.ai/v1")
+    serve.add_argument("--provider-key", help="default: $RUNWARE_API_KEY")
+    serve.add_argument("--demo-key", help="the demo tenant's key (default: $TENEBRA_DEMO_KEY)")
+    serve.add_argument("--log-level", default="info")
+
+    generate = commands.add_parser("generate", help="generate images through a running gateway")
+    generate.add_argument("prompt")
+    generate.add_argument("-n", "--number", type=int, default=1, help="numberResults")
+    generate.add_argument("--size", default="1264x848", help="WIDTHxHEIGHT from the catalogue")
+    generate.add_argument("--format", default="JPG", help="JPG, PNG or WEBP")
+    generate.add_argument("--ref", help="a reference image: a file, a URL or an imageUUID")
+    generate.add_argument("--out", type=Path, default=Path("."), help="where to save the files")
+    generate.add_argument("--url", default="ws://127.0.0.1:8080/v1", help="the gateway")
+    generate.add_argument("--key", help="an API key of the gateway (default: $TENEBRA_DEMO_KEY)")
 
     provider = commands.add_parser(
         "provider", help="run the local provider: a Runware-protocol server that renders images"
@@ -103,15 +122,72 @@ async def _run_provider(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve(args: argparse.Namespace) -> int:
+    import secrets
+
+    from gateway.app import Gateway
+    from gateway.config import ConfigError, load_config
+    from gateway.log import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        server, provider = config.server, config.provider
+        if args.host:
+            server.host = args.host
+        if args.port is not None:
+            server.port = args.port
+        if args.provider_url:
+            provider.url = args.provider_url
+        if args.provider_key:
+            provider.api_key = args.provider_key
+        if args.demo_key:
+            config.demo_key = args.demo_key
+        if provider.url and not provider.api_key:
+            raise ConfigError("provider.api_key: required with --provider-url (RUNWARE_API_KEY)")
+    except ConfigError as exc:
+        print(f"tenebra serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if not config.tenants and not config.demo_key:
+        config.demo_key = secrets.token_urlsafe(16)
+    gateway = Gateway(config)
+    await gateway.start()
+    print(f"tenebra: listening on {gateway.url}", flush=True)
+    if config.demo_key:
+        print(f"tenebra: demo API key: {config.demo_key}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: no more waiting
+            os._exit(1)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, on_signal)
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
+def _run(coroutine: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)  # type: ignore[no-any-return]
+    return uvloop.run(coroutine)  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "provider":
-        return asyncio.run(_run_provider(args))
-    print(
-        f"tenebra serve: the gateway will listen on ws://{args.host}:{args.port}/v1 "
-        "with its embedded local provider (not built yet: see the open issues)."
-    )
-    return 0
+        return _run(_run_provider(args))
+    if args.command == "generate":
+        from gateway.generate import generate
+
+        return _run(generate(args))
+    return _run(_serve(args))
 
 
 if __name__ == "__main__":

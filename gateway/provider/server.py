@@ -171,9 +171,7 @@ class LocalProvider:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.host, self.port = host, server.sockets[0].getsockname()[1]
+        self.host, self.port = host, self._runner.addresses[0][1]
         self._janitor = asyncio.create_task(self._sweep_forever())
 
     async def stop(self) -> None:

@@ -1,0 +1,155 @@
+"""The gateway application: what starts in which order, what stops in which order.
+
+Start: the embedded local provider (when no provider URL is configured), the provider links,
+then the client-facing server. Stop: refuse new connections and tasks, wait for in-flight tasks
+up to the drain deadline, close clients with 1012 so SDKs reconnect elsewhere, close the
+provider links, stop the embedded provider.
+
+Routes: WebSocket ``GET /v1`` and ``GET /``; REST ``POST /v1``; ``GET /metrics`` (Prometheus);
+``GET /healthz`` (the process answers); ``GET /readyz`` (200 only while a provider link is
+authenticated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.clients import ClientGateway
+from gateway.config import Config
+from gateway.intake import Intake
+from gateway.metrics import Metrics
+from gateway.provider.server import LocalProvider, ProviderConfig
+from gateway.rest import RestEndpoint
+from gateway.store.memory import MemoryTaskStore
+from gateway.tasks import TaskRegistry
+from gateway.upstream import UpstreamPool
+from protocol.models import Catalogue, default_catalogue
+
+__all__ = ["Gateway"]
+
+log = structlog.get_logger("tenebra.app")
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        catalogue: Catalogue | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.catalogue = catalogue or default_catalogue()
+        self.clock = clock
+        self.metrics = Metrics()
+        self.store = MemoryTaskStore(retention=config.tasks.retention)
+        self.registry = TaskRegistry(
+            self.store, max_open=config.tasks.max_open, clock=clock, metrics=self.metrics
+        )
+        self.provider: LocalProvider | None = None
+        self.pool: UpstreamPool | None = None
+        self.clients: ClientGateway | None = None
+        self._runner: web.AppRunner | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.server.host}:{self.port}/v1"
+
+    async def start(self) -> None:
+        settings = self.config.provider
+        url, key = settings.url, settings.api_key
+        if url is None:
+            key = secrets.token_urlsafe(24)
+            self.provider = LocalProvider(ProviderConfig(keys=frozenset({key})))
+            await self.provider.start("127.0.0.1", 0)
+            url = self.provider.url
+            log.info("local provider started", url=url)
+        assert key is not None  # the configuration requires a key with a URL
+        self.pool = UpstreamPool(url, key, settings, self.registry, self.metrics)
+        intake = Intake(
+            self.catalogue,
+            self.registry,
+            self.pool,
+            self.config.keys(),
+            self.metrics,
+            max_tasks_per_frame=self.config.server.max_tasks_per_frame,
+        )
+        self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
+        rest = RestEndpoint(intake, sync_deadline=self.config.server.rest_sync_deadline)
+
+        app = web.Application(client_max_size=self.config.server.max_frame_bytes)
+        app.router.add_get("/v1", self.clients.handle)
+        app.router.add_get("/", self.clients.handle)
+        app.router.add_post("/v1", rest.handle)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        await self.pool.start()
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._janitor = asyncio.create_task(self._sweep_forever())
+        log.info("gateway listening", url=self.url)
+
+    async def stop(self) -> None:
+        """Drain, then close: clients get 1012 so their SDKs reconnect elsewhere."""
+        if self.clients is not None:
+            self.clients.accepting = False
+        drained = asyncio.Event()
+
+        def on_final(record: object) -> None:
+            if self.store.open_count == 0:
+                drained.set()
+
+        self.registry.on_final.append(on_final)
+        on_final(None)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(drained.wait(), self.config.server.drain_deadline)
+        if self.clients is not None:
+            await self.clients.close_all(1012, b"service restart")
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        if self.pool is not None:
+            await self.pool.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.provider is not None:
+            await self.provider.stop()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            self.registry.sweep()
+            if self.clients is not None:
+                self.clients.sweep()
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        ready = (
+            self.pool is not None
+            and self.pool.ready
+            and self.clients is not None
+            and self.clients.accepting
+        )
+        links = [link.state.value for link in self.pool.links] if self.pool else []
+        return web.json_response({"ready": ready, "links": links}, status=200 if ready else 503)

@@ -1,0 +1,70 @@
+"""Where client tasks come in, by WebSocket or REST alike: checked, registered, handed on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.metrics import Metrics
+from gateway.store.base import TaskRecord
+from gateway.tasks import Subscriber, TaskRegistry
+from gateway.upstream import UpstreamPool
+from protocol.codec import Outcome, decode_client_frame
+from protocol.errors import error_item
+from protocol.frames import ErrorItem, ImageTask, TaskAck
+from protocol.models import Catalogue
+
+__all__ = ["Intake"]
+
+
+class Intake:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        registry: TaskRegistry,
+        pool: UpstreamPool,
+        keys: dict[str, str],
+        metrics: Metrics,
+        *,
+        max_tasks_per_frame: int,
+    ) -> None:
+        self.catalogue = catalogue
+        self.registry = registry
+        self.pool = pool
+        self.keys = keys
+        self.metrics = metrics
+        self.max_tasks_per_frame = max_tasks_per_frame
+
+    def tenant_of(self, api_key: str) -> str | None:
+        return self.keys.get(api_key)
+
+    def decode(self, frame: bytes) -> list[Outcome]:
+        return decode_client_frame(frame, self.catalogue, max_tasks=self.max_tasks_per_frame)
+
+    def submit(
+        self, tenant: str, task: ImageTask, subscriber: Subscriber | None
+    ) -> TaskRecord | ErrorItem:
+        """Register and send on; the ack of an async task is the caller's to send first."""
+        record = self.registry.register(tenant, task, subscriber)
+        if isinstance(record, TaskRecord):
+            self.pool.submit(record)
+        else:
+            self.metrics.errors.labels(record.code).inc()
+        return record
+
+    @staticmethod
+    def ack(task: ImageTask) -> TaskAck:
+        return TaskAck(taskType="imageInference", taskUUID=task.taskUUID)
+
+    def poll(self, tenant: str, task_uuid: str) -> tuple[list[Any], list[ErrorItem]]:
+        """``getResponse``: the gateway's own state of the task, never a question upstream."""
+        record = self.registry.lookup(tenant, task_uuid)
+        if record is None:
+            return [], [
+                error_item(
+                    "taskNotFound",
+                    parameter="taskUUID",
+                    task_type="getResponse",
+                    task_uuid=task_uuid,
+                )
+            ]
+        return self.registry.response(record)

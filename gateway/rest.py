@@ -1,0 +1,117 @@
+"""``POST /v1``: the REST twin of the WebSocket API.
+
+Authenticated by ``Authorization: Bearer <key>`` or an ``authentication`` task as element 0.
+Sync tasks answer when all their results are in, or when ``rest_sync_deadline`` passes: then the
+task gets a ``timeout`` error item, keeps running, and stays available to ``getResponse``.
+The answer is one JSON object with ``data`` and/or ``errors``; its status is 200 when anything
+succeeded, else the status of the first error (400, 401, 404, 429, 503 ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from gateway.intake import Intake
+from gateway.store.base import TaskRecord
+from protocol.codec import encode
+from protocol.errors import error_item, http_status
+from protocol.frames import Authentication, ErrorItem, GetResponse, Ping, Pong
+
+__all__ = ["RestEndpoint"]
+
+
+class _Waiter:
+    """A REST request waiting on one sync task."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+
+    def deliver(self, record: TaskRecord, frame: bytes) -> None:
+        pass  # the answer is read from the record once it settles
+
+    def settled(self, record: TaskRecord) -> None:
+        self.done.set()
+
+
+class RestEndpoint:
+    def __init__(self, intake: Intake, *, sync_deadline: float) -> None:
+        self.intake = intake
+        self.sync_deadline = sync_deadline
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        outcomes = self.intake.decode(await request.read())
+        tenant = None
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            tenant = self.intake.tenant_of(header[7:].strip())
+        if outcomes and isinstance(outcomes[0], Authentication):
+            tenant = self.intake.tenant_of(outcomes[0].apiKey)
+            outcomes = outcomes[1:]
+        if tenant is None:
+            code = "invalidApiKey" if header or request.can_read_body else "missingApiKey"
+            error = error_item(code, parameter="apiKey", task_type="authentication")
+            return self._answer([], [error])
+
+        data: list[Any] = []
+        errors: list[ErrorItem] = []
+        waiting: list[tuple[TaskRecord, _Waiter]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, ErrorItem):
+                errors.append(outcome)
+            elif isinstance(outcome, Ping):
+                data.append(Pong() if outcome.taskUUID is None else Pong(taskUUID=outcome.taskUUID))
+            elif isinstance(outcome, Authentication):
+                continue  # only element 0 authenticates
+            elif isinstance(outcome, GetResponse):
+                found, failed = self.intake.poll(tenant, outcome.taskUUID)
+                data.extend(found)
+                errors.extend(failed)
+            else:
+                sync = outcome.deliveryMethod == "sync"
+                waiter = _Waiter() if sync else None
+                record = self.intake.submit(tenant, outcome, waiter)
+                if isinstance(record, ErrorItem):
+                    errors.append(record)
+                elif waiter is not None:
+                    waiting.append((record, waiter))
+                else:
+                    data.append(self.intake.ack(outcome))
+        if waiting:
+            await self._wait(waiting)
+        for record, _ in waiting:
+            data.extend(record.results)
+            if record.error is not None:
+                errors.append(record.error)
+            elif record.open:
+                errors.append(
+                    error_item(
+                        "timeout",
+                        message=f"The task did not finish within {self.sync_deadline} s. It "
+                        "keeps running: poll it with getResponse.",
+                        task_type="imageInference",
+                        task_uuid=record.task_uuid,
+                    )
+                )
+        return self._answer(data, errors)
+
+    async def _wait(self, waiting: list[tuple[TaskRecord, _Waiter]]) -> None:
+        pending = [asyncio.ensure_future(w.done.wait()) for r, w in waiting if r.open]
+        if pending:
+            await asyncio.wait(pending, timeout=self.sync_deadline)
+        for future in pending:
+            future.cancel()
+        for record, waiter in waiting:
+            self.intake.registry.unsubscribe(record, waiter)
+
+    @staticmethod
+    def _answer(data: list[Any], errors: list[ErrorItem]) -> web.Response:
+        body: dict[str, Any] = {}
+        if data:
+            body["data"] = data
+        if errors:
+            body["errors"] = errors
+        status = 200 if data or not errors else http_status(errors[0].code)
+        return web.Response(body=encode(body), status=status, content_type="application/json")

@@ -1,0 +1,70 @@
+"""The task record and the interface every store implements.
+
+A record is plain data (msgspec), so a shared store can keep it across replicas; live things
+(sockets, futures) are never in it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+import msgspec
+
+from protocol.frames import ErrorItem, ImageResult, ImageTask
+
+__all__ = ["TaskRecord", "TaskState", "TaskStore"]
+
+
+class TaskState(enum.StrEnum):
+    RECEIVED = "received"  # checked, registered, not yet on a provider link
+    QUEUED = "queued"  # waiting for a provider link to be ready
+    SUBMITTED = "submitted"  # sent to the provider
+    PARTIAL = "partial"  # some of its results are in
+    DONE = "done"  # every result is in
+    FAILED = "failed"  # the provider or the gateway failed it
+    EXPIRED = "expired"  # its deadline passed with results missing
+
+
+class TaskRecord(msgspec.Struct, kw_only=True):
+    tenant: str
+    task: ImageTask  # as the client sent it, checked and normalised
+    upstream_uuid: str  # the gateway's own taskUUID: all the provider ever sees
+    state: TaskState = TaskState.RECEIVED
+    created: float
+    finished: float | None = None
+    link: int | None = None  # the provider link it went out on
+    results: list[ImageResult] = msgspec.field(default_factory=list)
+    error: ErrorItem | None = None
+
+    @property
+    def task_uuid(self) -> str:
+        return self.task.taskUUID
+
+    @property
+    def open(self) -> bool:
+        return self.finished is None
+
+
+class TaskStore(Protocol):
+    """Records by (tenant, taskUUID) and by upstream UUID, for a bounded retention window."""
+
+    def add(self, record: TaskRecord) -> bool:
+        """Keep a new record; False when the tenant already has this taskUUID."""
+
+    def get(self, tenant: str, task_uuid: str) -> TaskRecord | None: ...
+
+    def by_upstream(self, upstream_uuid: str) -> TaskRecord | None: ...
+
+    def finish(self, record: TaskRecord) -> None:
+        """The record reached a final state: start its retention clock."""
+
+    def sweep(self, now: float) -> list[TaskRecord]:
+        """Forget finished records older than the retention window; return them."""
+
+    def open_records(self) -> list[TaskRecord]: ...
+
+    @property
+    def open_count(self) -> int: ...
+
+    def __len__(self) -> int: ...

@@ -1,0 +1,60 @@
+"""The in-memory task store: one process, bounded in count, finished tasks kept for a window."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from gateway.store.base import TaskRecord
+
+__all__ = ["MemoryTaskStore"]
+
+
+class MemoryTaskStore:
+    def __init__(self, *, retention: float) -> None:
+        self.retention = retention
+        self._by_key: dict[tuple[str, str], TaskRecord] = {}
+        self._by_upstream: dict[str, TaskRecord] = {}
+        self._open: dict[str, TaskRecord] = {}
+        self._finished: OrderedDict[str, TaskRecord] = OrderedDict()  # in order of finishing
+
+    def add(self, record: TaskRecord) -> bool:
+        key = (record.tenant, record.task_uuid)
+        if key in self._by_key:
+            return False
+        self._by_key[key] = record
+        self._by_upstream[record.upstream_uuid] = record
+        self._open[record.upstream_uuid] = record
+        return True
+
+    def get(self, tenant: str, task_uuid: str) -> TaskRecord | None:
+        return self._by_key.get((tenant, task_uuid))
+
+    def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
+        return self._by_upstream.get(upstream_uuid)
+
+    def finish(self, record: TaskRecord) -> None:
+        self._open.pop(record.upstream_uuid, None)
+        self._finished[record.upstream_uuid] = record
+
+    def sweep(self, now: float) -> list[TaskRecord]:
+        horizon = now - self.retention
+        gone = []
+        while self._finished:
+            record = next(iter(self._finished.values()))
+            if record.finished is None or record.finished > horizon:
+                break
+            self._finished.popitem(last=False)
+            self._by_key.pop((record.tenant, record.task_uuid), None)
+            self._by_upstream.pop(record.upstream_uuid, None)
+            gone.append(record)
+        return gone
+
+    def open_records(self) -> list[TaskRecord]:
+        return list(self._open.values())
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def __len__(self) -> int:
+        return len(self._by_key)

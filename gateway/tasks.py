@@ -1,0 +1,194 @@
+"""The task registry: every task's lifecycle, its subscribers and its results, in one place.
+
+The lifecycle is one explicit state machine (:data:`TRANSITIONS`); an illegal transition raises
+:class:`IllegalTransition`, which is always a bug. Records live in a :class:`TaskStore`; the
+registry keeps only what is live: who is waiting on which task.
+
+Tenants are isolated twice over: a record is found by (tenant, taskUUID), and the provider only
+ever sees the gateway's own UUID for a task, so two tenants' identical taskUUIDs never meet.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from gateway.metrics import Metrics
+from gateway.store.base import TaskRecord, TaskState, TaskStore
+from protocol.codec import decode_image_result, encode_data, encode_errors
+from protocol.errors import error_item
+from protocol.frames import ErrorItem, ImageTask, ProcessingItem
+
+__all__ = ["TRANSITIONS", "IllegalTransition", "Subscriber", "TaskRegistry"]
+
+S = TaskState
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    S.RECEIVED: frozenset({S.QUEUED, S.SUBMITTED, S.FAILED}),
+    S.QUEUED: frozenset({S.SUBMITTED, S.FAILED}),
+    S.SUBMITTED: frozenset({S.PARTIAL, S.DONE, S.FAILED, S.EXPIRED}),
+    S.PARTIAL: frozenset({S.PARTIAL, S.DONE, S.FAILED, S.EXPIRED}),
+    S.DONE: frozenset(),
+    S.FAILED: frozenset(),
+    S.EXPIRED: frozenset(),
+}
+FINAL = frozenset({S.DONE, S.FAILED, S.EXPIRED})
+
+
+class IllegalTransition(Exception):
+    """A task was asked to move where its lifecycle does not go: a bug, never bad input."""
+
+
+class Subscriber(Protocol):
+    """Who receives a task's frames as they happen (a client session, a REST request)."""
+
+    def deliver(self, record: TaskRecord, frame: bytes) -> None: ...
+
+    def settled(self, record: TaskRecord) -> None: ...
+
+
+class TaskRegistry:
+    def __init__(
+        self,
+        store: TaskStore,
+        *,
+        max_open: int,
+        clock: Callable[[], float],
+        metrics: Metrics,
+        new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.store = store
+        self.max_open = max_open
+        self._clock = clock
+        self._metrics = metrics
+        self._new_uuid = new_uuid
+        self._subscribers: dict[str, list[Subscriber]] = {}
+        self.on_final: list[Callable[[TaskRecord], None]] = []  # e.g. the link's in-flight count
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def move(self, record: TaskRecord, state: TaskState) -> None:
+        if state not in TRANSITIONS[record.state]:
+            raise IllegalTransition(f"{record.task_uuid}: {record.state} -> {state}")
+        record.state = state
+        if state in FINAL:
+            record.finished = self._clock()
+            self.store.finish(record)
+            self._metrics.tasks_in_flight.dec()
+            self._metrics.tasks.labels(state.value).inc()
+            self._metrics.task_latency.observe(record.finished - record.created)
+            for hook in self.on_final:
+                hook(record)
+            for subscriber in self._subscribers.pop(record.upstream_uuid, ()):
+                subscriber.settled(record)
+
+    def register(
+        self, tenant: str, task: ImageTask, subscriber: Subscriber | None
+    ) -> TaskRecord | ErrorItem:
+        """A new task of ``tenant``, or the error that refuses it (conflict, capacity)."""
+        if self.store.get(tenant, task.taskUUID) is not None:
+            return error_item(
+                "conflictTaskUUID",
+                parameter="taskUUID",
+                type="string",
+                task_type="imageInference",
+                task_uuid=task.taskUUID,
+            )
+        if self.store.open_count >= self.max_open:
+            return error_item(
+                "rateLimitExceeded",
+                message=f"The gateway holds {self.max_open} open tasks. Retry with backoff.",
+                task_type="imageInference",
+                task_uuid=task.taskUUID,
+            )
+        record = TaskRecord(
+            tenant=tenant, task=task, upstream_uuid=self._new_uuid(), created=self._clock()
+        )
+        self.store.add(record)
+        if subscriber is not None:
+            self._subscribers[record.upstream_uuid] = [subscriber]
+        self._metrics.tasks_in_flight.inc()
+        return record
+
+    def subscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:
+        if record.open:
+            self._subscribers.setdefault(record.upstream_uuid, []).append(subscriber)
+        else:
+            subscriber.settled(record)
+
+    def unsubscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:
+        subscribers = self._subscribers.get(record.upstream_uuid)
+        if subscribers and subscriber in subscribers:
+            subscribers.remove(subscriber)
+
+    # ------------------------------------------------------------------ what the provider says
+
+    def on_result(self, upstream_uuid: str, item: msgspec.Raw) -> None:
+        record = self.store.by_upstream(upstream_uuid)
+        if record is None or not record.open:
+            self._metrics.stray_items.inc()  # a task we forgot, or a result after its end
+            return
+        try:
+            result = decode_image_result(item)
+        except msgspec.DecodeError:
+            return  # not an image (an ack of a task sent before a reconnect): nothing to relay
+        if any(r.imageUUID == result.imageUUID for r in record.results):
+            return  # delivered again after a resume: exactly once means once
+        task = record.task
+        if result.cost is not None:
+            self._metrics.cost.labels(record.tenant).inc(result.cost)
+        # the client's own taskUUID back in; cost only where the client asked for it
+        result = msgspec.structs.replace(
+            result,
+            taskUUID=task.taskUUID,
+            cost=result.cost if task.includeCost else None,
+        )
+        record.results.append(result)
+        frame = encode_data([result])
+        for subscriber in self._subscribers.get(record.upstream_uuid, ()):
+            subscriber.deliver(record, frame)
+        self.move(record, S.DONE if len(record.results) >= task.numberResults else S.PARTIAL)
+
+    def on_error(self, upstream_uuid: str, error: ErrorItem) -> None:
+        record = self.store.by_upstream(upstream_uuid)
+        if record is None or not record.open:
+            self._metrics.stray_items.inc()
+            return
+        self.fail(record, msgspec.structs.replace(error, taskUUID=record.task_uuid))
+
+    def fail(self, record: TaskRecord, error: ErrorItem) -> None:
+        """End a task with ``error``, told to its subscribers."""
+        if not record.open:
+            return
+        record.error = error
+        self._metrics.errors.labels(error.code).inc()
+        frame = encode_errors([error])
+        subscribers = list(self._subscribers.get(record.upstream_uuid, ()))
+        self.move(record, S.FAILED)
+        for subscriber in subscribers:
+            subscriber.deliver(record, frame)
+
+    # ------------------------------------------------------------------ getResponse
+
+    def lookup(self, tenant: str, task_uuid: str) -> TaskRecord | None:
+        return self.store.get(tenant, task_uuid)
+
+    def response(self, record: TaskRecord) -> tuple[list[Any], list[ErrorItem]]:
+        """Cumulative state, one item per generation: successes, then what is still running;
+        a failure as an error item. Always the original taskType, never ``getResponse``."""
+        data: list[Any] = [msgspec.structs.replace(r, status="success") for r in record.results]
+        errors: list[ErrorItem] = []
+        missing = record.task.numberResults - len(record.results)
+        if record.error is not None:
+            errors.append(msgspec.structs.replace(record.error, status="error"))
+        elif missing > 0 and record.open:
+            data.extend(
+                ProcessingItem(taskType="imageInference", taskUUID=record.task_uuid)
+                for _ in range(missing)
+            )
+        return data, errors
+
+    def sweep(self) -> int:
+        return len(self.store.sweep(self._clock()))
