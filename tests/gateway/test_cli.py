@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 import aiohttp
+from PIL import Image
 
 from tests.timing import MS
 
@@ -47,3 +49,47 @@ async def test_tenebra_provider_needs_a_key() -> None:
     _, stderr = await asyncio.wait_for(process.communicate(), 30000 * MS)
     assert process.returncode == 2
     assert b"--key" in stderr
+
+
+async def test_serve_then_generate_writes_pictures(tmp_path: Path) -> None:
+    """The README's quick start: `tenebra serve` on its embedded default, then `generate`."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--demo-key", "demo-k",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30000 * MS)).decode()
+        assert line.startswith("tenebra: listening on ws://127.0.0.1:")
+        url = line.rsplit(" ", 1)[1].strip()
+        assert (await process.stdout.readline()).decode().strip() == "tenebra: demo API key: demo-k"
+        generate = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "generate", "a saxophonist, spotlight, smoke",
+            "-n", "2", "--size", "896x1200", "--format", "png", "--url", url,
+            "--key", "demo-k", "--out", str(tmp_path),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(generate.communicate(), 120000 * MS)
+        assert generate.returncode == 0, out
+        files = sorted(tmp_path.glob("*.png"))  # noqa: ASYNC240 (a test's own temp dir)
+        assert len(files) == 2
+        assert all(Image.open(f).size == (896, 1200) for f in files)
+        assert b"cost: $0.390" in out
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30000 * MS) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[server]\nport = 'x'\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30000 * MS)
+    assert process.returncode == 2
+    assert b"invalid configuration: server.port" in stderr

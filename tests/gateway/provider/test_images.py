@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from gateway.provider.images import ImageStore
-from tests.gateway.provider.conftest import Clock
+from tests.gateway.conftest import Clock
 
 
 def store(clock: Clock, max_images: int = 10, max_bytes: int = 1000) -> ImageStore:

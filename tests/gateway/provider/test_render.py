@@ -21,7 +21,7 @@ from gateway.provider.render import (
     render_scene,
 )
 from protocol.models import default_catalogue
-from tests.gateway.provider.conftest import MODEL
+from tests.gateway.conftest import MODEL
 
 EXAMPLES = json.loads(
     (Path(__file__).parents[2] / "protocol/fixtures/model_card_examples.json").read_text()

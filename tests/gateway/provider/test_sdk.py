@@ -9,7 +9,7 @@ import pytest
 from runware import IImageInference, Runware
 
 from gateway.provider.server import LocalProvider
-from tests.gateway.provider.conftest import KEY, MODEL
+from tests.gateway.conftest import KEY, MODEL
 from tests.timing import MS
 
 PROMPT = "A cinematic photograph of a lone fencer in a floodlit tunnel, mist"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from gateway.provider.pool import RenderPool
 from gateway.provider.server import LocalProvider, ProviderConfig
-from tests.gateway.provider.conftest import KEY, MODEL, Client, Clock, connect, set_faults
+from tests.gateway.conftest import KEY, MODEL, Client, Clock, connect, set_faults
 from tests.timing import MS
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncIterator, Iterator
@@ -8,7 +9,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.provider.faults import Faults
 from gateway.provider.pool import RenderPool
 from gateway.provider.server import LocalProvider, ProviderConfig
 from tests.timing import MS
@@ -92,4 +92,31 @@ def set_faults(provider: LocalProvider, **changes: Any) -> None:
     provider.faults = provider.faults.updated(changes)
 
 
-__all__ = ["KEY", "MODEL", "Client", "Clock", "Faults", "connect", "set_faults"]
+# --------------------------------------------------------------------------- the gateway
+
+ALPHA, BETA = "alpha-key", "beta-key"
+
+
+def gateway_config(provider: LocalProvider, **server: Any) -> Any:
+    from gateway.config import Config, ProviderSettings, ServerSettings, Tenant
+
+    return Config(
+        server=ServerSettings(port=0, drain_deadline=0.5, **server),
+        provider=ProviderSettings(
+            url=provider.url, api_key=KEY, ping_interval=1.0, pong_timeout=2.0
+        ),
+        tenants={"alpha": Tenant(keys=[ALPHA]), "beta": Tenant(keys=[BETA])},
+    )
+
+
+@pytest.fixture
+async def gateway(provider: LocalProvider) -> AsyncIterator[Any]:
+    from gateway.app import Gateway
+
+    instance = Gateway(gateway_config(provider))
+    await instance.start()
+    assert instance.pool is not None
+    async with asyncio.timeout(10000 * MS):
+        await instance.pool.wait_ready()
+    yield instance
+    await instance.stop()

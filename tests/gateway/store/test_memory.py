@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from gateway.store.base import TaskRecord
+from gateway.store.memory import MemoryTaskStore
+from protocol.codec import decode_client_frame, encode_tasks
+from protocol.frames import ImageTask
+from protocol.models import default_catalogue
+from tests.protocol.conftest import image_task
+
+
+def record(tenant: str, upstream: str, task_uuid: str | None = None) -> TaskRecord:
+    body = image_task() if task_uuid is None else image_task(taskUUID=task_uuid)
+    [task] = decode_client_frame(encode_tasks([body]), default_catalogue())
+    assert isinstance(task, ImageTask)
+    return TaskRecord(tenant=tenant, task=task, upstream_uuid=upstream, created=0.0)
+
+
+def test_keys_are_per_tenant() -> None:
+    store = MemoryTaskStore(retention=10)
+    first = record("a", "u1")
+    assert store.add(first)
+    assert not store.add(record("a", "u2", first.task_uuid))
+    assert store.add(record("b", "u3", first.task_uuid))
+    assert store.get("a", first.task_uuid) is first
+    assert store.by_upstream("u1") is first
+    assert store.open_count == 2 and len(store) == 2
+
+
+def test_retention_starts_when_a_task_finishes() -> None:
+    store = MemoryTaskStore(retention=10)
+    early, late, running = record("a", "u1"), record("a", "u2"), record("a", "u3")
+    for r in (early, late, running):
+        store.add(r)
+    early.finished, late.finished = 5.0, 8.0
+    store.finish(early)
+    store.finish(late)
+    assert store.open_records() == [running]
+    assert store.sweep(14.9) == []
+    assert store.sweep(15.0) == [early]
+    assert store.sweep(100.0) == [late]
+    assert store.get("a", running.task_uuid) is running and len(store) == 1

@@ -1,0 +1,157 @@
+"""The task registry without any socket: lifecycle, conflicts, routing, getResponse."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.store.base import TaskRecord, TaskState
+from gateway.store.memory import MemoryTaskStore
+from gateway.tasks import FINAL, TRANSITIONS, IllegalTransition, TaskRegistry
+from protocol.codec import decode_client_frame, encode, encode_tasks
+from protocol.errors import error_item
+from protocol.frames import ErrorItem, ImageResult, ImageTask
+from protocol.models import default_catalogue
+from tests.gateway.conftest import Clock
+from tests.protocol.conftest import image_task
+
+S = TaskState
+
+
+class Subscriber:
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.settled_records: list[TaskRecord] = []
+
+    def deliver(self, record: TaskRecord, frame: bytes) -> None:
+        self.frames.append(msgspec.json.decode(frame))
+
+    def settled(self, record: TaskRecord) -> None:
+        self.settled_records.append(record)
+
+
+def checked(**overrides: object) -> ImageTask:
+    [task] = decode_client_frame(encode_tasks([image_task(**overrides)]), default_catalogue())
+    assert isinstance(task, ImageTask)
+    return task
+
+
+@pytest.fixture
+def registry(clock: Clock) -> TaskRegistry:
+    counter = itertools.count()
+    return TaskRegistry(
+        MemoryTaskStore(retention=60),
+        max_open=3,
+        clock=clock,
+        metrics=Metrics(),
+        new_uuid=lambda: f"up-{next(counter)}",
+    )
+
+
+def result(upstream: str, image: str, cost: float = 0.195) -> msgspec.Raw:
+    item = ImageResult(
+        taskType="imageInference", taskUUID=upstream, imageUUID=image, imageURL="u", cost=cost
+    )
+    return msgspec.Raw(encode(item))
+
+
+def test_the_lifecycle_table_is_closed() -> None:
+    assert set(TRANSITIONS) == set(TaskState)
+    for state in FINAL:
+        assert TRANSITIONS[state] == frozenset()
+    for targets in TRANSITIONS.values():
+        assert S.RECEIVED not in targets  # nothing goes back to the start
+
+
+@pytest.mark.parametrize(
+    ("path", "illegal"),
+    [
+        ([], S.DONE),
+        ([], S.PARTIAL),
+        ([S.QUEUED], S.DONE),
+        ([S.SUBMITTED], S.QUEUED),
+        ([S.SUBMITTED, S.DONE], S.FAILED),
+        ([S.FAILED], S.SUBMITTED),
+    ],
+)
+def test_illegal_transitions_raise(
+    registry: TaskRegistry, path: list[TaskState], illegal: TaskState
+) -> None:
+    record = registry.register("t", checked(), None)
+    assert isinstance(record, TaskRecord)
+    for state in path:
+        registry.move(record, state)
+    with pytest.raises(IllegalTransition):
+        registry.move(record, illegal)
+
+
+def test_results_route_relabel_dedupe_and_finish(registry: TaskRegistry, clock: Clock) -> None:
+    watcher = Subscriber()
+    task = checked(numberResults=2)
+    record = registry.register("t", task, watcher)
+    assert isinstance(record, TaskRecord)
+    registry.move(record, S.SUBMITTED)
+    registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i1"))
+    registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i1"))  # a replay
+    assert record.state is S.PARTIAL
+    clock.advance(2.5)
+    registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i2"))
+    assert str(record.state) == "done" and record.finished == clock.now
+    assert [f["data"][0]["imageUUID"] for f in watcher.frames] == ["i1", "i2"]
+    for frame in watcher.frames:
+        item = frame["data"][0]
+        assert item["taskUUID"] == task.taskUUID and "cost" not in item
+    assert watcher.settled_records == [record]
+    # a result after the end goes nowhere
+    registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i3"))
+    assert len(record.results) == 2
+
+
+def test_cost_is_kept_when_asked(registry: TaskRegistry) -> None:
+    record = registry.register("t", checked(includeCost=True), None)
+    assert isinstance(record, TaskRecord)
+    registry.move(record, S.SUBMITTED)
+    registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i1"))
+    assert record.results[0].cost == 0.195
+
+
+def test_conflicts_are_per_tenant_and_capacity_is_bounded(registry: TaskRegistry) -> None:
+    task = checked()
+    assert isinstance(registry.register("a", task, None), TaskRecord)
+    conflict = registry.register("a", task, None)
+    assert isinstance(conflict, ErrorItem) and conflict.code == "conflictTaskUUID"
+    assert isinstance(registry.register("b", task, None), TaskRecord)
+    assert isinstance(registry.register("c", task, None), TaskRecord)
+    full = registry.register("d", task, None)  # max_open is 3
+    assert isinstance(full, ErrorItem) and full.code == "rateLimitExceeded"
+
+
+def test_get_response_is_cumulative(registry: TaskRegistry) -> None:
+    record = registry.register("t", checked(numberResults=3), None)
+    assert isinstance(record, TaskRecord)
+    registry.move(record, S.SUBMITTED)
+    registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i1"))
+    data, errors = registry.response(record)
+    assert [getattr(i, "status", None) for i in data] == ["success", "processing", "processing"]
+    assert errors == []
+    registry.on_error(record.upstream_uuid, error_item("timeoutProvider", task_uuid="x"))
+    data, errors = registry.response(record)
+    assert [getattr(i, "status", None) for i in data] == ["success"]
+    assert [(e.code, e.status, e.taskUUID) for e in errors] == [
+        ("timeoutProvider", "error", record.task_uuid)
+    ]
+
+
+def test_finished_tasks_are_forgotten_after_retention(registry: TaskRegistry, clock: Clock) -> None:
+    record = registry.register("t", checked(), None)
+    assert isinstance(record, TaskRecord)
+    registry.fail(record, error_item("serviceUnavailable", task_uuid=record.task_uuid))
+    clock.advance(59)
+    assert registry.sweep() == 0
+    clock.advance(2)
+    assert registry.sweep() == 1
+    assert registry.lookup("t", record.task_uuid) is None
