@@ -56,6 +56,7 @@ class Gateway:
         )
         self.provider: LocalProvider | None = None
         self.pool: UpstreamPool | None = None
+        self.intake: Intake | None = None
         self.clients: ClientGateway | None = None
         self._runner: web.AppRunner | None = None
         self._janitor: asyncio.Task[None] | None = None
@@ -76,7 +77,7 @@ class Gateway:
             log.info("local provider started", url=url)
         assert key is not None  # the configuration requires a key with a URL
         self.pool = UpstreamPool(url, key, settings, self.registry, self.metrics)
-        intake = Intake(
+        intake = self.intake = Intake(
             self.catalogue,
             self.registry,
             self.pool,
@@ -107,6 +108,8 @@ class Gateway:
         """Drain, then close: clients get 1012 so their SDKs reconnect elsewhere."""
         if self.clients is not None:
             self.clients.accepting = False
+        if self.intake is not None:
+            self.intake.accepting = False
         drained = asyncio.Event()
 
         def on_final(record: object) -> None:
@@ -132,7 +135,8 @@ class Gateway:
 
     async def _sweep_forever(self) -> None:
         while True:
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(1.0)
+            self.registry.expire(self.config.tasks.timeout)
             self.registry.sweep()
             if self.clients is not None:
                 self.clients.sweep()

@@ -51,8 +51,17 @@ CLOSE_SLOW_CONSUMER = 4008
 class ClientConnection:
     """One client socket: frames queue here, bounded in bytes, and one writer sends them."""
 
-    def __init__(self, ws: web.WebSocketResponse, conn_id: str, limit: int, metrics: Metrics):
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        conn_id: str,
+        limit: int,
+        metrics: Metrics,
+    ) -> None:
         self.ws = ws
+        self.request = request
+        self.writer: asyncio.Task[None] | None = None
         self.id = conn_id
         self.limit = limit
         self.metrics = metrics
@@ -68,18 +77,35 @@ class ClientConnection:
             return False
         self.outbox.append(frame)
         self.queued_bytes += len(frame)
-        if self.queued_bytes > self.limit:
-            self.overflowed = True  # the writer closes with 4008; the session keeps the rest
+        # a backlog past the bound, not one big frame (a large getResponse), marks a slow client
+        if self.queued_bytes > self.limit and len(self.outbox) > 1:
+            self.overflowed = True
             self.metrics.slow_clients.inc()
+            asyncio.get_running_loop().create_task(self._cut())
         self.wakeup.set()
         return True
 
+    async def _cut(self) -> None:
+        """Disconnect a client that does not read: its writer may be stuck in a drain, so it is
+        cancelled; the close frame gets a second to go out, then the socket is aborted. What it
+        did not take goes back to its session when the handler detaches it."""
+        if self.writer is not None:
+            self.writer.cancel()
+        try:
+            await asyncio.wait_for(
+                self.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"send buffer overflow"), 1.0
+            )
+        except Exception as exc:  # a socket this stuck fails in many ways; all end in abort
+            log.debug("slow client close failed", error=repr(exc))
+        finally:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+
     async def write(self) -> None:
         ws = self.ws
-        while True:
-            if self.overflowed:
-                await ws.close(code=CLOSE_SLOW_CONSUMER, message=b"send buffer overflow")
-                return
+        while not self.overflowed:
+            if not self.outbox and self.session is not None:
+                self.session.refill(self)
             if not self.outbox:
                 self.wakeup.clear()
                 await self.wakeup.wait()
@@ -105,8 +131,11 @@ class ClientSession:
         self.open_tasks: set[str] = set()
 
     def deliver(self, record: TaskRecord, frame: bytes) -> None:
-        if self.connection is None or not self.connection.send(frame):
+        # behind a backlog still being replayed, a new frame waits its turn: order is kept
+        if self.buffer or self.connection is None or not self.connection.send(frame):
             self._keep(frame)
+        elif self.connection is not None:
+            self.connection.wakeup.set()
 
     def settled(self, record: TaskRecord) -> None:
         self.open_tasks.discard(record.upstream_uuid)
@@ -134,12 +163,20 @@ class ClientSession:
     def attach(self, connection: ClientConnection) -> None:
         """The auth reply goes first, then every missed frame in order, exactly once."""
         connection.send(encode_data([AuthenticationResult(connectionSessionUUID=self.uuid)]))
-        while self.buffer:
+        self.connection = connection
+        self.detached_at = None
+        self.refill(connection)
+
+    def refill(self, connection: ClientConnection) -> None:
+        """Replay the backlog as the socket takes it: half its bound at a time, so that a long
+        absence never looks like a client that does not read."""
+        if connection is not self.connection:
+            return
+        room = connection.limit // 2
+        while self.buffer and connection.queued_bytes < room:
             frame = self.buffer.popleft()
             self.buffered_bytes -= len(frame)
             connection.send(frame)
-        self.connection = connection
-        self.detached_at = None
 
 
 class ClientGateway:
@@ -172,11 +209,11 @@ class ClientGateway:
         )
         await ws.prepare(request)
         connection = ClientConnection(
-            ws, f"c{next(self._ids)}", self.settings.send_buffer_bytes, self.metrics
+            ws, request, f"c{next(self._ids)}", self.settings.send_buffer_bytes, self.metrics
         )
         self.connections.add(connection)
         self.metrics.client_connections.inc()
-        writer = asyncio.create_task(connection.write())
+        writer = connection.writer = asyncio.create_task(connection.write())
         try:
             with structlog.contextvars.bound_contextvars(conn=connection.id):
                 await self._read(connection, writer)
@@ -209,6 +246,8 @@ class ClientGateway:
                 if session is not None and session.open_tasks:
                     continue  # never idle-close a socket whose tasks are still running
                 await ws.close(code=WSCloseCode.OK, message=b"idle")
+                return
+            if connection.overflowed:
                 return
             if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 self.metrics.client_frames_in.inc()

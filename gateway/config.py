@@ -56,11 +56,14 @@ class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):
     backoff_max: float = 30.0
     max_message_bytes: int = 64 * MiB
     max_batch: int = 64  # tasks per upstream frame
+    outage_deadline: float = 30.0  # a task waiting this long for a link fails (503)
+    recovery_interval: float = 1.0  # re-poll of tasks orphaned by a session the provider lost
 
 
 class TaskSettings(msgspec.Struct, forbid_unknown_fields=True):
     retention: float = 3600.0  # finished tasks stay readable by getResponse this long
     max_open: int = 100_000
+    timeout: float = 600.0  # a task with results missing this long after acceptance expires
 
 
 class Tenant(msgspec.Struct, forbid_unknown_fields=True):

@@ -33,6 +33,7 @@ class Intake:
         self.keys = keys
         self.metrics = metrics
         self.max_tasks_per_frame = max_tasks_per_frame
+        self.accepting = True  # False while the gateway drains for shutdown
 
     def tenant_of(self, api_key: str) -> str | None:
         return self.keys.get(api_key)
@@ -44,6 +45,14 @@ class Intake:
         self, tenant: str, task: ImageTask, subscriber: Subscriber | None
     ) -> TaskRecord | ErrorItem:
         """Register and send on; the ack of an async task is the caller's to send first."""
+        if not self.accepting:
+            self.metrics.errors.labels("serviceUnavailable").inc()
+            return error_item(
+                "serviceUnavailable",
+                message="The gateway is shutting down. Reconnect and retry elsewhere.",
+                task_type="imageInference",
+                task_uuid=task.taskUUID,
+            )
         record = self.registry.register(tenant, task, subscriber)
         if isinstance(record, TaskRecord):
             self.pool.submit(record)

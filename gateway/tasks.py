@@ -67,6 +67,9 @@ class TaskRegistry:
         self._subscribers: dict[str, list[Subscriber]] = {}
         self.on_final: list[Callable[[TaskRecord], None]] = []  # e.g. the link's in-flight count
 
+    def now(self) -> float:
+        return self._clock()
+
     # ------------------------------------------------------------------ lifecycle
 
     def move(self, record: TaskRecord, state: TaskState) -> None:
@@ -160,13 +163,15 @@ class TaskRegistry:
 
     def fail(self, record: TaskRecord, error: ErrorItem) -> None:
         """End a task with ``error``, told to its subscribers."""
-        if not record.open:
-            return
+        if record.open:
+            self._end(record, error, S.FAILED)
+
+    def _end(self, record: TaskRecord, error: ErrorItem, state: TaskState) -> None:
         record.error = error
         self._metrics.errors.labels(error.code).inc()
         frame = encode_errors([error])
         subscribers = list(self._subscribers.get(record.upstream_uuid, ()))
-        self.move(record, S.FAILED)
+        self.move(record, state)
         for subscriber in subscribers:
             subscriber.deliver(record, frame)
 
@@ -189,6 +194,21 @@ class TaskRegistry:
                 for _ in range(missing)
             )
         return data, errors
+
+    def expire(self, timeout: float) -> int:
+        """Tasks with results still missing ``timeout`` after acceptance end as EXPIRED."""
+        horizon = self._clock() - timeout
+        late = [r for r in self.store.open_records() if r.created <= horizon]
+        for record in late:
+            if record.state in (S.SUBMITTED, S.PARTIAL):
+                error = error_item(
+                    "timeoutProvider",
+                    message=f"The provider did not finish the task within {timeout:g} s.",
+                    task_type="imageInference",
+                    task_uuid=record.task_uuid,
+                )
+                self._end(record, error, S.EXPIRED)
+        return len(late)
 
     def sweep(self) -> int:
         return len(self.store.sweep(self._clock()))

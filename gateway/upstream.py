@@ -100,6 +100,11 @@ class UpstreamLink:
         self.ready = asyncio.Event()
         self.connects = 0
         self._closing = False
+        self.resumed = False  # did the current connection resume the provider session?
+        self._last_read = 0.0  # loop time of the last frame read
+        # tasks whose results went to a provider session that did not survive: polled until
+        # they settle, since nothing will push their results to us any more
+        self.orphans: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,6 +174,7 @@ class UpstreamLink:
                 asyncio.create_task(self._read(ws)),
                 asyncio.create_task(self._write(ws)),
                 asyncio.create_task(self._heartbeat()),
+                asyncio.create_task(self._poll_orphans()),
             ]
             try:
                 done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
@@ -207,17 +213,55 @@ class UpstreamLink:
         return resumed
 
     def _recover(self, resumed: bool) -> None:
-        """After a reconnect, ask for the state of every task this link had out.
+        """After a reconnect, ask the provider for the state of every task this link had out.
 
-        A resumed session delivers what it buffered by itself, but asking costs nothing and
-        settles tasks whose results the provider could not buffer. Items come back through the
-        normal routing, de-duplicated by imageUUID; a task the provider has no record of fails
-        with a clear error. Nothing is ever submitted twice.
+        Answers come back through the normal routing, de-duplicated by imageUUID, so a result
+        that arrives both from the resumed session's buffer and from this poll counts once.
+        A task the provider has no record of is handled by :meth:`_lost`. When the session did
+        not resume, nothing will push the results of still-running tasks to us any more: they
+        become orphans, polled every ``recovery_interval`` until they settle.
         """
+        self.resumed = resumed
         if not self.in_flight:
             return
+        if not resumed:
+            self.orphans |= self.in_flight
         self._polls.extend(GetResponse(taskUUID=u) for u in sorted(self.in_flight))
         self._wakeup.set()
+
+    def _lost(self, upstream_uuid: str) -> None:
+        """The provider answered a recovery poll with taskNotFound.
+
+        Under a resumed session the provider still knows every task it received, so this task
+        never reached it (its frame died with the old socket): it is sent now, once, and billed
+        once. Under a new session the provider forgot (a restart): the task fails with a clear
+        error and is not sent again, since it may have been received and billed.
+        """
+        record = self.registry.store.by_upstream(upstream_uuid)
+        if record is None or not record.open:
+            return
+        if self.resumed and not record.resent:
+            record.resent = True
+            log.info("resending a task the provider never received", link=self.index)
+            self.outbox.appendleft(record)
+            self._wakeup.set()
+            return
+        self.registry.on_error(
+            upstream_uuid,
+            error_item(
+                "providerError",
+                message="The provider lost this task (it restarted or forgot its session). "
+                "It was not submitted again, so it was not billed twice.",
+                task_type="imageInference",
+            ),
+        )
+
+    async def _poll_orphans(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.recovery_interval)
+            if self.orphans:
+                self._polls.extend(GetResponse(taskUUID=u) for u in sorted(self.orphans))
+                self._wakeup.set()
 
     def _requeue_unsent(self) -> None:
         """Tasks still in the outbox never left: the pool may send them on another link."""
@@ -230,9 +274,12 @@ class UpstreamLink:
     # ------------------------------------------------------------------ the three parts
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
         while True:
             message = await ws.receive()
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                self._last_read = loop.time()
                 self.metrics.upstream_frames_in.inc()
                 self._route(message.data)
             elif message.type == aiohttp.WSMsgType.ERROR:
@@ -269,14 +316,9 @@ class UpstreamLink:
                 continue
             if error.taskUUID is not None:
                 if error.taskType == "getResponse" and error.code == "taskNotFound":
-                    # asked after a reconnect: the provider has no record of the task
-                    error = error_item(
-                        "providerError",
-                        message="The provider lost this task (it restarted or forgot its "
-                        "session). It was not submitted again, so it was not billed twice.",
-                        task_type="imageInference",
-                    )
-                registry.on_error(error.taskUUID or "", error)
+                    self._lost(error.taskUUID)
+                else:
+                    registry.on_error(error.taskUUID, error)
             else:
                 log.warning("provider error without a task", link=self.index, code=error.code)
 
@@ -295,8 +337,9 @@ class UpstreamLink:
                 if not record.open:
                     continue  # failed while it waited (its deadline, a shutdown)
                 # handed to the provider from here on: after a failed send it is recovered by
-                # getResponse, never sent again
-                self.registry.move(record, TaskState.SUBMITTED)
+                # getResponse, and sent again only if the provider says it never arrived
+                if record.state in (TaskState.RECEIVED, TaskState.QUEUED):
+                    self.registry.move(record, TaskState.SUBMITTED)
                 record.link = self.index
                 self.in_flight.add(record.upstream_uuid)
                 batch.append(upstream_task(record))
@@ -308,19 +351,27 @@ class UpstreamLink:
                 self.metrics.upstream_frames_out.inc()
 
     async def _heartbeat(self) -> None:
+        """Ping every ``ping_interval``; the link is dead when, after a ping, nothing at all
+        arrives for ``pong_timeout``. A late pong behind a backlog of results is a busy link,
+        not a dead one: any frame read counts as a sign of life."""
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.pong_timeout
         while True:
             await asyncio.sleep(self.settings.ping_interval)
             token = str(uuid.uuid4())
-            pong = asyncio.get_running_loop().create_future()
+            pong = loop.create_future()
             self._pongs[token] = pong
             self._polls.append(Ping(taskUUID=token))
             self._wakeup.set()
-            try:
-                await asyncio.wait_for(pong, self.settings.pong_timeout)
-            except TimeoutError:
-                raise ConnectionError(
-                    f"no pong from the provider within {self.settings.pong_timeout} s"
-                ) from None
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(pong), timeout)
+                    break
+                except TimeoutError:
+                    if loop.time() - self._last_read >= timeout:
+                        raise ConnectionError(
+                            f"nothing from the provider for {timeout} s after a ping"
+                        ) from None
 
     # ------------------------------------------------------------------ tasks
 
@@ -330,6 +381,7 @@ class UpstreamLink:
 
     def settled(self, record: TaskRecord) -> None:
         self.in_flight.discard(record.upstream_uuid)
+        self.orphans.discard(record.upstream_uuid)
 
 
 class UpstreamPool:
@@ -351,9 +403,10 @@ class UpstreamPool:
         self._rng = rng or random.Random()
         self._url = url
         self._api_key = api_key
-        self.pending: deque[TaskRecord] = deque()
+        self.pending: deque[tuple[float, TaskRecord]] = deque()  # (queued at, task)
         self.links: list[UpstreamLink] = []
         self._http: aiohttp.ClientSession | None = None
+        self._watch: asyncio.Task[None] | None = None
         registry.on_final.append(self._settled)
 
     async def start(self) -> None:
@@ -373,8 +426,11 @@ class UpstreamPool:
             )
             self.links.append(link)
             link.start()
+        self._watch = asyncio.create_task(self._watch_outage())
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for link in self.links:
             await link.close()
         if self._http is not None:
@@ -403,21 +459,41 @@ class UpstreamPool:
         if ready:
             min(ready, key=lambda link: len(link.in_flight) + len(link.outbox)).enqueue(record)
             return
+        if self.refused:
+            self._unavailable(record, "The provider refuses the gateway's API key; the gateway "
+                              "keeps retrying. Retry with backoff.")  # fmt: skip
+            return
         if len(self.pending) >= self.settings.max_queued:
-            self.registry.fail(
-                record,
-                error_item(
-                    "serviceUnavailable",
-                    message=f"The provider is unreachable and {self.settings.max_queued} tasks "
-                    "already wait for it. Retry with backoff.",
-                    task_type="imageInference",
-                    task_uuid=record.task_uuid,
-                ),
-            )
+            self._unavailable(record, f"The provider is unreachable and "
+                              f"{self.settings.max_queued} tasks already wait for it. "
+                              "Retry with backoff.")  # fmt: skip
             return
         if record.state == TaskState.RECEIVED:
             self.registry.move(record, TaskState.QUEUED)
-        self.pending.append(record)
+        self.pending.append((self.registry.now(), record))
+
+    def _unavailable(self, record: TaskRecord, message: str) -> None:
+        self.registry.fail(
+            record,
+            error_item(
+                "serviceUnavailable",
+                message=message,
+                task_type="imageInference",
+                task_uuid=record.task_uuid,
+            ),
+        )
+
+    async def _watch_outage(self) -> None:
+        """Tasks wait for a link at most ``outage_deadline``: then a clear error, not a hang."""
+        deadline = self.settings.outage_deadline
+        while True:
+            await asyncio.sleep(min(1.0, deadline / 4))
+            horizon = self.registry.now() - deadline
+            while self.pending and self.pending[0][0] <= horizon:
+                _, record = self.pending.popleft()
+                if record.open:
+                    self._unavailable(record, f"No provider link for {deadline:g} s. Retry "
+                                      "with backoff.")  # fmt: skip
 
     def _resubmit(self, record: TaskRecord) -> None:
         if record.open:
@@ -426,9 +502,14 @@ class UpstreamPool:
     def _link_changed(self, link: UpstreamLink) -> None:
         if link.state == LinkState.READY:
             while self.pending and link.state == LinkState.READY:
-                record = self.pending.popleft()
+                _, record = self.pending.popleft()
                 if record.open:
                     link.enqueue(record)
+        elif self.refused:
+            while self.pending:
+                _, record = self.pending.popleft()
+                if record.open:
+                    self._unavailable(record, "The provider refuses the gateway's API key.")
 
     def _settled(self, record: TaskRecord) -> None:
         if record.link is not None and record.link < len(self.links):

@@ -34,6 +34,7 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     created: float
     finished: float | None = None
     link: int | None = None  # the provider link it went out on
+    resent: bool = False  # sent again once, after the provider said it never received it
     results: list[ImageResult] = msgspec.field(default_factory=list)
     error: ErrorItem | None = None
 

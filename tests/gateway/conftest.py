@@ -101,7 +101,7 @@ def gateway_config(provider: LocalProvider, **server: Any) -> Any:
     from gateway.config import Config, ProviderSettings, ServerSettings, Tenant
 
     return Config(
-        server=ServerSettings(port=0, drain_deadline=0.5, **server),
+        server=ServerSettings(**{"port": 0, "drain_deadline": 0.5, **server}),
         provider=ProviderSettings(
             url=provider.url, api_key=KEY, ping_interval=1.0, pong_timeout=2.0
         ),
@@ -120,3 +120,15 @@ async def gateway(provider: LocalProvider) -> AsyncIterator[Any]:
         await instance.pool.wait_ready()
     yield instance
     await instance.stop()
+
+
+def resilient_config(provider: LocalProvider, **server: Any) -> Any:
+    """Short deadlines, so that faults are detected and recovered within a test's time."""
+    config = gateway_config(provider, **server)
+    config.provider.ping_interval = 200 * MS
+    config.provider.pong_timeout = 300 * MS
+    config.provider.auth_timeout = 500 * MS
+    config.provider.backoff_initial = 20 * MS
+    config.provider.backoff_max = 200 * MS
+    config.provider.recovery_interval = 100 * MS
+    return config

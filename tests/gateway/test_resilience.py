@@ -1,0 +1,413 @@
+"""Faults on purpose: the provider drops, stalls, forgets and refuses; clients vanish, stall and
+come back; the gateway is stopped under load. Nothing is lost, nothing is delivered twice, and
+no task the provider accepted is sent to it again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+from gateway.app import Gateway
+from gateway.provider.server import LocalProvider, ProviderConfig
+from gateway.upstream import LinkState
+from tests.gateway.conftest import ALPHA, KEY, MODEL, Client, connect, resilient_config, set_faults
+from tests.timing import MS
+
+
+def task(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "taskType": "imageInference",
+        "taskUUID": str(uuid.uuid4()),
+        "model": MODEL,
+        "positivePrompt": "a fencer in a floodlit tunnel",
+        "width": 1024,
+        "height": 1024,
+    }
+    body.update(overrides)
+    return body
+
+
+@pytest.fixture
+async def gateway(provider: LocalProvider) -> AsyncIterator[Gateway]:
+    instance = Gateway(resilient_config(provider))
+    await instance.start()
+    assert instance.pool is not None
+    async with asyncio.timeout(10000 * MS):
+        await instance.pool.wait_ready()
+    yield instance
+    await instance.stop()
+
+
+async def until(predicate: Any, within: float = 20000 * MS) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(10 * MS)
+
+
+async def collect(client: Client, expected: dict[str, int], within: float) -> Counter[str]:
+    """Every image of the expected tasks; fails on an error or on an image seen twice."""
+    seen: Counter[str] = Counter()
+    images: set[str] = set()
+    deadline = time.monotonic() + within
+    while sum(seen.values()) < sum(expected.values()):
+        frame = await client.recv(within=max(0.0, deadline - time.monotonic()))
+        assert "errors" not in frame, frame
+        for item in frame["data"]:
+            assert item["imageUUID"] not in images, "an image delivered twice"
+            images.add(item["imageUUID"])
+            seen[item["taskUUID"]] += 1
+    return seen
+
+
+# --------------------------------------------------------------------------- the provider link
+
+
+async def test_random_drops_during_a_1000_task_run(
+    gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True, latency={"kind": "uniform", "ms": 0, "high_ms": 30})
+    rng = random.Random(5)
+    clients = [await connect(http, gateway.url) for _ in range(20)]
+    for client in clients:
+        await client.auth(key=ALPHA)
+    set_faults(provider, drop_probability=0.02)
+    plans: list[dict[str, int]] = []
+    for client in clients:
+        tasks = [task(numberResults=rng.randint(1, 4)) for _ in range(50)]
+        plans.append({t["taskUUID"]: t["numberResults"] for t in tasks})
+        for start in range(0, 50, 10):  # a few frames per client, spread over the run
+            await client.ws.send_str(json.dumps(tasks[start : start + 10]))
+            await asyncio.sleep(rng.uniform(0, 20) * MS)
+    results = await asyncio.gather(
+        *(collect(c, plan, 60000 * MS) for c, plan in zip(clients, plans, strict=True))
+    )
+    for seen, plan in zip(results, plans, strict=True):
+        assert dict(seen) == plan  # every task complete, every image exactly once
+    assert provider.stats.dropped_connections > 5  # the faults did happen...
+    assert provider.stats.submissions == 1000  # ...and no task was submitted twice
+    assert provider.stats.conflicts == 0
+
+
+async def test_a_stalled_provider_is_detected_and_recovered(
+    gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True)
+    assert gateway.pool is not None
+    link = gateway.pool.links[0]
+    client = await connect(http, gateway.url)
+    await client.auth(key=ALPHA)
+    set_faults(provider, stall=True)
+    stalled_at = time.monotonic()
+    sent = [task(numberResults=2) for _ in range(3)]
+    await client.send(*sent)
+    await until(lambda: link.state != LinkState.READY)
+    # ping interval + pong deadline, with room for a slow machine
+    assert time.monotonic() - stalled_at < 2000 * MS
+    set_faults(provider, stall=False)
+    seen = await collect(client, {t["taskUUID"]: 2 for t in sent}, 20000 * MS)
+    assert all(count == 2 for count in seen.values())
+    assert provider.stats.submissions == 3
+
+
+async def test_a_provider_that_forgets_everything_fails_tasks_clearly(
+    gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 500 * MS * 1000})
+    client = await connect(http, gateway.url)
+    await client.auth(key=ALPHA)
+    sent = [task() for _ in range(4)]
+    await client.send(*sent)
+    await until(lambda: provider.stats.submissions == 4)
+    async with http.post(f"http://127.0.0.1:{provider.port}/control/forget") as response:
+        assert response.status == 204
+    errors = []
+    for _ in sent:
+        frame = await client.recv(within=10000 * MS)
+        errors.extend(frame["errors"])
+    assert sorted(e["taskUUID"] for e in errors) == sorted(t["taskUUID"] for t in sent)
+    assert {e["code"] for e in errors} == {"providerError"}
+    assert "not submitted again" in errors[0]["message"]
+    assert provider.stats.submissions == 4  # nothing re-sent to a provider that may have billed
+
+
+async def test_tasks_wait_through_an_outage_and_go_out_once(
+    render_pool: Any, http: aiohttp.ClientSession
+) -> None:
+    provider = LocalProvider(ProviderConfig(keys=frozenset({KEY})), pool=render_pool)
+    await provider.start()
+    set_faults(provider, fast=True)
+    gateway = Gateway(resilient_config(provider))
+    await gateway.start()
+    try:
+        assert gateway.pool is not None
+        async with asyncio.timeout(10000 * MS):
+            await gateway.pool.wait_ready()
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        port = provider.port
+        await provider.stop()  # the provider goes away entirely
+        await until(lambda: not gateway.pool.ready)
+        sent = [task() for _ in range(5)]
+        await client.send(*sent)
+        await asyncio.sleep(300 * MS)
+        assert len(gateway.pool.pending) == 5
+        provider = LocalProvider(ProviderConfig(keys=frozenset({KEY})), pool=render_pool)
+        set_faults(provider, fast=True)
+        await provider.start(port=port)
+        seen = await collect(client, {t["taskUUID"]: 1 for t in sent}, 20000 * MS)
+        assert len(seen) == 5 and provider.stats.submissions == 5
+    finally:
+        await gateway.stop()
+        await provider.stop()
+
+
+async def test_past_the_outage_deadline_tasks_fail_clearly(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    config = resilient_config(provider)
+    config.provider.outage_deadline = 300 * MS
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        assert gateway.pool is not None
+        async with asyncio.timeout(10000 * MS):
+            await gateway.pool.wait_ready()
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        await provider.stop()
+        await until(lambda: not gateway.pool.ready)
+        sent = task()
+        started = time.monotonic()
+        await client.send(sent)
+        [error] = (await client.recv(within=5000 * MS))["errors"]
+        assert (error["code"], error["taskUUID"]) == ("serviceUnavailable", sent["taskUUID"])
+        assert time.monotonic() - started >= 300 * MS
+    finally:
+        await gateway.stop()
+
+
+async def test_a_refused_key_is_not_ready_fails_fast_and_recovers(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True, refuse_auth=True)
+    gateway = Gateway(resilient_config(provider))
+    await gateway.start()
+    try:
+        ready = f"http://127.0.0.1:{gateway.port}/readyz"
+        assert gateway.pool is not None
+        await until(lambda: gateway.pool.refused)
+        async with http.get(ready) as response:
+            assert response.status == 503
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        sent = task()
+        await client.send(sent)
+        [error] = (await client.recv(within=5000 * MS))["errors"]
+        assert error["code"] == "serviceUnavailable" and "refuses" in error["message"]
+        set_faults(provider, refuse_auth=False)
+        async with asyncio.timeout(10000 * MS):
+            await gateway.pool.wait_ready()
+        async with http.get(ready) as response:
+            assert response.status == 200
+        await client.send(task())
+        assert "data" in await client.recv(within=5000 * MS)
+    finally:
+        await gateway.stop()
+
+
+# --------------------------------------------------------------------------- clients
+
+
+async def test_a_client_back_within_the_window_gets_everything_once_in_order(
+    gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 200 * MS * 1000})
+    client = await connect(http, gateway.url)
+    session = await client.auth(key=ALPHA)
+    sent = [task(numberResults=2) for _ in range(5)]
+    await client.send(*sent)
+    await client.ws.close()  # killed mid-task
+    await until(lambda: gateway.store.open_count == 0)
+    back = await connect(http, gateway.url)
+    assert await back.auth(key=ALPHA, session=session) == session
+    seen = await collect(back, {t["taskUUID"]: 2 for t in sent}, 5000 * MS)
+    assert all(count == 2 for count in seen.values())
+    with pytest.raises(asyncio.TimeoutError):
+        await back.recv(within=200 * MS)
+
+
+async def test_a_client_back_after_expiry_gets_a_fresh_session_and_polls(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True)
+    gateway = Gateway(resilient_config(provider, resume_window=100 * MS))
+    await gateway.start()
+    try:
+        client = await connect(http, gateway.url)
+        session = await client.auth(key=ALPHA)
+        sent = task(numberResults=3)
+        await client.send(sent)
+        await client.ws.close()
+        await until(lambda: gateway.store.open_count == 0)
+        await asyncio.sleep(200 * MS)
+        back = await connect(http, gateway.url)
+        assert await back.auth(key=ALPHA, session=session) != session
+        with pytest.raises(asyncio.TimeoutError):
+            await back.recv(within=200 * MS)  # nothing replayed into a fresh session
+        await back.send({"taskType": "getResponse", "taskUUID": sent["taskUUID"]})
+        items = (await back.recv())["data"]
+        assert [i["status"] for i in items] == ["success"] * 3
+    finally:
+        await gateway.stop()
+
+
+async def stalled_client(port: int, frames: list[list[dict[str, Any]]]) -> tuple[str, Any]:
+    """A client that authenticates, sends ``frames``, and then never reads again: websockets'
+    sans-I/O protocol over a socket with a tiny receive buffer, its reading paused."""
+    protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/v1"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    while protocol.state is not State.OPEN:
+        protocol.receive_data(await asyncio.wait_for(reader.read(65536), 5000 * MS))
+        protocol.events_received()
+    protocol.send_text(json.dumps([{"taskType": "authentication", "apiKey": ALPHA}]).encode())
+    writer.write(b"".join(protocol.data_to_send()))
+    session = None
+    while session is None:
+        protocol.receive_data(await asyncio.wait_for(reader.read(65536), 5000 * MS))
+        for event in protocol.events_received():
+            if isinstance(event, Frame) and event.opcode == Opcode.TEXT:
+                session = json.loads(bytes(event.data))["data"][0]["connectionSessionUUID"]
+    for frame in frames:
+        protocol.send_text(json.dumps(frame).encode())
+    writer.write(b"".join(protocol.data_to_send()))
+    writer.transport.pause_reading()  # type: ignore[attr-defined]
+    return session, writer
+
+
+async def test_a_client_that_stops_reading_is_cut_and_keeps_its_results(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True)
+    gateway = Gateway(resilient_config(provider, send_buffer_bytes=32 * 1024))
+    await gateway.start()
+    try:
+        assert gateway.pool is not None
+        async with asyncio.timeout(10000 * MS):
+            await gateway.pool.wait_ready()
+        # loopback TCP autotunes the gateway's kernel send buffer up to 4 MiB: only past that
+        # does a client that does not read push back on the gateway (24,000 results ~ 6.5 MB)
+        flood = [[task() for _ in range(250)] for _ in range(96)]
+        session, writer = await stalled_client(gateway.port, flood)
+        others = [await connect(http, gateway.url) for _ in range(5)]
+        plans = []
+        for other in others:
+            await other.auth(key=ALPHA)
+            mine = [task() for _ in range(20)]
+            plans.append({t["taskUUID"]: 1 for t in mine})
+            await other.send(*mine)
+        results = await asyncio.gather(
+            *(collect(o, p, 20000 * MS) for o, p in zip(others, plans, strict=True))
+        )
+        assert all(dict(r) == p for r, p in zip(results, plans, strict=True))
+        await until(lambda: gateway.metrics.slow_clients._value.get() >= 1, 60000 * MS)
+        await until(lambda: gateway.store.open_count == 0, 60000 * MS)
+        writer.close()
+        # What the gateway had handed to TCP is lost with the socket the client never read
+        # (the protocol has no acks); everything it had not is in the session, and comes back
+        # once, in order, on a fresh socket. getResponse has every task, whichever way it went.
+        waiting = list(gateway.clients.sessions[session].buffer)  # type: ignore[union-attr]
+        assert waiting
+        back = await connect(http, gateway.url)
+        assert await back.auth(key=ALPHA, session=session) == session
+        replayed = [await back.recv(within=10000 * MS) for _ in waiting]
+        assert [msgspec.json.encode(f) for f in replayed] == [
+            msgspec.json.encode(msgspec.json.decode(f)) for f in waiting
+        ]
+        with pytest.raises(asyncio.TimeoutError):
+            await back.recv(within=200 * MS)
+        for frame in flood:
+            await back.send(
+                *({"taskType": "getResponse", "taskUUID": t["taskUUID"]} for t in frame)
+            )
+            items = (await back.recv(within=10000 * MS))["data"]
+            assert [i["status"] for i in items] == ["success"] * len(frame)
+    finally:
+        await gateway.stop()
+
+
+async def test_limits_auth_timeout_frame_size_tasks_per_frame(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    gateway = Gateway(
+        resilient_config(
+            provider, auth_timeout=200 * MS, max_frame_bytes=64 * 1024, max_tasks_per_frame=3
+        )
+    )
+    await gateway.start()
+    try:
+        silent = await connect(http, gateway.url)
+        message = await silent.ws.receive(timeout=5000 * MS)
+        assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 4001)
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        await client.send(*[{"taskType": "ping"}] * 4)
+        [error] = (await client.recv())["errors"]
+        assert error["code"] == "tooManyTasks"
+        await client.ws.send_str("[" + " " * 70 * 1024 + "]")
+        message = await client.ws.receive(timeout=5000 * MS)
+        assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+    finally:
+        await gateway.stop()
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+async def test_shutdown_under_load_loses_nothing_and_says_1012(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True, latency={"kind": "uniform", "ms": 50, "high_ms": 300})
+    gateway = Gateway(resilient_config(provider, drain_deadline=5.0))
+    await gateway.start()
+    assert gateway.pool is not None
+    async with asyncio.timeout(10000 * MS):
+        await gateway.pool.wait_ready()
+    clients = [await connect(http, gateway.url) for _ in range(10)]
+    plans = []
+    for client in clients:
+        await client.auth(key=ALPHA)
+        mine = [task(numberResults=2) for _ in range(10)]
+        plans.append({t["taskUUID"]: 2 for t in mine})
+        await client.send(*mine)
+    await asyncio.sleep(20 * MS)
+    stopping = asyncio.create_task(gateway.stop())
+    results = await asyncio.gather(
+        *(collect(c, p, 10000 * MS) for c, p in zip(clients, plans, strict=True))
+    )
+    assert all(dict(r) == p for r, p in zip(results, plans, strict=True))
+    await stopping
+    for client in clients:
+        message = await client.ws.receive(timeout=5000 * MS)
+        assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1012)
