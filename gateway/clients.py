@@ -297,6 +297,8 @@ class ClientGateway:
                 record = intake.submit(session.tenant, outcome, session if sync else None)
                 if isinstance(record, ErrorItem):
                     errors.append(record)
+                    if sync and record.code == "conflictTaskUUID":
+                        intake.rejoin(session.tenant, outcome, session)
                     continue
                 if sync:
                     session.open_tasks.add(record.upstream_uuid)

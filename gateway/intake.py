@@ -60,6 +60,16 @@ class Intake:
             self.metrics.errors.labels(record.code).inc()
         return record
 
+    def rejoin(self, tenant: str, task: ImageTask, subscriber: Subscriber) -> bool:
+        """A sync task sent again, unchanged, while it still runs: the conflict stands, and the
+        new socket gets the rest of its results too. This is what an SDK does after a dropped
+        socket (send the same taskUUID again), and it ends with the results, not a 30 s poll."""
+        record = self.registry.lookup(tenant, task.taskUUID)
+        if record is None or not record.open or record.task != task:
+            return False
+        self.registry.subscribe(record, subscriber)
+        return True
+
     @staticmethod
     def ack(task: ImageTask) -> TaskAck:
         return TaskAck(taskType="imageInference", taskUUID=task.taskUUID)

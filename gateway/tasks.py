@@ -116,10 +116,12 @@ class TaskRegistry:
         return record
 
     def subscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:
-        if record.open:
-            self._subscribers.setdefault(record.upstream_uuid, []).append(subscriber)
-        else:
+        if not record.open:
             subscriber.settled(record)
+            return
+        subscribers = self._subscribers.setdefault(record.upstream_uuid, [])
+        if subscriber not in subscribers:  # subscribed twice would mean every frame twice
+            subscribers.append(subscriber)
 
     def unsubscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:
         subscribers = self._subscribers.get(record.upstream_uuid)

@@ -343,3 +343,28 @@ async def test_shutdown_closes_clients_with_1012(
     await gateway.stop()
     message = await client.ws.receive(timeout=5000 * MS)
     assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 1012
+
+
+async def test_a_running_sync_task_sent_again_streams_to_the_new_socket(
+    gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 300 * MS * 1000})
+    first = await client_of(http, gateway)
+    sent = task(numberResults=2)
+    await first.send(sent)
+    again = await client_of(http, gateway)
+    await again.send(sent)  # the same task, as an SDK sends it after a dropped socket
+    [error] = (await again.recv())["errors"]
+    assert (error["code"], error["taskUUID"]) == ("conflictTaskUUID", sent["taskUUID"])
+    theirs = [(await again.recv())["data"][0]["imageUUID"] for _ in range(2)]
+    mine = [(await first.recv())["data"][0]["imageUUID"] for _ in range(2)]
+    assert theirs == mine
+    await first.send(sent)  # the same socket again: still one copy of each image
+    assert (await first.recv())["errors"][0]["code"] == "conflictTaskUUID"
+    await quiet(first)
+    # a different task under a used taskUUID is only a conflict
+    other = await client_of(http, gateway)
+    await other.send({**task(numberResults=1), "taskUUID": sent["taskUUID"]})
+    assert (await other.recv())["errors"][0]["code"] == "conflictTaskUUID"
+    await quiet(other)
+    assert provider.stats.submissions == 1

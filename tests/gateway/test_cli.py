@@ -93,3 +93,44 @@ async def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
     _, stderr = await asyncio.wait_for(process.communicate(), 30000 * MS)
     assert process.returncode == 2
     assert b"invalid configuration: server.port" in stderr
+
+
+async def test_a_second_sigterm_stops_the_drain_at_once() -> None:
+    provider = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk",
+        "--fast", "--latency-ms", "20000", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    gateway = None
+    try:
+        assert provider.stdout is not None
+        provider_url = (await provider.stdout.readline()).decode().rsplit(" ", 1)[1].strip()
+        gateway = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--demo-key", "dk",
+            "--provider-url", provider_url, "--provider-key", "pk",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert gateway.stdout is not None
+        url = (await gateway.stdout.readline()).decode().rsplit(" ", 1)[1].strip()
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            await ws.send_str('[{"taskType":"authentication","apiKey":"dk"}]')
+            await ws.receive_json(timeout=10000 * MS)
+            task = {
+                "taskType": "imageInference",
+                "taskUUID": "0b7a2d2e-4c1e-4d7e-9b8f-3a1c2d4e5f60",
+                "model": "exactly:photo@extreme-contrast",
+                "positivePrompt": "a long task",
+            }
+            await ws.send_json([task])
+            await asyncio.sleep(500 * MS)
+            gateway.send_signal(signal.SIGTERM)  # drains: the task has 20 s to go
+            await asyncio.sleep(500 * MS)
+            assert gateway.returncode is None
+            started = asyncio.get_running_loop().time()
+            gateway.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(gateway.wait(), 10000 * MS) == 1
+            assert asyncio.get_running_loop().time() - started < 5000 * MS
+    finally:
+        for process in (provider, gateway):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()

@@ -88,3 +88,35 @@ async def test_sdk_surfaces_validation_errors_with_their_code(gateway: Gateway) 
             )  # fmt: skip
     finally:
         await client.disconnect()
+
+
+async def test_sdk_reconnect_resends_the_task_and_ends_with_its_results(
+    gateway: Gateway, provider: LocalProvider
+) -> None:
+    """SDK 0.5 answers a dropped socket by reconnecting and sending the same taskUUID again;
+    tenebra says conflictTaskUUID, and the SDK falls back to getResponse: results, not an
+    error, and the provider billed once."""
+    from tests.gateway.conftest import set_faults
+
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 400 * MS * 1000})
+    client = await sdk(gateway)
+    try:
+        request = asyncio.ensure_future(
+            client.imageInference(
+                requestImage=IImageInference(
+                    model=MODEL, positivePrompt=PROMPT, width=1024, height=1024
+                )
+            )
+        )
+        for _ in range(500):
+            if provider.stats.submissions:
+                break
+            await asyncio.sleep(10 * MS)
+        assert gateway.clients is not None
+        for connection in list(gateway.clients.connections):
+            await connection.ws.close(code=1011, message=b"test: drop the client")
+        images = await asyncio.wait_for(request, 60000 * MS)
+        assert images is not None and len(images) == 1 and images[0].imageURL
+        assert provider.stats.submissions == 1
+    finally:
+        await client.disconnect()
