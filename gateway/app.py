@@ -17,6 +17,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -24,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.clients import ClientGateway
 from gateway.config import Config
+from gateway.delivery.deliveries import Deliveries
+from gateway.delivery.egress import EgressGuard
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.provider.server import LocalProvider, ProviderConfig
@@ -56,6 +59,8 @@ class Gateway:
         )
         self.provider: LocalProvider | None = None
         self.pool: UpstreamPool | None = None
+        self.guard = EgressGuard(config.delivery.allow)
+        self.deliveries = Deliveries(config.delivery, self.guard, self.metrics, config.tenants)
         self.intake: Intake | None = None
         self.clients: ClientGateway | None = None
         self._runner: web.AppRunner | None = None
@@ -76,6 +81,14 @@ class Gateway:
             url = self.provider.url
             log.info("local provider started", url=url)
         assert key is not None  # the configuration requires a key with a URL
+        if self.provider is not None:
+            self.deliveries.trusted_origins.add(self.provider.public_url)
+        else:
+            # a provider on a private network serves its images on the same host and port
+            parts = urlsplit(url)
+            scheme = "https" if parts.scheme == "wss" else "http"
+            self.deliveries.trusted_origins.add(f"{scheme}://{parts.netloc}".lower())
+        await self.deliveries.start()
         self.pool = UpstreamPool(url, key, settings, self.registry, self.metrics)
         intake = self.intake = Intake(
             self.catalogue,
@@ -84,6 +97,8 @@ class Gateway:
             self.config.keys(),
             self.metrics,
             max_tasks_per_frame=self.config.server.max_tasks_per_frame,
+            guard=self.guard,
+            deliveries=self.deliveries,
         )
         self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
         rest = RestEndpoint(intake, sync_deadline=self.config.server.rest_sync_deadline)
@@ -92,6 +107,7 @@ class Gateway:
         app.router.add_get("/v1", self.clients.handle)
         app.router.add_get("/", self.clients.handle)
         app.router.add_post("/v1", rest.handle)
+        app.router.add_get("/v1/tasks/{task_uuid}", rest.task_view)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -118,8 +134,11 @@ class Gateway:
 
         self.registry.on_final.append(on_final)
         on_final(None)
+        started = self.clock()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(drained.wait(), self.config.server.drain_deadline)
+        left = self.config.server.drain_deadline - (self.clock() - started)
+        await self.deliveries.drain(max(0.0, left))
         if self.clients is not None:
             await self.clients.close_all(1012, b"service restart")
         if self._janitor is not None:
@@ -128,6 +147,7 @@ class Gateway:
                 await self._janitor
         if self.pool is not None:
             await self.pool.close()
+        await self.deliveries.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.provider is not None:

@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "Config",
     "ConfigError",
+    "DeliverySettings",
     "ProviderSettings",
     "ServerSettings",
     "TaskSettings",
@@ -66,14 +67,28 @@ class TaskSettings(msgspec.Struct, forbid_unknown_fields=True):
     timeout: float = 600.0  # a task with results missing this long after acceptance expires
 
 
+class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True):
+    attempts: int = 8  # per webhook or upload; with the backoff below, about 10 minutes
+    backoff_initial: float = 5.0
+    backoff_max: float = 300.0
+    timeout: float = 10.0  # one attempt, connect to last byte
+    per_host: int = 4  # concurrent requests to one destination host
+    max_response_bytes: int = 64 * 1024  # of a receiver's answer: read and dropped
+    max_image_bytes: int = 256 * MiB  # fetched from the provider for an upload
+    allow: list[str] = msgspec.field(default_factory=list)  # CIDRs or hosts the guard opens
+
+
 class Tenant(msgspec.Struct, forbid_unknown_fields=True):
     keys: list[str]
+    webhook_secret: str | None = None  # "whsec_<base64>": Standard Webhooks signatures
+    webhook_envelope: bool = False  # {"data": [item]} instead of the flat item
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     provider: ProviderSettings = msgspec.field(default_factory=ProviderSettings)
     tasks: TaskSettings = msgspec.field(default_factory=TaskSettings)
+    delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     tenants: dict[str, Tenant] = msgspec.field(default_factory=dict)
     demo_key: str | None = None  # a key of tenant "demo", printed at start
 
@@ -89,7 +104,12 @@ class ConfigError(Exception):
     """Bad configuration, with the setting it is about."""
 
 
-_SECTIONS = {"server": ServerSettings, "provider": ProviderSettings, "tasks": TaskSettings}
+_SECTIONS = {
+    "server": ServerSettings,
+    "provider": ProviderSettings,
+    "tasks": TaskSettings,
+    "delivery": DeliverySettings,
+}
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:

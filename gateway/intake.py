@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.delivery.egress import EgressGuard
 from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord
 from gateway.tasks import Subscriber, TaskRegistry
@@ -26,6 +27,8 @@ class Intake:
         metrics: Metrics,
         *,
         max_tasks_per_frame: int,
+        guard: EgressGuard,
+        deliveries: Subscriber,
     ) -> None:
         self.catalogue = catalogue
         self.registry = registry
@@ -33,6 +36,8 @@ class Intake:
         self.keys = keys
         self.metrics = metrics
         self.max_tasks_per_frame = max_tasks_per_frame
+        self.guard = guard
+        self.deliveries = deliveries
         self.accepting = True  # False while the gateway drains for shutdown
 
     def tenant_of(self, api_key: str) -> str | None:
@@ -53,12 +58,46 @@ class Intake:
                 task_type="imageInference",
                 task_uuid=task.taskUUID,
             )
+        refused = self._refused_destination(task)
+        if refused is not None:
+            self.metrics.errors.labels(refused.code).inc()
+            return refused
         record = self.registry.register(tenant, task, subscriber)
-        if isinstance(record, TaskRecord):
-            self.pool.submit(record)
-        else:
+        if not isinstance(record, TaskRecord):
             self.metrics.errors.labels(record.code).inc()
+            return record
+        if isinstance(task.webhookURL, str) or isinstance(task.uploadEndpoint, str):
+            self.registry.subscribe(record, self.deliveries)
+        self.pool.submit(record)
         return record
+
+    def _refused_destination(self, task: ImageTask) -> ErrorItem | None:
+        """A client-supplied URL whose host is a literal private address is refused here, with
+        the parameter's own code; a name that resolves to one is refused at connect time."""
+        urls = [
+            ("webhookURL", "invalidWebhookURL", task.webhookURL),
+            ("uploadEndpoint", "invalidUploadEndpoint", task.uploadEndpoint),
+        ]
+        urls.extend(
+            ("inputs.referenceImages", "invalidReferenceImages", ref.image)
+            for ref in task.reference_images
+            if ref.image.startswith(("http://", "https://"))
+        )
+        for parameter, code, url in urls:
+            if not isinstance(url, str):
+                continue
+            reason = self.guard.refusal_for_url(url)
+            if reason is not None:
+                return error_item(
+                    code,
+                    message=f"Invalid value for {parameter} parameter. Refused destination: "
+                    f"{reason}.",
+                    parameter=parameter,
+                    type="string",
+                    task_type="imageInference",
+                    task_uuid=task.taskUUID,
+                )
+        return None
 
     def rejoin(self, tenant: str, task: ImageTask, subscriber: Subscriber) -> bool:
         """A sync task sent again, unchanged, while it still runs: the conflict stands, and the

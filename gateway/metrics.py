@@ -43,6 +43,9 @@ class Metrics:
         self.stray_items = Counter(
             "tenebra_stray_items", "Provider items for no open task", registry=r
         )
+        self.deliveries = Counter(
+            "tenebra_deliveries", "Webhooks and uploads by outcome", ["kind", "outcome"], registry=r
+        )
         self.slow_clients = Counter(
             "tenebra_slow_client_disconnects", "Clients cut at the send-buffer bound", registry=r
         )

@@ -106,6 +106,31 @@ class RestEndpoint:
         for record, waiter in waiting:
             self.intake.registry.unsubscribe(record, waiter)
 
+    async def task_view(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/tasks/<taskUUID>``: the task of the bearer's tenant, with its deliveries."""
+        header = request.headers.get("Authorization", "")
+        tenant = (
+            self.intake.tenant_of(header[7:].strip()) if header[:7].lower() == "bearer " else None
+        )
+        if tenant is None:
+            error = error_item("invalidApiKey", parameter="apiKey", task_type="authentication")
+            return self._answer([], [error])
+        task_uuid = request.match_info["task_uuid"]
+        record = self.intake.registry.lookup(tenant, task_uuid)
+        if record is None:
+            _, errors = self.intake.poll(tenant, task_uuid)
+            return self._answer([], errors)
+        view = {
+            "taskUUID": record.task_uuid,
+            "taskType": "imageInference",
+            "state": record.state.value,
+            "numberResults": record.task.numberResults,
+            "results": record.results,
+            "error": record.error,
+            "deliveries": record.deliveries,
+        }
+        return web.Response(body=encode(view), content_type="application/json")
+
     @staticmethod
     def _answer(data: list[Any], errors: list[ErrorItem]) -> web.Response:
         body: dict[str, Any] = {}

@@ -560,12 +560,17 @@ class LocalProvider:
                     raise _ReferenceError(
                         f"Fetching the reference image got HTTP {response.status}."
                     )
-                body = await response.content.read(limit + 1)
+                chunks: list[bytes] = []
+                size = 0
+                # read(n) returns what is buffered: read to the end, under the cap
+                while chunk := await response.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _ReferenceError(f"The reference image is larger than {limit} bytes.")
+                    chunks.append(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _ReferenceError(f"Fetching the reference image failed: {exc!r}.") from exc
-        if len(body) > limit:
-            raise _ReferenceError(f"The reference image is larger than {limit} bytes.")
-        return body
+        return b"".join(chunks)
 
     # ------------------------------------------------------------------ HTTP routes
 

@@ -7,13 +7,13 @@ A record is plain data (msgspec), so a shared store can keep it across replicas;
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
 from protocol.frames import ErrorItem, ImageResult, ImageTask
 
-__all__ = ["TaskRecord", "TaskState", "TaskStore"]
+__all__ = ["Delivery", "TaskRecord", "TaskState", "TaskStore"]
 
 
 class TaskState(enum.StrEnum):
@@ -24,6 +24,20 @@ class TaskState(enum.StrEnum):
     DONE = "done"  # every result is in
     FAILED = "failed"  # the provider or the gateway failed it
     EXPIRED = "expired"  # its deadline passed with results missing
+
+
+class Delivery(msgspec.Struct, kw_only=True):
+    """One webhook POST or upload PUT and how it went: its own small state machine,
+    pending -> delivered | failed, with attempts counted in between."""
+
+    id: str  # stable across retries: the receiver's de-duplication key
+    kind: Literal["webhook", "upload"]
+    target: str  # the URL without its query: never a presigned signature in a log or a view
+    image_uuid: str | None = None  # None for the webhook of a task's failure
+    state: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
 
 
 class TaskRecord(msgspec.Struct, kw_only=True):
@@ -37,6 +51,7 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     resent: bool = False  # sent again once, after the provider said it never received it
     results: list[ImageResult] = msgspec.field(default_factory=list)
     error: ErrorItem | None = None
+    deliveries: list[Delivery] = msgspec.field(default_factory=list)
 
     @property
     def task_uuid(self) -> str:
