@@ -105,6 +105,12 @@ class UpstreamLink:
         # tasks whose results went to a provider session that did not survive: polled until
         # they settle, since nothing will push their results to us any more
         self.orphans: set[str] = set()
+        # a recovery poll's answer speaks only of the sends made before it: each poll keeps
+        # the task's send count at the time it went out
+        self._polled_at: dict[str, int] = {}
+        # tasks the provider has acknowledged (any item about them) since their last send:
+        # under a resumed session they need no urgent poll after a reconnect
+        self._heard: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,22 +232,51 @@ class UpstreamLink:
             return
         if not resumed:
             self.orphans |= self.in_flight
-        self._polls.extend(GetResponse(taskUUID=u) for u in sorted(self.in_flight))
+            self._poll(list(self.in_flight))
+            return
+        # Urgent: the tasks the provider never acknowledged (their frame may have died with
+        # the old socket). The others it holds, and their results come through the resumed
+        # session; they get one recheck later, in case a result frame died in the break.
+        # Polling everything at once would make recovery traffic grow with the load, and a
+        # link that breaks under traffic would never get through it.
+        self._poll(list(self.in_flight - self._heard))
+        recheck = list(self.in_flight & self._heard)
+        if recheck:
+            asyncio.get_running_loop().call_later(
+                self.settings.recovery_interval * 5, self._recheck, recheck
+            )
+
+    def _recheck(self, upstream_uuids: list[str]) -> None:
+        if self.state == LinkState.READY:
+            self._poll([u for u in upstream_uuids if u in self.in_flight])
+
+    def _poll(self, upstream_uuids: list[str]) -> None:
+        # A fresh order every round: answers come back in order, and a link that keeps
+        # breaking must not starve the same tasks at the end of the list every time.
+        self._rng.shuffle(upstream_uuids)
+        for upstream_uuid in upstream_uuids:
+            record = self.registry.store.by_upstream(upstream_uuid)
+            self._polled_at[upstream_uuid] = record.sends if record is not None else 0
+            self._polls.append(GetResponse(taskUUID=upstream_uuid))
         self._wakeup.set()
 
     def _lost(self, upstream_uuid: str) -> None:
         """The provider answered a recovery poll with taskNotFound.
 
         Under a resumed session the provider still knows every task it received, so this task
-        never reached it (its frame died with the old socket): it is sent now, once, and billed
-        once. Under a new session the provider forgot (a restart): the task fails with a clear
-        error and is not sent again, since it may have been received and billed.
+        never reached it (its frame died with the old socket): it is sent again, and billed
+        once. That is safe however often it is confirmed; a link that loses everything is
+        bounded by the task's own deadline (``tasks.timeout``). Under a new session the
+        provider forgot (a restart): the task fails with a clear error and is not sent again,
+        since it may have been received and billed.
         """
         record = self.registry.store.by_upstream(upstream_uuid)
+        asked_at = self._polled_at.get(upstream_uuid)
         if record is None or not record.open:
             return
-        if self.resumed and not record.resent:
-            record.resent = True
+        if asked_at is None or record.sends > asked_at or record in self.outbox:
+            return  # an answer older than the latest send, or a resend already on its way
+        if self.resumed:
             log.info("resending a task the provider never received", link=self.index)
             self.outbox.appendleft(record)
             self._wakeup.set()
@@ -256,12 +291,21 @@ class UpstreamLink:
             ),
         )
 
+    def _already_there(self, upstream_uuid: str) -> bool:
+        """A conflict in answer to a resend: the provider had the task after all (its earlier
+        frame was still being read when it answered taskNotFound). It refused the copy, so
+        nothing was billed twice; the task is polled until it settles."""
+        record = self.registry.store.by_upstream(upstream_uuid)
+        if record is None or record.sends < 2:
+            return False
+        self.orphans.add(upstream_uuid)
+        return True
+
     async def _poll_orphans(self) -> None:
         while True:
             await asyncio.sleep(self.settings.recovery_interval)
             if self.orphans:
-                self._polls.extend(GetResponse(taskUUID=u) for u in sorted(self.orphans))
-                self._wakeup.set()
+                self._poll(list(self.orphans))
 
     def _requeue_unsent(self) -> None:
         """Tasks still in the outbox never left: the pool may send them on another link."""
@@ -308,6 +352,7 @@ class UpstreamLink:
                 if pong is not None and not pong.done():
                     pong.set_result(None)
             elif route.taskUUID is not None:
+                self._heard.add(route.taskUUID)
                 registry.on_result(route.taskUUID, raw)
         for raw in frame.errors:
             try:
@@ -317,6 +362,8 @@ class UpstreamLink:
             if error.taskUUID is not None:
                 if error.taskType == "getResponse" and error.code == "taskNotFound":
                     self._lost(error.taskUUID)
+                elif error.code == "conflictTaskUUID" and self._already_there(error.taskUUID):
+                    continue
                 else:
                     registry.on_error(error.taskUUID, error)
             else:
@@ -340,6 +387,8 @@ class UpstreamLink:
                 # getResponse, and sent again only if the provider says it never arrived
                 if record.state in (TaskState.RECEIVED, TaskState.QUEUED):
                     self.registry.move(record, TaskState.SUBMITTED)
+                record.sends += 1
+                self._heard.discard(record.upstream_uuid)
                 record.link = self.index
                 self.in_flight.add(record.upstream_uuid)
                 batch.append(upstream_task(record))
@@ -382,6 +431,8 @@ class UpstreamLink:
     def settled(self, record: TaskRecord) -> None:
         self.in_flight.discard(record.upstream_uuid)
         self.orphans.discard(record.upstream_uuid)
+        self._polled_at.pop(record.upstream_uuid, None)
+        self._heard.discard(record.upstream_uuid)
 
 
 class UpstreamPool:

@@ -333,7 +333,8 @@ class LocalProvider:
             self.stats.resumed += 1
             previous = session.connection
             if isinstance(previous, _Connection) and previous is not connection:
-                previous.session = None
+                # the old socket keeps its session for the frames it has already read (they
+                # were sent authenticated): what they produce goes to the session's new socket
                 session.detach(list(previous.outbox), self._clock())
                 previous.outbox.clear()
         if connection.session is not None and connection.session is not session:

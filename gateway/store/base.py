@@ -48,7 +48,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     created: float
     finished: float | None = None
     link: int | None = None  # the provider link it went out on
-    resent: bool = False  # sent again once, after the provider said it never received it
+    sends: int = 0  # frames it went out in: more than one only when the provider confirmed
+    # (taskNotFound under a resumed session) that the earlier ones never reached it
     results: list[ImageResult] = msgspec.field(default_factory=list)
     error: ErrorItem | None = None
     deliveries: list[Delivery] = msgspec.field(default_factory=list)
