@@ -32,6 +32,12 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python -m bench.protocol_codec
 	$(BIN)/python -m bench.render
+	$(BIN)/python -m bench.harness
+
+# A regression check for CI's 2 cores (well under 2 minutes): all three paths complete with
+# zero errors and the report is written. Ratios are read by people, not asserted.
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench.harness --smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,162 @@
+"""The load generator: M connections x K tasks against one URL, bounded in count and time.
+
+    python -m bench.load --url ws://127.0.0.1:8080/v1 --key K --connections 200 --tasks 50 \\
+        --window 8 --results 1 [--rate 5000] [--seconds 120]
+
+Saturation (default): each connection keeps ``window`` tasks in flight. Fixed rate (``--rate``):
+tasks are offered at that many per second in all, spread over the connections, whatever the
+answers. Prints one JSON object: tasks, result frames, errors, elapsed, latencies (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+
+import aiohttp
+import msgspec
+import uvloop
+
+
+class _Item(msgspec.Struct):
+    taskUUID: str | None = None
+
+
+class _Frame(msgspec.Struct):
+    data: list[_Item] = msgspec.field(default_factory=list)
+    errors: list[_Item] = msgspec.field(default_factory=list)
+
+
+frame_of = msgspec.json.Decoder(_Frame)
+
+
+def task(results: int) -> tuple[str, bytes]:
+    task_uuid = str(uuid.uuid4())
+    body = msgspec.json.encode(
+        [
+            {
+                "taskType": "imageInference",
+                "taskUUID": task_uuid,
+                "model": "exactly:photo@extreme-contrast",
+                "positivePrompt": "a boxer under a hard spotlight",
+                "width": 1024,
+                "height": 1024,
+                "numberResults": results,
+            }
+        ]
+    )
+    return task_uuid, body
+
+
+async def connection(
+    http: aiohttp.ClientSession, args: argparse.Namespace, stats: dict[str, object], rate: float
+) -> None:
+    latencies: list[float] = stats["latencies"]  # type: ignore[assignment]
+    async with http.ws_connect(args.url, max_msg_size=0) as ws:
+        await ws.send_str(json.dumps([{"taskType": "authentication", "apiKey": args.key}]))
+        await ws.receive()
+        started: dict[str, float] = {}
+        remaining: dict[str, int] = {}
+        sent = 0
+        done = asyncio.Event()
+        finished = 0
+
+        async def send_one() -> None:
+            nonlocal sent
+            task_uuid, body = task(args.results)
+            started[task_uuid] = time.perf_counter()
+            remaining[task_uuid] = args.results
+            sent += 1
+            await ws.send_str(body.decode())
+
+        async def reader() -> None:
+            nonlocal finished
+            async for message in ws:
+                frame = frame_of.decode(message.data)
+                stats["frames"] += 1  # type: ignore[operator]
+                for item in frame.errors:
+                    stats["errors"] += 1  # type: ignore[operator]
+                    remaining[item.taskUUID or ""] = 0
+                    finished += 1
+                for item in frame.data:
+                    left = remaining.get(item.taskUUID or "", 0) - 1
+                    remaining[item.taskUUID or ""] = left
+                    if left == 0:
+                        latencies.append(
+                            (time.perf_counter() - started.pop(item.taskUUID or "")) * 1000
+                        )
+                        finished += 1
+                        if rate == 0 and sent < args.tasks:
+                            await send_one()
+                if finished >= args.tasks:
+                    done.set()
+                    return
+
+        reading = asyncio.create_task(reader())
+        if rate == 0:
+            for _ in range(min(args.window, args.tasks)):
+                await send_one()
+        else:
+            interval = 1.0 / rate
+            next_at = time.perf_counter()
+            while sent < args.tasks:
+                await send_one()
+                next_at += interval
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        try:
+            await asyncio.wait_for(done.wait(), args.seconds)
+        finally:
+            reading.cancel()
+
+
+async def main(args: argparse.Namespace) -> None:
+    stats: dict[str, object] = {"frames": 0, "errors": 0, "latencies": []}
+    per_connection_rate = args.rate / args.connections if args.rate else 0.0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        started = time.perf_counter()
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    connection(http, args, stats, per_connection_rate)
+                    for _ in range(args.connections)
+                )
+            ),
+            args.seconds,
+        )
+        elapsed = time.perf_counter() - started
+    latencies = sorted(stats["latencies"])  # type: ignore[call-overload]
+
+    def q(p: float) -> float:
+        return (
+            round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3)
+            if latencies
+            else 0.0
+        )
+
+    print(json.dumps({
+        "tasks": len(latencies),
+        "frames": stats["frames"],
+        "errors": stats["errors"],
+        "elapsed": round(elapsed, 3),
+        "p50_ms": q(0.50), "p99_ms": q(0.99), "p999_ms": q(0.999),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--tasks", type=int, default=100, help="per connection")
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--results", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=0.0, help="tasks/s in all; 0 = saturate")
+    parser.add_argument("--seconds", type=float, default=120.0)
+    sys.exit(uvloop.run(main(parser.parse_args())))
