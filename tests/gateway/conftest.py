@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -132,3 +133,18 @@ def resilient_config(provider: LocalProvider, **server: Any) -> Any:
     config.provider.backoff_max = 200 * MS
     config.provider.recovery_interval = 100 * MS
     return config
+
+
+def task(**overrides: Any) -> dict[str, Any]:
+    """A valid 1K imageInference task with ``overrides`` applied (fresh taskUUID each time)."""
+    from tests.protocol.conftest import image_task
+
+    return image_task(**{"width": 1024, "height": 1024, **overrides})
+
+
+async def until(predicate: Any, within: float = 20000 * MS) -> None:
+    """Wait, bounded, until ``predicate()`` holds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(10 * MS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
 
 import aiohttp
 import pytest
@@ -13,21 +12,8 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import Config, ServerSettings
 from gateway.provider.server import LocalProvider
-from tests.gateway.conftest import ALPHA, BETA, MODEL, Client, connect, set_faults
+from tests.gateway.conftest import ALPHA, BETA, Client, connect, set_faults, task
 from tests.timing import MS
-
-
-def task(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "taskType": "imageInference",
-        "taskUUID": str(uuid.uuid4()),
-        "model": MODEL,
-        "positivePrompt": "a drummer in a chrome coat under a hard beam",
-        "width": 1024,
-        "height": 1024,
-    }
-    body.update(overrides)
-    return body
 
 
 async def client_of(http: aiohttp.ClientSession, gateway: Gateway, key: str = ALPHA) -> Client:

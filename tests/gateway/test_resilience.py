@@ -9,7 +9,6 @@ import json
 import random
 import socket
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,21 +24,17 @@ from websockets.uri import parse_uri
 from gateway.app import Gateway
 from gateway.provider.server import LocalProvider, ProviderConfig
 from gateway.upstream import LinkState
-from tests.gateway.conftest import ALPHA, KEY, MODEL, Client, connect, resilient_config, set_faults
+from tests.gateway.conftest import (
+    ALPHA,
+    KEY,
+    Client,
+    connect,
+    resilient_config,
+    set_faults,
+    task,
+    until,
+)
 from tests.timing import MS
-
-
-def task(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "taskType": "imageInference",
-        "taskUUID": str(uuid.uuid4()),
-        "model": MODEL,
-        "positivePrompt": "a fencer in a floodlit tunnel",
-        "width": 1024,
-        "height": 1024,
-    }
-    body.update(overrides)
-    return body
 
 
 @pytest.fixture
@@ -51,13 +46,6 @@ async def gateway(provider: LocalProvider) -> AsyncIterator[Gateway]:
         await instance.pool.wait_ready()
     yield instance
     await instance.stop()
-
-
-async def until(predicate: Any, within: float = 20000 * MS) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(10 * MS)
 
 
 async def collect(client: Client, expected: dict[str, int], within: float) -> Counter[str]:

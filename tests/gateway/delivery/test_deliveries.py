@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -25,28 +24,16 @@ from tests.gateway.conftest import (
     ALPHA,
     BETA,
     KEY,
-    MODEL,
     Clock,
     connect,
     gateway_config,
     set_faults,
+    task,
+    until,
 )
 from tests.timing import MS
 
 SECRET = "whsec_" + base64.b64encode(b"a-secret-of-thirty-two-bytes-len").decode()
-
-
-def task(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "taskType": "imageInference",
-        "taskUUID": str(uuid.uuid4()),
-        "model": MODEL,
-        "positivePrompt": "a wrestler in a saffron market, hard shaft of light",
-        "width": 1024,
-        "height": 1024,
-    }
-    body.update(overrides)
-    return body
 
 
 @dataclass
@@ -113,13 +100,6 @@ async def gateway(provider: LocalProvider) -> AsyncIterator[Gateway]:
         await instance.pool.wait_ready()
     yield instance
     await instance.stop()
-
-
-async def until(predicate: Any, within: float = 10000 * MS) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(10 * MS)
 
 
 async def settled_deliveries(gateway: Gateway, tenant: str, task_uuid: str, n: int) -> list[Any]:

@@ -9,7 +9,6 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import pytest
@@ -18,35 +17,14 @@ from PIL import Image
 
 from gateway.provider.pool import RenderPool
 from gateway.provider.server import LocalProvider, ProviderConfig
-from tests.gateway.conftest import KEY, MODEL, Client, Clock, connect, set_faults
+from tests.gateway.conftest import KEY, Client, Clock, connect, set_faults, task, until
 from tests.timing import MS
-
-
-def task(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "taskType": "imageInference",
-        "taskUUID": str(uuid.uuid4()),
-        "model": MODEL,
-        "positivePrompt": "a boxer under a spotlight, chalk dust",
-        "width": 1024,
-        "height": 1024,
-        "outputFormat": "JPG",
-    }
-    body.update(overrides)
-    return body
 
 
 async def authed(http: aiohttp.ClientSession, provider: LocalProvider) -> Client:
     client = await connect(http, provider.url)
     await client.auth()
     return client
-
-
-async def wait_for(predicate: Any, within: float = 20000 * MS) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(10 * MS)
 
 
 # --------------------------------------------------------------------------- auth and ping
@@ -345,7 +323,7 @@ async def test_resume_delivers_missed_frames_in_order_after_the_auth_reply(
     sent = [task(numberResults=2) for _ in range(3)]
     await client.send(*sent)
     await client.ws.close()
-    await wait_for(lambda: provider.stats.images == 6)
+    await until(lambda: provider.stats.images == 6)
     again = await connect(http, provider.url)
     assert await again.auth(session=session) == session
     missed = [(await again.recv())["data"][0] for _ in range(6)]
@@ -370,7 +348,7 @@ async def test_unknown_or_expired_sessions_get_a_fresh_one(
         fresh = await client.auth(session=unknown)
         assert fresh != unknown
         await client.ws.close()
-        await wait_for(lambda: provider.stats.open_connections == 0)
+        await until(lambda: provider.stats.open_connections == 0)
         clock.advance(121)
         again = await connect(http, provider.url)
         assert await again.auth(session=fresh) != fresh
