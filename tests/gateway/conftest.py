@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -110,17 +111,26 @@ def gateway_config(provider: LocalProvider, **server: Any) -> Any:
     )
 
 
-@pytest.fixture
-async def gateway(provider: LocalProvider) -> AsyncIterator[Any]:
+@contextlib.asynccontextmanager
+async def running(config: Any) -> AsyncIterator[Any]:
+    """A started gateway whose provider link is ready; stopped on the way out."""
     from gateway.app import Gateway
 
-    instance = Gateway(gateway_config(provider))
+    instance = Gateway(config)
     await instance.start()
-    assert instance.pool is not None
-    async with asyncio.timeout(10000 * MS):
-        await instance.pool.wait_ready()
-    yield instance
-    await instance.stop()
+    try:
+        assert instance.pool is not None
+        async with asyncio.timeout(10000 * MS):
+            await instance.pool.wait_ready()
+        yield instance
+    finally:
+        await instance.stop()
+
+
+@pytest.fixture
+async def gateway(provider: LocalProvider) -> AsyncIterator[Any]:
+    async with running(gateway_config(provider)) as instance:
+        yield instance
 
 
 def resilient_config(provider: LocalProvider, **server: Any) -> Any:

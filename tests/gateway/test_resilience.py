@@ -30,6 +30,7 @@ from tests.gateway.conftest import (
     Client,
     connect,
     resilient_config,
+    running,
     set_faults,
     task,
     until,
@@ -39,13 +40,8 @@ from tests.timing import MS
 
 @pytest.fixture
 async def gateway(provider: LocalProvider) -> AsyncIterator[Gateway]:
-    instance = Gateway(resilient_config(provider))
-    await instance.start()
-    assert instance.pool is not None
-    async with asyncio.timeout(10000 * MS):
-        await instance.pool.wait_ready()
-    yield instance
-    await instance.stop()
+    async with running(resilient_config(provider)) as instance:
+        yield instance
 
 
 async def collect(client: Client, expected: dict[str, int], within: float) -> Counter[str]:

@@ -27,6 +27,7 @@ from tests.gateway.conftest import (
     Clock,
     connect,
     gateway_config,
+    running,
     set_faults,
     task,
     until,
@@ -93,13 +94,8 @@ def delivery_config(provider: LocalProvider, **delivery: Any) -> Any:
 
 @pytest.fixture
 async def gateway(provider: LocalProvider) -> AsyncIterator[Gateway]:
-    instance = Gateway(delivery_config(provider))
-    await instance.start()
-    assert instance.pool is not None
-    async with asyncio.timeout(10000 * MS):
-        await instance.pool.wait_ready()
-    yield instance
-    await instance.stop()
+    async with running(delivery_config(provider)) as instance:
+        yield instance
 
 
 async def settled_deliveries(gateway: Gateway, tenant: str, task_uuid: str, n: int) -> list[Any]:
