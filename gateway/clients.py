@@ -114,7 +114,7 @@ class ClientConnection:
             await ws.send_frame(frame, WSMsgType.TEXT)
             self.outbox.popleft()
             self.queued_bytes -= len(frame)
-            self.metrics.client_frames_out.inc()
+            self.metrics.frames.client_out += 1
 
 
 class ClientSession:
@@ -250,7 +250,7 @@ class ClientGateway:
             if connection.overflowed:
                 return
             if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                self.metrics.client_frames_in.inc()
+                self.metrics.frames.client_in += 1
                 data = message.data if isinstance(message.data, bytes) else message.data.encode()
                 self._on_frame(connection, data)
             elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):

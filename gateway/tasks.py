@@ -79,8 +79,7 @@ class TaskRegistry:
         if state in FINAL:
             record.finished = self._clock()
             self.store.finish(record)
-            self._metrics.tasks_in_flight.dec()
-            self._metrics.tasks.labels(state.value).inc()
+            self._metrics.tasks_by_state[state.value].inc()
             self._metrics.task_latency.observe(record.finished - record.created)
             for hook in self.on_final:
                 hook(record)
@@ -112,7 +111,6 @@ class TaskRegistry:
         self.store.add(record)
         if subscriber is not None:
             self._subscribers[record.upstream_uuid] = [subscriber]
-        self._metrics.tasks_in_flight.inc()
         return record
 
     def subscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:

@@ -324,7 +324,7 @@ class UpstreamLink:
             message = await ws.receive()
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 self._last_read = loop.time()
-                self.metrics.upstream_frames_in.inc()
+                self.metrics.frames.provider_in += 1
                 self._route(message.data)
             elif message.type == aiohttp.WSMsgType.ERROR:
                 raise ConnectionError(f"provider link error: {ws.exception()!r}")
@@ -397,7 +397,7 @@ class UpstreamLink:
                     ws.send_frame(encode_tasks(batch), aiohttp.WSMsgType.TEXT),
                     self.settings.send_timeout,
                 )
-                self.metrics.upstream_frames_out.inc()
+                self.metrics.frames.provider_out += 1
 
     async def _heartbeat(self) -> None:
         """Ping every ``ping_interval``; the link is dead when, after a ping, nothing at all

@@ -281,6 +281,15 @@ async def test_health_ready_and_metrics(
     assert "tenebra_client_connections 1.0" in text
     assert 'tenebra_upstream_ready{link="0"} 1.0' in text
     assert "tenebra_task_latency_seconds_count 1.0" in text
+    assert "tenebra_tasks_in_flight 0.0" in text
+    frames = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tenebra_frames_total{")
+    }
+    assert frames['direction="in",side="client"'] >= 2  # the auth and the task
+    assert frames['direction="out",side="client"'] >= 2  # the auth reply and the image
+    assert frames['direction="in",side="provider"'] >= 2
 
 
 async def test_not_ready_while_the_provider_refuses_us(
