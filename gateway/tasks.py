@@ -198,16 +198,20 @@ class TaskRegistry:
     def expire(self, timeout: float) -> int:
         """Tasks with results still missing ``timeout`` after acceptance end as EXPIRED."""
         horizon = self._clock() - timeout
-        late = [r for r in self.store.open_records() if r.created <= horizon]
+        # queued tasks are the outage deadline's to fail, not this one's
+        late = [
+            r
+            for r in self.store.open_records()
+            if r.created <= horizon and r.state in (S.SUBMITTED, S.PARTIAL)
+        ]
         for record in late:
-            if record.state in (S.SUBMITTED, S.PARTIAL):
-                error = error_item(
-                    "timeoutProvider",
-                    message=f"The provider did not finish the task within {timeout:g} s.",
-                    task_type="imageInference",
-                    task_uuid=record.task_uuid,
-                )
-                self._end(record, error, S.EXPIRED)
+            error = error_item(
+                "timeoutProvider",
+                message=f"The provider did not finish the task within {timeout:g} s.",
+                task_type="imageInference",
+                task_uuid=record.task_uuid,
+            )
+            self._end(record, error, S.EXPIRED)
         return len(late)
 
     def sweep(self) -> int:

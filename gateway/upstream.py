@@ -352,7 +352,8 @@ class UpstreamLink:
                 if pong is not None and not pong.done():
                     pong.set_result(None)
             elif route.taskUUID is not None:
-                self._heard.add(route.taskUUID)
+                if route.taskUUID in self.in_flight:  # a stray item must not be remembered
+                    self._heard.add(route.taskUUID)
                 registry.on_result(route.taskUUID, raw)
         for raw in frame.errors:
             try:

@@ -155,3 +155,22 @@ def test_finished_tasks_are_forgotten_after_retention(registry: TaskRegistry, cl
     clock.advance(2)
     assert registry.sweep() == 1
     assert registry.lookup("t", record.task_uuid) is None
+
+
+def test_late_submitted_tasks_expire_and_queued_ones_wait(
+    registry: TaskRegistry, clock: Clock
+) -> None:
+    watcher = Subscriber()
+    running = registry.register("t", checked(), watcher)
+    waiting = registry.register("t", checked(), None)
+    assert isinstance(running, TaskRecord) and isinstance(waiting, TaskRecord)
+    registry.move(running, S.SUBMITTED)
+    registry.move(waiting, S.QUEUED)
+    clock.advance(599)
+    assert registry.expire(600) == 0
+    clock.advance(1)
+    assert registry.expire(600) == 1
+    assert str(running.state) == "expired" and waiting.state is S.QUEUED
+    [frame] = watcher.frames
+    assert frame["errors"][0]["code"] == "timeoutProvider"
+    assert frame["errors"][0]["taskUUID"] == running.task_uuid
