@@ -167,12 +167,7 @@ async def test_past_the_outage_deadline_tasks_fail_clearly(
 ) -> None:
     config = resilient_config(provider)
     config.provider.outage_deadline = 300 * MS
-    gateway = Gateway(config)
-    await gateway.start()
-    try:
-        assert gateway.pool is not None
-        async with asyncio.timeout(10000 * MS):
-            await gateway.pool.wait_ready()
+    async with running(config) as gateway:
         client = await connect(http, gateway.url)
         await client.auth(key=ALPHA)
         await provider.stop()
@@ -183,8 +178,6 @@ async def test_past_the_outage_deadline_tasks_fail_clearly(
         [error] = (await client.recv(within=5000 * MS))["errors"]
         assert (error["code"], error["taskUUID"]) == ("serviceUnavailable", sent["taskUUID"])
         assert time.monotonic() - started >= 300 * MS
-    finally:
-        await gateway.stop()
 
 
 async def test_a_refused_key_is_not_ready_fails_fast_and_recovers(
@@ -295,12 +288,7 @@ async def test_a_client_that_stops_reading_is_cut_and_keeps_its_results(
     provider: LocalProvider, http: aiohttp.ClientSession
 ) -> None:
     set_faults(provider, fast=True)
-    gateway = Gateway(resilient_config(provider, send_buffer_bytes=32 * 1024))
-    await gateway.start()
-    try:
-        assert gateway.pool is not None
-        async with asyncio.timeout(10000 * MS):
-            await gateway.pool.wait_ready()
+    async with running(resilient_config(provider, send_buffer_bytes=32 * 1024)) as gateway:
         # loopback TCP autotunes the gateway's kernel send buffer up to 4 MiB: only past that
         # does a client that does not read push back on the gateway (24,000 results ~ 6.5 MB)
         flood = [[task() for _ in range(250)] for _ in range(96)]
@@ -322,7 +310,7 @@ async def test_a_client_that_stops_reading_is_cut_and_keeps_its_results(
         # What the gateway had handed to TCP is lost with the socket the client never read
         # (the protocol has no acks); everything it had not is in the session, and comes back
         # once, in order, on a fresh socket. getResponse has every task, whichever way it went.
-        waiting = list(gateway.clients.sessions[session].buffer)  # type: ignore[union-attr]
+        waiting = list(gateway.clients.sessions[session].buffer)
         assert waiting
         back = await connect(http, gateway.url)
         assert await back.auth(key=ALPHA, session=session) == session
@@ -338,8 +326,6 @@ async def test_a_client_that_stops_reading_is_cut_and_keeps_its_results(
             )
             items = (await back.recv(within=10000 * MS))["data"]
             assert [i["status"] for i in items] == ["success"] * len(frame)
-    finally:
-        await gateway.stop()
 
 
 async def test_limits_auth_timeout_frame_size_tasks_per_frame(
