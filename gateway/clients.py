@@ -29,7 +29,7 @@ from gateway.config import ServerSettings
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord
-from protocol.codec import encode_data, encode_errors
+from protocol.codec import encode_answer, encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import (
     Authentication,
@@ -134,8 +134,6 @@ class ClientSession:
         # behind a backlog still being replayed, a new frame waits its turn: order is kept
         if self.buffer or self.connection is None or not self.connection.send(frame):
             self._keep(frame)
-        elif self.connection is not None:
-            self.connection.wakeup.set()
 
     def settled(self, record: TaskRecord) -> None:
         self.open_tasks.discard(record.upstream_uuid)
@@ -143,6 +141,9 @@ class ClientSession:
     def _keep(self, frame: bytes) -> None:
         self.buffer.append(frame)
         self.buffered_bytes += len(frame)
+        self._trim()
+
+    def _trim(self) -> None:
         while self.buffered_bytes > self.limit and self.buffer:
             # the oldest frame is lost to the socket, not to the client: getResponse has it
             self.buffered_bytes -= len(self.buffer.popleft())
@@ -157,8 +158,7 @@ class ClientSession:
         for frame in reversed(unsent):
             self.buffer.appendleft(frame)
             self.buffered_bytes += len(frame)
-        while self.buffered_bytes > self.limit and self.buffer:
-            self.buffered_bytes -= len(self.buffer.popleft())
+        self._trim()
 
     def attach(self, connection: ClientConnection) -> None:
         """The auth reply goes first, then every missed frame in order, exactly once."""
@@ -265,13 +265,10 @@ class ClientGateway:
         errors: list[ErrorItem] = []
 
         def flush() -> None:
-            # data and errors never share a frame: SDK 1.8 drops the data of such a frame
-            if data:
-                connection.send(encode_data(data))
-                data.clear()
-            if errors:
-                connection.send(encode_errors(errors))
-                errors.clear()
+            for answer in encode_answer(data, errors):
+                connection.send(answer)
+            data.clear()
+            errors.clear()
 
         for outcome in intake.decode(frame):
             session = connection.session

@@ -43,6 +43,7 @@ __all__ = [
     "decode_server_frame",
     "decode_tasks",
     "encode",
+    "encode_answer",
     "encode_data",
     "encode_errors",
     "encode_tasks",
@@ -182,6 +183,18 @@ def encode_errors(items: Iterable[ErrorItem]) -> bytes:
     """An ``{"errors": [...]}`` frame. Never mixed with data: SDK 1.8 drops the data of such a
     frame (reference, 1.7)."""
     return _encoder.encode(ErrorFrame(list(items)))
+
+
+def encode_answer(data: Iterable[Any], errors: Iterable[ErrorItem]) -> list[bytes]:
+    """An answer as frames: the data frame first, then the errors frame, each only if it has
+    items. Never one frame with both: SDK 1.8 drops the data of such a frame."""
+    data, errors = list(data), list(errors)
+    frames = []
+    if data:
+        frames.append(encode_data(data))
+    if errors:
+        frames.append(encode_errors(errors))
+    return frames
 
 
 def encode_tasks(tasks: Iterable[Any]) -> bytes:

@@ -38,7 +38,7 @@ from gateway.provider.images import ImageStore
 from gateway.provider.pool import RenderJob, RenderPool, RenderQueueFull
 from gateway.provider.render import CONTENT_TYPES, EXTENSIONS, encode_image, render_scene
 from gateway.provider.state import Generation, ProviderTask, Session, SessionTable, TaskTable
-from protocol.codec import decode_client_frame, encode_data, encode_errors
+from protocol.codec import decode_client_frame, encode_answer, encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import (
     Authentication,
@@ -309,13 +309,10 @@ class LocalProvider:
         self._flush(connection, data, errors)
 
     def _flush(self, connection: _Connection, data: list[Any], errors: list[ErrorItem]) -> None:
-        # data and errors never share a frame: SDK 1.8 drops the data of such a frame
-        if data:
-            self._deliver(connection, encode_data(data))
-            data.clear()
-        if errors:
-            self._deliver(connection, encode_errors(errors))
-            errors.clear()
+        for frame in encode_answer(data, errors):
+            self._deliver(connection, frame)
+        data.clear()
+        errors.clear()
 
     def _authenticate(self, connection: _Connection, auth: Authentication) -> None:
         if self.faults.refuse_auth or auth.apiKey not in self.config.keys:
@@ -526,10 +523,8 @@ class LocalProvider:
             elif generation.error is not None and generation.error not in failures:
                 failures.append(generation.error)
         errors = [msgspec.structs.replace(error, status="error") for error in failures]
-        if data:
-            session.deliver(encode_data(data))
-        if errors:
-            session.deliver(encode_errors(errors))
+        for frame in encode_answer(data, errors):
+            session.deliver(frame)
 
     # ------------------------------------------------------------------ reference images
 

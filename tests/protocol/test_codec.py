@@ -19,6 +19,7 @@ from protocol.codec import (
     decode_server_frame,
     decode_tasks,
     encode,
+    encode_answer,
     encode_data,
     encode_errors,
     encode_tasks,
@@ -368,3 +369,12 @@ def test_valid_tasks_round_trip(tasks: list[dict[str, Any]]) -> None:
 
 def test_decode_tasks_accepts_text() -> None:
     assert decode_tasks('[{"taskType":"ping"}]') == [Ping()]
+
+
+def test_an_answer_is_data_then_errors_never_in_one_frame() -> None:
+    ack = TaskAck(taskType="imageInference", taskUUID="u")
+    error = error_item("taskNotFound", task_type="getResponse", task_uuid="v")
+    assert encode_answer([], []) == []
+    assert encode_answer([ack], []) == [encode_data([ack])]
+    assert encode_answer([], [error]) == [encode_errors([error])]
+    assert encode_answer([ack], [error]) == [encode_data([ack]), encode_errors([error])]
