@@ -43,17 +43,13 @@ class RestEndpoint:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         outcomes = self.intake.decode(await request.read())
-        tenant = None
-        header = request.headers.get("Authorization", "")
-        if header.lower().startswith("bearer "):
-            tenant = self.intake.tenant_of(header[7:].strip())
+        key = _bearer(request)
         if outcomes and isinstance(outcomes[0], Authentication):
-            tenant = self.intake.tenant_of(outcomes[0].apiKey)
+            key = outcomes[0].apiKey
             outcomes = outcomes[1:]
+        tenant = None if key is None else self.intake.tenant_of(key)
         if tenant is None:
-            code = "invalidApiKey" if header or request.can_read_body else "missingApiKey"
-            error = error_item(code, parameter="apiKey", task_type="authentication")
-            return self._answer([], [error])
+            return self._refused(key)
 
         data: list[Any] = []
         errors: list[ErrorItem] = []
@@ -108,13 +104,10 @@ class RestEndpoint:
 
     async def task_view(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/tasks/<taskUUID>``: the task of the bearer's tenant, with its deliveries."""
-        header = request.headers.get("Authorization", "")
-        tenant = (
-            self.intake.tenant_of(header[7:].strip()) if header[:7].lower() == "bearer " else None
-        )
+        key = _bearer(request)
+        tenant = None if key is None else self.intake.tenant_of(key)
         if tenant is None:
-            error = error_item("invalidApiKey", parameter="apiKey", task_type="authentication")
-            return self._answer([], [error])
+            return self._refused(key)
         task_uuid = request.match_info["task_uuid"]
         record = self.intake.registry.lookup(tenant, task_uuid)
         if record is None:
@@ -131,6 +124,10 @@ class RestEndpoint:
         }
         return web.Response(body=encode(view), content_type="application/json")
 
+    def _refused(self, key: str | None) -> web.Response:
+        code = "missingApiKey" if key is None else "invalidApiKey"
+        return self._answer([], [error_item(code, parameter="apiKey", task_type="authentication")])
+
     @staticmethod
     def _answer(data: list[Any], errors: list[ErrorItem]) -> web.Response:
         body: dict[str, Any] = {}
@@ -140,3 +137,9 @@ class RestEndpoint:
             body["errors"] = errors
         status = 200 if data or not errors else http_status(errors[0].code)
         return web.Response(body=encode(body), status=status, content_type="application/json")
+
+
+def _bearer(request: web.Request) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, if there is one."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None

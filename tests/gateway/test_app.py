@@ -230,9 +230,11 @@ async def test_rest_sync_async_and_errors(
         assert (await response.json())["errors"][0]["code"] == "invalidOutputQuality"
     async with http.post(url, json=[task()]) as response:
         assert response.status == 401
-        assert (await response.json())["errors"][0]["taskType"] == "authentication"
+        [error] = (await response.json())["errors"]
+        assert (error["code"], error["taskType"]) == ("missingApiKey", "authentication")
     async with http.post(url, json=[task()], headers={"Authorization": "Bearer x"}) as response:
         assert response.status == 401
+        assert (await response.json())["errors"][0]["code"] == "invalidApiKey"
 
 
 async def test_rest_sync_deadline_leaves_the_task_running(
