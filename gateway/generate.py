@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["generate"]
+from protocol.frames import EXTENSIONS
 
-EXTENSIONS = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
+__all__ = ["generate"]
 
 
 def _reference(ref: str) -> str:

@@ -17,6 +17,8 @@ import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 __all__ = [
+    "CONTENT_TYPES",
+    "EXTENSIONS",
     "GENERIC_PARAMETERS",
     "NO_SAFETY",
     "UUID_V4_PATTERN",
@@ -48,6 +50,10 @@ UUID_V4_PATTERN = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
 )
 TaskUUID = Annotated[str, Meta(pattern=UUID_V4_PATTERN)]
+
+#: Each outputFormat's media type (for Content-Type, data URIs) and file extension.
+CONTENT_TYPES = {"JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+EXTENSIONS = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 Prompt = Annotated[str, Meta(min_length=2, max_length=3000)]
 Quality = Annotated[int, Meta(ge=20, le=99)]
 Ttl = Annotated[int, Meta(ge=60)]

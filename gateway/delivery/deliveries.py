@@ -36,12 +36,11 @@ from gateway.delivery.egress import EgressGuard
 from gateway.metrics import Metrics
 from gateway.store.base import Delivery, TaskRecord
 from protocol.codec import encode
-from protocol.frames import ImageResult
+from protocol.frames import CONTENT_TYPES, ImageResult
 
 __all__ = ["Deliveries", "read_capped", "sign"]
 
 log = structlog.get_logger("tenebra.delivery")
-CONTENT_TYPES = {"JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
 def sign(secret: str, message_id: str, timestamp: str, body: bytes) -> str:
@@ -256,10 +255,13 @@ class Deliveries:
         self, record: TaskRecord, result: ImageResult
     ) -> Callable[[Delivery, str], Coroutine[Any, Any, int]]:
         content_type = CONTENT_TYPES[record.task.outputFormat]
+        image: bytes | None = None  # fetched once for all the attempts of this upload
 
         async def put(delivery: Delivery, url: str) -> int:
-            data = await self._image_bytes(result)
-            return await self._send("PUT", url, data, {"Content-Type": content_type})
+            nonlocal image
+            if image is None:
+                image = await self._image_bytes(result)
+            return await self._send("PUT", url, image, {"Content-Type": content_type})
 
         return put
 

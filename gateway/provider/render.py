@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 __all__ = [
-    "CONTENT_TYPES",
     "Style",
     "encode_image",
     "luminance",
@@ -33,8 +32,6 @@ __all__ = [
     "render_scene",
 ]
 
-CONTENT_TYPES = {"JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-EXTENSIONS = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 F = np.float32
 RGB = tuple[float, float, float]

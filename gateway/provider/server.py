@@ -36,11 +36,13 @@ from aiohttp import WSMsgType, web
 from gateway.provider.faults import Faults
 from gateway.provider.images import ImageStore
 from gateway.provider.pool import RenderJob, RenderPool, RenderQueueFull
-from gateway.provider.render import CONTENT_TYPES, EXTENSIONS, encode_image, render_scene
+from gateway.provider.render import encode_image, render_scene
 from gateway.provider.state import Generation, ProviderTask, Session, SessionTable, TaskTable
 from protocol.codec import decode_client_frame, encode_answer, encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import (
+    CONTENT_TYPES,
+    EXTENSIONS,
     Authentication,
     AuthenticationResult,
     ErrorItem,

@@ -431,3 +431,28 @@ async def test_pending_deliveries_are_drained_at_shutdown(
     record = gateway.registry.lookup("alpha", sent["taskUUID"])
     assert record is not None
     assert [d.state for d in record.deliveries] == ["delivered"] * 3
+
+
+async def test_an_upload_fetches_its_image_once_for_all_its_attempts(
+    gateway: Gateway, provider: LocalProvider, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True)
+    receiver.script = [500, 503]
+    fetches = 0
+    fetch = gateway.deliveries._image_bytes
+
+    async def counted(result: Any) -> bytes:
+        nonlocal fetches
+        fetches += 1
+        return await fetch(result)
+
+    gateway.deliveries._image_bytes = counted  # type: ignore[method-assign]
+    client = await connect(http, gateway.url)
+    await client.auth(key=ALPHA)
+    sent = task(uploadEndpoint=f"{receiver.url}/put/{{imageUUID}}.jpg")
+    await client.send(sent)
+    [delivery] = await settled_deliveries(gateway, "alpha", sent["taskUUID"], 1)
+    assert (delivery.state, delivery.attempts) == ("delivered", 3)
+    assert fetches == 1
+    bodies = {body for method, _, _, body in receiver.requests if method == "PUT"}
+    assert len(receiver.requests) == 3 and len(bodies) == 1

@@ -13,13 +13,13 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from gateway.provider.pool import RenderJob, render
 from gateway.provider.render import (
-    CONTENT_TYPES,
     Style,
     encode_image,
     luminance,
     regrade,
     render_scene,
 )
+from protocol.frames import CONTENT_TYPES
 from protocol.models import default_catalogue
 from tests.gateway.conftest import MODEL
 
