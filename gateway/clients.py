@@ -333,17 +333,19 @@ class ClientGateway:
         session = self.sessions.get(session_uuid)
         if session is None or session.tenant != tenant:
             return None
-        detached = session.detached_at
-        if detached is not None and self._clock() - detached > self.settings.resume_window:
+        if self._expired(session, self._clock()):
             del self.sessions[session_uuid]
             return None
         return session
 
+    def _expired(self, session: ClientSession, now: float) -> bool:
+        detached = session.detached_at
+        return detached is not None and now - detached > self.settings.resume_window
+
     def sweep(self) -> None:
         now = self._clock()
-        window = self.settings.resume_window
         for key, session in list(self.sessions.items()):
-            if session.detached_at is not None and now - session.detached_at > window:
+            if self._expired(session, now):
                 del self.sessions[key]
 
     async def close_all(self, code: int, message: bytes) -> None:
