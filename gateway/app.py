@@ -123,9 +123,7 @@ class Gateway:
 
     async def stop(self) -> None:
         """Drain, then close: clients get 1012 so their SDKs reconnect elsewhere."""
-        if self.clients is not None:
-            self.clients.accepting = False
-        if self.intake is not None:
+        if self.intake is not None:  # no new connections, no new tasks
             self.intake.accepting = False
         drained = asyncio.Event()
 
@@ -173,8 +171,8 @@ class Gateway:
         ready = (
             self.pool is not None
             and self.pool.ready
-            and self.clients is not None
-            and self.clients.accepting
+            and self.intake is not None
+            and self.intake.accepting
         )
         links = [link.state.value for link in self.pool.links] if self.pool else []
         return web.json_response({"ready": ready, "links": links}, status=200 if ready else 503)

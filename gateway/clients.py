@@ -197,10 +197,9 @@ class ClientGateway:
         self.sessions: dict[str, ClientSession] = {}
         self.connections: set[ClientConnection] = set()
         self._ids = itertools.count(1)
-        self.accepting = True
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if not self.accepting:
+        if not self.intake.accepting:
             raise web.HTTPServiceUnavailable(text="shutting down")
         ws = web.WebSocketResponse(
             max_msg_size=self.settings.max_frame_bytes,
@@ -349,7 +348,7 @@ class ClientGateway:
                 del self.sessions[key]
 
     async def close_all(self, code: int, message: bytes) -> None:
-        self.accepting = False
+        self.intake.accepting = False
         await asyncio.gather(
             *(c.ws.close(code=code, message=message) for c in list(self.connections)),
             return_exceptions=True,
