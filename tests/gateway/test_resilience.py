@@ -353,6 +353,29 @@ async def test_limits_auth_timeout_frame_size_tasks_per_frame(
         await gateway.stop()
 
 
+async def test_idle_sockets_close_but_never_while_their_tasks_run(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 900 * MS * 1000})
+    config = resilient_config(provider, auth_timeout=300 * MS, idle_timeout=300 * MS)
+    async with running(config) as gateway:
+        chatty = await connect(http, gateway.url)  # pings do not stand in for authentication
+        await chatty.send({"taskType": "ping"})
+        assert (await chatty.recv())["data"][0]["pong"] is True
+        message = await chatty.ws.receive(timeout=5000 * MS)
+        assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 4001)
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        started = asyncio.get_running_loop().time()
+        mine = task()
+        await client.send(mine)
+        [image] = (await client.recv(within=5000 * MS))["data"]
+        assert image["taskUUID"] == mine["taskUUID"]  # three idle periods passed meanwhile
+        message = await client.ws.receive(timeout=5000 * MS)
+        assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1000)
+        assert asyncio.get_running_loop().time() - started >= 900 * MS
+
+
 # --------------------------------------------------------------------------- shutdown
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 from typing import Any
 
 import msgspec
@@ -11,7 +12,7 @@ import pytest
 from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord, TaskState
 from gateway.store.memory import MemoryTaskStore
-from gateway.tasks import FINAL, TRANSITIONS, IllegalTransition, TaskRegistry
+from gateway.tasks import FINAL, TRANSITIONS, IllegalTransition, TaskRegistry, upstream_uuids
 from protocol.codec import decode_client_frame, encode, encode_tasks
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageResult, ImageTask
@@ -57,6 +58,14 @@ def result(upstream: str, image: str, cost: float = 0.195) -> msgspec.Raw:
         taskType="imageInference", taskUUID=upstream, imageUUID=image, imageURL="u", cost=cost
     )
     return msgspec.Raw(encode(item))
+
+
+def test_upstream_uuids_are_v4_and_unique_within_and_across_processes() -> None:
+    mine, another = upstream_uuids(), upstream_uuids()
+    issued = [mine() for _ in range(10_000)]
+    assert len(set(issued)) == len(issued)
+    assert all(uuid.UUID(u).version == 4 and str(uuid.UUID(u)) == u for u in issued[::997])
+    assert another() not in issued  # another process draws another random prefix
 
 
 def test_the_lifecycle_table_is_closed() -> None:
