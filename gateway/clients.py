@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import struct
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -40,12 +41,39 @@ from protocol.frames import (
     Pong,
 )
 
-__all__ = ["CLOSE_AUTH_TIMEOUT", "CLOSE_SLOW_CONSUMER", "ClientConnection", "ClientGateway"]
+__all__ = [
+    "CLOSE_AUTH_TIMEOUT",
+    "CLOSE_SLOW_CONSUMER",
+    "ClientConnection",
+    "ClientGateway",
+    "text_frame",
+]
 
 log = structlog.get_logger("tenebra.clients")
 
 CLOSE_AUTH_TIMEOUT = 4001
 CLOSE_SLOW_CONSUMER = 4008
+
+
+# What the kernel-side buffer of a socket may hold before frames queue in the outbox.
+WRITE_BUFFER_HIGH_WATER = 64 * 1024
+_HEADER_SHORT = struct.Struct("!BB").pack
+_HEADER_MEDIUM = struct.Struct("!BBH").pack
+_HEADER_LONG = struct.Struct("!BBQ").pack
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented, uncompressed text frame (RFC 6455 5.2), as a server sends.
+
+    Written here because aiohttp only offers an awaitable send: 0.3 us against 2.2 us for
+    websockets' general-purpose Frame.serialize. Client sockets never negotiate extensions
+    (``compress=False``), so this is the whole of the framing."""
+    length = len(payload)
+    if length < 126:
+        return _HEADER_SHORT(0x81, length) + payload
+    if length < 65536:
+        return _HEADER_MEDIUM(0x81, 126, length) + payload
+    return _HEADER_LONG(0x81, 127, length) + payload
 
 
 class ClientConnection:
@@ -73,9 +101,24 @@ class ClientConnection:
         self.last_frame = asyncio.get_running_loop().time()
 
     def send(self, frame: bytes) -> bool:
-        """Queue a frame; False once the connection is past its bound (the frame is not kept)."""
+        """Write a frame, or queue it behind others; False once the connection is past its
+        bound (the frame is not kept).
+
+        With nothing queued and the socket keeping up, the frame is written here and now: a
+        wake-up of the writer task per frame cost more than the write itself. Otherwise it
+        queues, and the writer sends it with aiohttp's flow control (it waits for the drain)."""
         if self.overflowed or self.ws.closed:
             return False
+        transport = self.request.transport
+        if (
+            not self.outbox
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() < WRITE_BUFFER_HIGH_WATER
+        ):
+            transport.write(text_frame(frame))
+            self.metrics.frames.client_out += 1
+            return True
         self.outbox.append(frame)
         self.queued_bytes += len(frame)
         # a backlog past the bound, not one big frame (a large getResponse), marks a slow client
