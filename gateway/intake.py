@@ -11,7 +11,7 @@ from gateway.tasks import Subscriber, TaskRegistry
 from gateway.upstream import UpstreamPool
 from protocol.codec import Outcome, decode_client_frame
 from protocol.errors import error_item
-from protocol.frames import ErrorItem, ImageTask, TaskAck
+from protocol.frames import UNSET, ErrorItem, ImageTask, TaskAck
 from protocol.models import Catalogue
 
 __all__ = ["Intake"]
@@ -74,6 +74,8 @@ class Intake:
     def _refused_destination(self, task: ImageTask) -> ErrorItem | None:
         """A client-supplied URL whose host is a literal private address is refused here, with
         the parameter's own code; a name that resolves to one is refused at connect time."""
+        if task.webhookURL is UNSET and task.uploadEndpoint is UNSET and not task.reference_images:
+            return None  # most tasks: nothing to check
         urls = [
             ("webhookURL", "invalidWebhookURL", task.webhookURL),
             ("uploadEndpoint", "invalidUploadEndpoint", task.uploadEndpoint),

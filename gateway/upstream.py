@@ -507,9 +507,14 @@ class UpstreamPool:
                     wait.cancel()
 
     def submit(self, record: TaskRecord) -> None:
-        ready = [link for link in self.links if link.state == LinkState.READY]
-        if ready:
-            min(ready, key=lambda link: len(link.in_flight) + len(link.outbox)).enqueue(record)
+        chosen, least = None, 0
+        for link in self.links:
+            if link.state == LinkState.READY:
+                load = len(link.in_flight) + len(link.outbox)
+                if chosen is None or load < least:
+                    chosen, least = link, load
+        if chosen is not None:
+            chosen.enqueue(record)
             return
         if self.refused:
             self._unavailable(record, "The provider refuses the gateway's API key; the gateway "
