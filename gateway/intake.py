@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from msgspec import UNSET
+
 from gateway.delivery.egress import EgressGuard
 from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord
@@ -11,7 +13,7 @@ from gateway.tasks import Subscriber, TaskRegistry
 from gateway.upstream import UpstreamPool
 from protocol.codec import Outcome, decode_client_frame
 from protocol.errors import error_item
-from protocol.frames import UNSET, ErrorItem, ImageTask, TaskAck
+from protocol.frames import ErrorItem, ImageTask, TaskAck
 from protocol.models import Catalogue
 
 __all__ = ["Intake"]
