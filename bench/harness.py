@@ -1,26 +1,37 @@
 """Side by side in one run: direct to the provider, through the bare relay, through tenebra.
 
-    python -m bench.harness            # the scenarios of issue 7, results in bench/results/
-    python -m bench.harness --smoke    # small: checks all three paths complete without errors
+    python -m bench.harness                 # the scenarios of issue 7, results in bench/results/
+    python -m bench.harness --smoke         # small: all paths complete without errors (CI)
+    python -m bench.harness --only R=1 --repeat 5
 
 Every server is its own process (the local provider in ``fast`` mode, so the relay or the
-gateway is what is measured; the load generator is a fourth). CPU seconds come from
+gateway is what is measured; the load generator is another). CPU seconds come from
 /proc/<pid>/stat (user + system), RSS from /proc/<pid>/status; each path gets a fresh provider
-and a short warm-up. Figures vary from machine to machine: read the ratios, which come from one
-run on one machine.
+and a short warm-up, and the paths take turns ``--repeat`` times (the median run by CPU is
+reported: the same load varies by 10-20% from run to run on a shared 2-core machine).
+Besides the three-way load scenarios: idle connections (RSS each), a soak (RSS before and
+after, the registry emptied), and one client that never reads beside others (their p99).
+Figures vary from machine to machine: read the ratios, which come from one run on one machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from bench import report
 
 RESULTS = Path(__file__).parent / "results"
 PY = sys.executable
@@ -37,12 +48,33 @@ class Scenario:
     rate: float = 0.0  # 0: saturation
 
 
-SCENARIOS = [
-    Scenario("saturation M=200 W=8 R=1", 200, 100),
-    Scenario("saturation M=200 W=8 R=4", 200, 50, results=4),
-    Scenario("fixed 5,000 tasks/s M=200 R=1", 200, 50, rate=5000),
-]
-SMOKE = [Scenario("smoke M=20 W=4 R=2", 20, 20, window=4, results=2)]
+@dataclass
+class Plan:
+    load: list[Scenario]
+    idle: list[int]  # connection counts
+    soak_tasks: int
+    soak_warmup: int
+    stall: Scenario  # the well-behaved clients; one more never reads
+
+
+FULL = Plan(
+    load=[
+        Scenario("saturation M=200 W=8 R=1", 200, 100),
+        Scenario("saturation M=200 W=8 R=4", 200, 50, results=4),
+        Scenario("fixed 5,000 tasks/s M=200 R=1", 200, 50, rate=5000),
+    ],
+    idle=[2_000, 10_000],
+    soak_tasks=300_000,
+    soak_warmup=30_000,
+    stall=Scenario("stall M=50", 50, 100, rate=1000),
+)
+SMOKE = Plan(
+    load=[Scenario("smoke M=20 W=4 R=2", 20, 20, window=4, results=2)],
+    idle=[200],
+    soak_tasks=4_000,
+    soak_warmup=1_000,
+    stall=Scenario("stall M=10", 10, 20, rate=200),
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -57,10 +89,14 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def spawn(*argv: str) -> tuple[subprocess.Popen[str], str]:
+def spawn(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start a server; its first line on stdout ends with the URL it listens on."""
     process = subprocess.Popen(
-        [PY, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [PY, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 60
@@ -81,12 +117,60 @@ def stop(process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
-def load(url: str, key: str, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
+@dataclass
+class Servers:
+    url: str
+    key: str
+    measured: subprocess.Popen[str]  # the relay, the gateway, or the provider when direct
+    provider: subprocess.Popen[str]
+
+    def scrape(self) -> dict[str, float]:
+        """The gateway's /metrics, unlabelled and labelled lines alike, by their full name."""
+        base = self.url.replace("ws://", "http://").rsplit("/", 1)[0]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+
+@contextlib.contextmanager
+def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
+    provider, provider_url = spawn(
+        "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast"
+    )
+    server = None
+    try:
+        if path == "direct":
+            yield Servers(provider_url, "pk", provider, provider)
+            return
+        if path == "relay":
+            server, url = spawn(
+                "-m", "bench.relay", "--provider-url", provider_url, "--provider-key", "pk"
+            )
+            yield Servers(url, "any", server, provider)
+            return
+        server, url = spawn(
+            "-m", "gateway.cli", "serve", "--port", "0", "--demo-key", "dk",
+            "--provider-url", provider_url, "--provider-key", "pk", "--log-level", "info",
+            env=env,
+        )  # fmt: skip
+        time.sleep(0.5)  # the provider link authenticates
+        yield Servers(url, "dk", server, provider)
+    finally:
+        if server is not None:
+            stop(server)
+        stop(provider)
+
+
+def load(at: Servers, s: Scenario, tasks: int | None = None, *extra: str) -> dict[str, Any]:
     argv = [
-        PY, "-m", "bench.load", "--url", url, "--key", key,
+        PY, "-m", "bench.load", "--url", at.url, "--key", at.key,
         "--connections", str(s.connections), "--tasks", str(tasks or s.tasks),
         "--window", str(s.window), "--results", str(s.results), "--rate", str(s.rate),
-        "--seconds", "300",
+        "--seconds", "300", *extra,
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=360, check=True).stdout
     figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -94,104 +178,174 @@ def load(url: str, key: str, s: Scenario, tasks: int | None = None) -> dict[str,
 
 
 def run_path(path: str, s: Scenario) -> dict[str, Any]:
-    provider, provider_url = spawn(
-        "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast"
-    )
-    server = None
-    try:
-        if path == "direct":
-            url, key, measured = provider_url, "pk", provider
-        elif path == "relay":
-            server, url = spawn(
-                "-m", "bench.relay", "--provider-url", provider_url, "--provider-key", "pk"
-            )
-            key, measured = "any", server
-        else:
-            server, url = spawn(
-                "-m", "gateway.cli", "serve", "--port", "0", "--demo-key", "dk",
-                "--provider-url", provider_url, "--provider-key", "pk", "--log-level", "info",
-            )  # fmt: skip
-            key, measured = "dk", server
-            time.sleep(0.5)  # the provider link authenticates
-        load(url, key, s, tasks=max(2, s.tasks // 10))  # warm-up
-        before = (cpu_seconds(measured.pid), cpu_seconds(provider.pid))
-        figures = load(url, key, s)
-        after = (cpu_seconds(measured.pid), cpu_seconds(provider.pid))
+    with servers(path) as at:
+        load(at, s, max(2, s.tasks // 10))  # warm-up
+        before = (cpu_seconds(at.measured.pid), cpu_seconds(at.provider.pid))
+        figures = load(at, s)
+        after = (cpu_seconds(at.measured.pid), cpu_seconds(at.provider.pid))
         done = max(1, figures["tasks"])
         figures.update(
+            scenario=s.name,
             path=path,
+            results=s.results,
+            rate=s.rate,
             tasks_per_s=round(done / figures["elapsed"]),
             frames_per_s=round(figures["frames"] / figures["elapsed"]),
             cpu_ms_per_1000=round((after[0] - before[0]) * 1e6 / done, 1),
             provider_cpu_ms_per_1000=round((after[1] - before[1]) * 1e6 / done, 1),
-            rss_mib=round(rss_mib(measured.pid), 1),
+            rss_mib=round(rss_mib(at.measured.pid), 1),
             expected=s.connections * s.tasks,
         )
         return figures
-    finally:
-        if server is not None:
-            stop(server)
-        stop(provider)
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-    lines = [
-        "| scenario | path | tasks/s | frames/s | p50 ms | p99 ms | p99.9 ms | "
-        "CPU ms / 1000 tasks | RSS MiB | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for run in runs:
-        cpu = "-" if run["path"] == "direct" else run["cpu_ms_per_1000"]
-        lines.append(
-            f"| {run['scenario']} | {run['path']} | {run['tasks_per_s']:,} | "
-            f"{run['frames_per_s']:,} | {run['p50_ms']} | {run['p99_ms']} | {run['p999_ms']} | "
-            f"{cpu} | {run['rss_mib']} | {run['errors']} |"
-        )
-    return "\n".join(lines)
+def run_load(s: Scenario, repeat: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The paths take turns; per path, the run with the median CPU per task stands."""
+    every: dict[str, list[dict[str, Any]]] = {path: [] for path in report.PATHS}
+    for _ in range(repeat):
+        for path in report.PATHS:
+            figures = run_path(path, s)
+            every[path].append(figures)
+            print(f"{s.name} / {path}: {figures['tasks_per_s']:,} tasks/s", flush=True)
+    chosen = []
+    for runs in every.values():
+        cpus = sorted(r["cpu_ms_per_1000"] for r in runs)
+        median = cpus[(len(cpus) - 1) // 2]
+        chosen.append(next(r for r in runs if r["cpu_ms_per_1000"] == median))
+    return chosen, [r for runs in every.values() for r in runs]
 
 
-def ratios(runs: list[dict[str, Any]]) -> list[str]:
-    by = {(r["scenario"], r["path"]): r for r in runs}
-    notes = []
-    for s in {r["scenario"] for r in runs}:
-        relay, gateway, direct = by.get((s, "relay")), by.get((s, "tenebra")), by.get((s, "direct"))
-        if relay and gateway:
-            cpu = gateway["cpu_ms_per_1000"] / relay["cpu_ms_per_1000"]
-            throughput = gateway["tasks_per_s"] / relay["tasks_per_s"]
-            notes.append(
-                f"{s}: tenebra CPU per task = {cpu:.2f}x the bare relay's; "
-                f"throughput = {throughput:.2f}x"
-            )
-        if direct and gateway:
-            notes.append(
-                f"{s}: p99 through tenebra {gateway['p99_ms'] - direct['p99_ms']:+.2f} ms vs direct"
-            )
-    return sorted(notes)
+def run_idle(count: int) -> dict[str, Any]:
+    """RSS of the gateway before and while it holds ``count`` idle authenticated sockets."""
+    with servers("tenebra") as at:
+        load(at, Scenario("warm-up", 10, 10))
+        before = rss_mib(at.measured.pid)
+        argv = [
+            PY, "-m", "bench.load", "--url", at.url, "--key", at.key, "--idle",
+            "--connections", str(count), "--seconds", "240",
+        ]  # fmt: skip
+        holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            ready = json.loads(holder.stdout.readline() or "{}")
+            time.sleep(1.0)  # the last handshakes settle
+            held = rss_mib(at.measured.pid)
+            connected = at.scrape()["tenebra_client_connections"]
+            holder.stdin.close()
+            holder.wait(60)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+        return {
+            "connections": count,
+            "ready": ready.get("ready", 0),
+            "gateway_saw": connected,
+            "elapsed": ready.get("elapsed"),
+            "rss_before_mib": round(before, 1),
+            "rss_held_mib": round(held, 1),
+            "kib_per_connection": (held - before) * 1024 / count,
+        }
+
+
+def run_soak(tasks: int, warmup: int, retention: float = 2.0) -> dict[str, Any]:
+    """RSS after a warm-up and after ``tasks`` more; then the registry once retention passed."""
+    s = Scenario("soak", 200, 0)
+    with servers("tenebra", {"TENEBRA_TASKS_RETENTION": str(retention)}) as at:
+        load(at, s, warmup // s.connections)
+        warm = rss_mib(at.measured.pid)
+        figures = load(at, s, tasks // s.connections)
+        after = rss_mib(at.measured.pid)
+        time.sleep(retention + 2.5)  # the janitor sweeps once a second
+        metrics = at.scrape()
+    return {
+        "tasks": figures["tasks"],
+        "errors": figures["errors"],
+        "tasks_per_s": round(figures["tasks"] / figures["elapsed"]),
+        "rss_warm_mib": round(warm, 1),
+        "rss_after_mib": round(after, 1),
+        "rss_growth_pct": (after - warm) * 100 / warm,
+        "in_flight": metrics["tenebra_tasks_in_flight"],
+        "records": metrics["tenebra_task_records"],
+        "retention_s": retention,
+    }
+
+
+def run_stall(s: Scenario) -> dict[str, Any]:
+    """The same fixed-rate load alone and beside one client that never reads; a small send
+    buffer bound, so that the gateway cuts that client within the run."""
+    env = {"TENEBRA_SERVER_SEND_BUFFER_BYTES": str(256 * 1024)}
+    with servers("tenebra", env) as at:
+        load(at, s, max(2, s.tasks // 10))  # warm-up
+        baseline = load(at, s)
+        stalled = load(at, s, None, "--stalled", "1", "--stalled-rate", "200")
+        cut = at.scrape().get("tenebra_slow_client_disconnects_total", 0.0)
+    return {
+        "connections": s.connections,
+        "rate": s.rate,
+        "stalled_clients": 1,
+        "baseline": baseline,
+        "stalled": stalled,
+        "cut": cut,
+        "expected": s.connections * s.tasks,
+    }
+
+
+def raise_file_limit() -> None:
+    """Idle connections need a descriptor each, in the gateway and in the load generator."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", default="", help="run only scenarios whose name has this")
+    parser.add_argument("--repeat", type=int, default=None, help="turns per path (default 3)")
     args = parser.parse_args(argv)
-    scenarios = SMOKE if args.smoke else SCENARIOS
-    runs = []
-    for scenario in scenarios:
-        for path in ("direct", "relay", "tenebra"):
-            figures = run_path(path, scenario)
-            figures["scenario"] = scenario.name
-            runs.append(figures)
-            print(f"{scenario.name} / {path}: {figures['tasks_per_s']} tasks/s", flush=True)
+    plan = SMOKE if args.smoke else FULL
+    repeat = args.repeat or (1 if args.smoke else 3)
+    raise_file_limit()
+    runs: list[dict[str, Any]] = []
+    every: list[dict[str, Any]] = []
+    for scenario in plan.load:
+        if args.only in scenario.name:
+            chosen, all_runs = run_load(scenario, repeat)
+            runs += chosen
+            every += all_runs
+    idle = [run_idle(n) for n in plan.idle if args.only in "idle"]
+    soak = run_soak(plan.soak_tasks, plan.soak_warmup) if args.only in "soak" else None
+    stall = run_stall(plan.stall) if args.only in plan.stall.name else None
+
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    notes = ratios(runs)
-    report = {"scenarios": [asdict(s) for s in scenarios], "runs": runs, "ratios": notes}
-    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2))
-    markdown = table(runs) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    notes = report.ratios(runs) + report.memory_lines(idle, soak) + report.stall_lines(stall)
+    record = {
+        "plan": asdict(plan), "repeat": repeat, "runs": runs, "every_run": every,
+        "idle": idle, "soak": soak, "stall": stall, "notes": notes,
+        "cpu_spread": {
+            f"{r['scenario']} / {r['path']}": statistics.pstdev(
+                [x["cpu_ms_per_1000"] for x in every
+                 if (x["scenario"], x["path"]) == (r["scenario"], r["path"])]
+            ) for r in runs
+        },
+    }  # fmt: skip
+    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(record, indent=2))
+    markdown = report.table(runs) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     (RESULTS / f"bench-{stamp}.md").write_text(markdown)
+    if runs:
+        report.plot(runs, RESULTS / f"bench-{stamp}.png")
     print(markdown)
-    failed = [r for r in runs if r["errors"] or r["tasks"] != r["expected"]]
-    if failed:
-        print(f"FAILED: {len(failed)} path(s) lost tasks or had errors", file=sys.stderr)
+
+    failures = [f"{r['scenario']} / {r['path']}" for r in every if r["errors"]]
+    failures += [f"{r['scenario']} / {r['path']}" for r in every if r["tasks"] != r["expected"]]
+    failures += [f"idle {r['connections']}" for r in idle if r["ready"] != r["connections"]]
+    if soak and (soak["errors"] or soak["in_flight"] or soak["records"]):
+        failures.append("soak: errors, or tasks left in the registry")
+    if stall and stall["baseline"]["tasks"] + stall["stalled"]["tasks"] != 2 * stall["expected"]:
+        failures.append("stall: the well-behaved clients lost tasks")
+    if failures:
+        print(f"FAILED: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
 

@@ -6,12 +6,17 @@
 Saturation (default): each connection keeps ``window`` tasks in flight. Fixed rate (``--rate``):
 tasks are offered at that many per second in all, spread over the connections, whatever the
 answers. Prints one JSON object: tasks, result frames, errors, elapsed, latencies (ms).
+
+    --stalled N      N more connections that send tasks (``--stalled-rate`` per second each,
+                     numberResults 4) and never read: the others' latency is what is measured
+    --idle           only connect and authenticate, print {"ready": M}, hold for ``--seconds``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -115,22 +120,81 @@ async def connection(
             reading.cancel()
 
 
+async def stalled(
+    http: aiohttp.ClientSession, args: argparse.Namespace, until: asyncio.Event
+) -> None:
+    """Sends and never reads: aiohttp stops reading the socket once 64 KiB wait unread, so
+    what the gateway sends it piles up in the kernel and then in the gateway."""
+    async with http.ws_connect(args.url, max_msg_size=0) as ws:
+        await ws.send_str(json.dumps([{"taskType": "authentication", "apiKey": args.key}]))
+        while not until.is_set():
+            try:
+                await asyncio.wait_for(ws.send_bytes(task(4)[1]), 1.0)
+            except (TimeoutError, ConnectionError):
+                return  # cut by the gateway, or its own buffers full: stalled either way
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(until.wait(), 1.0 / args.stalled_rate)
+
+
+async def hold_idle(http: aiohttp.ClientSession, args: argparse.Namespace) -> None:
+    """Connect and authenticate ``--connections`` sockets, say so, and hold them."""
+    handshakes = asyncio.Semaphore(100)
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
+
+    async def open_one() -> None:
+        async with handshakes:
+            ws = await http.ws_connect(
+                args.url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=1.0)
+            )
+            sockets.append(ws)
+            await ws.send_str(json.dumps([{"taskType": "authentication", "apiKey": args.key}]))
+            await asyncio.wait_for(ws.receive(), 30)
+
+    started = time.perf_counter()
+    await asyncio.wait_for(
+        asyncio.gather(*(open_one() for _ in range(args.connections))), args.seconds
+    )
+    print(
+        json.dumps({"ready": len(sockets), "elapsed": round(time.perf_counter() - started, 3)}),
+        flush=True,
+    )
+    with contextlib.suppress(TimeoutError):  # until the harness has measured (stdin closes)
+        await asyncio.wait_for(
+            asyncio.get_running_loop().run_in_executor(None, sys.stdin.read), args.seconds
+        )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(ws.close() for ws in sockets)), 10)
+
+
 async def main(args: argparse.Namespace) -> None:
     stats: dict[str, object] = {"frames": 0, "errors": 0, "latencies": []}
     per_connection_rate = args.rate / args.connections if args.rate else 0.0
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
+        if args.idle:
+            await hold_idle(http, args)
+            return
+        stop_stalling = asyncio.Event()
+        stalling = [
+            asyncio.create_task(stalled(http, args, stop_stalling)) for _ in range(args.stalled)
+        ]
         started = time.perf_counter()
-        await asyncio.wait_for(
-            asyncio.gather(
-                *(
-                    connection(http, args, stats, per_connection_rate)
-                    for _ in range(args.connections)
-                )
-            ),
-            args.seconds,
-        )
-        elapsed = time.perf_counter() - started
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        connection(http, args, stats, per_connection_rate)
+                        for _ in range(args.connections)
+                    )
+                ),
+                args.seconds,
+            )
+        finally:
+            elapsed = time.perf_counter() - started
+            stop_stalling.set()
+            for stalled_task in stalling:
+                stalled_task.cancel()
+            await asyncio.gather(*stalling, return_exceptions=True)
     latencies = sorted(stats["latencies"])  # type: ignore[call-overload]
 
     def q(p: float) -> float:
@@ -159,4 +223,7 @@ if __name__ == "__main__":
     parser.add_argument("--results", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="tasks/s in all; 0 = saturate")
     parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--stalled", type=int, default=0)
+    parser.add_argument("--stalled-rate", type=float, default=100.0, help="tasks/s each")
+    parser.add_argument("--idle", action="store_true")
     sys.exit(uvloop.run(main(parser.parse_args())))

@@ -58,6 +58,7 @@ class Gateway:
             self.store, max_open=config.tasks.max_open, clock=clock, metrics=self.metrics
         )
         self.metrics.tasks_in_flight.set_function(lambda: self.store.open_count)
+        self.metrics.task_records.set_function(lambda: len(self.store))
         self.provider: LocalProvider | None = None
         self.pool: UpstreamPool | None = None
         self.guard = EgressGuard(config.delivery.allow)

@@ -91,6 +91,10 @@ class Metrics:
         self.tasks_in_flight = Gauge(
             "tenebra_tasks_in_flight", "Tasks accepted and not yet final", registry=r
         )
+        self.task_records = Gauge(
+            "tenebra_task_records", "Task records held: open, or finished within retention",
+            registry=r,
+        )  # fmt: skip
         self.tasks = TaskFigures()
         r.register(self.tasks)
         self.frames = FrameCounts()

@@ -284,6 +284,7 @@ async def test_health_ready_and_metrics(
     assert 'tenebra_upstream_ready{link="0"} 1.0' in text
     assert "tenebra_task_latency_seconds_count 1.0" in text
     assert "tenebra_tasks_in_flight 0.0" in text
+    assert "tenebra_task_records 1.0" in text  # finished, kept for getResponse
     frames = {
         line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()

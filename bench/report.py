@@ -1,0 +1,117 @@
+"""The harness's report: a Markdown table, the ratios people read, and a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PATHS = ("direct", "relay", "tenebra")
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| scenario | path | tasks/s | frames/s | p50 ms | p99 ms | p99.9 ms | "
+        "CPU ms / 1000 tasks | RSS MiB | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        cpu = "-" if run["path"] == "direct" else run["cpu_ms_per_1000"]
+        lines.append(
+            f"| {run['scenario']} | {run['path']} | {run['tasks_per_s']:,} | "
+            f"{run['frames_per_s']:,} | {run['p50_ms']} | {run['p99_ms']} | {run['p999_ms']} | "
+            f"{cpu} | {run['rss_mib']} | {run['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[str]:
+    by = {(r["scenario"], r["path"]): r for r in runs}
+    notes = []
+    for s in dict.fromkeys(r["scenario"] for r in runs):
+        relay, gateway, direct = by.get((s, "relay")), by.get((s, "tenebra")), by.get((s, "direct"))
+        if relay and gateway:
+            cpu = gateway["cpu_ms_per_1000"] / relay["cpu_ms_per_1000"]
+            throughput = gateway["tasks_per_s"] / relay["tasks_per_s"]
+            notes.append(
+                f"{s}: tenebra CPU per task = {cpu:.2f}x the bare relay's (target 1.25x); "
+                f"throughput = {throughput:.2f}x (target 0.8x)"
+            )
+        if direct and gateway:
+            notes.append(
+                f"{s}: p99 through tenebra {gateway['p99_ms'] - direct['p99_ms']:+.2f} ms vs "
+                f"direct; tenebra offered/achieved {gateway['tasks_per_s']:,} tasks/s, direct "
+                f"{direct['tasks_per_s']:,}"
+            )
+    one = [r for r in runs if r["path"] == "tenebra" and r["results"] == 1 and not r["rate"]]
+    four = [r for r in runs if r["path"] == "tenebra" and r["results"] == 4 and not r["rate"]]
+    if one and four:
+        notes.append(
+            f"R=4 costs {four[0]['cpu_ms_per_1000'] / one[0]['cpu_ms_per_1000']:.2f}x the CPU "
+            "of R=1 per task (target 2x)"
+        )
+    return notes
+
+
+def memory_lines(idle: list[dict[str, Any]], soak: dict[str, Any] | None) -> list[str]:
+    lines = [
+        f"idle: {r['connections']:,} authenticated connections held, "
+        f"{r['kib_per_connection']:.1f} KiB of gateway RSS each (target 20 KiB; "
+        f"{r['rss_before_mib']} -> {r['rss_held_mib']} MiB, connected in {r['elapsed']} s)"
+        for r in idle
+    ]
+    if soak:
+        lines.append(
+            f"soak: {soak['tasks']:,} tasks ({soak['errors']} errors) at "
+            f"{soak['tasks_per_s']:,} tasks/s; RSS after warm-up {soak['rss_warm_mib']} MiB, "
+            f"after {soak['rss_after_mib']} MiB ({soak['rss_growth_pct']:+.1f}%, target within "
+            f"5%); afterwards {soak['in_flight']:.0f} in flight, {soak['records']:.0f} records "
+            f"once retention ({soak['retention_s']} s) passed"
+        )
+    return lines
+
+
+def stall_lines(stall: dict[str, Any] | None) -> list[str]:
+    if not stall:
+        return []
+    base, with_stalled = stall["baseline"], stall["stalled"]
+    return [
+        f"stall: {stall['connections']} clients at {stall['rate']:,} tasks/s; p99 "
+        f"{base['p99_ms']} ms alone, {with_stalled['p99_ms']} ms beside {stall['stalled_clients']} "
+        f"client(s) that never read ({with_stalled['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x, "
+        f"target 1.2x); slow clients cut: {stall['cut']:.0f}"
+    ]
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """CPU per task, throughput and latency per scenario, one bar per path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
+    by = {(r["scenario"], r["path"]): r for r in runs}
+    figure, axes = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
+    panels = [
+        ("CPU µs per task (relay, gateway)", "cpu_ms_per_1000", False),
+        ("tasks/s", "tasks_per_s", False),
+        ("p99 latency, ms (log)", "p99_ms", True),
+    ]
+    width = 0.8 / len(PATHS)
+    for axis, (title, key, log) in zip(axes, panels, strict=True):
+        for i, name in enumerate(PATHS):
+            values = [
+                float(by[(s, name)][key]) if (s, name) in by and not (
+                    key == "cpu_ms_per_1000" and name == "direct"
+                ) else 0.0
+                for s in scenarios
+            ]  # fmt: skip
+            axis.bar([x + i * width for x in range(len(scenarios))], values, width, label=name)
+        axis.set_title(title)
+        axis.set_xticks([x + width for x in range(len(scenarios))])
+        axis.set_xticklabels([s.replace(" ", "\n", 1) for s in scenarios], fontsize=8)
+        if log:
+            axis.set_yscale("log")
+        axis.legend()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
