@@ -1,7 +1,8 @@
 """The task record and the interface every store implements.
 
 A record is plain data (msgspec), so a shared store can keep it across replicas; live things
-(sockets, futures) are never in it.
+(sockets, futures) are never in it. Plain data makes no reference cycles, so records are not
+tracked by the cycle collector (``gc=False``, as the frames they hold).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class TaskState(enum.StrEnum):
     EXPIRED = "expired"  # its deadline passed with results missing
 
 
-class Delivery(msgspec.Struct, kw_only=True):
+class Delivery(msgspec.Struct, kw_only=True, gc=False):
     """One webhook POST or upload PUT and how it went: its own small state machine,
     pending -> delivered | failed, with attempts counted in between."""
 
@@ -40,7 +41,7 @@ class Delivery(msgspec.Struct, kw_only=True):
     last_error: str | None = None
 
 
-class TaskRecord(msgspec.Struct, kw_only=True):
+class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     tenant: str
     task: ImageTask  # as the client sent it, checked and normalised
     upstream_uuid: str  # the gateway's own taskUUID: all the provider ever sees
