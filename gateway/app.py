@@ -53,7 +53,9 @@ class Gateway:
         self.catalogue = catalogue or default_catalogue()
         self.clock = clock
         self.metrics = Metrics()
-        self.store = MemoryTaskStore(retention=config.tasks.retention)
+        self.store = MemoryTaskStore(
+            retention=config.tasks.retention, max_finished=config.tasks.max_retained
+        )
         self.registry = TaskRegistry(
             self.store, max_open=config.tasks.max_open, clock=clock, metrics=self.metrics
         )

@@ -63,6 +63,7 @@ class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):
 
 class TaskSettings(msgspec.Struct, forbid_unknown_fields=True):
     retention: float = 3600.0  # finished tasks stay readable by getResponse this long
+    max_retained: int = 200_000  # and at most this many of them: the oldest are forgotten first
     max_open: int = 100_000
     timeout: float = 600.0  # a task with results missing this long after acceptance expires
 

@@ -1,4 +1,5 @@
-"""The in-memory task store: one process, bounded in count, finished tasks kept for a window."""
+"""The in-memory task store: one process; open tasks bounded by the registry, finished ones
+kept for the retention window and at most ``max_finished`` of them (oldest forgotten first)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ __all__ = ["MemoryTaskStore"]
 
 
 class MemoryTaskStore:
-    def __init__(self, *, retention: float) -> None:
+    def __init__(self, *, retention: float, max_finished: int = 1_000_000) -> None:
         self.retention = retention
+        self.max_finished = max_finished
         self._by_key: dict[tuple[str, str], TaskRecord] = {}
         self._by_upstream: dict[str, TaskRecord] = {}
         self._open: dict[str, TaskRecord] = {}
@@ -35,6 +37,8 @@ class MemoryTaskStore:
     def finish(self, record: TaskRecord) -> None:
         self._open.pop(record.upstream_uuid, None)
         self._finished[record.upstream_uuid] = record
+        if len(self._finished) > self.max_finished:  # a retention window too long for the rate
+            self._forget(self._finished.popitem(last=False)[1])
 
     def sweep(self, now: float) -> list[TaskRecord]:
         horizon = now - self.retention
@@ -44,10 +48,13 @@ class MemoryTaskStore:
             if record.finished is None or record.finished > horizon:
                 break
             self._finished.popitem(last=False)
-            self._by_key.pop((record.tenant, record.task_uuid), None)
-            self._by_upstream.pop(record.upstream_uuid, None)
+            self._forget(record)
             gone.append(record)
         return gone
+
+    def _forget(self, record: TaskRecord) -> None:
+        self._by_key.pop((record.tenant, record.task_uuid), None)
+        self._by_upstream.pop(record.upstream_uuid, None)
 
     def open_records(self) -> list[TaskRecord]:
         return list(self._open.values())

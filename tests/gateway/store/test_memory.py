@@ -39,3 +39,17 @@ def test_retention_starts_when_a_task_finishes() -> None:
     assert store.sweep(15.0) == [early]
     assert store.sweep(100.0) == [late]
     assert store.get("a", running.task_uuid) is running and len(store) == 1
+
+
+def test_past_max_finished_the_oldest_finished_are_forgotten_first() -> None:
+    store = MemoryTaskStore(retention=3600, max_finished=2)
+    records = [record("a", f"u{i}") for i in range(4)]
+    for r in records:
+        store.add(r)
+    for i, r in enumerate(records[:3]):
+        r.finished = float(i)
+        store.finish(r)
+    assert store.get("a", records[0].task_uuid) is None  # within retention, past the count
+    assert store.by_upstream("u0") is None
+    assert [store.by_upstream(f"u{i}") for i in (1, 2, 3)] == records[1:]
+    assert store.open_count == 1 and len(store) == 3
