@@ -102,6 +102,7 @@ class UpstreamLink:
         self._closing = False
         self.resumed = False  # did the current connection resume the provider session?
         self._last_read = 0.0  # loop time of the last frame read
+        self._send_started: float | None = None  # loop time the send in progress began
         # tasks whose results went to a provider session that did not survive: polled until
         # they settle, since nothing will push their results to us any more
         self.orphans: set[str] = set()
@@ -180,6 +181,7 @@ class UpstreamLink:
                 asyncio.create_task(self._read(ws)),
                 asyncio.create_task(self._write(ws)),
                 asyncio.create_task(self._heartbeat()),
+                asyncio.create_task(self._watch_sends()),
                 asyncio.create_task(self._poll_orphans()),
             ]
             try:
@@ -315,7 +317,7 @@ class UpstreamLink:
         for record in unsent:
             self._on_unsent(record)
 
-    # ------------------------------------------------------------------ the three parts
+    # ------------------------------------------------------------------ the parts of a link
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
@@ -372,6 +374,8 @@ class UpstreamLink:
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         limit = self.settings.max_batch
+        loop = asyncio.get_running_loop()
+        self._send_started = None
         while True:
             if not self.outbox and not self._polls:
                 self._wakeup.clear()
@@ -394,11 +398,23 @@ class UpstreamLink:
                 self.in_flight.add(record.upstream_uuid)
                 batch.append(upstream_task(record))
             if batch:
-                await asyncio.wait_for(
-                    ws.send_frame(encode_tasks(batch), aiohttp.WSMsgType.TEXT),
-                    self.settings.send_timeout,
-                )
+                self._send_started = loop.time()
+                await ws.send_frame(encode_tasks(batch), aiohttp.WSMsgType.TEXT)
+                self._send_started = None
                 self.metrics.frames.provider_out += 1
+
+    async def _watch_sends(self) -> None:
+        """The deadline of every send: one that waits for the provider to read (its socket
+        full) longer than ``send_timeout`` ends the link. Checked from here, not with a
+        timeout per send: nearly every send completes at once, and asyncio.wait_for per
+        frame cost more than the frame."""
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.send_timeout
+        while True:
+            await asyncio.sleep(timeout / 4)
+            started = self._send_started
+            if started is not None and loop.time() - started >= timeout:
+                raise ConnectionError(f"the provider read nothing we sent for {timeout} s")
 
     async def _heartbeat(self) -> None:
         """Ping every ``ping_interval``; the link is dead when, after a ping, nothing at all

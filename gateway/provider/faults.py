@@ -47,6 +47,7 @@ class Faults(msgspec.Struct, forbid_unknown_fields=True):
     drop_after_frames: int = 0  # close each connection abruptly after this many frames sent
     drop_probability: float = 0.0  # ...or with this probability per frame sent
     stall: bool = False  # keep TCP open, answer nothing (pings included)
+    deaf: bool = False  # keep TCP open, stop reading it: what the gateway sends backs up
     refuse_auth: bool = False
     send_delay_ms: float = 0.0  # slow sending: wait this long before each frame
     fast: bool = False  # URL results of one pre-rendered image, no rendering

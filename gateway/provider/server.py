@@ -126,7 +126,7 @@ class LocalProvider:
         pool: RenderPool | None = None,
     ) -> None:
         self.config = config
-        self.faults = config.faults
+        self._faults = config.faults
         self.catalogue = catalogue or default_catalogue()
         self.stats = Stats()
         self._clock = clock
@@ -147,6 +147,9 @@ class LocalProvider:
         self.pool = pool or RenderPool(workers=config.render_workers, max_queue=config.render_queue)
         self._connections: set[_Connection] = set()
         self._work: set[asyncio.Task[None]] = set()
+        self._hearing = asyncio.Event()  # clear while the ``deaf`` fault holds
+        if not self._faults.deaf:
+            self._hearing.set()
         self._fast_image: bytes | None = None
         self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -235,6 +238,8 @@ class LocalProvider:
     async def _read(self, connection: _Connection) -> None:
         ws = connection.ws
         while True:
+            if self.faults.deaf:  # aiohttp stops reading the socket once 64 KiB wait unread
+                await self._hearing.wait()
             try:
                 message = await ws.receive(timeout=self.config.idle_timeout)
             except TimeoutError:
@@ -589,14 +594,26 @@ class LocalProvider:
     async def _get_faults(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=msgspec.json.encode(self.faults), content_type="application/json")
 
+    @property
+    def faults(self) -> Faults:
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        self._faults = faults
+        for connection in self._connections:
+            connection.wakeup.set()  # a writer held by a stall may go on
+        if faults.deaf:
+            self._hearing.clear()
+        else:
+            self._hearing.set()
+
     async def _set_faults(self, request: web.Request) -> web.StreamResponse:
         try:
             changes = msgspec.json.decode(await request.read(), type=dict[str, Any])
             self.faults = self.faults.updated(changes)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
-        for connection in self._connections:
-            connection.wakeup.set()  # a writer held by a stall may go on
         return await self._get_faults(request)
 
     async def _forget(self, request: web.Request) -> web.StreamResponse:

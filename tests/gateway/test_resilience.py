@@ -110,6 +110,32 @@ async def test_a_stalled_provider_is_detected_and_recovered(
     assert provider.stats.submissions == 3
 
 
+async def test_a_provider_that_stops_reading_is_left_within_the_send_deadline(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    set_faults(provider, fast=True)
+    config = resilient_config(provider)
+    config.provider.ping_interval = 60.0  # only the send deadline can notice
+    config.provider.send_timeout = 300 * MS
+    async with running(config) as gateway:
+        link = gateway.pool.links[0]
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        set_faults(provider, deaf=True)
+        prompt = "chiaroscuro " * 240  # ~3 KB a task: the kernel's buffers fill in megabytes
+        sent = 0
+        for _ in range(40):  # at most ~30 MB, and it stops as soon as the link gives up
+            await client.send(*(task(positivePrompt=prompt) for _ in range(256)))
+            sent += 256
+            await asyncio.sleep(50 * MS)
+            if link.connects > 1 or link.state != LinkState.READY:
+                break
+        await until(lambda: link.state != LinkState.READY or link.connects > 1, 5000 * MS)
+        set_faults(provider, deaf=False)
+        await until(lambda: link.state == LinkState.READY, 10000 * MS)
+        assert sent < 40 * 256
+
+
 async def test_a_provider_that_forgets_everything_fails_tasks_clearly(
     gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
 ) -> None:
