@@ -37,6 +37,7 @@ from protocol.frames import (
     AuthenticationResult,
     ErrorItem,
     GetResponse,
+    ImageTask,
     Ping,
     Pong,
 )
@@ -345,7 +346,9 @@ class ClientGateway:
 
         for outcome in intake.decode(frame):
             session = connection.session
-            if isinstance(outcome, Authentication):
+            if type(outcome) is ImageTask and session is not None:  # nearly every frame
+                self._submit(session, outcome, data, errors)
+            elif isinstance(outcome, Authentication):
                 flush()
                 self._authenticate(connection, outcome)
             elif isinstance(outcome, Ping):
@@ -363,18 +366,23 @@ class ClientGateway:
                 data.extend(found)
                 errors.extend(failed)
             else:
-                sync = outcome.deliveryMethod == "sync"
-                record = intake.submit(session.tenant, outcome, session if sync else None)
-                if isinstance(record, ErrorItem):
-                    errors.append(record)
-                    if sync and record.code == "conflictTaskUUID":
-                        intake.rejoin(session.tenant, outcome, session)
-                    continue
-                if sync:
-                    session.open_tasks.add(record.upstream_uuid)
-                else:
-                    data.append(intake.ack(outcome))
+                self._submit(session, outcome, data, errors)
         flush()
+
+    def _submit(
+        self, session: ClientSession, task: ImageTask, data: list[Any], errors: list[ErrorItem]
+    ) -> None:
+        intake = self.intake
+        sync = task.deliveryMethod == "sync"
+        record = intake.submit(session.tenant, task, session if sync else None)
+        if isinstance(record, ErrorItem):
+            errors.append(record)
+            if sync and record.code == "conflictTaskUUID":
+                intake.rejoin(session.tenant, task, session)
+        elif sync:
+            session.open_tasks.add(record.upstream_uuid)
+        else:
+            data.append(intake.ack(task))
 
     def _authenticate(self, connection: ClientConnection, auth: Authentication) -> None:
         tenant = self.intake.tenant_of(auth.apiKey)

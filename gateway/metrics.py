@@ -53,6 +53,7 @@ class TaskFigures(Collector):
         self.spend: dict[str, float] = {}
 
     def ended(self, state: str, latency: float) -> None:
+        """``state`` may be a TaskState: a str enum hashes and compares as its value."""
         self.final[state] += 1
         self._buckets[bisect_left(LATENCY_BUCKETS, latency)] += 1
         self._latency_sum += latency

@@ -89,7 +89,7 @@ class TaskRegistry:
         if state in FINAL:
             record.finished = self._clock()
             self.store.finish(record)
-            self._metrics.tasks.ended(state.value, record.finished - record.created)
+            self._metrics.tasks.ended(state, record.finished - record.created)
             for hook in self.on_final:
                 hook(record)
             for subscriber in self._subscribers.pop(record.upstream_uuid, ()):
@@ -146,7 +146,7 @@ class TaskRegistry:
             result = decode_image_result(item)
         except msgspec.DecodeError:
             return  # not an image (an ack of a task sent before a reconnect): nothing to relay
-        if any(r.imageUUID == result.imageUUID for r in record.results):
+        if record.results and any(r.imageUUID == result.imageUUID for r in record.results):
             return  # delivered again after a resume: exactly once means once
         task = record.task
         if result.cost is not None:
