@@ -7,8 +7,8 @@ Saturation (default): each connection keeps ``window`` tasks in flight. Fixed ra
 tasks are offered at that many per second in all, spread over the connections, whatever the
 answers. Prints one JSON object: tasks, result frames, errors, elapsed, latencies (ms).
 
-    --stalled N      N more connections that send tasks (``--stalled-rate`` per second each,
-                     numberResults 4) and never read: the others' latency is what is measured
+    --heavy N        N more connections that send ``--heavy-rate`` tasks/s each, numberResults 4;
+                     with ``--stalled`` they never read: the others' latency is what is measured
     --idle           only connect and authenticate, print {"ready": M}, hold for ``--seconds``
 """
 
@@ -18,9 +18,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import socket
 import sys
 import time
 import uuid
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -120,20 +122,42 @@ async def connection(
             reading.cancel()
 
 
-async def stalled(
-    http: aiohttp.ClientSession, args: argparse.Namespace, until: asyncio.Event
-) -> None:
-    """Sends and never reads: aiohttp stops reading the socket once 64 KiB wait unread, so
-    what the gateway sends it piles up in the kernel and then in the gateway."""
-    async with http.ws_connect(args.url, max_msg_size=0) as ws:
+def small_window(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A socket with a 4 KiB receive buffer, set before connecting (the window scale is agreed
+    in the handshake): a client that stops reading shows as one within seconds, not megabytes."""
+    family, kind, proto = addr_info[:3]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+async def heavy(args: argparse.Namespace, until: asyncio.Event) -> None:
+    """Sends ``--heavy-rate`` tasks/s of four images each; reads them unless ``--stalled``.
+    Not reading: aiohttp stops reading the socket once 64 KiB wait unread, so what the gateway
+    sends it piles up in the kernel and then in the gateway, until the gateway cuts it."""
+    connector = aiohttp.TCPConnector(socket_factory=small_window if args.stalled else None)
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        http.ws_connect(args.url, max_msg_size=0) as ws,
+    ):
         await ws.send_str(json.dumps([{"taskType": "authentication", "apiKey": args.key}]))
-        while not until.is_set():
-            try:
-                await asyncio.wait_for(ws.send_bytes(task(4)[1]), 1.0)
-            except (TimeoutError, ConnectionError):
-                return  # cut by the gateway, or its own buffers full: stalled either way
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(until.wait(), 1.0 / args.stalled_rate)
+
+        async def read_all() -> None:
+            async for _ in ws:
+                pass
+
+        reading = None if args.stalled else asyncio.create_task(read_all())
+        try:
+            while not until.is_set():
+                try:
+                    await asyncio.wait_for(ws.send_bytes(task(4)[1]), 1.0)
+                except (TimeoutError, ConnectionError):
+                    return  # cut by the gateway, or its own buffers full: stalled either way
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(until.wait(), 1.0 / args.heavy_rate)
+        finally:
+            if reading is not None:
+                reading.cancel()
 
 
 async def hold_idle(http: aiohttp.ClientSession, args: argparse.Namespace) -> None:
@@ -174,10 +198,8 @@ async def main(args: argparse.Namespace) -> None:
         if args.idle:
             await hold_idle(http, args)
             return
-        stop_stalling = asyncio.Event()
-        stalling = [
-            asyncio.create_task(stalled(http, args, stop_stalling)) for _ in range(args.stalled)
-        ]
+        stop_heavy = asyncio.Event()
+        heavies = [asyncio.create_task(heavy(args, stop_heavy)) for _ in range(args.heavy)]
         started = time.perf_counter()
         try:
             await asyncio.wait_for(
@@ -191,10 +213,10 @@ async def main(args: argparse.Namespace) -> None:
             )
         finally:
             elapsed = time.perf_counter() - started
-            stop_stalling.set()
-            for stalled_task in stalling:
-                stalled_task.cancel()
-            await asyncio.gather(*stalling, return_exceptions=True)
+            stop_heavy.set()
+            for heavy_task in heavies:
+                heavy_task.cancel()
+            await asyncio.gather(*heavies, return_exceptions=True)
     latencies = sorted(stats["latencies"])  # type: ignore[call-overload]
 
     def q(p: float) -> float:
@@ -223,7 +245,8 @@ if __name__ == "__main__":
     parser.add_argument("--results", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="tasks/s in all; 0 = saturate")
     parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--stalled", type=int, default=0)
-    parser.add_argument("--stalled-rate", type=float, default=100.0, help="tasks/s each")
+    parser.add_argument("--heavy", type=int, default=0, help="more connections, R=4 each")
+    parser.add_argument("--heavy-rate", type=float, default=100.0, help="tasks/s each")
+    parser.add_argument("--stalled", action="store_true", help="the heavy ones never read")
     parser.add_argument("--idle", action="store_true")
     sys.exit(uvloop.run(main(parser.parse_args())))

@@ -64,8 +64,8 @@ def memory_lines(idle: list[dict[str, Any]], soak: dict[str, Any] | None) -> lis
             f"soak: {soak['tasks']:,} tasks ({soak['errors']} errors) at "
             f"{soak['tasks_per_s']:,} tasks/s; RSS after warm-up {soak['rss_warm_mib']} MiB, "
             f"after {soak['rss_after_mib']} MiB ({soak['rss_growth_pct']:+.1f}%, target within "
-            f"5%); afterwards {soak['in_flight']:.0f} in flight, {soak['records']:.0f} records "
-            f"once retention ({soak['retention_s']} s) passed"
+            f"5%; both read once retention, {soak['retention_s']} s, had passed); afterwards "
+            f"{soak['in_flight']:.0f} in flight, {soak['records']:.0f} records"
         )
     return lines
 
@@ -75,10 +75,11 @@ def stall_lines(stall: dict[str, Any] | None) -> list[str]:
         return []
     base, with_stalled = stall["baseline"], stall["stalled"]
     return [
-        f"stall: {stall['connections']} clients at {stall['rate']:,} tasks/s; p99 "
-        f"{base['p99_ms']} ms alone, {with_stalled['p99_ms']} ms beside {stall['stalled_clients']} "
-        f"client(s) that never read ({with_stalled['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x, "
-        f"target 1.2x); slow clients cut: {stall['cut']:.0f}"
+        f"stall: {stall['connections']} clients at {stall['rate']:,} tasks/s beside one "
+        f"sending {stall['stalled_rate']:,.0f} tasks/s of 4 images: p99 {base['p99_ms']} ms while "
+        f"it reads, {with_stalled['p99_ms']} ms while it never reads "
+        f"({with_stalled['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x, target 1.2x); slow "
+        f"clients cut: {stall['cut']:.0f}"
     ]
 
 

@@ -28,6 +28,7 @@ def _add_fault_flags(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--drop-after-frames", type=int, default=0)
     faults.add_argument("--drop-probability", type=float, default=0.0)
     faults.add_argument("--stall", action="store_true", help="answer nothing, pings included")
+    faults.add_argument("--deaf", action="store_true", help="read nothing: senders back up")
     faults.add_argument("--refuse-auth", action="store_true")
     faults.add_argument("--send-delay-ms", type=float, default=0.0)
     faults.add_argument("--fast", action="store_true", help="one pre-rendered image, no rendering")
@@ -99,6 +100,7 @@ async def _run_provider(args: argparse.Namespace) -> int:
         drop_after_frames=args.drop_after_frames,
         drop_probability=args.drop_probability,
         stall=args.stall,
+        deaf=args.deaf,
         refuse_auth=args.refuse_auth,
         send_delay_ms=args.send_delay_ms,
         fast=args.fast,

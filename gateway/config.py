@@ -35,6 +35,7 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     max_frame_bytes: int = 32 * MiB  # a bigger inbound frame closes the socket with 1009
     max_tasks_per_frame: int = 256  # more gets one tooManyTasks error for the frame
     send_buffer_bytes: int = 8 * MiB  # past this a client that does not read is cut (4008)
+    socket_send_buffer_bytes: int = 256 * 1024  # the kernel's, per client socket; 0: autotuned
     session_buffer_bytes: int = 16 * MiB  # frames kept for a client that went away
     resume_window: float = 120.0
     idle_timeout: float = 120.0

@@ -53,7 +53,9 @@ def test_memory_and_stall_lines() -> None:
             "retention_s": 2.0}  # fmt: skip
     lines = report.memory_lines(idle, soak)
     assert "14.5 KiB of gateway RSS each" in lines[0]
-    assert "(+2.0%, target within 5%)" in lines[1]
-    stall = {"connections": 50, "rate": 1000, "stalled_clients": 1, "cut": 1.0,
+    assert "(+2.0%, target within 5%;" in lines[1]
+    stall = {"connections": 50, "rate": 1000, "stalled_clients": 1, "cut": 1.0, "stalled_rate": 500,
              "baseline": {"p99_ms": 10.0}, "stalled": {"p99_ms": 11.0}}  # fmt: skip
-    assert "(1.10x, target 1.2x); slow clients cut: 1" in report.stall_lines(stall)[0]
+    [line] = report.stall_lines(stall)
+    assert "p99 10.0 ms while it reads, 11.0 ms while it never reads (1.10x, target 1.2x)" in line
+    assert line.endswith("slow clients cut: 1")

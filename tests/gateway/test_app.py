@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 
@@ -40,6 +41,20 @@ async def test_auth_and_ping(gateway: Gateway, http: aiohttp.ClientSession) -> N
     token = str(uuid.uuid4())
     await client.send({"taskType": "ping", "taskUUID": token})
     assert (await client.recv())["data"] == [{"taskType": "ping", "pong": True, "taskUUID": token}]
+
+
+async def test_client_sockets_have_a_bounded_kernel_send_buffer(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    client = await client_of(http, gateway)
+    await client.send({"taskType": "ping"})
+    await client.recv()
+    assert gateway.clients is not None
+    [connection] = gateway.clients.connections
+    sock = connection.request.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    wanted = gateway.config.server.socket_send_buffer_bytes
+    assert wanted <= size <= 2 * wanted  # Linux doubles it for its own bookkeeping
 
 
 async def test_bad_key_and_tasks_before_auth(gateway: Gateway, http: aiohttp.ClientSession) -> None:
