@@ -59,3 +59,19 @@ def test_memory_and_stall_lines() -> None:
     [line] = report.stall_lines(stall)
     assert "p99 10.0 ms while it reads, 11.0 ms while it never reads (1.10x, target 1.2x)" in line
     assert line.endswith("slow clients cut: 1")
+
+
+def test_profile_samples_sum_per_function(tmp_path: Path) -> None:
+    from bench.profile import summarise
+
+    raw = tmp_path / "samples.txt"
+    raw.write_text(
+        "run (loop.py:10);route (up.py:5);send (clients.py:9) 6\n"
+        "run (loop.py:10);route (up.py:7) 3\n"
+        "run (loop.py:12) 1\n"
+    )
+    text = summarise(raw, top=5)
+    assert text.startswith("10 samples")
+    own, inclusive = text.split("inclusive:")
+    assert " 60.0%  send (clients.py" in own and " 30.0%  route (up.py" in own
+    assert "100.0%  run (loop.py" in inclusive and " 90.0%  route (up.py" in inclusive

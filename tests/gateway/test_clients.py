@@ -140,3 +140,19 @@ async def test_a_lagging_socket_drains_a_frame_at_a_time_and_past_the_bound_is_c
     assert socket.close_code == 4008 and connection.drain is None
     assert list(connection.outbox) == [b"a" * 40, b"b" * 40, b"c" * 40]  # for the session
     assert metrics.frames.client_out == 0
+
+
+async def test_once_tcp_takes_the_first_frame_the_rest_of_the_backlog_leaves_at_once() -> None:
+    transport, socket = FakeTransport(buffered=WRITE_BUFFER_HIGH_WATER), FakeSocket()
+    connection, metrics = connection_over(transport, socket)
+    for name in (b"a", b"b", b"c"):
+        connection.send(name)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert socket.sent == [b"a"] and connection.drain is not None
+    transport.buffered = 0  # the client reads again
+    socket.release.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [frames_in(w) for w in transport.writes] == [[b"b", b"c"]]
+    assert connection.drain is None and not connection.outbox and metrics.frames.client_out == 3
