@@ -287,13 +287,25 @@ def run_stall(s: Scenario, heavy_rate: float, pairs: int) -> dict[str, Any]:
     the others; the send buffer bound is small, so that the gateway cuts it within the run.
     ``pairs`` turns each; the median p99 of each kind stands, since one run's p99 on
     a shared 2-core machine varies by several times."""
-    heavy = ("--heavy", "1", "--heavy-rate", str(heavy_rate))
+    seconds = s.tasks * s.connections / s.rate + 0.5
     runs: dict[str, list[dict[str, Any]]] = {"reading": [], "stalled": []}
     with servers("tenebra", {"TENEBRA_SERVER_SEND_BUFFER_BYTES": str(256 * 1024)}) as at:
         load(at, s, max(2, s.tasks // 10))  # warm-up
         for _ in range(pairs):
-            runs["reading"].append(load(at, s, None, *heavy))
-            runs["stalled"].append(load(at, s, None, *heavy, "--stalled"))
+            for kind in ("reading", "stalled"):
+                heavy = subprocess.Popen(  # a process of its own: the others' is not shared
+                    [PY, "-m", "bench.load", "--url", at.url, "--key", at.key,
+                     "--connections", "0", "--heavy", "1", "--heavy-rate", str(heavy_rate),
+                     "--seconds", str(seconds), *(["--stalled"] if kind == "stalled" else [])],
+                    stdout=subprocess.DEVNULL,
+                )  # fmt: skip
+                try:
+                    runs[kind].append(load(at, s))
+                finally:
+                    try:
+                        heavy.wait(seconds + 30)
+                    except subprocess.TimeoutExpired:
+                        heavy.kill()
         cut = at.scrape().get("tenebra_slow_client_disconnects_total", 0.0)
 
     def median_p99(kind: str) -> dict[str, Any]:

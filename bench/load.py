@@ -192,7 +192,7 @@ async def hold_idle(http: aiohttp.ClientSession, args: argparse.Namespace) -> No
 
 async def main(args: argparse.Namespace) -> None:
     stats: dict[str, object] = {"frames": 0, "errors": 0, "latencies": []}
-    per_connection_rate = args.rate / args.connections if args.rate else 0.0
+    per_connection_rate = args.rate / args.connections if args.rate and args.connections else 0.0
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         if args.idle:
@@ -202,6 +202,8 @@ async def main(args: argparse.Namespace) -> None:
         heavies = [asyncio.create_task(heavy(args, stop_heavy)) for _ in range(args.heavy)]
         started = time.perf_counter()
         try:
+            if not args.connections:  # heavy connections alone, for ``--seconds``
+                await asyncio.sleep(args.seconds)
             await asyncio.wait_for(
                 asyncio.gather(
                     *(
