@@ -171,12 +171,12 @@ def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
         stop(provider)
 
 
-def load(at: Servers, s: Scenario, tasks: int | None = None, *extra: str) -> dict[str, Any]:
+def load(at: Servers, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
     argv = [
         PY, "-m", "bench.load", "--url", at.url, "--key", at.key,
         "--connections", str(s.connections), "--tasks", str(tasks or s.tasks),
         "--window", str(s.window), "--results", str(s.results), "--rate", str(s.rate),
-        "--seconds", "300", *extra,
+        "--seconds", "300",
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=360, check=True).stdout
     figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])

@@ -1,8 +1,8 @@
 """Client WebSocket sessions: authentication, ping, tasks, getResponse, resume, backpressure.
 
-A :class:`ClientConnection` is one socket with a bounded send queue and a single writer. A
-:class:`ClientSession` is what a ``connectionSessionUUID`` names: it outlives its socket by the
-resume window, and what its socket could not take waits in its bounded buffer.
+A :class:`ClientConnection` is one socket with a bounded send queue, flushed once per turn of
+the event loop. A :class:`ClientSession` is what a ``connectionSessionUUID`` names: it outlives
+its socket by the resume window, and what its socket could not take waits in its bounded buffer.
 
 Close codes (documented in the README):
   1000  idle for ``idle_timeout`` with no task in flight
@@ -85,8 +85,8 @@ class ClientConnection:
     Frames sent during one turn of the event loop leave together in one write (the socket's
     results of a whole provider frame, a task's four images): a system call per frame was a
     fifth of the gateway's CPU. While the socket lags (the kernel's buffer and a high-water
-    mark of user space full), a drain task sends the backlog a frame at a time under aiohttp's
-    flow control; past ``limit`` bytes queued, the client is cut (4008)."""
+    mark of user space full), a drain task waits for TCP under aiohttp's flow control and
+    writes what has queued meanwhile; past ``limit`` bytes queued, the client is cut (4008)."""
 
     def __init__(
         self,
