@@ -5,6 +5,7 @@ no task the provider accepted is sent to it again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import socket
@@ -281,7 +282,9 @@ async def test_a_client_back_after_expiry_gets_a_fresh_session_and_polls(
         await gateway.stop()
 
 
-async def stalled_client(port: int, frames: list[list[dict[str, Any]]]) -> tuple[str, Any]:
+async def stalled_client(
+    port: int, frames: list[list[dict[str, Any]]]
+) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter, ClientProtocol]:
     """A client that authenticates, sends ``frames``, and then never reads again: websockets'
     sans-I/O protocol over a socket with a tiny receive buffer, its reading paused."""
     protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/v1"))
@@ -307,7 +310,7 @@ async def stalled_client(port: int, frames: list[list[dict[str, Any]]]) -> tuple
         protocol.send_text(json.dumps(frame).encode())
     writer.write(b"".join(protocol.data_to_send()))
     writer.transport.pause_reading()  # type: ignore[attr-defined]
-    return session, writer
+    return session, reader, writer, protocol
 
 
 async def test_a_client_that_stops_reading_is_cut_and_keeps_its_results(
@@ -315,10 +318,18 @@ async def test_a_client_that_stops_reading_is_cut_and_keeps_its_results(
 ) -> None:
     set_faults(provider, fast=True)
     async with running(resilient_config(provider, send_buffer_bytes=32 * 1024)) as gateway:
-        # loopback TCP autotunes the gateway's kernel send buffer up to 4 MiB: only past that
-        # does a client that does not read push back on the gateway (24,000 results ~ 6.5 MB)
-        flood = [[task() for _ in range(250)] for _ in range(96)]
-        session, writer = await stalled_client(gateway.port, flood)
+        # the gateway's kernel send buffer (256 KiB, doubled by Linux) fills first: only past
+        # it does a client that does not read push back on the gateway (8,000 results ~ 2 MB)
+        flood = [[task() for _ in range(250)] for _ in range(32)]
+        session, reader, writer, protocol = await stalled_client(gateway.port, flood)
+
+        async def keep_talking() -> None:  # it still sends: only its reading stopped
+            for _ in range(400):
+                protocol.send_text(b'[{"taskType":"ping"}]')
+                writer.write(b"".join(protocol.data_to_send()))
+                await asyncio.sleep(50 * MS)
+
+        talking = asyncio.create_task(keep_talking())
         others = [await connect(http, gateway.url) for _ in range(5)]
         plans = []
         for other in others:
@@ -331,6 +342,14 @@ async def test_a_client_that_stops_reading_is_cut_and_keeps_its_results(
         )
         assert all(dict(r) == p for r, p in zip(results, plans, strict=True))
         await until(lambda: gateway.metrics.slow_clients._value.get() >= 1, 60000 * MS)
+        # cut: the close frame gets a second, then the socket is aborted, even though the client
+        # still talks (aiohttp's close alone would wait for its close reply for as long)
+        writer.transport.resume_reading()  # type: ignore[attr-defined]
+        async with asyncio.timeout(5000 * MS):
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass
+        talking.cancel()
         await until(lambda: gateway.store.open_count == 0, 60000 * MS)
         writer.close()
         # What the gateway had handed to TCP is lost with the socket the client never read
