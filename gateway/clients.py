@@ -172,8 +172,9 @@ class ClientConnection:
         the close frame gets a second to go out, then the socket is aborted. What it did not
         take goes back to its session when the handler detaches it.
 
-        Not ``wait_for(ws.close(), 1)``: a timeout waits for the cancelled close to finish, and
-        aiohttp's close, stuck on a socket nobody reads, ends only at its own 10 s timeout."""
+        Not ``wait_for(ws.close(), 1)``: after its timeout it waits for the cancelled close to
+        end, and aiohttp's close on a client that still sends but never reads was seen not to
+        end at all (19 s later, in the bench's stall scenario)."""
         if self.drain is not None:
             self.drain.cancel()
         closing = asyncio.ensure_future(
