@@ -171,13 +171,18 @@ def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
         stop(provider)
 
 
+def load_command(at: Servers, *flags: str) -> list[str]:
+    """The load generator against ``at``, with ``flags``."""
+    return [PY, "-m", "bench.load", "--url", at.url, "--key", at.key, *flags]
+
+
 def load(at: Servers, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
-    argv = [
-        PY, "-m", "bench.load", "--url", at.url, "--key", at.key,
+    argv = load_command(
+        at,
         "--connections", str(s.connections), "--tasks", str(tasks or s.tasks),
         "--window", str(s.window), "--results", str(s.results), "--rate", str(s.rate),
         "--seconds", "300",
-    ]  # fmt: skip
+    )  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=360, check=True).stdout
     figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return figures
@@ -226,10 +231,7 @@ def run_idle(count: int) -> dict[str, Any]:
     with servers("tenebra") as at:
         load(at, Scenario("warm-up", 10, 10))
         before = rss_mib(at.measured.pid)
-        argv = [
-            PY, "-m", "bench.load", "--url", at.url, "--key", at.key, "--idle",
-            "--connections", str(count), "--seconds", "240",
-        ]  # fmt: skip
+        argv = load_command(at, "--idle", "--connections", str(count), "--seconds", "240")
         holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout is not None and holder.stdin is not None
@@ -294,9 +296,11 @@ def run_stall(s: Scenario, heavy_rate: float, pairs: int) -> dict[str, Any]:
         for _ in range(pairs):
             for kind in ("reading", "stalled"):
                 heavy = subprocess.Popen(  # a process of its own: the others' is not shared
-                    [PY, "-m", "bench.load", "--url", at.url, "--key", at.key,
-                     "--connections", "0", "--heavy", "1", "--heavy-rate", str(heavy_rate),
-                     "--seconds", str(seconds), *(["--stalled"] if kind == "stalled" else [])],
+                    load_command(
+                        at, "--connections", "0", "--heavy", "1", "--heavy-rate",
+                        str(heavy_rate), "--seconds", str(seconds),
+                        *(["--stalled"] if kind == "stalled" else []),
+                    ),
                     stdout=subprocess.DEVNULL,
                 )  # fmt: skip
                 try:
