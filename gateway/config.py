@@ -1,21 +1,29 @@
-"""Configuration: a TOML file, overridden by ``TENEBRA_<SECTION>_<SETTING>`` variables.
+"""Configuration: a TOML file, overridden by ``TENEBRA_<SECTION>_<SETTING>`` variables, overridden
+by the command line.
 
 ``RUNWARE_API_KEY`` sets ``provider.api_key`` and ``TENEBRA_DEMO_KEY`` the demo tenant's key.
-Everything is checked by msgspec at start; a bad value stops the start with a message that
-names the setting (``server.port: Expected `int` ...``).
+A provider key without a URL means Runware itself (``RUNWARE_URL``): the local provider runs only
+when there is no key at all. Everything is checked by msgspec at start, ranges included; a bad
+value stops the start with a message that names the setting (``tasks.retention: Expected `float`
+>= 0.0``), and so does a ``TENEBRA_*`` variable that is not a setting (a typo would otherwise be
+silently ignored).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
+    "OTHER_VARIABLES",
+    "RUNWARE_URL",
     "Config",
     "ConfigError",
     "DeliverySettings",
@@ -23,60 +31,88 @@ __all__ = [
     "ServerSettings",
     "TaskSettings",
     "Tenant",
+    "known_variables",
     "load_config",
 ]
 
 MiB = 1 << 20
 
+RUNWARE_URL = "wss://ws-api.runware.ai/v1"
+
+# TENEBRA_* variables that are not settings of a section, with who reads them. The one list:
+# anything else spelt TENEBRA_* stops the start.
+OTHER_VARIABLES = frozenset(
+    {
+        "TENEBRA_DEMO_KEY",  # Config.demo_key; also `tenebra generate --key`'s default
+        "TENEBRA_PROVIDER_KEY",  # `tenebra provider`: the key it accepts
+        "TENEBRA_PROVIDER_CONTROL_KEY",  # `tenebra provider`: guards /control/*
+        "TENEBRA_TESTS_TIME_FACTOR",  # the test suite's time factor (tests/timing.py)
+    }
+)
+
+# Ranges by kind, so that a number out of range stops the start instead of misbehaving later.
+Port = Annotated[int, Meta(ge=0, le=65535)]  # 0: any free port
+Seconds = Annotated[float, Meta(gt=0)]
+Count = Annotated[int, Meta(ge=1)]
+Bytes = Annotated[int, Meta(ge=1)]
+
 
 class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
-    port: int = 8080
-    max_frame_bytes: int = 32 * MiB  # a bigger inbound frame closes the socket with 1009
-    max_tasks_per_frame: int = 256  # more gets one tooManyTasks error for the frame
-    send_buffer_bytes: int = 8 * MiB  # past this a client that does not read is cut (4008)
-    socket_send_buffer_bytes: int = 256 * 1024  # the kernel's, per client socket; 0: autotuned
-    session_buffer_bytes: int = 16 * MiB  # frames kept for a client that went away
-    resume_window: float = 120.0
-    idle_timeout: float = 120.0
-    auth_timeout: float = 10.0
-    rest_sync_deadline: float = 120.0
-    drain_deadline: float = 30.0
+    port: Port = 8080
+    max_frame_bytes: Bytes = 32 * MiB  # a bigger inbound frame closes the socket with 1009
+    max_tasks_per_frame: Count = 256  # more gets one tooManyTasks error for the frame
+    send_buffer_bytes: Bytes = 8 * MiB  # past this a client that does not read is cut (4008)
+    # the kernel's, per client socket; 0: autotuned
+    socket_send_buffer_bytes: Annotated[int, Meta(ge=0)] = 256 * 1024
+    session_buffer_bytes: Bytes = 16 * MiB  # frames kept for a client that went away
+    resume_window: Seconds = 120.0
+    idle_timeout: Seconds = 120.0
+    auth_timeout: Seconds = 10.0
+    rest_sync_deadline: Seconds = 120.0
+    drain_deadline: Annotated[float, Meta(ge=0)] = 30.0  # 0: close at once, no drain
 
 
 class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):
-    url: str | None = None  # None: the embedded local provider
+    url: str | None = None  # None: Runware's with an api_key, the embedded local provider without
     api_key: str | None = None
-    links: int = 1
-    connect_timeout: float = 10.0
-    auth_timeout: float = 10.0
-    ping_interval: float = 20.0
-    pong_timeout: float = 10.0
-    send_timeout: float = 10.0
-    max_queued: int = 10_000  # tasks waiting for a ready link
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    max_message_bytes: int = 64 * MiB
-    max_batch: int = 64  # tasks per upstream frame
-    outage_deadline: float = 30.0  # a task waiting this long for a link fails (503)
-    recovery_interval: float = 1.0  # re-poll of tasks orphaned by a session the provider lost
+    local_cost: bool = False  # the local provider's results cost catalogue prices, not 0
+    links: Count = 1
+    connect_timeout: Seconds = 10.0
+    auth_timeout: Seconds = 10.0
+    ping_interval: Seconds = 20.0
+    pong_timeout: Seconds = 10.0
+    send_timeout: Seconds = 10.0
+    max_queued: Count = 10_000  # tasks waiting for a ready link
+    backoff_initial: Seconds = 0.5
+    backoff_max: Seconds = 30.0
+    max_message_bytes: Bytes = 64 * MiB
+    max_batch: Count = 64  # tasks per upstream frame
+    outage_deadline: Seconds = 30.0  # a task waiting this long for a link fails (503)
+    recovery_interval: Seconds = 1.0  # re-poll of tasks orphaned by a session the provider lost
+
+    def __post_init__(self) -> None:
+        # A key is for a real provider: never render locally and count fake spend against it.
+        if self.url is None and self.api_key:
+            self.url = RUNWARE_URL
 
 
 class TaskSettings(msgspec.Struct, forbid_unknown_fields=True):
-    retention: float = 3600.0  # finished tasks stay readable by getResponse this long
-    max_retained: int = 200_000  # and at most this many of them: the oldest are forgotten first
-    max_open: int = 100_000
-    timeout: float = 600.0  # a task with results missing this long after acceptance expires
+    # finished tasks stay readable by getResponse this long (0: not after their last result)
+    retention: Annotated[float, Meta(ge=0)] = 3600.0
+    max_retained: Count = 200_000  # and at most this many of them: the oldest are forgotten first
+    max_open: Count = 100_000
+    timeout: Seconds = 600.0  # a task with results missing this long after acceptance expires
 
 
 class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True):
-    attempts: int = 8  # per webhook or upload; with the backoff below, about 10 minutes
-    backoff_initial: float = 5.0
-    backoff_max: float = 300.0
-    timeout: float = 10.0  # one attempt, connect to last byte
-    per_host: int = 4  # concurrent requests to one destination host
-    max_response_bytes: int = 64 * 1024  # of a receiver's answer: read and dropped
-    max_image_bytes: int = 256 * MiB  # fetched from the provider for an upload
+    attempts: Count = 8  # per webhook or upload; with the backoff below, about 10 minutes
+    backoff_initial: Seconds = 5.0
+    backoff_max: Seconds = 300.0
+    timeout: Seconds = 10.0  # one attempt, connect to last byte
+    per_host: Count = 4  # concurrent requests to one destination host
+    max_response_bytes: Bytes = 64 * 1024  # of a receiver's answer: read and dropped
+    max_image_bytes: Bytes = 256 * MiB  # fetched from the provider for an upload
     allow: list[str] = msgspec.field(default_factory=list)  # CIDRs or hosts the guard opens
 
 
@@ -114,23 +150,57 @@ _SECTIONS = {
 }
 
 
-def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+def _setting_variables() -> dict[str, tuple[str, str]]:
+    """``TENEBRA_SERVER_PORT`` -> ("server", "port"), for every setting of every section."""
+    return {
+        f"TENEBRA_{section}_{name}".upper(): (section, name)
+        for section, kind in _SECTIONS.items()
+        for name in kind.__struct_fields__
+    }
+
+
+def known_variables() -> frozenset[str]:
+    return frozenset(_setting_variables()) | OTHER_VARIABLES
+
+
+def _check_variables(env: Mapping[str, str]) -> None:
+    known = known_variables()
+    for variable in sorted(env):
+        if variable.startswith("TENEBRA_") and variable not in known:
+            close = difflib.get_close_matches(variable, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{variable}: unknown setting{hint}")
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """The file, then the environment, then ``overrides`` (``{"server.port": 9000}``; the
+    command line's flags, None for a flag not given), all checked together."""
     env = os.environ if env is None else env
+    _check_variables(env)
     raw: dict[str, Any] = {}
     if path is not None:
         try:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-    for section, kind in _SECTIONS.items():
-        for name in kind.__struct_fields__:
-            variable = f"TENEBRA_{section}_{name}".upper()
-            if variable in env:
-                raw.setdefault(section, {})[name] = env[variable]
+    for variable, (section, name) in _setting_variables().items():
+        if variable in env:
+            raw.setdefault(section, {})[name] = env[variable]
     if "RUNWARE_API_KEY" in env:
         raw.setdefault("provider", {})["api_key"] = env["RUNWARE_API_KEY"]
     if "TENEBRA_DEMO_KEY" in env:
         raw["demo_key"] = env["TENEBRA_DEMO_KEY"]
+    for setting, value in (overrides or {}).items():
+        if value is not None:
+            *sections, name = setting.split(".")
+            table = raw
+            for section in sections:
+                table = table.setdefault(section, {})
+            table[name] = value
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -143,14 +213,6 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
 
 
 def _check(config: Config) -> None:
-    for name, value in (
-        ("server.port", config.server.port),
-        ("provider.links", config.provider.links),
-        ("tasks.max_open", config.tasks.max_open),
-        ("server.max_tasks_per_frame", config.server.max_tasks_per_frame),
-    ):
-        if value < (0 if name == "server.port" else 1):
-            raise ConfigError(f"{name}: must be positive, not {value}")
     if config.provider.url is not None and not config.provider.url.startswith(("ws://", "wss://")):
         raise ConfigError(
             f"provider.url: must be a ws:// or wss:// URL, not {config.provider.url!r}"
