@@ -105,7 +105,12 @@ class Gateway:
             deliveries=self.deliveries,
         )
         self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
-        rest = RestEndpoint(intake, sync_deadline=self.config.server.rest_sync_deadline)
+        rest = RestEndpoint(
+            intake,
+            self.metrics,
+            sync_deadline=self.config.server.rest_sync_deadline,
+            get_response_burst=self.config.server.get_response_burst,
+        )
 
         app = web.Application(client_max_size=self.config.server.max_frame_bytes)
         app.router.add_get("/v1", self.clients.handle)
@@ -116,7 +121,14 @@ class Gateway:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         await self.pool.start()
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # aiohttp arms its keep-alive timer at accept: a connection that never completes a
+        # request (a half-sent request line, dripping headers) is closed when it fires
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=self.config.server.handshake_timeout,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
         await site.start()
@@ -169,6 +181,11 @@ class Gateway:
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
+        token = self.config.server.metrics_token
+        if token is not None:  # the figures include each tenant's spend
+            given = request.headers.get("Authorization", "").encode()
+            if not secrets.compare_digest(given, f"Bearer {token}".encode()):
+                raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
 
     async def _readyz(self, request: web.Request) -> web.StreamResponse:
         ready = (

@@ -1,12 +1,15 @@
-"""Client WebSocket sessions: authentication, ping, tasks, getResponse, resume, backpressure.
+"""Client WebSocket connections: authentication, the door's bounds, backpressure.
 
 A :class:`ClientConnection` is one socket with a bounded send queue, flushed once per turn of
-the event loop. A :class:`ClientSession` is what a ``connectionSessionUUID`` names: it outlives
-its socket by the resume window, and what its socket could not take waits in its bounded buffer.
+the event loop; it owns its queue and its closed state. Its frames' tasks go through the shared
+dispatch (:mod:`gateway.dispatch`); its session (:mod:`gateway.sessions`) outlives it by the
+resume window.
 
 Close codes (documented in the README):
-  1000  idle for ``idle_timeout`` with no task in flight
-  1009  an inbound frame larger than ``max_frame_bytes``
+  1000  idle for ``idle_timeout`` with no task in flight (a frame with no task is no activity)
+  1007  a text frame that is not UTF-8 (RFC 6455 8.1)
+  1009  an inbound frame larger than ``max_frame_bytes``, or than
+        ``max_unauthenticated_frame_bytes`` before authentication
   1012  the gateway is shutting down: reconnect (elsewhere)
   4001  no authentication within ``auth_timeout``
   4008  the client does not read: its send queue passed ``send_buffer_bytes``
@@ -19,7 +22,6 @@ import contextlib
 import itertools
 import socket
 import struct
-import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -28,20 +30,13 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.config import ServerSettings
+from gateway.dispatch import Answer, Dispatch, TokenBucket
 from gateway.intake import Intake
 from gateway.metrics import Metrics
-from gateway.store.base import TaskRecord
-from protocol.codec import encode_answer, encode_data, encode_errors
+from gateway.sessions import ClientSession, SessionTable
+from protocol.codec import encode_data, encode_errors
 from protocol.errors import error_item
-from protocol.frames import (
-    Authentication,
-    AuthenticationResult,
-    ErrorItem,
-    GetResponse,
-    ImageTask,
-    Ping,
-    Pong,
-)
+from protocol.frames import Authentication, AuthenticationResult, ErrorItem, ImageTask
 
 __all__ = [
     "CLOSE_AUTH_TIMEOUT",
@@ -79,6 +74,11 @@ def text_frame(payload: bytes) -> bytes:
     return _HEADER_LONG(0x81, 127, length) + payload
 
 
+def close_frame(code: int, reason: bytes) -> bytes:
+    """A close frame (RFC 6455 5.5.1); ``reason`` is short (a control frame holds 125 bytes)."""
+    return _HEADER_SHORT(0x88, 2 + len(reason)) + code.to_bytes(2, "big") + reason[:123]
+
+
 class ClientConnection:
     """One client socket: frames queue here, bounded in bytes, and go out once per loop turn.
 
@@ -86,7 +86,13 @@ class ClientConnection:
     results of a whole provider frame, a task's four images): a system call per frame was a
     fifth of the gateway's CPU. While the socket lags (the kernel's buffer and a high-water
     mark of user space full), a drain task waits for TCP under aiohttp's flow control and
-    writes what has queued meanwhile; past ``limit`` bytes queued, the client is cut (4008)."""
+    writes what has queued meanwhile; past ``limit`` bytes queued, the client is cut (4008).
+
+    The bound counts every byte queued, a single frame included. Past it, a socket that keeps
+    up (no drain, its write buffer under the high-water mark) is written to at once: a frame
+    larger than the whole bound (a getResponse answer of many images) or one turn's many
+    answers are not a slow client. A socket that lags is cut. So what waits in user space for
+    one socket stays under about twice the bound plus the high-water mark."""
 
     def __init__(
         self,
@@ -107,31 +113,86 @@ class ClientConnection:
         self.queued_bytes = 0
         self.session: ClientSession | None = None
         self.overflowed = False
+        self.closed = False  # nothing is written after a close, from here or aiohttp
         self.last_frame = asyncio.get_running_loop().time()
         self._flush_due = False
         self.drain: asyncio.Task[None] | None = None  # only while the socket lags
         self._cutting: asyncio.Task[None] | None = None
+        self._reads: _UnauthenticatedReads | None = None
 
     def send(self, frame: bytes) -> bool:
-        """Queue a frame; False once the connection is past its bound (the frame is not kept)."""
-        if self.overflowed or self.ws.closed:
+        """Queue a frame; False once the connection is closed or past its bound (the frame is
+        not kept)."""
+        if self.closed or self.ws.closed:
             return False
         self.outbox.append(frame)
         self.queued_bytes += len(frame)
-        # a backlog past the bound, not one big frame (a large getResponse), marks a slow client
-        if self.queued_bytes > self.limit and len(self.outbox) > 1:
-            self.overflowed = True
-            self.metrics.slow_clients.inc()
-            self._cutting = asyncio.get_running_loop().create_task(self._cut())
+        if self.queued_bytes > self.limit:
+            transport = self._keeping_up()
+            if transport is None:
+                self.overflowed = self.closed = True
+                self.metrics.slow_clients.inc()
+                self._cutting = self._cut()
+            else:  # the bound is for what waits on a reader, not for one turn's answers
+                self._write_queued(transport)
         elif self.drain is None and not self._flush_due:
             self._flush_due = True
             self._schedule(self)
         return True
 
+    def _keeping_up(self) -> asyncio.Transport | None:
+        """The transport, if the socket takes what it is given: no drain, and its user-space
+        write buffer under the high-water mark."""
+        transport = self.request.transport
+        if self.drain is not None or transport is None or transport.is_closing():
+            return None
+        if transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH_WATER:
+            return None
+        return transport
+
+    def take_unsent(self) -> list[bytes]:
+        """What was queued and not written, for the session: given once."""
+        unsent = list(self.outbox)
+        self.outbox.clear()
+        self.queued_bytes = 0
+        return unsent
+
+    def close_now(self, code: int, reason: bytes) -> None:
+        """Close without a handshake: the close frame, then TCP. For a peer that broke the
+        protocol (1007, 1009), whose bytes are not worth reading any more."""
+        if self.closed:
+            return
+        self.closed = True
+        transport = self.request.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(close_frame(code, reason))
+            transport.close()
+
+    def guard_reads(self, limit: int) -> None:
+        """Until authentication, bound what aiohttp buffers of an unread frame (see
+        :class:`_UnauthenticatedReads`)."""
+        protocol = self.request.protocol
+        parser = getattr(protocol, "_payload_parser", None)
+        if parser is not None:
+            self._reads = _UnauthenticatedReads(parser, limit, self)
+            protocol._payload_parser = self._reads
+
+    def frame_read(self) -> None:
+        if self._reads is not None:
+            self._reads.left = self._reads.budget
+
+    def authenticated(self) -> None:
+        reads, self._reads = self._reads, None
+        if reads is None:
+            return
+        protocol, parser = self.request.protocol, reads.parser
+        if getattr(protocol, "_payload_parser", None) is reads:
+            protocol._payload_parser = parser  # the same parser: a frame half read is kept
+
     def flush(self) -> None:
         """Write everything queued in one go, or start draining if the socket lags."""
         self._flush_due = False
-        if self.drain is not None or self.overflowed or not self.outbox:
+        if self.drain is not None or self.closed or not self.outbox:
             return
         transport = self.request.transport
         if transport is None or transport.is_closing():
@@ -153,7 +214,7 @@ class ClientConnection:
         """One frame through aiohttp, which waits until TCP has taken the backlog (the socket
         is made with ``writer_limit=1``: every aiohttp send checks), then the rest at once."""
         try:
-            while self.outbox and not self.overflowed:
+            while self.outbox and not self.closed:
                 frame = self.outbox[0]
                 await self.ws.send_frame(frame, WSMsgType.TEXT)
                 self.outbox.popleft()
@@ -167,25 +228,55 @@ class ClientConnection:
         finally:
             self.drain = None
 
-    async def _cut(self) -> None:
-        """Disconnect a client that does not read: its drain may be stuck, so it is cancelled;
-        the close frame gets a second to go out, then the socket is aborted. What it did not
-        take goes back to its session when the handler detaches it.
-
-        Not ``wait_for(ws.close(), 1)``: after its timeout it waits for the cancelled close to
-        end, and aiohttp's close on a client that still sends but never reads was seen not to
-        end at all (19 s later, in the bench's stall scenario)."""
+    def _cut(self) -> asyncio.Task[None]:
         if self.drain is not None:
-            self.drain.cancel()
-        closing = asyncio.ensure_future(
-            self.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"send buffer overflow")
-        )
+            self.drain.cancel()  # it may be stuck on a socket that does not read
+        return self.close_within(CLOSE_SLOW_CONSUMER, b"send buffer overflow")
+
+    def close_within(self, code: int, message: bytes) -> asyncio.Task[None]:
+        """Close with a handshake, aborted a second later: a client that does not read may
+        never let the close frame out. What it did not take goes back to its session when the
+        handler detaches it."""
+        return asyncio.get_running_loop().create_task(self._close_within(code, message))
+
+    async def _close_within(self, code: int, message: bytes) -> None:
+        """Not ``wait_for(ws.close(), 1)``: after its timeout it waits for the cancelled close
+        to end, and aiohttp's close on a client that still sends but never reads was seen not
+        to end at all (19 s later, in the bench's stall scenario)."""
+        closing = asyncio.ensure_future(self.ws.close(code=code, message=message))
         closing.add_done_callback(_consume_outcome)  # a socket this stuck fails in many ways
         try:
             await asyncio.wait({closing}, timeout=1.0)
         finally:
             if self.request.transport is not None:
                 self.request.transport.abort()
+
+
+class _UnauthenticatedReads:
+    """Stands between aiohttp's protocol and the socket's frame parser until the socket
+    authenticates, so that a large frame is refused (1009) as its bytes arrive rather than
+    buffered whole first: aiohttp's limit (``max_frame_bytes``) is fixed per socket, and ten
+    unauthenticated sockets could make it hold 32 MiB each. The budget (bytes received since
+    the last frame was read) is looser than the per-frame rule the read loop applies exactly,
+    so that small frames sent together are never refused; it is taken away at authentication,
+    and the hot path reads through aiohttp's parser alone."""
+
+    __slots__ = ("budget", "connection", "left", "parser")
+
+    def __init__(self, parser: Any, frame_limit: int, connection: ClientConnection) -> None:
+        self.parser = parser
+        self.budget = self.left = max(4 * frame_limit, 64 * 1024)
+        self.connection = connection
+
+    def feed_data(self, data: bytes) -> Any:
+        self.left -= len(data)
+        if self.left < 0:
+            self.connection.close_now(WSCloseCode.MESSAGE_TOO_BIG, b"authenticate first")
+            return False, b""
+        return self.parser.feed_data(data)
+
+    def feed_eof(self) -> None:
+        self.parser.feed_eof()
 
 
 def _consume_outcome(task: asyncio.Future[Any]) -> None:
@@ -195,7 +286,9 @@ def _consume_outcome(task: asyncio.Future[Any]) -> None:
 
 class IdleWatchdog:
     """Closes a socket that never authenticates (4001, counted from the upgrade) or that sends
-    nothing for ``idle_timeout`` with no task running (1000).
+    no task for ``idle_timeout`` with no task running (1000). A frame with no task (``[]``)
+    is no activity: sockets that sent one every 30 s and never read held 500 MB past the
+    timeout. Both closes are aborted a second later if the close frame cannot get out.
 
     One timer per socket that the read loop never touches: a frame only stamps
     ``last_frame``, and the timer, when it fires, re-arms itself at the stamp plus the timeout.
@@ -226,71 +319,39 @@ class IdleWatchdog:
         self._timer = self._loop.call_at(due, self._fire)
 
     def _close(self, code: int, message: bytes) -> None:
-        self._closing = self._loop.create_task(
-            self._connection.ws.close(code=code, message=message)
+        self._closing = self._connection.close_within(code, message)
+
+
+class SocketDoor:
+    """The WebSocket door of one connection, as the shared dispatch sees it."""
+
+    __slots__ = ("connection", "gateway", "intake", "polls", "session", "tenant")
+
+    def __init__(self, connection: ClientConnection, gateway: ClientGateway) -> None:
+        settings = gateway.settings
+        self.connection = connection
+        self.gateway = gateway
+        self.intake = gateway.intake
+        self.session: ClientSession | None = None
+        self.tenant: str | None = None
+        self.polls = TokenBucket(
+            settings.get_response_rate, settings.get_response_burst, asyncio.get_running_loop().time
         )
 
+    def authenticate(self, auth: Authentication, answer: Answer) -> None:
+        answer.flush()  # what came before the authentication is answered before it
+        self.gateway.authenticate(self, auth)
 
-class ClientSession:
-    """A ``connectionSessionUUID`` of one tenant: the subscriber of its sync tasks."""
-
-    def __init__(self, session_uuid: str, tenant: str, limit: int) -> None:
-        self.uuid = session_uuid
-        self.tenant = tenant
-        self.limit = limit
-        self.connection: ClientConnection | None = None
-        self.detached_at: float | None = None
-        self.buffer: deque[bytes] = deque()
-        self.buffered_bytes = 0
-        self.open_tasks: set[str] = set()
-
-    def deliver(self, record: TaskRecord, frame: bytes) -> None:
-        # behind a backlog still being replayed, a new frame waits its turn: order is kept
-        if self.buffer or self.connection is None or not self.connection.send(frame):
-            self._keep(frame)
-
-    def settled(self, record: TaskRecord) -> None:
-        self.open_tasks.discard(record.upstream_uuid)
-
-    def _keep(self, frame: bytes) -> None:
-        self.buffer.append(frame)
-        self.buffered_bytes += len(frame)
-        self._trim()
-
-    def _trim(self) -> None:
-        while self.buffered_bytes > self.limit and self.buffer:
-            # the oldest frame is lost to the socket, not to the client: getResponse has it
-            self.buffered_bytes -= len(self.buffer.popleft())
-
-    def detach(self, connection: ClientConnection, now: float) -> None:
-        if self.connection is not connection:
-            return
-        self.connection = None
-        self.detached_at = now
-        unsent = list(connection.outbox)
-        connection.outbox.clear()
-        for frame in reversed(unsent):
-            self.buffer.appendleft(frame)
-            self.buffered_bytes += len(frame)
-        self._trim()
-
-    def attach(self, connection: ClientConnection) -> None:
-        """The auth reply goes first, then every missed frame in order, exactly once."""
-        connection.send(encode_data([AuthenticationResult(connectionSessionUUID=self.uuid)]))
-        self.connection = connection
-        self.detached_at = None
-        self.refill(connection)
-
-    def refill(self, connection: ClientConnection) -> None:
-        """Replay the backlog as the socket takes it: half its bound at a time, so that a long
-        absence never looks like a client that does not read."""
-        if connection is not self.connection:
-            return
-        room = connection.limit // 2
-        while self.buffer and connection.queued_bytes < room:
-            frame = self.buffer.popleft()
-            self.buffered_bytes -= len(frame)
-            connection.send(frame)
+    def submit_sync(self, tenant: str, task: ImageTask) -> ErrorItem | None:
+        intake, session = self.intake, self.session
+        assert session is not None  # a tenant comes with a session
+        record = intake.submit(tenant, task, session)
+        if isinstance(record, ErrorItem):
+            if record.code == "conflictTaskUUID":
+                intake.rejoin(tenant, task, session)
+            return record
+        session.open_tasks.add(record.upstream_uuid)
+        return None
 
 
 class ClientGateway:
@@ -307,19 +368,38 @@ class ClientGateway:
         self.settings = settings
         self.intake = intake
         self.metrics = metrics
+        self.dispatch = Dispatch(intake, metrics)
         self._clock = clock
-        self.sessions: dict[str, ClientSession] = {}
+        self.table = SessionTable(
+            session_buffer_bytes=settings.session_buffer_bytes,
+            max_sessions=settings.max_sessions,
+            max_per_tenant=settings.max_sessions_per_tenant,
+            buffer_bytes=settings.sessions_buffer_bytes,
+            resume_window=settings.resume_window,
+            evicted=metrics.client_sessions_evicted.inc,
+        )
+        self.sessions = self.table.sessions
         self.connections: set[ClientConnection] = set()
+        self._admitted = 0  # connections from the upgrade on, so a burst cannot pass the bound
         self._due: list[ClientConnection] = []  # connections with frames to flush
         self._ids = itertools.count(1)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not self.intake.accepting:
             raise web.HTTPServiceUnavailable(text="shutting down")
+        if self._admitted >= self.settings.max_connections:
+            raise web.HTTPServiceUnavailable(text="too many connections")
+        self._admitted += 1
+        try:
+            return await self._serve(request)
+        finally:
+            self._admitted -= 1
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(
             max_msg_size=self.settings.max_frame_bytes,
             compress=False,  # measured: deflate costs 40% of throughput and 3x memory per socket
-            decode_text=False,
+            decode_text=False,  # checked here, and only when not ASCII (see _read)
             writer_limit=1,  # aiohttp's own sends (the drain's) wait whenever TCP lags
         )
         await ws.prepare(request)
@@ -332,12 +412,13 @@ class ClientGateway:
             self.metrics,
             self._schedule_flush,
         )
+        connection.guard_reads(self.settings.max_unauthenticated_frame_bytes)
         self.connections.add(connection)
         self.metrics.client_connections.inc()
         watchdog = IdleWatchdog(connection, self.settings)
         try:
             with structlog.contextvars.bound_contextvars(conn=connection.id):
-                await self._read(connection)
+                await self._read(connection, SocketDoor(connection, self))
         finally:
             watchdog.cancel()
             self.connections.discard(connection)
@@ -375,119 +456,78 @@ class ClientGateway:
         for connection in due:
             connection.flush()
 
-    async def _read(self, connection: ClientConnection) -> None:
-        ws = connection.ws
+    async def _read(self, connection: ClientConnection, door: SocketDoor) -> None:
+        ws, decode, dispatch = connection.ws, self.intake.decode, self.dispatch
         loop = asyncio.get_running_loop()
-        while not connection.overflowed:
+        unauthenticated_limit = self.settings.max_unauthenticated_frame_bytes
+        while not connection.closed:
             message = await ws.receive()
-            if connection.overflowed:
+            if connection.closed:
                 return
-            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                connection.last_frame = loop.time()
-                self.metrics.frames.client_in += 1
+            kind = message.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                 data = message.data if isinstance(message.data, bytes) else message.data.encode()
-                self._on_frame(connection, data)
-            elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                if door.session is None:
+                    if len(data) > unauthenticated_limit:
+                        connection.close_now(WSCloseCode.MESSAGE_TOO_BIG, b"authenticate first")
+                        return
+                    connection.frame_read()
+                # isascii is a scan without a copy: only other text pays for a decode
+                if kind is WSMsgType.TEXT and not data.isascii() and not _utf8(data):
+                    connection.close_now(WSCloseCode.INVALID_TEXT, b"invalid UTF-8")
+                    return
+                self.metrics.frames.client_in += 1
+                outcomes = decode(data)
+                if outcomes:  # a frame with no task is no activity (IdleWatchdog)
+                    connection.last_frame = loop.time()
+                answer = Answer(connection.send)
+                dispatch(outcomes, door, answer)
+                answer.flush()
+            elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
-            elif message.type == WSMsgType.ERROR:
+            elif kind == WSMsgType.ERROR:
                 log.info("client socket error", error=repr(ws.exception()))
                 return
 
-    def _on_frame(self, connection: ClientConnection, frame: bytes) -> None:
-        intake = self.intake
-        data: list[Any] = []
-        errors: list[ErrorItem] = []
-
-        def flush() -> None:
-            for answer in encode_answer(data, errors):
-                connection.send(answer)
-            data.clear()
-            errors.clear()
-
-        for outcome in intake.decode(frame):
-            session = connection.session
-            if type(outcome) is ImageTask and session is not None:  # nearly every frame
-                self._submit(session, outcome, data, errors)
-            elif isinstance(outcome, Authentication):
-                flush()
-                self._authenticate(connection, outcome)
-            elif isinstance(outcome, Ping):
-                data.append(Pong() if outcome.taskUUID is None else Pong(taskUUID=outcome.taskUUID))
-            elif isinstance(outcome, ErrorItem):
-                self.metrics.errors.labels(outcome.code).inc()
-                errors.append(outcome)
-            elif session is None:
-                task_type = "getResponse" if isinstance(outcome, GetResponse) else "imageInference"
-                errors.append(
-                    error_item("missingApiKey", task_type=task_type, task_uuid=outcome.taskUUID)
-                )
-            elif isinstance(outcome, GetResponse):
-                found, failed = intake.poll(session.tenant, outcome.taskUUID)
-                data.extend(found)
-                errors.extend(failed)
-            else:
-                self._submit(session, outcome, data, errors)
-        flush()
-
-    def _submit(
-        self, session: ClientSession, task: ImageTask, data: list[Any], errors: list[ErrorItem]
-    ) -> None:
-        intake = self.intake
-        sync = task.deliveryMethod == "sync"
-        record = intake.submit(session.tenant, task, session if sync else None)
-        if isinstance(record, ErrorItem):
-            errors.append(record)
-            if sync and record.code == "conflictTaskUUID":
-                intake.rejoin(session.tenant, task, session)
-        elif sync:
-            session.open_tasks.add(record.upstream_uuid)
-        else:
-            data.append(intake.ack(task))
-
-    def _authenticate(self, connection: ClientConnection, auth: Authentication) -> None:
+    def authenticate(self, door: SocketDoor, auth: Authentication) -> None:
+        """One authentication per socket makes at most one session: a repeat with a key of
+        the same tenant is answered with the socket's session, as it is; another tenant's key
+        is refused (a socket is one tenant's)."""
+        connection = door.connection
         tenant = self.intake.tenant_of(auth.apiKey)
-        if tenant is None:
-            self.metrics.errors.labels("invalidApiKey").inc()
-            connection.send(
-                encode_errors(
-                    [error_item("invalidApiKey", parameter="apiKey", task_type="authentication")]
-                )
-            )
+        if door.session is not None and tenant == door.tenant:
+            reply = AuthenticationResult(connectionSessionUUID=door.session.uuid)
+            connection.send(encode_data([reply]))
             return
-        session = self._resume(auth.connectionSessionUUID, tenant)
+        if tenant is None or door.session is not None:
+            message = None if tenant is None else "This socket is authenticated already."
+            self._refuse(connection, "invalidApiKey", message, "apiKey")
+            return
+        now = self._clock()
+        session = self.table.resume(auth.connectionSessionUUID, tenant, now)
         if session is None:
-            session = ClientSession(str(uuid.uuid4()), tenant, self.settings.session_buffer_bytes)
-            self.sessions[session.uuid] = session
+            session = self.table.open(tenant)
+            if session is None:
+                message = "Too many sessions for this API key. Retry with backoff."
+                self._refuse(connection, "rateLimitExceeded", message, None)
+                return
         elif session.connection is not None and session.connection is not connection:
-            session.detach(session.connection, self._clock())  # the newest socket wins
-        if connection.session is not None and connection.session is not session:
-            connection.session.detach(connection, self._clock())
+            session.detach(session.connection, now)  # the newest socket wins
+        door.session, door.tenant = session, tenant
         connection.session = session
+        connection.authenticated()
         session.attach(connection)
         log.debug("client authenticated", tenant=tenant, session=session.uuid)
 
-    def _resume(self, session_uuid: str | None, tenant: str) -> ClientSession | None:
-        """The session to resume: only the tenant's own, inside the window. Anything else gets
-        a fresh session, never an error (SDK 1.8 gives up for good on an auth error)."""
-        if session_uuid is None:
-            return None
-        session = self.sessions.get(session_uuid)
-        if session is None or session.tenant != tenant:
-            return None
-        if self._expired(session, self._clock()):
-            del self.sessions[session_uuid]
-            return None
-        return session
-
-    def _expired(self, session: ClientSession, now: float) -> bool:
-        detached = session.detached_at
-        return detached is not None and now - detached > self.settings.resume_window
+    def _refuse(
+        self, connection: ClientConnection, code: str, message: str | None, parameter: str | None
+    ) -> None:
+        self.metrics.errors.labels(code).inc()
+        item = error_item(code, message=message, parameter=parameter, task_type="authentication")
+        connection.send(encode_errors([item]))
 
     def sweep(self) -> None:
-        now = self._clock()
-        for key, session in list(self.sessions.items()):
-            if self._expired(session, now):
-                del self.sessions[key]
+        self.table.sweep(self._clock())
 
     async def close_all(self, code: int, message: bytes) -> None:
         self.intake.accepting = False
@@ -495,3 +535,11 @@ class ClientGateway:
             *(c.ws.close(code=code, message=message) for c in list(self.connections)),
             return_exceptions=True,
         )
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

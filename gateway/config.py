@@ -71,6 +71,16 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     auth_timeout: Seconds = 10.0
     rest_sync_deadline: Seconds = 120.0
     drain_deadline: Annotated[float, Meta(ge=0)] = 30.0  # 0: close at once, no drain
+    # The client door's bounds (README, "Limits and close codes"):
+    max_connections: Count = 10_000  # client WebSockets; past it the upgrade gets 503
+    handshake_timeout: Seconds = 10.0  # TCP accept to a whole request (and keep-alive idle)
+    max_unauthenticated_frame_bytes: Bytes = 4 * 1024  # before authentication; past it 1009
+    max_sessions: Count = 20_000  # past it the oldest detached session is evicted
+    max_sessions_per_tenant: Count = 10_000  # likewise, within the tenant
+    sessions_buffer_bytes: Bytes = 256 * MiB  # all sessions' buffers together; likewise
+    get_response_rate: Annotated[float, Meta(gt=0)] = 50.0  # per connection and second
+    get_response_burst: Count = 256  # past rate and burst: rateLimitExceeded for that poll
+    metrics_token: str | None = None  # GET /metrics then wants "Authorization: Bearer <it>"
 
 
 class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):

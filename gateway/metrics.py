@@ -117,3 +117,9 @@ class Metrics:
         self.slow_clients = Counter(
             "tenebra_slow_client_disconnects", "Clients cut at the send-buffer bound", registry=r
         )
+        self.client_sessions_evicted = Counter(
+            "tenebra_client_sessions_evicted",
+            "Detached client sessions evicted, oldest first, at server.max_sessions, "
+            "server.max_sessions_per_tenant or server.sessions_buffer_bytes",
+            registry=r,
+        )

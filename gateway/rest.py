@@ -10,15 +10,18 @@ succeeded, else the status of the first error (400, 401, 404, 429, 503 ...).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiohttp import web
 
+from gateway.dispatch import Answer, Dispatch, TokenBucket
 from gateway.intake import Intake
+from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord
 from protocol.codec import encode
 from protocol.errors import error_item, http_status
-from protocol.frames import Authentication, ErrorItem, GetResponse, Ping, Pong
+from protocol.frames import Authentication, ErrorItem, ImageTask
 
 __all__ = ["RestEndpoint"]
 
@@ -36,10 +39,39 @@ class _Waiter:
         self.done.set()
 
 
-class RestEndpoint:
-    def __init__(self, intake: Intake, *, sync_deadline: float) -> None:
+class _RequestDoor:
+    """One request, as the shared dispatch sees it. Its getResponse allowance is the burst
+    alone: a request is answered at once, and its polls are as many as one frame's."""
+
+    __slots__ = ("intake", "polls", "tenant", "waiting")
+
+    def __init__(self, intake: Intake, tenant: str, polls: TokenBucket) -> None:
         self.intake = intake
+        self.tenant: str | None = tenant
+        self.polls = polls
+        self.waiting: list[tuple[TaskRecord, _Waiter]] = []
+
+    def authenticate(self, auth: Authentication, answer: Answer) -> None:
+        pass  # only element 0 authenticates, before the dispatch
+
+    def submit_sync(self, tenant: str, task: ImageTask) -> ErrorItem | None:
+        waiter = _Waiter()
+        record = self.intake.submit(tenant, task, waiter)
+        if isinstance(record, ErrorItem):
+            return record
+        self.waiting.append((record, waiter))
+        return None
+
+
+class RestEndpoint:
+    def __init__(
+        self, intake: Intake, metrics: Metrics, *, sync_deadline: float, get_response_burst: int
+    ) -> None:
+        self.intake = intake
+        self.metrics = metrics
+        self.dispatch = Dispatch(intake, metrics)
         self.sync_deadline = sync_deadline
+        self.get_response_burst = get_response_burst
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         outcomes = self.intake.decode(await request.read())
@@ -51,37 +83,19 @@ class RestEndpoint:
         if tenant is None:
             return self._refused(key)
 
-        data: list[Any] = []
-        errors: list[ErrorItem] = []
-        waiting: list[tuple[TaskRecord, _Waiter]] = []
-        for outcome in outcomes:
-            if isinstance(outcome, ErrorItem):
-                errors.append(outcome)
-            elif isinstance(outcome, Ping):
-                data.append(Pong() if outcome.taskUUID is None else Pong(taskUUID=outcome.taskUUID))
-            elif isinstance(outcome, Authentication):
-                continue  # only element 0 authenticates
-            elif isinstance(outcome, GetResponse):
-                found, failed = self.intake.poll(tenant, outcome.taskUUID)
-                data.extend(found)
-                errors.extend(failed)
-            else:
-                sync = outcome.deliveryMethod == "sync"
-                waiter = _Waiter() if sync else None
-                record = self.intake.submit(tenant, outcome, waiter)
-                if isinstance(record, ErrorItem):
-                    errors.append(record)
-                elif waiter is not None:
-                    waiting.append((record, waiter))
-                else:
-                    data.append(self.intake.ack(outcome))
-        if waiting:
-            await self._wait(waiting)
-        for record, _ in waiting:
+        polls = TokenBucket(0.0, self.get_response_burst, time.monotonic)
+        door = _RequestDoor(self.intake, tenant, polls)
+        answer = Answer()
+        self.dispatch(outcomes, door, answer)
+        data, errors = answer.data, answer.errors
+        if door.waiting:
+            await self._wait(door.waiting)
+        for record, _ in door.waiting:
             data.extend(record.results)
             if record.error is not None:
                 errors.append(record.error)
             elif record.open:
+                self.metrics.errors.labels("timeout").inc()
                 errors.append(
                     error_item(
                         "timeout",
@@ -112,6 +126,8 @@ class RestEndpoint:
         record = self.intake.registry.lookup(tenant, task_uuid)
         if record is None:
             _, errors = self.intake.poll(tenant, task_uuid)
+            for error in errors:
+                self.metrics.errors.labels(error.code).inc()
             return self._answer([], errors)
         view = {
             "taskUUID": record.task_uuid,
@@ -126,6 +142,7 @@ class RestEndpoint:
 
     def _refused(self, key: str | None) -> web.Response:
         code = "missingApiKey" if key is None else "invalidApiKey"
+        self.metrics.errors.labels(code).inc()
         return self._answer([], [error_item(code, parameter="apiKey", task_type="authentication")])
 
     @staticmethod

@@ -79,8 +79,11 @@ class Authentication(
 
 
 class Ping(Struct, tag_field="taskType", tag="ping", omit_defaults=True, gc=False):
+    """The taskUUID is echoed in the pong, so it is a UUID like every other: unbounded, it was
+    a way to make the gateway queue megabytes for a socket that had not even authenticated."""
+
     ping: bool = True
-    taskUUID: str | None = None
+    taskUUID: TaskUUID | None = None
 
 
 class GetResponse(Struct, tag_field="taskType", tag="getResponse", gc=False):

@@ -99,8 +99,13 @@ def _parameter(path: str | None, field: str | None = None) -> str:
     return name
 
 
+# An error item echoes what it can of the task's identity, but never a long string: echoed at
+# length, a bad taskUUID turned one inbound frame into as large an outbound one.
+_ECHO_MAX = 64
+
+
 def _header_str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and len(value) <= _ECHO_MAX else None
 
 
 def decode_error(exc: msgspec.ValidationError, header: TaskHeader) -> ErrorItem:

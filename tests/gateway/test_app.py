@@ -386,3 +386,18 @@ async def test_a_running_sync_task_sent_again_streams_to_the_new_socket(
     assert (await other.recv())["errors"][0]["code"] == "conflictTaskUUID"
     await quiet(other)
     assert provider.stats.submissions == 1
+
+
+async def test_metrics_behind_a_bearer_token_when_one_is_set(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    from tests.gateway.conftest import gateway_config, running
+
+    async with running(gateway_config(provider, metrics_token="s3cret")) as gateway:
+        url = f"http://127.0.0.1:{gateway.port}/metrics"
+        async with http.get(url) as response:
+            assert response.status == 401
+        async with http.get(url, headers={"Authorization": "Bearer wrong"}) as response:
+            assert response.status == 401
+        async with http.get(url, headers={"Authorization": "Bearer s3cret"}) as response:
+            assert response.status == 200 and "tenebra_errors" in await response.text()

@@ -4,14 +4,21 @@ parser), one write per loop turn, the drain of a lagging socket and the cut past
 from __future__ import annotations
 
 import asyncio
+import uuid
 from types import SimpleNamespace
+from typing import Any
 
+import aiohttp
 import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
+from gateway.app import Gateway
 from gateway.clients import WRITE_BUFFER_HIGH_WATER, ClientConnection, text_frame
 from gateway.metrics import Metrics
+from gateway.provider.server import LocalProvider
+from tests.gateway.conftest import ALPHA, BETA, connect, gateway_config, running, until
+from tests.timing import MS
 
 
 def frames_in(data: bytes) -> list[Frame]:
@@ -56,6 +63,9 @@ class FakeTransport:
         return self.buffered
 
     def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -146,3 +156,227 @@ async def test_once_tcp_takes_the_first_frame_the_rest_of_the_backlog_leaves_at_
     await asyncio.sleep(0)
     assert [[f.data for f in frames_in(w)] for w in transport.writes] == [[b"b", b"c"]]
     assert connection.drain is None and not connection.outbox and metrics.frames.client_out == 3
+
+
+async def test_a_lagging_socket_is_cut_by_one_frame_larger_than_the_bound() -> None:
+    """The bound counts every byte: one large frame to a socket that lags is no exception
+    (the ping echo of 30 MB waited whole behind one already in the socket's write buffer)."""
+    transport, socket = FakeTransport(buffered=WRITE_BUFFER_HIGH_WATER), FakeSocket()
+    connection, metrics = connection_over(transport, socket, limit=100)
+    assert not connection.outbox and connection.drain is None
+    connection.send(b"b" * 200)
+    assert connection.overflowed and metrics.slow_clients._value.get() == 1
+
+
+async def test_a_socket_that_keeps_up_takes_a_frame_larger_than_the_bound() -> None:
+    """A large getResponse answer to a client that reads: written whole, not a cut."""
+    transport, socket = FakeTransport(), FakeSocket()
+    connection, _ = connection_over(transport, socket, limit=100)
+    assert connection.send(b"b" * 200)
+    await asyncio.sleep(0)
+    assert not connection.overflowed
+    assert [f.data for f in frames_in(transport.writes[0])] == [b"b" * 200]
+
+
+async def test_no_write_after_close() -> None:
+    transport, socket = FakeTransport(), FakeSocket()
+    connection, _ = connection_over(transport, socket)
+    connection.send(b"before")
+    connection.close_now(1009, b"too big")
+    assert not connection.send(b"after")
+    await asyncio.sleep(0)
+    written = b"".join(transport.writes)
+    assert [(f.opcode, f.data[:2]) for f in frames_in(written)] == [
+        (Opcode.CLOSE, (1009).to_bytes(2, "big"))
+    ]
+    assert connection.take_unsent() == [b"before"]  # for the session, once
+    assert connection.take_unsent() == []
+
+
+# --------------------------------------------------------------------------- the door's bounds
+
+
+async def closed_with(ws: aiohttp.ClientWebSocketResponse, within: float = 5000 * MS) -> int:
+    """The close code the gateway sent, reading past anything else it sent first."""
+    async with asyncio.timeout(within):
+        while True:
+            message = await ws.receive()
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                return int(message.data)
+            if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                return -1
+
+
+async def test_a_ping_taskuuid_must_be_a_uuid(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    client = await connect(http, gateway.url)
+    await client.send({"taskType": "ping", "taskUUID": "x" * 1000})
+    [error] = (await client.recv())["errors"]
+    assert (error["code"], error["parameter"], error["taskType"]) == (
+        "invalidTaskUUID",
+        "taskUUID",
+        "ping",
+    )
+    assert len(error.get("taskUUID", "")) <= 64  # a bad taskUUID is not echoed at length
+    token = str(uuid.uuid4())
+    await client.send({"taskType": "ping", "taskUUID": token})
+    assert (await client.recv())["data"] == [{"taskType": "ping", "pong": True, "taskUUID": token}]
+
+
+async def test_frames_before_authentication_are_small(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    async with running(gateway_config(provider, max_unauthenticated_frame_bytes=1024)) as gateway:
+        small = await connect(http, gateway.url)
+        await small.send({"taskType": "ping", "ping": True, "pad": "x" * 500})
+        assert (await small.recv())["data"] == [{"taskType": "ping", "pong": True}]
+        big = await connect(http, gateway.url)
+        await big.send({"taskType": "ping", "ping": True, "pad": "x" * 64 * 1024})
+        assert await closed_with(big.ws) == 1009
+        # once authenticated, frames may be as large as max_frame_bytes
+        await small.auth(key=ALPHA)
+        await small.send({"taskType": "ping", "ping": True, "pad": "x" * 64 * 1024})
+        assert (await small.recv())["data"] == [{"taskType": "ping", "pong": True}]
+
+
+async def test_empty_frames_are_no_activity(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    config = gateway_config(provider, idle_timeout=300 * MS, auth_timeout=1000 * MS)
+    async with running(config) as gateway:
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+
+        async def empty_frames() -> None:
+            for _ in range(100):
+                await client.ws.send_str("[]")
+                await asyncio.sleep(50 * MS)
+
+        sender = asyncio.create_task(empty_frames())
+        try:
+            assert await closed_with(client.ws, within=4000 * MS) == 1000
+        finally:
+            sender.cancel()
+
+
+async def test_invalid_utf8_in_a_text_frame_closes_1007(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    bad = b'[{"taskType":"ping","taskUUID":"\xff\xfe"}]'
+    binary = await connect(http, gateway.url)
+    await binary.ws.send_bytes(bad)  # binary frames are not text: answered, as before
+    assert (await binary.recv())["errors"][0]["code"] == "invalidJSON"
+    text = await connect(http, gateway.url)
+    await text.ws.send_frame(bad, aiohttp.WSMsgType.TEXT)
+    assert await closed_with(text.ws) == 1007
+
+
+async def test_one_authentication_per_socket_makes_one_session(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    assert gateway.clients is not None
+    client = await connect(http, gateway.url)
+    first = await client.auth(key=ALPHA)
+    await client.send(*[{"taskType": "authentication", "apiKey": ALPHA}] * 255)
+    replies = [await client.recv() for _ in range(255)]
+    sessions = {reply["data"][0]["connectionSessionUUID"] for reply in replies}
+    assert sessions == {first} and len(gateway.clients.sessions) == 1
+    # another tenant's key on an authenticated socket: refused, the socket stays who it was
+    await client.send({"taskType": "authentication", "apiKey": BETA})
+    [error] = (await client.recv())["errors"]
+    assert (error["code"], error["taskType"]) == ("invalidApiKey", "authentication")
+    assert len(gateway.clients.sessions) == 1
+
+
+async def test_sessions_per_tenant_are_bounded_oldest_detached_evicted_first(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    config = gateway_config(provider, max_sessions_per_tenant=2, max_sessions=3)
+    async with running(config) as gateway:
+        assert gateway.clients is not None
+        gone = []
+        for _ in range(3):
+            client = await connect(http, gateway.url)
+            gone.append(await client.auth(key=ALPHA))
+            await client.ws.close()
+        await until(lambda: not gateway.clients.connections)
+        assert set(gateway.clients.sessions) == set(gone[1:])  # the oldest went first
+        for _ in range(2):
+            client = await connect(http, gateway.url)
+            await client.auth(key=BETA)
+            await client.ws.close()
+        await until(lambda: not gateway.clients.connections)
+        assert len(gateway.clients.sessions) == 3
+        assert gone[1] not in gateway.clients.sessions  # evicted for the total
+        # a session that was evicted cannot be resumed: a fresh one instead
+        client = await connect(http, gateway.url)
+        assert await client.auth(key=ALPHA, session=gone[0]) != gone[0]
+        async with http.get(f"http://127.0.0.1:{gateway.port}/metrics") as response:
+            text = await response.text()
+        assert "tenebra_client_sessions_evicted_total 3.0" in text
+
+
+async def test_no_session_left_to_evict_refuses_the_authentication(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    async with running(gateway_config(provider, max_sessions_per_tenant=1)) as gateway:
+        first = await connect(http, gateway.url)
+        await first.auth(key=ALPHA)
+        second = await connect(http, gateway.url)
+        await second.send({"taskType": "authentication", "apiKey": ALPHA})
+        [error] = (await second.recv())["errors"]
+        assert (error["code"], error["taskType"]) == ("rateLimitExceeded", "authentication")
+        await first.send({"taskType": "ping"})  # the first socket goes on
+        assert (await first.recv())["data"] == [{"taskType": "ping", "pong": True}]
+
+
+async def test_a_half_sent_request_line_is_closed_within_the_handshake_timeout(
+    provider: LocalProvider,
+) -> None:
+    async with running(gateway_config(provider, handshake_timeout=300 * MS)) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            writer.write(b"GET /v1 HT")
+            await writer.drain()
+            async with asyncio.timeout(5000 * MS):
+                assert await reader.read() == b""  # closed by the gateway
+        finally:
+            writer.close()
+
+
+async def test_client_connections_are_bounded(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    async with running(gateway_config(provider, max_connections=1)) as gateway:
+        first = await connect(http, gateway.url)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await connect(http, gateway.url)
+        assert refused.value.status == 503
+        await first.ws.close()
+        await until(lambda: not gateway.clients.connections)
+        await (await connect(http, gateway.url)).ws.close()
+
+
+async def test_get_response_is_rate_limited_per_connection(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    config = gateway_config(provider, get_response_rate=0.001, get_response_burst=2)
+    async with running(config) as gateway:
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        polls = [str(uuid.uuid4()) for _ in range(4)]
+        await client.send(*[{"taskType": "getResponse", "taskUUID": p} for p in polls])
+        errors: list[dict[str, Any]] = []
+        while len(errors) < 4:
+            errors.extend((await client.recv())["errors"])
+        assert [(e["code"], e["taskUUID"], e["taskType"]) for e in errors] == [
+            ("taskNotFound", polls[0], "getResponse"),
+            ("taskNotFound", polls[1], "getResponse"),
+            ("rateLimitExceeded", polls[2], "getResponse"),
+            ("rateLimitExceeded", polls[3], "getResponse"),
+        ]
+        other = await connect(http, gateway.url)  # the limit is the connection's own
+        await other.auth(key=ALPHA)
+        await other.send({"taskType": "getResponse", "taskUUID": polls[0]})
+        assert (await other.recv())["errors"][0]["code"] == "taskNotFound"
