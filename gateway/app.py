@@ -5,9 +5,9 @@ then the client-facing server. Stop: refuse new connections and tasks, wait for 
 up to the drain deadline, close clients with 1012 so SDKs reconnect elsewhere, close the
 provider links, stop the embedded provider.
 
-Routes: WebSocket ``GET /v1`` and ``GET /``; REST ``POST /v1``; ``GET /metrics`` (Prometheus);
-``GET /healthz`` (the process answers); ``GET /readyz`` (200 only while a provider link is
-authenticated).
+Routes: WebSocket ``GET /v1`` and ``GET /``; REST ``POST /v1``; ``GET /metrics`` (Prometheus,
+behind a bearer token when ``server.metrics_token`` is set); ``GET /healthz`` (the process
+answers); ``GET /readyz`` (200 only while a provider link is authenticated).
 """
 
 from __future__ import annotations
