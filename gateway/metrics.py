@@ -107,6 +107,19 @@ class Metrics:
         self.upstream_reconnects = Counter(
             "tenebra_upstream_reconnects", "Provider link reconnections", ["link"], registry=r
         )
+        self.upstream_failures = Counter(
+            "tenebra_upstream_failures",
+            "Provider link connections that ended in failure, by kind (network, protocol, "
+            "refused, bug)",
+            ["link", "kind"],
+            registry=r,
+        )
+        self.provider_frames_dropped = Counter(
+            "tenebra_provider_items_dropped",
+            "Provider frames or items that did not decode or did not fit their task: dropped",
+            ["reason"],
+            registry=r,
+        )
         self.errors = Counter("tenebra_errors", "Error items sent, by code", ["code"], registry=r)
         self.stray_items = Counter(
             "tenebra_stray_items", "Provider items for no open task", registry=r

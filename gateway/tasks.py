@@ -36,6 +36,9 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     S.EXPIRED: frozenset(),
 }
 FINAL = frozenset({S.DONE, S.FAILED, S.EXPIRED})
+# Only a task the provider was sent can hear from it: an item about any other (one still
+# waiting at the gateway, whose upstream UUID a provider could guess) is a stray.
+AT_PROVIDER = frozenset({S.SUBMITTED, S.PARTIAL})
 
 
 def upstream_uuids() -> Callable[[], str]:
@@ -139,8 +142,8 @@ class TaskRegistry:
 
     def on_result(self, upstream_uuid: str, item: msgspec.Raw) -> None:
         record = self.store.by_upstream(upstream_uuid)
-        if record is None or not record.open:
-            self._metrics.stray_items.inc()  # a task we forgot, or a result after its end
+        if record is None or record.state not in AT_PROVIDER:
+            self._metrics.stray_items.inc()  # a task we forgot, not yet sent, or ended
             return
         try:
             result = decode_image_result(item)
@@ -165,7 +168,7 @@ class TaskRegistry:
 
     def on_error(self, upstream_uuid: str, error: ErrorItem) -> None:
         record = self.store.by_upstream(upstream_uuid)
-        if record is None or not record.open:
+        if record is None or record.state not in AT_PROVIDER:
             self._metrics.stray_items.inc()
             return
         self.fail(record, msgspec.structs.replace(error, taskUUID=record.task_uuid))

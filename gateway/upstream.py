@@ -25,15 +25,30 @@ import msgspec
 import structlog
 from msgspec import UNSET
 
+from gateway.backoff import full_jitter
 from gateway.config import ProviderSettings
 from gateway.metrics import Metrics
+from gateway.recovery import LinkRecovery, Verdict
 from gateway.store.base import TaskRecord, TaskState
 from gateway.tasks import TaskRegistry
-from protocol.codec import decode_error_item, decode_route, decode_server_frame, encode_tasks
+from protocol.codec import (
+    decode_auth_reply,
+    decode_error_item,
+    decode_route,
+    decode_server_frame,
+    encode_tasks,
+)
 from protocol.errors import error_item
 from protocol.frames import Authentication, GetResponse, ImageTask, Ping
 
-__all__ = ["AuthRefused", "LinkState", "UpstreamLink", "UpstreamPool", "upstream_task"]
+__all__ = [
+    "AuthRefused",
+    "LinkState",
+    "ProviderProtocolError",
+    "UpstreamLink",
+    "UpstreamPool",
+    "upstream_task",
+]
 
 log = structlog.get_logger("tenebra.upstream")
 
@@ -49,6 +64,19 @@ class LinkState(enum.StrEnum):
 
 class AuthRefused(Exception):
     """The provider answered the authentication with an error."""
+
+
+class ProviderProtocolError(Exception):
+    """The provider sent what the protocol does not allow where it sent it."""
+
+
+# What a provider connection can fail with that is the network's or the peer's doing: retried
+# quietly. Anything else is a bug of ours, logged with its traceback, and retried all the same:
+# one bad frame must never leave the gateway without a provider.
+_NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ConnectionError)
+# What decoding a peer's bytes can raise (msgspec reports bad UTF-8 as UnicodeDecodeError, and
+# very deep nesting as RecursionError).
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 def upstream_task(record: TaskRecord) -> ImageTask:
@@ -93,25 +121,15 @@ class UpstreamLink:
         self.session_uuid: str | None = None
         self.outbox: deque[TaskRecord] = deque()
         self._polls: deque[Ping | GetResponse] = deque()  # small frames, sent before tasks
-        self.in_flight: set[str] = set()  # upstream UUIDs sent on this link and not final
         self._wakeup = asyncio.Event()
         self._pongs: dict[str, asyncio.Future[None]] = {}
         self._runner: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.connects = 0
         self._closing = False
-        self.resumed = False  # did the current connection resume the provider session?
         self._last_read = 0.0  # loop time of the last frame read
         self._send_started: float | None = None  # loop time the send in progress began
-        # tasks whose results went to a provider session that did not survive: polled until
-        # they settle, since nothing will push their results to us any more
-        self.orphans: set[str] = set()
-        # a recovery poll's answer speaks only of the sends made before it: each poll keeps
-        # the task's send count at the time it went out
-        self._polled_at: dict[str, int] = {}
-        # tasks the provider has acknowledged (any item about them) since their last send:
-        # under a resumed session they need no urgent poll after a reconnect
-        self._heard: set[str] = set()
+        self.recovery = LinkRecovery(rng.shuffle)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,7 +141,8 @@ class UpstreamLink:
         self._set_state(LinkState.CLOSED)
         if self._runner is not None:
             self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # the loop survives everything, but close() must not be where a bug surfaces
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
 
     def _set_state(self, state: LinkState) -> None:
@@ -135,28 +154,46 @@ class UpstreamLink:
             self.ready.clear()
         self._on_state(self)
 
+    @property
+    def in_flight(self) -> set[str]:
+        """Upstream UUIDs sent on this link and not final."""
+        return self.recovery.in_flight
+
     async def _run(self) -> None:
-        attempt = 0
+        settings = self.settings
+        delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
         while not self._closing:
             try:
                 await self._connection()
-                attempt = 0
+                delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
             except asyncio.CancelledError:
                 raise
-            except AuthRefused as exc:
-                log.warning("provider refused authentication", link=self.index, reason=str(exc))
-                self._set_state(LinkState.REFUSED)
-            except (aiohttp.ClientError, TimeoutError, OSError, ConnectionError) as exc:
-                log.warning("provider link failed", link=self.index, error=repr(exc))
+            except Exception as exc:  # sorted and logged by _failed
+                self._failed(exc)
             if self._closing:
                 return
             if self.state != LinkState.REFUSED:
                 self._set_state(LinkState.DOWN)
             self.metrics.upstream_reconnects.labels(str(self.index)).inc()
-            # full jitter: a fleet of gateways never reconnects in step
-            ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * 2**attempt)
-            attempt += 1
-            await asyncio.sleep(self._rng.uniform(0, ceiling))
+            await asyncio.sleep(next(delays))
+
+    def _failed(self, exc: Exception) -> None:
+        """Sort a connection's end, as websockets' ``process_exception`` does: the provider's
+        refusal, the network, a provider that breaks the protocol, or a bug of ours."""
+        if isinstance(exc, AuthRefused):
+            kind = "refused"
+            log.warning("provider refused authentication", link=self.index, reason=str(exc))
+            self._set_state(LinkState.REFUSED)
+        elif isinstance(exc, ProviderProtocolError):
+            kind = "protocol"
+            log.warning("provider broke the protocol", link=self.index, error=str(exc))
+        elif isinstance(exc, _NETWORK_ERRORS):
+            kind = "network"
+            log.warning("provider link failed", link=self.index, error=repr(exc))
+        else:
+            kind = "bug"
+            log.error("provider link failed unexpectedly", link=self.index, exc_info=exc)
+        self.metrics.upstream_failures.labels(str(self.index), kind).inc()
 
     async def _connection(self) -> None:
         self._set_state(LinkState.CONNECTING)
@@ -209,105 +246,73 @@ class UpstreamLink:
         message = await ws.receive(timeout=self.settings.auth_timeout)
         if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
             raise ConnectionError(f"the provider closed during authentication: {message.type}")
-        frame = decode_server_frame(message.data)
-        if frame.errors:
-            raise AuthRefused(decode_error_item(frame.errors[0]).message)
-        reply = msgspec.json.decode(frame.data[0], type=dict[str, Any]) if frame.data else {}
-        session = reply.get("connectionSessionUUID")
-        if reply.get("taskType") != "authentication" or not isinstance(session, str):
-            raise ConnectionError("the provider's first frame was not the authentication reply")
-        resumed = session == self.session_uuid
-        self.session_uuid = session
+        try:
+            frame = decode_server_frame(message.data)
+            if frame.errors:
+                raise AuthRefused(decode_error_item(frame.errors[0]).message)
+            reply = decode_auth_reply(frame.data[0]) if frame.data else None
+        except _UNDECODABLE as exc:
+            raise ProviderProtocolError(f"unreadable authentication reply: {exc}") from None
+        if reply is None:
+            raise ProviderProtocolError("the provider's first frame was not the auth reply")
+        resumed = reply.connectionSessionUUID == self.session_uuid
+        self.session_uuid = reply.connectionSessionUUID
         return resumed
 
     def _recover(self, resumed: bool) -> None:
-        """After a reconnect, ask the provider for the state of every task this link had out.
-
-        Answers come back through the normal routing, de-duplicated by imageUUID, so a result
-        that arrives both from the resumed session's buffer and from this poll counts once.
-        A task the provider has no record of is handled by :meth:`_lost`. When the session did
-        not resume, nothing will push the results of still-running tasks to us any more: they
-        become orphans, polled every ``recovery_interval`` until they settle.
-        """
-        self.resumed = resumed
-        if not self.in_flight:
-            return
-        if not resumed:
-            self.orphans |= self.in_flight
-            self._poll(list(self.in_flight))
-            return
-        # Urgent: the tasks the provider never acknowledged (their frame may have died with
-        # the old socket). The others it holds, and their results come through the resumed
-        # session; they get one recheck later, in case a result frame died in the break.
-        # Polling everything at once would make recovery traffic grow with the load, and a
-        # link that breaks under traffic would never get through it.
-        self._poll(list(self.in_flight - self._heard))
-        recheck = list(self.in_flight & self._heard)
-        if recheck:
+        """After a reconnect, ask the provider for the state of the tasks this link had out,
+        as :class:`gateway.recovery.LinkRecovery` decides. Answers come back through the normal
+        routing, de-duplicated by imageUUID, so a result that arrives both from the resumed
+        session's buffer and from a poll counts once."""
+        plan = self.recovery.reconnected(resumed)
+        self._poll(plan.poll_now)
+        if plan.recheck_later:
             asyncio.get_running_loop().call_later(
-                self.settings.recovery_interval * 5, self._recheck, recheck
+                self.settings.recovery_interval * 5, self._recheck, plan.recheck_later
             )
 
     def _recheck(self, upstream_uuids: list[str]) -> None:
         if self.state == LinkState.READY:
-            self._poll([u for u in upstream_uuids if u in self.in_flight])
+            self._poll(self.recovery.due_for_recheck(upstream_uuids))
 
     def _poll(self, upstream_uuids: list[str]) -> None:
-        # A fresh order every round: answers come back in order, and a link that keeps
-        # breaking must not starve the same tasks at the end of the list every time.
-        self._rng.shuffle(upstream_uuids)
+        if not upstream_uuids:
+            return
+        store = self.registry.store
         for upstream_uuid in upstream_uuids:
-            record = self.registry.store.by_upstream(upstream_uuid)
-            self._polled_at[upstream_uuid] = record.sends if record is not None else 0
+            record = store.by_upstream(upstream_uuid)
+            self.recovery.polled(upstream_uuid, record.sends if record is not None else 0)
             self._polls.append(GetResponse(taskUUID=upstream_uuid))
         self._wakeup.set()
 
     def _lost(self, upstream_uuid: str) -> None:
-        """The provider answered a recovery poll with taskNotFound.
-
-        Under a resumed session the provider still knows every task it received, so this task
-        never reached it (its frame died with the old socket): it is sent again, and billed
-        once. That is safe however often it is confirmed; a link that loses everything is
-        bounded by the task's own deadline (``tasks.timeout``). Under a new session the
-        provider forgot (a restart): the task fails with a clear error and is not sent again,
-        since it may have been received and billed.
-        """
+        """The provider answered a recovery poll with taskNotFound: resend, fail, or ignore,
+        as the recovery rules say."""
         record = self.registry.store.by_upstream(upstream_uuid)
-        asked_at = self._polled_at.get(upstream_uuid)
         if record is None or not record.open:
             return
-        if asked_at is None or record.sends > asked_at or record in self.outbox:
-            return  # an answer older than the latest send, or a resend already on its way
-        if self.resumed:
+        verdict = self.recovery.not_found(
+            upstream_uuid, sends=record.sends, resend_queued=record in self.outbox
+        )
+        if verdict is Verdict.RESEND:
             log.info("resending a task the provider never received", link=self.index)
             self.outbox.appendleft(record)
             self._wakeup.set()
-            return
-        self.registry.on_error(
-            upstream_uuid,
-            error_item(
-                "providerError",
-                message="The provider lost this task (it restarted or forgot its session). "
-                "It was not submitted again, so it was not billed twice.",
-                task_type="imageInference",
-            ),
-        )
-
-    def _already_there(self, upstream_uuid: str) -> bool:
-        """A conflict in answer to a resend: the provider had the task after all (its earlier
-        frame was still being read when it answered taskNotFound). It refused the copy, so
-        nothing was billed twice; the task is polled until it settles."""
-        record = self.registry.store.by_upstream(upstream_uuid)
-        if record is None or record.sends < 2:
-            return False
-        self.orphans.add(upstream_uuid)
-        return True
+        elif verdict is Verdict.FAIL:
+            self.registry.on_error(
+                upstream_uuid,
+                error_item(
+                    "providerError",
+                    message="The provider lost this task (it restarted or forgot its session). "
+                    "It was not submitted again, so it was not billed twice.",
+                    task_type="imageInference",
+                ),
+            )
 
     async def _poll_orphans(self) -> None:
         while True:
             await asyncio.sleep(self.settings.recovery_interval)
-            if self.orphans:
-                self._poll(list(self.orphans))
+            self._poll(self.recovery.orphans_due())
 
     def _requeue_unsent(self) -> None:
         """Tasks still in the outbox never left: the pool may send them on another link."""
@@ -338,39 +343,60 @@ class UpstreamLink:
                 raise ConnectionError(f"the provider closed the link ({ws.close_code})")
 
     def _route(self, data: bytes | str) -> None:
+        """Every item of a provider frame to its task. What does not decode, or does not fit
+        its task's state, is counted and dropped: nothing a provider sends ends the link."""
         try:
             frame = decode_server_frame(data)
-        except msgspec.DecodeError:
-            log.warning("unreadable frame from the provider", link=self.index)
+        except _UNDECODABLE:
+            self._dropped("undecodable frame")
             return
-        registry = self.registry
         for raw in frame.data:
             try:
-                route = decode_route(raw)
-            except msgspec.DecodeError:
-                continue
-            if route.taskType == "ping":
-                pong = self._pongs.pop(route.taskUUID or "", None)
-                if pong is not None and not pong.done():
-                    pong.set_result(None)
-            elif route.taskUUID is not None:
-                if route.taskUUID in self.in_flight:  # a stray item must not be remembered
-                    self._heard.add(route.taskUUID)
-                registry.on_result(route.taskUUID, raw)
+                self._route_data(raw)
+            except _UNDECODABLE:
+                self._dropped("undecodable item")
+            except Exception:  # a bug, or an item that fits no state: the link goes on
+                self._dropped("unroutable item", traceback=True)
         for raw in frame.errors:
             try:
-                error = decode_error_item(raw)
-            except msgspec.DecodeError:
-                continue
-            if error.taskUUID is not None:
-                if error.taskType == "getResponse" and error.code == "taskNotFound":
-                    self._lost(error.taskUUID)
-                elif error.code == "conflictTaskUUID" and self._already_there(error.taskUUID):
-                    continue
-                else:
-                    registry.on_error(error.taskUUID, error)
-            else:
-                log.warning("provider error without a task", link=self.index, code=error.code)
+                self._route_error(raw)
+            except _UNDECODABLE:
+                self._dropped("undecodable item")
+            except Exception:
+                self._dropped("unroutable item", traceback=True)
+
+    def _route_data(self, raw: msgspec.Raw) -> None:
+        route = decode_route(raw)
+        if route.taskType == "ping":
+            pong = self._pongs.pop(route.taskUUID or "", None)
+            if pong is not None and not pong.done():
+                pong.set_result(None)
+        elif route.taskUUID is not None:
+            self.recovery.heard(route.taskUUID)
+            self.registry.on_result(route.taskUUID, raw)
+
+    def _route_error(self, raw: msgspec.Raw) -> None:
+        error = decode_error_item(raw)
+        upstream_uuid = error.taskUUID
+        if upstream_uuid is None:
+            log.warning("provider error without a task", link=self.index, code=error.code)
+            return
+        if error.taskType == "getResponse" and error.code == "taskNotFound":
+            self._lost(upstream_uuid)
+            return
+        if error.code == "conflictTaskUUID":
+            record = self.registry.store.by_upstream(upstream_uuid)
+            sends = record.sends if record is not None else 0
+            if self.recovery.conflict(upstream_uuid, sends=sends) is Verdict.POLL:
+                return  # the provider had it after all; polled until it settles
+        self.registry.on_error(upstream_uuid, error)
+
+    def _dropped(self, reason: str, *, traceback: bool = False) -> None:
+        self.metrics.provider_frames_dropped.labels(reason).inc()
+        if traceback:
+            log.error("provider item dropped", link=self.index, reason=reason, exc_info=True)
+        else:
+            log.warning("provider item dropped", link=self.index, reason=reason)
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         limit = self.settings.max_batch
@@ -393,9 +419,8 @@ class UpstreamLink:
                 if record.state in (TaskState.RECEIVED, TaskState.QUEUED):
                     self.registry.move(record, TaskState.SUBMITTED)
                 record.sends += 1
-                self._heard.discard(record.upstream_uuid)
                 record.link = self.index
-                self.in_flight.add(record.upstream_uuid)
+                self.recovery.sent(record.upstream_uuid)
                 batch.append(upstream_task(record))
             if batch:
                 self._send_started = loop.time()
@@ -446,10 +471,7 @@ class UpstreamLink:
         self._wakeup.set()
 
     def settled(self, record: TaskRecord) -> None:
-        self.in_flight.discard(record.upstream_uuid)
-        self.orphans.discard(record.upstream_uuid)
-        self._polled_at.pop(record.upstream_uuid, None)
-        self._heard.discard(record.upstream_uuid)
+        self.recovery.settled(record.upstream_uuid)
 
 
 class UpstreamPool:

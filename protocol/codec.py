@@ -18,6 +18,7 @@ import msgspec
 from protocol.errors import error_item
 from protocol.frames import (
     Authentication,
+    AuthenticationResult,
     ClientTask,
     DataFrame,
     ErrorFrame,
@@ -36,6 +37,7 @@ from protocol.validate import decode_error, validate_image_inference
 
 __all__ = [
     "Outcome",
+    "decode_auth_reply",
     "decode_client_frame",
     "decode_error_item",
     "decode_image_result",
@@ -60,6 +62,7 @@ _server_frame = msgspec.json.Decoder(ServerFrame)
 _route = msgspec.json.Decoder(ItemRoute)
 _image_result = msgspec.json.Decoder(ImageResult)
 _error_item = msgspec.json.Decoder(ErrorItem)
+_auth_reply = msgspec.json.Decoder(AuthenticationResult)
 _encoder = msgspec.json.Encoder()
 
 _WHITESPACE = b" \t\r\n"
@@ -163,6 +166,11 @@ def decode_route(item: msgspec.Raw | bytes) -> ItemRoute:
 def decode_image_result(item: msgspec.Raw | bytes) -> ImageResult:
     """One image result item. Raises msgspec.DecodeError."""
     return _image_result.decode(item)
+
+
+def decode_auth_reply(item: msgspec.Raw | bytes) -> AuthenticationResult:
+    """The provider's answer to our authentication. Raises msgspec.DecodeError."""
+    return _auth_reply.decode(item)
 
 
 def decode_error_item(item: msgspec.Raw | bytes) -> ErrorItem:

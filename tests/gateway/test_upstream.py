@@ -1,0 +1,315 @@
+"""The provider link against a provider that misbehaves in ways the local one never does: every
+frame it sends may be garbage, of the wrong shape, or about a task the gateway never sent. The
+link logs and counts what it cannot use, drops it, and reconnects if it must; it never dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.app import Gateway
+from gateway.config import Config, ProviderSettings, ServerSettings, Tenant
+from gateway.store.base import TaskRecord, TaskState
+from gateway.upstream import LinkState
+from protocol.codec import decode_client_frame
+from protocol.frames import ImageTask
+from tests.gateway.conftest import ALPHA, Client, connect, task, until
+from tests.timing import MS
+
+SESSION = "5f0c7a52-1a3c-4b7e-9c1d-2f3b4a5c6d7e"
+AUTH_REPLY = json.dumps(
+    {"data": [{"taskType": "authentication", "connectionSessionUUID": SESSION}]}
+).encode()
+
+
+class FakeProvider:
+    """A Runware-protocol provider with a script: what it answers to the next authentications
+    in place of the reply, and frames it sends after a good reply. Past the script it behaves:
+    one result per image asked, pongs, and getResponse answers from what it has done."""
+
+    def __init__(self) -> None:
+        self.auth_answers: deque[bytes] = deque()
+        self.after_auth: deque[bytes] = deque()
+        self.connections = 0
+        self.authenticated = 0
+        self.submissions: list[str] = []
+        self.results: dict[str, list[dict[str, Any]]] = {}
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/v1", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def drop(self) -> None:
+        """Close every open socket, as a provider that restarts its front end would."""
+        for ws in list(self._sockets):
+            await ws.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.connections += 1
+        self._sockets.add(ws)
+        try:
+            return await self._serve(ws)
+        finally:
+            self._sockets.discard(ws)
+
+    async def _serve(self, ws: web.WebSocketResponse) -> web.WebSocketResponse:
+        await ws.receive()  # the authentication
+        if self.auth_answers:
+            await ws.send_bytes(self.auth_answers.popleft())
+        else:
+            self.authenticated += 1
+            await ws.send_bytes(AUTH_REPLY)
+            while self.after_auth:
+                await ws.send_bytes(self.after_auth.popleft())
+        async for message in ws:
+            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                for frame in self._answer(json.loads(message.data)):
+                    await ws.send_str(json.dumps(frame))
+        return ws
+
+    def _answer(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        frames: list[dict[str, Any]] = []
+        for item in items:
+            kind, task_uuid = item.get("taskType"), str(item.get("taskUUID"))
+            if kind == "ping":
+                frames.append({"data": [{"taskType": "ping", "pong": True, "taskUUID": task_uuid}]})
+            elif kind == "imageInference":
+                self.submissions.append(task_uuid)
+                results = [
+                    {
+                        "taskType": "imageInference",
+                        "taskUUID": task_uuid,
+                        "imageUUID": str(uuid.uuid4()),
+                        "imageURL": "http://127.0.0.1:9/image.jpg",
+                        "cost": 0.0,
+                    }
+                    for _ in range(item.get("numberResults", 1))
+                ]
+                self.results[task_uuid] = results
+                frames.extend({"data": [result]} for result in results)
+            elif kind == "getResponse":
+                known = self.results.get(task_uuid)
+                if known is None:
+                    error = {"code": "taskNotFound", "taskType": "getResponse"}
+                    frames.append({"errors": [{**error, "taskUUID": task_uuid, "message": "?"}]})
+                else:
+                    frames.append({"data": known})
+        return frames
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    provider = FakeProvider()
+    await provider.start()
+    yield provider
+    await provider.stop()
+
+
+def fake_config(fake: FakeProvider) -> Config:
+    return Config(
+        server=ServerSettings(port=0, drain_deadline=200 * MS),
+        provider=ProviderSettings(
+            url=fake.url,
+            api_key="k",
+            ping_interval=200 * MS,
+            pong_timeout=300 * MS,
+            auth_timeout=500 * MS,
+            backoff_initial=5 * MS,
+            backoff_max=20 * MS,
+            recovery_interval=100 * MS,
+        ),
+        tenants={"alpha": Tenant(keys=[ALPHA])},
+    )
+
+
+async def started(fake: FakeProvider) -> Gateway:
+    gateway = Gateway(fake_config(fake))
+    await gateway.start()
+    return gateway
+
+
+async def one_task_completes(gateway: Gateway, http: aiohttp.ClientSession) -> None:
+    client: Client = await connect(http, gateway.url)
+    await client.auth(key=ALPHA)
+    sent = task(numberResults=2)
+    await client.send(sent)
+    for _ in range(2):
+        frame = await client.recv(within=5000 * MS)
+        assert frame["data"][0]["taskUUID"] == sent["taskUUID"], frame
+    await client.ws.close()
+
+
+def failures(gateway: Gateway) -> float:
+    total = 0.0
+    for metric in gateway.metrics.upstream_failures.collect():
+        total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return total
+
+
+MALFORMED_AUTH_REPLIES = [
+    b"not json",
+    b'{"data": 5}',
+    b"[]",
+    b"null",
+    b'{"data": [5]}',
+    b'{"errors": [{"x": 1}]}',
+    b'{"data": [{"taskType": "authentication"}]}',
+    b"[" * 5000 + b"]" * 5000,
+]
+
+
+@pytest.mark.parametrize("reply", MALFORMED_AUTH_REPLIES)
+async def test_a_malformed_authentication_reply_is_survived(
+    fake: FakeProvider, http: aiohttp.ClientSession, reply: bytes
+) -> None:
+    fake.auth_answers.extend([reply, reply])
+    gateway = await started(fake)
+    try:
+        assert gateway.pool is not None
+        async with asyncio.timeout(5000 * MS):
+            await gateway.pool.wait_ready()  # the link came back once the provider behaved
+        assert fake.connections >= 3
+        assert failures(gateway) >= 2
+        await one_task_completes(gateway, http)
+    finally:
+        await gateway.stop()  # and the failures do not surface at shutdown
+
+
+async def test_an_item_for_a_task_not_yet_sent_is_dropped(
+    fake: FakeProvider, http: aiohttp.ClientSession
+) -> None:
+    """Upstream UUIDs are predictable; an item about a task still waiting at the gateway
+    (received or queued, never sent) must not move it, nor kill the link."""
+    gateway = await started(fake)
+    try:
+        assert gateway.pool is not None
+        async with asyncio.timeout(5000 * MS):
+            await gateway.pool.wait_ready()
+        (checked,) = decode_client_frame(json.dumps([task()]), gateway.catalogue)
+        assert isinstance(checked, ImageTask)
+        record = gateway.registry.register("alpha", checked, None)
+        assert isinstance(record, TaskRecord)
+        stray = {
+            "taskType": "imageInference",
+            "taskUUID": record.upstream_uuid,
+            "imageUUID": str(uuid.uuid4()),
+            "imageURL": "http://127.0.0.1:9/x.jpg",
+        }
+        error = {"code": "providerError", "message": "?", "taskUUID": record.upstream_uuid}
+        link = gateway.pool.links[0]
+        link._route(json.dumps({"data": [stray]}).encode())
+        link._route(json.dumps({"errors": [error]}).encode())
+        assert record.state == TaskState.RECEIVED and record.open
+        assert link.state == LinkState.READY
+        await one_task_completes(gateway, http)
+        assert gateway.metrics.stray_items._value.get() == 2
+    finally:
+        await gateway.stop()
+
+
+async def test_a_link_that_fails_unexpectedly_reconnects_and_close_does_not_raise(
+    fake: FakeProvider, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever escapes a connection (a bug included) is logged, counted, and followed by a
+    reconnect with backoff; close() at shutdown does not re-raise it."""
+    gateway = await started(fake)
+    try:
+        assert gateway.pool is not None
+        async with asyncio.timeout(5000 * MS):
+            await gateway.pool.wait_ready()
+        link = gateway.pool.links[0]
+        calls = 0
+        original = link._recover
+
+        def broken(resumed: bool) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug in recovery")
+            original(resumed)
+
+        monkeypatch.setattr(link, "_recover", broken)
+        await fake.drop()
+        await until(lambda: calls >= 2 and link.state == LinkState.READY, 5000 * MS)
+        assert failures(gateway) >= 2
+        await one_task_completes(gateway, http)
+    finally:
+        await gateway.stop()
+
+
+ITEM = st.one_of(
+    st.integers(),
+    st.none(),
+    st.text(max_size=20),
+    st.dictionaries(
+        st.sampled_from(["taskType", "taskUUID", "imageUUID", "code", "message", "pong", "x"]),
+        st.one_of(st.text(max_size=40), st.integers(), st.none(), st.booleans()),
+        max_size=5,
+    ),
+)
+FRAME = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda v: json.dumps(v).encode(), st.recursive(ITEM, st.lists, max_leaves=8)),
+    st.builds(
+        lambda d, e: json.dumps({"data": d, "errors": e}).encode(),
+        st.lists(ITEM, max_size=4),
+        st.lists(ITEM, max_size=4),
+    ),
+)
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(at_auth=st.lists(FRAME, max_size=2), after_auth=st.lists(FRAME, max_size=6))
+async def test_fuzzed_provider_frames_never_kill_the_link(
+    at_auth: list[bytes], after_auth: list[bytes]
+) -> None:
+    fake = FakeProvider()
+    await fake.start()
+    fake.auth_answers.extend(at_auth)
+    fake.after_auth.extend(after_auth)
+    try:
+        gateway = await started(fake)
+        try:
+            assert gateway.pool is not None
+            await until(
+                lambda: not (fake.auth_answers or fake.after_auth) and gateway.pool.ready,
+                5000 * MS,
+            )
+            async with aiohttp.ClientSession() as http:
+                await one_task_completes(gateway, http)
+        finally:
+            await gateway.stop()
+    finally:
+        await fake.stop()
