@@ -31,8 +31,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from gateway.backoff import full_jitter
 from gateway.config import DeliverySettings, Tenant
-from gateway.delivery.egress import EgressGuard
+from gateway.delivery.egress import EgressGuard, EgressRefused
 from gateway.metrics import Metrics
 from gateway.store.base import Delivery, TaskRecord
 from protocol.codec import encode
@@ -52,8 +53,11 @@ def sign(secret: str, message_id: str, timestamp: str, body: bytes) -> str:
 
 
 def _display(url: str) -> str:
-    """The URL without query or fragment: presigned signatures never reach a log or a view."""
-    return urlsplit(url)._replace(query="", fragment="").geturl()
+    """The URL without userinfo, query or fragment: credentials and presigned signatures
+    never reach a log or a view."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host, query="", fragment="").geturl()
 
 
 def _fill(url: str, image_uuid: str, index: int) -> str:
@@ -182,12 +186,10 @@ class Deliveries:
         with structlog.contextvars.bound_contextvars(
             task_uuid=record.task_uuid, tenant=record.tenant, delivery=delivery.id
         ):
+            delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
             for attempt in range(settings.attempts):
                 if attempt:
-                    ceiling = min(
-                        settings.backoff_max, settings.backoff_initial * 2 ** (attempt - 1)
-                    )
-                    await asyncio.sleep(self._rng.uniform(0, ceiling))
+                    await asyncio.sleep(next(delays))
                 delivery.attempts += 1
                 try:
                     if reason := self.guard.refusal_for_url(url):
@@ -199,6 +201,8 @@ class Deliveries:
                     break
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     delivery.last_status, delivery.last_error = None, _reason(exc)
+                    if _refused(exc):
+                        break  # the guard's answer will not change: no retries towards it
                     continue
                 delivery.last_status = status
                 if 200 <= status < 300:
@@ -306,6 +310,14 @@ async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes | None
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _refused(exc: BaseException) -> bool:
+    """Refused by the egress guard when the name resolved (aiohttp wraps the resolver's
+    error in a connector error)."""
+    return isinstance(exc, EgressRefused) or isinstance(
+        getattr(exc, "os_error", None), EgressRefused
+    )
 
 
 def _reason(exc: BaseException) -> str:

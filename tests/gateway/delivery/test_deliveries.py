@@ -230,13 +230,18 @@ async def test_one_slow_host_does_not_take_more_than_its_share(
 
 
 async def test_deliveries_are_visible(
-    gateway: Gateway, provider: LocalProvider, receiver: Receiver, http: aiohttp.ClientSession
+    gateway: Gateway,
+    provider: LocalProvider,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     set_faults(provider, fast=True)
     receiver.script = [500]
     client = await connect(http, gateway.url)
     await client.auth(key=ALPHA)
-    sent = task(webhookURL=f"{receiver.url}/hook?token=hidden")
+    with_userinfo = receiver.url.replace("http://", "http://hook-user:s3cr3t-pw@")
+    sent = task(webhookURL=f"{with_userinfo}/hook?token=hidden")
     await client.send(sent)
     await settled_deliveries(gateway, "alpha", sent["taskUUID"], 1)
     base = f"http://127.0.0.1:{gateway.port}"
@@ -247,7 +252,9 @@ async def test_deliveries_are_visible(
     assert view["state"] == "done" and len(view["results"]) == 1
     [delivery] = view["deliveries"]
     assert delivery["state"] == "delivered" and delivery["attempts"] == 2
-    assert delivery["target"] == f"{receiver.url}/hook"  # no query: no secrets in views
+    # no query, no userinfo: no secrets in views or logs
+    assert delivery["target"] == f"{receiver.url}/hook"
+    assert "s3cr3t-pw" not in capsys.readouterr().out
     async with http.get(
         f"{base}/v1/tasks/{sent['taskUUID']}", headers={"Authorization": f"Bearer {BETA}"}
     ) as response:
@@ -292,6 +299,7 @@ async def test_private_destinations_are_refused(
         await client.recv()
         [delivery] = await settled_deliveries(gateway, "alpha", sent["taskUUID"], 1)
         assert delivery.state == "failed" and "egress refused" in (delivery.last_error or "")
+        assert delivery.attempts == 1  # a refusal is final: no retries towards it
         assert receiver.requests == []
     finally:
         await gateway.stop()
