@@ -69,26 +69,24 @@ _WHITESPACE = b" \t\r\n"
 
 
 def _elements_of(frame: bytes) -> list[msgspec.Raw] | ErrorItem:
+    try:
+        return _split(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return error_item("invalidJSON")
+    except RecursionError:  # msgspec's own depth limit, whatever the outer type
+        return error_item("invalidJSON", message="The message is nested too deeply.")
+
+
+def _split(frame: bytes) -> list[msgspec.Raw] | ErrorItem:
     start = frame.lstrip(_WHITESPACE)[:1]
     if start == b"{":
         # A bare object is one task; SDKs always send arrays, accepting both costs nothing.
-        try:
-            _header.decode(frame)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            return error_item("invalidJSON")
+        _header.decode(frame)
         return [msgspec.Raw(frame)]
     if start != b"[":
-        try:
-            msgspec.json.decode(frame)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            return error_item("invalidJSON")
+        msgspec.json.decode(frame)
         return error_item("invalidFrame")
-    try:
-        return _elements.decode(frame)
-    except msgspec.DecodeError:
-        return error_item("invalidJSON")
-    except RecursionError:
-        return error_item("invalidJSON", message="The message is nested too deeply.")
+    return _elements.decode(frame)
 
 
 def decode_tasks(

@@ -401,3 +401,32 @@ async def test_metrics_behind_a_bearer_token_when_one_is_set(
             assert response.status == 401
         async with http.get(url, headers={"Authorization": "Bearer s3cret"}) as response:
             assert response.status == 200 and "tenebra_errors" in await response.text()
+
+
+# shallow: a valid object with no taskType; deep: too deep to decode
+NESTING_CODES = ("missingTaskType", "invalidJSON", "invalidTask")
+
+
+@pytest.mark.parametrize("depth", [1, 100, 1000, 5000])
+@pytest.mark.parametrize("opener", ["{", "["])
+async def test_deep_nesting_is_invalid_json_at_both_doors(
+    gateway: Gateway, http: aiohttp.ClientSession, opener: str, depth: int
+) -> None:
+    """A few KB nested thousands deep once raised RecursionError: a 500 with a traceback per
+    REST request, and a socket closed with no error. Now an error item, and the socket lives."""
+    inner = '{"a":' * depth + "1" + "}" * depth if opener == "{" else "[" * depth + "]" * depth
+    frame = inner if opener == "{" else f"[{inner}]"
+    async with http.post(
+        f"http://127.0.0.1:{gateway.port}/v1",
+        data=frame,
+        headers={"Authorization": f"Bearer {ALPHA}", "Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 400
+        [error] = (await response.json())["errors"]
+        assert error["code"] in NESTING_CODES
+    client = await client_of(http, gateway)
+    await client.ws.send_str(frame)
+    [error] = (await client.recv())["errors"]
+    assert error["code"] in NESTING_CODES
+    await client.send({"taskType": "ping", "ping": True})
+    assert (await client.recv())["data"][0]["pong"] is True

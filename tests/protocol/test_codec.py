@@ -378,3 +378,38 @@ def test_an_answer_is_data_then_errors_never_in_one_frame() -> None:
     assert encode_answer([ack], []) == [encode_data([ack])]
     assert encode_answer([], [error]) == [encode_errors([error])]
     assert encode_answer([ack], [error]) == [encode_data([ack]), encode_errors([error])]
+
+
+NESTING = st.lists(st.sampled_from(["{", "["]), min_size=1, max_size=3000)
+
+
+def _nested(openers: list[str], inner: str = "1") -> bytes:
+    """Valid JSON nested as deep as ``openers`` says: objects get a key at every level."""
+    text = inner
+    for opener in reversed(openers):
+        text = '{"a":' + text + "}" if opener == "{" else "[" + text + "]"
+    return text.encode()
+
+
+@settings(max_examples=60, deadline=None)
+@given(openers=NESTING, wrap=st.sampled_from(["bare", "array", "task"]))
+def test_nesting_of_any_depth_is_an_error_item_never_an_exception(
+    openers: list[str], wrap: str
+) -> None:
+    catalogue = default_catalogue()
+    nested = _nested(openers)
+    if wrap == "array":
+        nested = b"[" + nested + b"]"
+    elif wrap == "task":
+        task = json.dumps(image_task()).encode()
+        nested = task[:-1] + b',"x":' + nested + b"}"
+    outcomes = decode_client_frame(nested, catalogue, max_tasks=256)
+    assert outcomes
+    assert all(isinstance(o, ErrorItem) for o in outcomes)
+
+
+@pytest.mark.parametrize("opener", ["{", "["])
+def test_a_2kb_frame_nested_1000_deep_is_invalid_json(opener: str, catalogue: Catalogue) -> None:
+    [outcome] = decode_client_frame(_nested([opener] * 1000), catalogue, max_tasks=256)
+    assert isinstance(outcome, ErrorItem)
+    assert outcome.code in ("invalidJSON", "invalidTask")
