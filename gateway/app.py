@@ -17,6 +17,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
@@ -29,14 +30,20 @@ from gateway.delivery.deliveries import Deliveries
 from gateway.delivery.egress import EgressGuard
 from gateway.intake import Intake
 from gateway.metrics import Metrics
-from gateway.provider.server import LocalProvider, ProviderConfig
 from gateway.rest import RestEndpoint
 from gateway.store.memory import MemoryTaskStore
 from gateway.tasks import TaskRegistry
 from gateway.upstream import UpstreamPool
+from protocol.errors import error_item
 from protocol.models import Catalogue, default_catalogue
 
+if TYPE_CHECKING:  # the local provider is an optional install (numpy, Pillow): imported when used
+    from gateway.provider.server import LocalProvider
+
 __all__ = ["Gateway"]
+
+# The failure webhooks of tasks failed at the drain deadline get at least this long to leave.
+FINAL_WEBHOOKS_GRACE = 1.0
 
 log = structlog.get_logger("tenebra.app")
 
@@ -78,7 +85,9 @@ class Gateway:
     async def start(self) -> None:
         settings = self.config.provider
         url, key = settings.url, settings.api_key
-        if url is None:
+        if url is None:  # no provider key either: the configuration sets Runware's URL with one
+            from gateway.provider.server import LocalProvider, ProviderConfig
+
             key = secrets.token_urlsafe(24)
             self.provider = LocalProvider(ProviderConfig(keys=frozenset({key})))
             await self.provider.start("127.0.0.1", 0)
@@ -152,6 +161,10 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(drained.wait(), self.config.server.drain_deadline)
         left = self.config.server.drain_deadline - (self.clock() - started)
+        if self.store.open_count:
+            self._fail_open_tasks()
+            await asyncio.sleep(0)  # the sockets' flush runs: the errors leave before 1012
+            left = max(left, FINAL_WEBHOOKS_GRACE)
         await self.deliveries.drain(max(0.0, left))
         if self.clients is not None:
             await self.clients.close_all(1012, b"service restart")
@@ -167,6 +180,22 @@ class Gateway:
         if self.provider is not None:
             await self.provider.stop()
 
+    def _fail_open_tasks(self) -> None:
+        """Past the drain deadline, every task still open ends with a clear error on its
+        socket (and its webhook) instead of a silent close."""
+        deadline = self.config.server.drain_deadline
+        for record in self.store.open_records():
+            self.registry.fail(
+                record,
+                error_item(
+                    "serviceUnavailable",
+                    message=f"The gateway shut down before the task finished ({deadline:g} s "
+                    "drain deadline). It may still be billed by the provider; retry elsewhere.",
+                    task_type="imageInference",
+                    task_uuid=record.task_uuid,
+                ),
+            )
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -176,16 +205,16 @@ class Gateway:
                 self.clients.sweep()
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"status": "ok"})
         token = self.config.server.metrics_token
         if token is not None:  # the figures include each tenant's spend
             given = request.headers.get("Authorization", "").encode()
             if not secrets.compare_digest(given, f"Bearer {token}".encode()):
                 raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.StreamResponse:
         ready = (

@@ -454,3 +454,37 @@ async def test_shutdown_under_load_loses_nothing_and_says_1012(
     for client in clients:
         message = await client.ws.receive(timeout=5000 * MS)
         assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1012)
+
+
+async def test_tasks_open_at_the_drain_deadline_each_get_an_error_before_1012(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    """Past the drain deadline every open task gets serviceUnavailable on its socket, then the
+    socket gets 1012: every task has an outcome, none is left silent."""
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 60000 * MS * 1000})
+    gateway = Gateway(resilient_config(provider, drain_deadline=300 * MS))
+    await gateway.start()
+    assert gateway.pool is not None
+    async with asyncio.timeout(10000 * MS):
+        await gateway.pool.wait_ready()
+    clients = [await connect(http, gateway.url) for _ in range(6)]
+    sent: list[set[str]] = []
+    for client in clients:
+        await client.auth(key=ALPHA)
+        mine = [task(numberResults=2) for _ in range(10)]
+        sent.append({t["taskUUID"] for t in mine})
+        await client.send(*mine)
+    await until(lambda: provider.stats.submissions == 60)
+    stopping = asyncio.create_task(gateway.stop())
+    for client, mine in zip(clients, sent, strict=True):
+        outcomes: dict[str, str] = {}
+        while True:
+            message = await client.ws.receive(timeout=5000 * MS)
+            if message.type != aiohttp.WSMsgType.TEXT:
+                assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1012)
+                break
+            for error in json.loads(message.data).get("errors", []):
+                outcomes[error["taskUUID"]] = error["code"]
+        assert outcomes == dict.fromkeys(mine, "serviceUnavailable")
+    await stopping
+    assert gateway.store.open_count == 0
