@@ -6,13 +6,29 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.metadata
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from gateway.config import Config
+
+__all__ = ["build_parser", "main", "serve_config"]
+
+# Installed by the [provider] extra: the local provider's renderer needs them, the gateway does not.
+PROVIDER_EXTRA_MODULES = frozenset({"numpy", "PIL"})
+PROVIDER_EXTRA_MISSING = "the local provider is not installed: pip install 'tenebra[provider]'"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tenebra")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 def _add_fault_flags(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tenebra",
         description="A WebSocket-streaming gateway for the Runware image-inference API.",
     )
+    parser.add_argument("--version", action="version", version=f"tenebra {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="run the gateway (with its embedded local provider unless told otherwise)"
@@ -46,8 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="a TOML file (see README)")
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8080")
-    serve.add_argument("--provider-url", help="e.g. wss://ws-api.runware.ai/v1")
-    serve.add_argument("--provider-key", help="default: $RUNWARE_API_KEY")
+    serve.add_argument(
+        "--provider-url", help="default: wss://ws-api.runware.ai/v1 with a provider key"
+    )
+    serve.add_argument(
+        "--provider-key",
+        help="default: $RUNWARE_API_KEY; without any, the embedded local provider runs",
+    )
+    serve.add_argument(
+        "--local-cost",
+        action="store_true",
+        default=None,
+        help="the local provider's results cost catalogue prices instead of 0",
+    )
     serve.add_argument("--demo-key", help="the demo tenant's key (default: $TENEBRA_DEMO_KEY)")
     serve.add_argument("--log-level", default="info")
 
@@ -125,36 +153,52 @@ async def _run_provider(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration ``tenebra serve`` runs with: flags over the environment over the file,
+    checked as one (a --port out of range is refused like a TENEBRA_SERVER_PORT out of range)."""
+    from gateway.config import load_config
+
+    return load_config(
+        args.config,
+        env,
+        overrides={
+            "server.host": args.host or None,
+            "server.port": args.port,
+            "provider.url": args.provider_url or None,
+            "provider.api_key": args.provider_key or None,
+            "provider.local_cost": args.local_cost,
+            "demo_key": args.demo_key or None,
+        },
+    )
+
+
 async def _serve(args: argparse.Namespace) -> int:
     import secrets
 
     from gateway.app import Gateway
-    from gateway.config import ConfigError, load_config
+    from gateway.config import ConfigError
     from gateway.log import configure_logging
 
     configure_logging(args.log_level)
     try:
-        config = load_config(args.config)
-        server, provider = config.server, config.provider
-        if args.host:
-            server.host = args.host
-        if args.port is not None:
-            server.port = args.port
-        if args.provider_url:
-            provider.url = args.provider_url
-        if args.provider_key:
-            provider.api_key = args.provider_key
-        if args.demo_key:
-            config.demo_key = args.demo_key
-        if provider.url and not provider.api_key:
-            raise ConfigError("provider.api_key: required with --provider-url (RUNWARE_API_KEY)")
+        config = serve_config(args)
     except ConfigError as exc:
         print(f"tenebra serve: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if not config.tenants and not config.demo_key:
         config.demo_key = secrets.token_urlsafe(16)
     gateway = Gateway(config)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except ModuleNotFoundError as exc:  # raised before start() opens anything: nothing to stop
+        if exc.name not in PROVIDER_EXTRA_MODULES:
+            raise
+        print(
+            f"tenebra serve: no provider key, and {PROVIDER_EXTRA_MISSING}"
+            " (or set RUNWARE_API_KEY to use Runware)",
+            file=sys.stderr,
+        )
+        return 2
     # What start-up made lives as long as the process: out of the collector's sight. A frame's
     # objects die young by reference counting, so young collections can be rarer.
     gc.freeze()
@@ -162,6 +206,9 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"tenebra: listening on {gateway.url}", flush=True)
     if config.demo_key:
         print(f"tenebra: demo API key: {config.demo_key}", flush=True)
+    if gateway.provider is not None:
+        cost = "catalogue prices" if config.provider.local_cost else "no cost"
+        print(f"tenebra: local provider: synthetic images, {cost}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -189,7 +236,13 @@ def _run(coroutine: Any) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "provider":
-        return _run(_run_provider(args))
+        try:
+            return _run(_run_provider(args))
+        except ModuleNotFoundError as exc:
+            if exc.name not in PROVIDER_EXTRA_MODULES:
+                raise
+            print(f"tenebra provider: {PROVIDER_EXTRA_MISSING}", file=sys.stderr)
+            return 2
     if args.command == "generate":
         from gateway.generate import generate
 

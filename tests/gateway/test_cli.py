@@ -3,14 +3,107 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.metadata
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from PIL import Image
 
+from gateway.cli import build_parser, main, serve_config
+from gateway.config import RUNWARE_URL, ConfigError
 from tests.timing import MS
+
+LOCAL_LINE = "tenebra: local provider: synthetic images, no cost"
+
+# `python -c SLIM serve ...` runs the command as on an install without the [provider] extra:
+# importing numpy or PIL fails, as it would there.
+SLIM = (
+    "import runpy, sys; sys.modules.update(numpy=None, PIL=None); "
+    "runpy.run_module('gateway.cli', run_name='__main__')"
+)
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    """Stop a command a failed test left running, without hanging the suite.
+
+    SIGTERM first: a killed server leaves its render workers behind holding its stdout, and
+    asyncio's wait() (3.11) returns only when every pipe is closed, so after a kill the wait is
+    bounded instead.
+    """
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), 30000 * MS)
+    except TimeoutError:
+        process.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 5000 * MS)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tenebra {importlib.metadata.version('tenebra')}"
+
+
+def test_a_provider_key_flag_without_a_url_means_runware() -> None:
+    """Never rendered locally with a key given: flags resolve like the file and environment."""
+    args = build_parser().parse_args(["serve", "--provider-key", "rk"])
+    config = serve_config(args, env={})
+    assert (config.provider.url, config.provider.api_key) == (RUNWARE_URL, "rk")
+    args = build_parser().parse_args(["serve", "--local-cost", "--port", "9000"])
+    config = serve_config(args, env={})
+    assert config.provider.url is None and config.provider.local_cost is True
+    assert config.server.port == 9000
+
+
+def test_flags_are_range_checked_too() -> None:
+    with pytest.raises(ConfigError, match=r"^server\.port: Expected `int` <= 65535"):
+        serve_config(build_parser().parse_args(["serve", "--port", "70000"]), env={})
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_serve_with_a_provider_url_needs_no_numpy_or_pillow() -> None:
+    """The gateway alone (``pip install tenebra``) starts; its link retries a closed port."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SLIM, "serve", "--port", "0", "--demo-key", "dk",
+        "--provider-url", f"ws://127.0.0.1:{_closed_port()}/v1", "--provider-key", "pk",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30000 * MS)).decode()
+        assert line.startswith("tenebra: listening on ws://127.0.0.1:"), line
+        process.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(process.communicate(), 30000 * MS)
+        assert process.returncode == 0
+        assert b"local provider" not in out
+    finally:
+        await _end(process)
+
+
+async def test_serve_without_the_provider_extra_says_how_to_install_it() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SLIM, "serve", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, stderr = await asyncio.wait_for(process.communicate(), 30000 * MS)
+    assert process.returncode == 2
+    assert b"pip install 'tenebra[provider]'" in stderr
+    assert b"listening" not in out
 
 
 async def test_tenebra_provider_runs_standalone_with_faults() -> None:
@@ -35,9 +128,7 @@ async def test_tenebra_provider_runs_standalone_with_faults() -> None:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10000 * MS) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await _end(process)
 
 
 async def test_tenebra_provider_needs_a_key() -> None:
@@ -63,6 +154,7 @@ async def test_serve_then_generate_writes_pictures(tmp_path: Path) -> None:
         assert line.startswith("tenebra: listening on ws://127.0.0.1:")
         url = line.rsplit(" ", 1)[1].strip()
         assert (await process.stdout.readline()).decode().strip() == "tenebra: demo API key: demo-k"
+        assert (await process.stdout.readline()).decode().strip() == LOCAL_LINE
         generate = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.cli", "generate", "a saxophonist, spotlight, smoke",
             "-n", "2", "--size", "896x1200", "--format", "png", "--url", url,
@@ -74,13 +166,11 @@ async def test_serve_then_generate_writes_pictures(tmp_path: Path) -> None:
         files = sorted(tmp_path.glob("*.png"))  # noqa: ASYNC240 (a test's own temp dir)
         assert len(files) == 2
         assert all(Image.open(f).size == (896, 1200) for f in files)
-        assert b"cost: $0.390" in out
+        assert b"cost: $" in out
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30000 * MS) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await _end(process)
 
 
 async def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
@@ -131,6 +221,15 @@ async def test_a_second_sigterm_stops_the_drain_at_once() -> None:
             assert asyncio.get_running_loop().time() - started < 5000 * MS
     finally:
         for process in (provider, gateway):
-            if process is not None and process.returncode is None:
-                process.kill()
-                await process.wait()
+            if process is not None:
+                await _end(process)
+
+
+async def test_provider_without_the_extra_says_how_to_install_it() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SLIM, "provider", "--port", "0", "--key", "k",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30000 * MS)
+    assert process.returncode == 2
+    assert b"pip install 'tenebra[provider]'" in stderr
