@@ -1,42 +1,50 @@
-# The two commands of the README: `make run` and `make test`. Both set themselves up.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# The two commands of the README: `make run` and `make test`. Both set themselves up, each with
+# what it needs: `run` the gateway and the local provider, `test` the test tooling as well.
+PYTHON     ?= python3
+VENV       := .venv
+BIN        := $(VENV)/bin
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test lint typecheck unit bench bench-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e '.[provider]'
+	touch $(RUN_STAMP)
 
-run: $(STAMP)
+# A superset of run's: it satisfies run's stamp too.
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[provider,test]'
+	touch $(RUN_STAMP) $(TEST_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/tenebra serve $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(TEST_STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit bench-smoke
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.protocol_codec
 	$(BIN)/python -m bench.render
 	$(BIN)/python -m bench.harness
 
 # A regression check for CI's 2 cores (under a minute): every path and scenario completes with
 # zero errors and the report is written. Ratios are read by people, not asserted.
-bench-smoke: $(STAMP)
+bench-smoke: $(TEST_STAMP)
 	$(BIN)/python -m bench.harness --smoke
 
 clean:
