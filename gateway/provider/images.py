@@ -3,6 +3,9 @@
 An image is served until its ``ttl`` runs out (or the default retention), then 404. The store
 is bounded both in count and in bytes; past either bound the oldest images are evicted first.
 The clock is injected so that expiry is tested without waiting.
+
+Routes: ``GET /images/<imageUUID>.<ext>`` serves a stored image; ``GET /images/fast/<name>``
+serves the one pre-rendered image of the ``fast`` fault, whatever the name.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ImageStore", "StoredImage"]
+from aiohttp import web
+
+from gateway.provider.render import encode_image, render_scene
+
+__all__ = ["ImageHost", "ImageStore", "StoredImage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +87,29 @@ class ImageStore:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+
+class ImageHost:
+    """The HTTP side of the store."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+        self._fast_image: bytes | None = None
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/images/fast/{name}", self._fast_image_route)
+        app.router.add_get("/images/{name}", self._image_route)
+
+    async def _image_route(self, request: web.Request) -> web.StreamResponse:
+        image_uuid, _, extension = request.match_info["name"].partition(".")
+        stored = self.store.get(image_uuid)
+        if stored is None or stored.extension != extension:
+            raise web.HTTPNotFound()
+        return web.Response(body=stored.data, content_type=stored.content_type)
+
+    async def _fast_image_route(self, request: web.Request) -> web.StreamResponse:
+        if self._fast_image is None:
+            self._fast_image = encode_image(
+                render_scene("a figure under a spotlight", 1, 1024, 1024), "JPG", 90
+            )
+        return web.Response(body=self._fast_image, content_type="image/jpeg")

@@ -8,91 +8,45 @@ buffered frames in order right after the auth reply.
 
 It depends on :mod:`protocol` only: it must not share the gateway's state.
 
-HTTP routes beside the WebSocket (``/v1`` and ``/``):
-``GET /images/<imageUUID>.<ext>`` serves generated images;
-``GET|POST /control/faults``, ``POST /control/forget`` and ``GET /control/stats`` are the test
-controls.
+This module is the protocol server (sockets, authentication, ping, frames in and out) and puts
+the parts together: the task engine (:mod:`.engine`), reference images (:mod:`.references`),
+the image host (:mod:`.images`) and the test controls (:mod:`.control`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import logging
 import random
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-import msgspec
 from aiohttp import WSMsgType, web
 
+from gateway.provider.config import ProviderConfig, Stats
+from gateway.provider.control import FaultControl
+from gateway.provider.engine import TaskEngine
 from gateway.provider.faults import Faults
-from gateway.provider.images import ImageStore
-from gateway.provider.pool import RenderJob, RenderPool, RenderQueueFull
-from gateway.provider.render import encode_image, render_scene
-from gateway.provider.state import Generation, ProviderTask, Session, SessionTable, TaskTable
+from gateway.provider.images import ImageHost, ImageStore
+from gateway.provider.pool import RenderPool
+from gateway.provider.references import ReferenceImages
+from gateway.provider.state import Session, SessionTable, TaskTable
 from protocol.codec import decode_client_frame, encode_answer, encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import (
-    CONTENT_TYPES,
-    EXTENSIONS,
     Authentication,
     AuthenticationResult,
     ErrorItem,
     GetResponse,
-    ImageResult,
-    ImageTask,
     Ping,
     Pong,
-    ProcessingItem,
-    TaskAck,
 )
 from protocol.models import Catalogue, default_catalogue
 
 __all__ = ["LocalProvider", "ProviderConfig", "Stats"]
-
-log = logging.getLogger("tenebra.provider")
-MiB = 1 << 20
-
-
-@dataclass
-class ProviderConfig:
-    keys: frozenset[str]
-    public_url: str | None = None  # where clients reach /images; the bound address by default
-    idle_timeout: float = 120.0
-    resume_window: float = 120.0
-    task_retention: float = 3600.0
-    max_tasks: int = 100_000
-    image_retention: float = 3600.0
-    max_images: int = 5_000
-    max_image_bytes: int = 1024 * MiB
-    max_message_bytes: int = 32 * MiB
-    session_buffer_frames: int = 10_000
-    render_workers: int | None = None
-    render_queue: int = 256
-    send_timeout: float = 30.0
-    reference_timeout: float = 10.0
-    reference_max_bytes: int = 32 * MiB
-    faults: Faults = field(default_factory=Faults)
-
-
-class Stats(msgspec.Struct):
-    connections: int = 0
-    open_connections: int = 0
-    authentications: int = 0
-    resumed: int = 0
-    submissions: int = 0
-    conflicts: int = 0
-    images: int = 0
-    frames_sent: int = 0
-    dropped_connections: int = 0
 
 
 class _Connection:
@@ -145,13 +99,25 @@ class LocalProvider:
         )
         self._own_pool = pool is None
         self.pool = pool or RenderPool(workers=config.render_workers, max_queue=config.render_queue)
+        self.references = ReferenceImages(
+            self.images, timeout=config.reference_timeout, max_bytes=config.reference_max_bytes
+        )
+        self.engine = TaskEngine(
+            catalogue=self.catalogue,
+            stats=self.stats,
+            tasks=self.tasks,
+            images=self.images,
+            references=self.references,
+            pool=self.pool,
+            faults=lambda: self._faults,
+            clock=clock,
+            rng=self._rng,
+            public_url=lambda: self.public_url,
+        )
         self._connections: set[_Connection] = set()
-        self._work: set[asyncio.Task[None]] = set()
         self._hearing = asyncio.Event()  # clear while the ``deaf`` fault holds
         if not self._faults.deaf:
             self._hearing.set()
-        self._fast_image: bytes | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._janitor: asyncio.Task[None] | None = None
         self.port = 0
@@ -163,12 +129,8 @@ class LocalProvider:
         app = web.Application(client_max_size=self.config.max_message_bytes)
         app.router.add_get("/v1", self._websocket)
         app.router.add_get("/", self._websocket)
-        app.router.add_get("/images/fast/{name}", self._fast_image_route)
-        app.router.add_get("/images/{name}", self._image_route)
-        app.router.add_get("/control/faults", self._get_faults)
-        app.router.add_post("/control/faults", self._set_faults)
-        app.router.add_post("/control/forget", self._forget)
-        app.router.add_get("/control/stats", self._get_stats)
+        ImageHost(self.images).add_routes(app)
+        FaultControl(self).add_routes(app)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -182,14 +144,12 @@ class LocalProvider:
     async def stop(self) -> None:
         if self._janitor is not None:
             self._janitor.cancel()
-        for work in list(self._work):
-            work.cancel()
+        self.engine.cancel()
         for connection in list(self._connections):
             connection.abort()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._http is not None:
-            await self._http.close()
+        await self.references.close()
         if self._own_pool:
             self.pool.close()
 
@@ -206,6 +166,30 @@ class LocalProvider:
             await asyncio.sleep(5.0)
             self.sessions.sweep()
             self.tasks.sweep()
+
+    @property
+    def faults(self) -> Faults:
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        self._faults = faults
+        for connection in self._connections:
+            connection.wakeup.set()  # a writer held by a stall may go on
+        if faults.deaf:
+            self._hearing.clear()
+        else:
+            self._hearing.set()
+
+    def forget(self) -> None:
+        """As after a restart: every session and task forgotten, every connection dropped."""
+        self.engine.cancel()
+        self.sessions.clear()
+        self.tasks.clear()
+        for connection in list(self._connections):
+            connection.session = None
+            connection.outbox.clear()
+            connection.abort()
 
     # ------------------------------------------------------------------ the socket
 
@@ -287,7 +271,7 @@ class LocalProvider:
         else:
             connection.send(frame)
 
-    # ------------------------------------------------------------------ tasks
+    # ------------------------------------------------------------------ frames
 
     def _handle(self, connection: _Connection, frame: bytes) -> None:
         data: list[Any] = []
@@ -310,9 +294,9 @@ class LocalProvider:
                 )
             elif isinstance(outcome, GetResponse):
                 self._flush(connection, data, errors)
-                self._get_response(connection.session, outcome)
+                self.engine.get_response(connection.session, outcome)
             else:
-                self._submit(connection.session, outcome, data, errors)
+                self.engine.submit(connection.session, outcome, data, errors)
         self._flush(connection, data, errors)
 
     def _flush(self, connection: _Connection, data: list[Any], errors: list[ErrorItem]) -> None:
@@ -332,7 +316,9 @@ class LocalProvider:
         self.stats.authentications += 1
         session = self.sessions.resume(auth.connectionSessionUUID, auth.apiKey)
         if session is None:
-            session = self.sessions.open(str(self._uuid()), auth.apiKey)
+            session = self.sessions.open(
+                str(uuid.UUID(int=self._rng.getrandbits(128), version=4)), auth.apiKey
+            )
         else:
             self.stats.resumed += 1
             previous = session.connection
@@ -350,287 +336,3 @@ class LocalProvider:
             connection.send(session.buffer.popleft())
         session.connection = connection
         session.detached_at = None
-
-    def _submit(
-        self, session: Session, task: ImageTask, data: list[Any], errors: list[ErrorItem]
-    ) -> None:
-        if self.tasks.get(session.key, task.taskUUID) is not None:
-            self.stats.conflicts += 1
-            errors.append(
-                error_item(
-                    "conflictTaskUUID",
-                    parameter="taskUUID",
-                    type="string",
-                    task_type="imageInference",
-                    task_uuid=task.taskUUID,
-                )
-            )
-            return
-        self.stats.submissions += 1
-        entry = ProviderTask(
-            task=task,
-            session=session,
-            created=self._clock(),
-            generations=[Generation() for _ in range(task.numberResults)],
-        )
-        self.tasks.add(session.key, entry)
-        if task.deliveryMethod == "async":
-            data.append(TaskAck(taskType="imageInference", taskUUID=task.taskUUID))
-        if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
-            self._spawn(self._fail(entry, self.faults.error_code))
-            return
-        base_seed = self._rng.randrange(1, 2**31 - 64)
-        reference: asyncio.Future[bytes | None] | None = None
-        if task.reference_images and not self.faults.fast:
-            reference = asyncio.ensure_future(self._reference(session, task))
-        for index in range(task.numberResults):
-            self._spawn(self._generate(entry, index, base_seed + index, reference))
-
-    def _spawn(self, work: Any) -> None:
-        job = asyncio.create_task(work)
-        self._work.add(job)
-        job.add_done_callback(self._work.discard)
-
-    async def _fail(self, entry: ProviderTask, code: str) -> None:
-        await asyncio.sleep(self.faults.latency.sample(self._rng))
-        error = error_item(code, task_type="imageInference", task_uuid=entry.task.taskUUID)
-        entry.failed = error
-        for generation in entry.generations:
-            generation.status, generation.error = "error", error
-        if self.tasks.holds(entry) and entry.task.deliveryMethod == "sync":
-            entry.session.deliver(encode_errors([error]))
-
-    async def _generate(
-        self,
-        entry: ProviderTask,
-        index: int,
-        seed: int,
-        reference: asyncio.Future[bytes | None] | None,
-    ) -> None:
-        task = entry.task
-        generation = entry.generations[index]
-        try:
-            await asyncio.sleep(self.faults.latency.sample(self._rng))
-            image_uuid = str(self._uuid())
-            if self.faults.fast:
-                result = self._fast_result(task, image_uuid, seed)
-            else:
-                ref = await reference if reference is not None else None
-                job = RenderJob(
-                    task.positivePrompt,
-                    seed,
-                    task.width,
-                    task.height,
-                    task.outputFormat,
-                    task.outputQuality,
-                    ref,
-                )
-                result = self._result(task, image_uuid, seed, await self.pool.render(job))
-        except RenderQueueFull as exc:
-            self._generation_failed(entry, generation, "rateLimitExceeded", str(exc))
-            return
-        except _ReferenceError as exc:
-            self._generation_failed(entry, generation, "invalidReferenceImages", str(exc))
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a render that failed must fail its task, never hang it
-            log.exception("render failed")
-            self._generation_failed(entry, generation, "providerError", f"Render failed: {exc}")
-            return
-        self.stats.images += 1
-        generation.status, generation.result = "success", result
-        if self.tasks.holds(entry) and task.deliveryMethod == "sync":
-            entry.session.deliver(encode_data([result]))
-
-    def _generation_failed(
-        self, entry: ProviderTask, generation: Generation, code: str, message: str
-    ) -> None:
-        error = error_item(
-            code, message=message, task_type="imageInference", task_uuid=entry.task.taskUUID
-        )
-        generation.status, generation.error = "error", error
-        if self.tasks.holds(entry) and entry.task.deliveryMethod == "sync":
-            entry.session.deliver(encode_errors([error]))
-
-    def _uuid(self) -> uuid.UUID:
-        return uuid.UUID(int=self._rng.getrandbits(128), version=4)
-
-    def _result(self, task: ImageTask, image_uuid: str, seed: int, data: bytes) -> ImageResult:
-        content_type = CONTENT_TYPES[task.outputFormat]
-        extension = EXTENSIONS[task.outputFormat]
-        url = b64 = data_uri = None
-        # every image is kept on the host, whatever the output type: a later task may name it
-        # by imageUUID as its reference image
-        ttl = float(task.ttl) if isinstance(task.ttl, int) else None
-        self.images.put(image_uuid, data, content_type, extension, ttl)
-        if task.outputType == "URL":
-            url = f"{self.public_url}/images/{image_uuid}.{extension}"
-        else:
-            encoded = base64.b64encode(data).decode()
-            if task.outputType == "base64Data":
-                b64 = encoded
-            else:
-                data_uri = f"data:{content_type};base64,{encoded}"
-        return self._item(task, image_uuid, seed, url, b64, data_uri)
-
-    def _fast_result(self, task: ImageTask, image_uuid: str, seed: int) -> ImageResult:
-        url = f"{self.public_url}/images/fast/{image_uuid}.jpg"
-        return self._item(task, image_uuid, seed, url, None, None)
-
-    def _item(
-        self,
-        task: ImageTask,
-        image_uuid: str,
-        seed: int,
-        url: str | None,
-        b64: str | None,
-        data_uri: str | None,
-    ) -> ImageResult:
-        cost = None
-        if task.includeCost:
-            model = self.catalogue.get(task.model)
-            assert model is not None  # validated
-            cost = model.price(task.width, task.height, 1)
-        return ImageResult(
-            taskType="imageInference",
-            taskUUID=task.taskUUID,
-            imageUUID=image_uuid,
-            imageURL=url,
-            imageBase64Data=b64,
-            imageDataURI=data_uri,
-            seed=seed,
-            NSFWContent=False if task.safety_checked else None,
-            cost=cost,
-        )
-
-    def _get_response(self, session: Session, request: GetResponse) -> None:
-        entry = self.tasks.get(session.key, request.taskUUID)
-        if entry is None:
-            session.deliver(
-                encode_errors(
-                    [
-                        error_item(
-                            "taskNotFound",
-                            parameter="taskUUID",
-                            task_type="getResponse",
-                            task_uuid=request.taskUUID,
-                        )
-                    ]
-                )
-            )
-            return
-        data: list[Any] = []
-        failures: list[ErrorItem] = []  # a failure of the whole task is reported once
-        for generation in entry.generations:
-            if generation.status == "processing":
-                data.append(ProcessingItem(taskType="imageInference", taskUUID=request.taskUUID))
-            elif generation.result is not None:
-                data.append(msgspec.structs.replace(generation.result, status="success"))
-            elif generation.error is not None and generation.error not in failures:
-                failures.append(generation.error)
-        errors = [msgspec.structs.replace(error, status="error") for error in failures]
-        for frame in encode_answer(data, errors):
-            session.deliver(frame)
-
-    # ------------------------------------------------------------------ reference images
-
-    async def _reference(self, session: Session, task: ImageTask) -> bytes | None:
-        image = task.reference_images[0].image
-        if image.startswith(("http://", "https://")):
-            return await self._fetch(image)
-        if image.startswith("data:"):
-            image = image.partition(",")[2]
-        elif len(image) == 36 and image.count("-") == 4:
-            stored = self.images.get(image)
-            if stored is None:
-                raise _ReferenceError(f"No image with imageUUID {image} on this provider.")
-            return stored.data
-        try:
-            return base64.b64decode(image, validate=True)
-        except binascii.Error as exc:
-            raise _ReferenceError("The reference image is not valid base64.") from exc
-
-    async def _fetch(self, url: str) -> bytes:
-        if self._http is None:
-            self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.config.reference_timeout)
-            )
-        limit = self.config.reference_max_bytes
-        try:
-            async with self._http.get(url, allow_redirects=False) as response:
-                if response.status != 200:
-                    raise _ReferenceError(
-                        f"Fetching the reference image got HTTP {response.status}."
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                # read(n) returns what is buffered: read to the end, under the cap
-                while chunk := await response.content.readany():
-                    size += len(chunk)
-                    if size > limit:
-                        raise _ReferenceError(f"The reference image is larger than {limit} bytes.")
-                    chunks.append(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _ReferenceError(f"Fetching the reference image failed: {exc!r}.") from exc
-        return b"".join(chunks)
-
-    # ------------------------------------------------------------------ HTTP routes
-
-    async def _image_route(self, request: web.Request) -> web.StreamResponse:
-        image_uuid, _, extension = request.match_info["name"].partition(".")
-        stored = self.images.get(image_uuid)
-        if stored is None or stored.extension != extension:
-            raise web.HTTPNotFound()
-        return web.Response(body=stored.data, content_type=stored.content_type)
-
-    async def _fast_image_route(self, request: web.Request) -> web.StreamResponse:
-        if self._fast_image is None:
-            self._fast_image = encode_image(
-                render_scene("a figure under a spotlight", 1, 1024, 1024), "JPG", 90
-            )
-        return web.Response(body=self._fast_image, content_type="image/jpeg")
-
-    async def _get_faults(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=msgspec.json.encode(self.faults), content_type="application/json")
-
-    @property
-    def faults(self) -> Faults:
-        return self._faults
-
-    @faults.setter
-    def faults(self, faults: Faults) -> None:
-        self._faults = faults
-        for connection in self._connections:
-            connection.wakeup.set()  # a writer held by a stall may go on
-        if faults.deaf:
-            self._hearing.clear()
-        else:
-            self._hearing.set()
-
-    async def _set_faults(self, request: web.Request) -> web.StreamResponse:
-        try:
-            changes = msgspec.json.decode(await request.read(), type=dict[str, Any])
-            self.faults = self.faults.updated(changes)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from exc
-        return await self._get_faults(request)
-
-    async def _forget(self, request: web.Request) -> web.StreamResponse:
-        """As after a restart: every session and task forgotten, every connection dropped."""
-        for work in list(self._work):
-            work.cancel()
-        self.sessions.clear()
-        self.tasks.clear()
-        for connection in list(self._connections):
-            connection.session = None
-            connection.outbox.clear()
-            connection.abort()
-        return web.Response(status=204)
-
-    async def _get_stats(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=msgspec.json.encode(self.stats), content_type="application/json")
-
-
-class _ReferenceError(Exception):
-    """A reference image that cannot be had: the task fails with invalidReferenceImages."""

@@ -1,0 +1,46 @@
+"""The local provider's settings and counters, shared by its server, engine and controls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from gateway.provider.faults import Faults
+
+__all__ = ["ProviderConfig", "Stats"]
+
+MiB = 1 << 20
+
+
+@dataclass
+class ProviderConfig:
+    keys: frozenset[str]
+    public_url: str | None = None  # where clients reach /images; the bound address by default
+    idle_timeout: float = 120.0
+    resume_window: float = 120.0
+    task_retention: float = 3600.0
+    max_tasks: int = 100_000
+    image_retention: float = 3600.0
+    max_images: int = 5_000
+    max_image_bytes: int = 1024 * MiB
+    max_message_bytes: int = 32 * MiB
+    session_buffer_frames: int = 10_000
+    render_workers: int | None = None
+    render_queue: int = 256
+    send_timeout: float = 30.0
+    reference_timeout: float = 10.0
+    reference_max_bytes: int = 32 * MiB
+    faults: Faults = field(default_factory=Faults)
+
+
+class Stats(msgspec.Struct):
+    connections: int = 0
+    open_connections: int = 0
+    authentications: int = 0
+    resumed: int = 0
+    submissions: int = 0
+    conflicts: int = 0
+    images: int = 0
+    frames_sent: int = 0
+    dropped_connections: int = 0

@@ -1,0 +1,57 @@
+"""The local provider's test controls: ``/control/*``.
+
+``GET|POST /control/faults`` reads or changes the fault switches (a partial object updates),
+``POST /control/forget`` forgets everything as a restart would, ``GET /control/stats`` counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from gateway.provider.config import Stats
+from gateway.provider.faults import Faults
+
+__all__ = ["FaultControl"]
+
+
+class Controlled(Protocol):
+    faults: Faults
+    stats: Stats
+
+    def forget(self) -> None: ...
+
+
+class FaultControl:
+    def __init__(self, provider: Controlled) -> None:
+        self._provider = provider
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/control/faults", self._get_faults)
+        app.router.add_post("/control/faults", self._set_faults)
+        app.router.add_post("/control/forget", self._forget)
+        app.router.add_get("/control/stats", self._get_stats)
+
+    async def _get_faults(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=msgspec.json.encode(self._provider.faults), content_type="application/json"
+        )
+
+    async def _set_faults(self, request: web.Request) -> web.StreamResponse:
+        try:
+            changes = msgspec.json.decode(await request.read(), type=dict[str, Any])
+            self._provider.faults = self._provider.faults.updated(changes)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        return await self._get_faults(request)
+
+    async def _forget(self, request: web.Request) -> web.StreamResponse:
+        self._provider.forget()
+        return web.Response(status=204)
+
+    async def _get_stats(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=msgspec.json.encode(self._provider.stats), content_type="application/json"
+        )
