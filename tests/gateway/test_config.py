@@ -125,9 +125,12 @@ def test_every_numeric_setting_has_a_range() -> None:
     config = inspect.type_info(Config)
     assert isinstance(config, inspect.StructType)
     for section in config.fields:
-        if not isinstance(section.type, inspect.StructType):
+        settings = section.type
+        if isinstance(settings, inspect.DictType):  # tenants.<name>
+            settings = settings.value_type
+        if not isinstance(settings, inspect.StructType):
             continue
-        for field in section.type.fields:
+        for field in settings.fields:
             kinds = field.type.types if isinstance(field.type, inspect.UnionType) else [field.type]
             unranged += [
                 f"{section.name}.{field.name}"
