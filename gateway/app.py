@@ -24,16 +24,17 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.admission import TenantLimits
 from gateway.clients import ClientGateway
 from gateway.config import Config
 from gateway.delivery.deliveries import Deliveries
 from gateway.delivery.egress import EgressGuard
 from gateway.intake import Intake
 from gateway.metrics import Metrics
+from gateway.pool import UpstreamPool
 from gateway.rest import RestEndpoint
 from gateway.store.memory import MemoryTaskStore
 from gateway.tasks import TaskRegistry
-from gateway.upstream import UpstreamPool
 from protocol.errors import error_item
 from protocol.models import Catalogue, default_catalogue
 
@@ -102,7 +103,9 @@ class Gateway:
             scheme = "https" if parts.scheme == "wss" else "http"
             self.deliveries.trusted_origins.add(f"{scheme}://{parts.netloc}".lower())
         await self.deliveries.start()
-        self.pool = UpstreamPool(url, key, settings, self.registry, self.metrics)
+        self.pool = UpstreamPool(
+            url, key, settings, self.registry, self.metrics, limits=self._tenant_limits
+        )
         intake = self.intake = Intake(
             self.catalogue,
             self.registry,
@@ -179,6 +182,12 @@ class Gateway:
             await self._runner.cleanup()
         if self.provider is not None:
             await self.provider.stop()
+
+    def _tenant_limits(self, tenant: str) -> TenantLimits:
+        config = self.config.tenants.get(tenant)
+        if config is None:
+            return TenantLimits()
+        return TenantLimits(config.weight, config.max_in_flight, config.max_queued)
 
     def _fail_open_tasks(self) -> None:
         """Past the drain deadline, every task still open ends with a clear error on its

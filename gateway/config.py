@@ -16,7 +16,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -93,7 +93,10 @@ class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):
     ping_interval: Seconds = 20.0
     pong_timeout: Seconds = 10.0
     send_timeout: Seconds = 10.0
-    max_queued: Count = 10_000  # tasks waiting for a ready link
+    max_queued: Count = 10_000  # tasks waiting at the gateway (for capacity or a link)
+    max_in_flight: Count = 256  # tasks out at the provider per link: the adaptive window's ceiling
+    # a task the provider lost with its session (a restart): "fail", or "resubmit" it once
+    on_lost: Literal["fail", "resubmit"] = "fail"
     backoff_initial: Seconds = 0.5
     backoff_max: Seconds = 30.0
     max_message_bytes: Bytes = 64 * MiB
@@ -128,6 +131,9 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True):
 
 class Tenant(msgspec.Struct, forbid_unknown_fields=True):
     keys: list[str]
+    weight: Annotated[float, Meta(gt=0)] = 1.0  # share of provider capacity while tasks wait
+    max_in_flight: Count | None = None  # tasks of this tenant at the provider at once
+    max_queued: Count | None = None  # tasks waiting at the gateway; past it rateLimitExceeded
     webhook_secret: str | None = None  # "whsec_<base64>": Standard Webhooks signatures
     webhook_envelope: bool = False  # {"data": [item]} instead of the flat item
 

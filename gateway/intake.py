@@ -8,9 +8,9 @@ from msgspec import UNSET
 
 from gateway.delivery.egress import EgressGuard
 from gateway.metrics import Metrics
+from gateway.pool import UpstreamPool
 from gateway.store.base import TaskRecord
 from gateway.tasks import Subscriber, TaskRegistry
-from gateway.upstream import UpstreamPool
 from protocol.codec import Outcome, decode_client_frame
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageTask, TaskAck

@@ -28,8 +28,9 @@ __all__ = ["TRANSITIONS", "IllegalTransition", "Subscriber", "TaskRegistry", "up
 S = TaskState
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     S.RECEIVED: frozenset({S.QUEUED, S.SUBMITTED, S.FAILED}),
-    S.QUEUED: frozenset({S.SUBMITTED, S.FAILED}),
-    S.SUBMITTED: frozenset({S.PARTIAL, S.DONE, S.FAILED, S.EXPIRED}),
+    S.QUEUED: frozenset({S.SUBMITTED, S.FAILED, S.EXPIRED}),
+    # back to QUEUED only when the provider refused it before accepting it (unbilled)
+    S.SUBMITTED: frozenset({S.QUEUED, S.PARTIAL, S.DONE, S.FAILED, S.EXPIRED}),
     S.PARTIAL: frozenset({S.PARTIAL, S.DONE, S.FAILED, S.EXPIRED}),
     S.DONE: frozenset(),
     S.FAILED: frozenset(),
@@ -208,18 +209,25 @@ class TaskRegistry:
         return data, errors
 
     def expire(self, timeout: float) -> int:
-        """Tasks with results still missing ``timeout`` after acceptance end as EXPIRED."""
+        """Tasks with results still missing ``timeout`` after acceptance end as EXPIRED,
+        whether the provider has them or they still wait for its capacity at the gateway."""
         horizon = self._clock() - timeout
-        # queued tasks are the outage deadline's to fail, not this one's
         late = [
             r
             for r in self.store.open_records()
-            if r.created <= horizon and r.state in (S.SUBMITTED, S.PARTIAL)
+            if r.created <= horizon and r.state in (S.QUEUED, S.SUBMITTED, S.PARTIAL)
         ]
         for record in late:
+            if record.state is S.QUEUED:
+                message = (
+                    f"The task waited {timeout:g} s for provider capacity (the provider kept "
+                    "refusing new work, or the queue ahead of it was long)."
+                )
+            else:
+                message = f"The provider did not finish the task within {timeout:g} s."
             error = error_item(
                 "timeoutProvider",
-                message=f"The provider did not finish the task within {timeout:g} s.",
+                message=message,
                 task_type="imageInference",
                 task_uuid=record.task_uuid,
             )

@@ -25,6 +25,7 @@ import msgspec
 import structlog
 from msgspec import UNSET
 
+from gateway.admission import Window
 from gateway.backoff import full_jitter
 from gateway.config import ProviderSettings
 from gateway.metrics import Metrics
@@ -39,14 +40,13 @@ from protocol.codec import (
     encode_tasks,
 )
 from protocol.errors import error_item
-from protocol.frames import Authentication, GetResponse, ImageTask, Ping
+from protocol.frames import Authentication, ErrorItem, GetResponse, ImageTask, Ping
 
 __all__ = [
     "AuthRefused",
     "LinkState",
     "ProviderProtocolError",
     "UpstreamLink",
-    "UpstreamPool",
     "upstream_task",
 ]
 
@@ -69,6 +69,17 @@ class AuthRefused(Exception):
 class ProviderProtocolError(Exception):
     """The provider sent what the protocol does not allow where it sent it."""
 
+
+# The provider's refusals before it accepts a task (capacity): unbilled, so the task may wait
+# at the gateway and go again. Runware documents 429 and 503 as queue-capacity signals.
+UNBILLED_REFUSALS = frozenset(
+    {
+        "rateLimitExceeded",
+        "inferenceRateLimitExceeded",
+        "providerRateLimitExceeded",
+        "serviceUnavailable",
+    }
+)
 
 # What a provider connection can fail with that is the network's or the peer's doing: retried
 # quietly. Anything else is a bug of ours, logged with its traceback, and retried all the same:
@@ -106,6 +117,7 @@ class UpstreamLink:
         rng: random.Random,
         on_state: Callable[[UpstreamLink], None],
         on_unsent: Callable[[TaskRecord], None],
+        on_refused: Callable[[UpstreamLink, TaskRecord, ErrorItem], None],
     ) -> None:
         self.index = index
         self.url = url
@@ -117,6 +129,7 @@ class UpstreamLink:
         self._rng = rng
         self._on_state = on_state
         self._on_unsent = on_unsent
+        self._on_refused = on_refused
         self.state = LinkState.DOWN
         self.session_uuid: str | None = None
         self.outbox: deque[TaskRecord] = deque()
@@ -129,7 +142,8 @@ class UpstreamLink:
         self._closing = False
         self._last_read = 0.0  # loop time of the last frame read
         self._send_started: float | None = None  # loop time the send in progress began
-        self.recovery = LinkRecovery(rng.shuffle)
+        self.recovery = LinkRecovery(rng.shuffle, resubmit_lost=settings.on_lost == "resubmit")
+        self.window = Window(settings.max_in_flight)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,6 +172,18 @@ class UpstreamLink:
     def in_flight(self) -> set[str]:
         """Upstream UUIDs sent on this link and not final."""
         return self.recovery.in_flight
+
+    @property
+    def load(self) -> int:
+        """Tasks out at the provider or on their way there."""
+        return len(self.recovery.in_flight) + len(self.outbox)
+
+    @property
+    def room(self) -> int:
+        """How many more tasks the provider's window takes now."""
+        if self.state != LinkState.READY:
+            return 0
+        return self.window.limit - self.load
 
     async def _run(self) -> None:
         settings = self.settings
@@ -298,6 +324,10 @@ class UpstreamLink:
             log.info("resending a task the provider never received", link=self.index)
             self.outbox.appendleft(record)
             self._wakeup.set()
+        elif verdict is Verdict.RESUBMIT:
+            log.warning("resubmitting a task the provider lost (provider.on_lost)", link=self.index)
+            self.outbox.appendleft(record)
+            self._wakeup.set()
         elif verdict is Verdict.FAIL:
             self.registry.on_error(
                 upstream_uuid,
@@ -384,11 +414,22 @@ class UpstreamLink:
         if error.taskType == "getResponse" and error.code == "taskNotFound":
             self._lost(upstream_uuid)
             return
+        record = self.registry.store.by_upstream(upstream_uuid)
         if error.code == "conflictTaskUUID":
-            record = self.registry.store.by_upstream(upstream_uuid)
             sends = record.sends if record is not None else 0
             if self.recovery.conflict(upstream_uuid, sends=sends) is Verdict.POLL:
                 return  # the provider had it after all; polled until it settles
+        if (
+            error.code in UNBILLED_REFUSALS
+            and record is not None
+            and record.state is TaskState.SUBMITTED
+            and upstream_uuid in self.recovery.in_flight
+        ):
+            # refused before it was accepted: nothing billed, the task can wait and go again
+            self.recovery.settled(upstream_uuid)
+            self.window.refused(record.window_epoch)
+            self._on_refused(self, record, error)
+            return
         self.registry.on_error(upstream_uuid, error)
 
     def _dropped(self, reason: str, *, traceback: bool = False) -> None:
@@ -420,6 +461,7 @@ class UpstreamLink:
                     self.registry.move(record, TaskState.SUBMITTED)
                 record.sends += 1
                 record.link = self.index
+                record.window_epoch = self.window.epoch
                 self.recovery.sent(record.upstream_uuid)
                 batch.append(upstream_task(record))
             if batch:
@@ -472,140 +514,3 @@ class UpstreamLink:
 
     def settled(self, record: TaskRecord) -> None:
         self.recovery.settled(record.upstream_uuid)
-
-
-class UpstreamPool:
-    """N links; tasks go to the ready link with the fewest in flight, or wait (bounded)."""
-
-    def __init__(
-        self,
-        url: str,
-        api_key: str,
-        settings: ProviderSettings,
-        registry: TaskRegistry,
-        metrics: Metrics,
-        *,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.metrics = metrics
-        self._rng = rng or random.Random()
-        self._url = url
-        self._api_key = api_key
-        self.pending: deque[tuple[float, TaskRecord]] = deque()  # (queued at, task)
-        self.links: list[UpstreamLink] = []
-        self._http: aiohttp.ClientSession | None = None
-        self._watch: asyncio.Task[None] | None = None
-        registry.on_final.append(self._settled)
-
-    async def start(self) -> None:
-        self._http = aiohttp.ClientSession()
-        for index in range(self.settings.links):
-            link = UpstreamLink(
-                index,
-                self._url,
-                self._api_key,
-                self.settings,
-                self.registry,
-                self.metrics,
-                self._http,
-                rng=self._rng,
-                on_state=self._link_changed,
-                on_unsent=self._resubmit,
-            )
-            self.links.append(link)
-            link.start()
-        self._watch = asyncio.create_task(self._watch_outage())
-
-    async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-        for link in self.links:
-            await link.close()
-        if self._http is not None:
-            await self._http.close()
-
-    @property
-    def ready(self) -> bool:
-        return any(link.state == LinkState.READY for link in self.links)
-
-    @property
-    def refused(self) -> bool:
-        return bool(self.links) and all(link.state == LinkState.REFUSED for link in self.links)
-
-    async def wait_ready(self) -> None:
-        """Until some link is ready; bound it with asyncio.timeout."""
-        while not self.ready:
-            waits = [asyncio.ensure_future(link.ready.wait()) for link in self.links]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
-
-    def submit(self, record: TaskRecord) -> None:
-        chosen, least = None, 0
-        for link in self.links:
-            if link.state == LinkState.READY:
-                load = len(link.in_flight) + len(link.outbox)
-                if chosen is None or load < least:
-                    chosen, least = link, load
-        if chosen is not None:
-            chosen.enqueue(record)
-            return
-        if self.refused:
-            self._unavailable(record, "The provider refuses the gateway's API key; the gateway "
-                              "keeps retrying. Retry with backoff.")  # fmt: skip
-            return
-        if len(self.pending) >= self.settings.max_queued:
-            self._unavailable(record, f"The provider is unreachable and "
-                              f"{self.settings.max_queued} tasks already wait for it. "
-                              "Retry with backoff.")  # fmt: skip
-            return
-        if record.state == TaskState.RECEIVED:
-            self.registry.move(record, TaskState.QUEUED)
-        self.pending.append((self.registry.now(), record))
-
-    def _unavailable(self, record: TaskRecord, message: str) -> None:
-        self.registry.fail(
-            record,
-            error_item(
-                "serviceUnavailable",
-                message=message,
-                task_type="imageInference",
-                task_uuid=record.task_uuid,
-            ),
-        )
-
-    async def _watch_outage(self) -> None:
-        """Tasks wait for a link at most ``outage_deadline``: then a clear error, not a hang."""
-        deadline = self.settings.outage_deadline
-        while True:
-            await asyncio.sleep(min(1.0, deadline / 4))
-            horizon = self.registry.now() - deadline
-            while self.pending and self.pending[0][0] <= horizon:
-                _, record = self.pending.popleft()
-                if record.open:
-                    self._unavailable(record, f"No provider link for {deadline:g} s. Retry "
-                                      "with backoff.")  # fmt: skip
-
-    def _resubmit(self, record: TaskRecord) -> None:
-        if record.open:
-            self.submit(record)
-
-    def _link_changed(self, link: UpstreamLink) -> None:
-        if link.state == LinkState.READY:
-            while self.pending and link.state == LinkState.READY:
-                _, record = self.pending.popleft()
-                if record.open:
-                    link.enqueue(record)
-        elif self.refused:
-            while self.pending:
-                _, record = self.pending.popleft()
-                if record.open:
-                    self._unavailable(record, "The provider refuses the gateway's API key.")
-
-    def _settled(self, record: TaskRecord) -> None:
-        if record.link is not None and record.link < len(self.links):
-            self.links[record.link].settled(record)

@@ -49,6 +49,7 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     created: float
     finished: float | None = None
     link: int | None = None  # the provider link it went out on
+    window_epoch: int = 0  # that link's window epoch at its last send (see gateway.admission)
     sends: int = 0  # frames it went out in: more than one only when the provider confirmed
     # (taskNotFound under a resumed session) that the earlier ones never reached it
     results: list[ImageResult] = msgspec.field(default_factory=list)

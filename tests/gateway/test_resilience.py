@@ -118,6 +118,7 @@ async def test_a_provider_that_stops_reading_is_left_within_the_send_deadline(
     config = resilient_config(provider)
     config.provider.ping_interval = 60.0  # only the send deadline can notice
     config.provider.send_timeout = 300 * MS
+    config.provider.max_in_flight = 100_000  # enough out at once to fill the kernel's buffers
     async with running(config) as gateway:
         link = gateway.pool.links[0]
         client = await connect(http, gateway.url)
@@ -178,7 +179,7 @@ async def test_tasks_wait_through_an_outage_and_go_out_once(
         sent = [task() for _ in range(5)]
         await client.send(*sent)
         await asyncio.sleep(300 * MS)
-        assert len(gateway.pool.pending) == 5
+        assert len(gateway.pool.queue) == 5
         provider = LocalProvider(ProviderConfig(keys=frozenset({KEY})), pool=render_pool)
         set_faults(provider, fast=True)
         await provider.start(port=port)
@@ -471,12 +472,12 @@ async def test_tasks_open_at_the_drain_deadline_each_get_an_error_before_1012(
     sent: list[set[str]] = []
     for client in clients:
         await client.auth(key=ALPHA)
-        mine = [task(numberResults=2) for _ in range(10)]
-        sent.append({t["taskUUID"] for t in mine})
-        await client.send(*mine)
+        tasks = [task(numberResults=2) for _ in range(10)]
+        sent.append({t["taskUUID"] for t in tasks})
+        await client.send(*tasks)
     await until(lambda: provider.stats.submissions == 60)
     stopping = asyncio.create_task(gateway.stop())
-    for client, mine in zip(clients, sent, strict=True):
+    for client, uuids in zip(clients, sent, strict=True):
         outcomes: dict[str, str] = {}
         while True:
             message = await client.ws.receive(timeout=5000 * MS)
@@ -485,6 +486,6 @@ async def test_tasks_open_at_the_drain_deadline_each_get_an_error_before_1012(
                 break
             for error in json.loads(message.data).get("errors", []):
                 outcomes[error["taskUUID"]] = error["code"]
-        assert outcomes == dict.fromkeys(mine, "serviceUnavailable")
+        assert outcomes == dict.fromkeys(uuids, "serviceUnavailable")
     await stopping
     assert gateway.store.open_count == 0

@@ -82,7 +82,8 @@ def test_the_lifecycle_table_is_closed() -> None:
         ([], S.DONE),
         ([], S.PARTIAL),
         ([S.QUEUED], S.DONE),
-        ([S.SUBMITTED], S.QUEUED),
+        ([S.SUBMITTED], S.RECEIVED),
+        ([S.SUBMITTED, S.PARTIAL], S.QUEUED),  # a task with results was accepted: billed
         ([S.SUBMITTED, S.DONE], S.FAILED),
         ([S.FAILED], S.SUBMITTED),
     ],
@@ -166,20 +167,23 @@ def test_finished_tasks_are_forgotten_after_retention(registry: TaskRegistry, cl
     assert registry.lookup("t", record.task_uuid) is None
 
 
-def test_late_submitted_tasks_expire_and_queued_ones_wait(
+def test_late_tasks_expire_whether_at_the_provider_or_waiting_for_it(
     registry: TaskRegistry, clock: Clock
 ) -> None:
-    watcher = Subscriber()
+    watcher, waiter = Subscriber(), Subscriber()
     running = registry.register("t", checked(), watcher)
-    waiting = registry.register("t", checked(), None)
+    waiting = registry.register("t", checked(), waiter)
     assert isinstance(running, TaskRecord) and isinstance(waiting, TaskRecord)
     registry.move(running, S.SUBMITTED)
     registry.move(waiting, S.QUEUED)
     clock.advance(599)
     assert registry.expire(600) == 0
     clock.advance(1)
-    assert registry.expire(600) == 1
-    assert str(running.state) == "expired" and waiting.state is S.QUEUED
+    assert registry.expire(600) == 2
+    assert str(running.state) == "expired" and str(waiting.state) == "expired"
     [frame] = watcher.frames
     assert frame["errors"][0]["code"] == "timeoutProvider"
     assert frame["errors"][0]["taskUUID"] == running.task_uuid
+    [frame] = waiter.frames
+    assert frame["errors"][0]["code"] == "timeoutProvider"
+    assert "waited 600 s for provider capacity" in frame["errors"][0]["message"]

@@ -1,0 +1,228 @@
+"""The provider links together, and the gateway's own flow control in front of them.
+
+Every task waits in one :class:`gateway.admission.FairQueue` (bounded in total by
+``provider.max_queued`` and per tenant by its ``max_queued``) and goes out when a ready link
+has room in its adaptive window, to the link with the most room. A task the provider refuses
+before accepting it (``rateLimitExceeded`` and the like: unbilled) shrinks that link's window
+and goes back to the front of its tenant's line after a jittered backoff: a burst is queued,
+not failed. A task waits at most ``provider.outage_deadline`` while no link is ready
+(``serviceUnavailable``), and at most ``tasks.timeout`` in all (``timeoutProvider``, by the
+registry's expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import structlog
+
+from gateway.admission import FairQueue, QueueFull, TenantLimits
+from gateway.backoff import full_jitter
+from gateway.config import ProviderSettings
+from gateway.metrics import Metrics
+from gateway.store.base import TaskRecord, TaskState
+from gateway.tasks import TaskRegistry
+from gateway.upstream import LinkState, UpstreamLink
+from protocol.errors import error_item
+from protocol.frames import ErrorItem
+
+__all__ = ["UpstreamPool"]
+
+log = structlog.get_logger("tenebra.pool")
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        settings: ProviderSettings,
+        registry: TaskRegistry,
+        metrics: Metrics,
+        *,
+        limits: Callable[[str], TenantLimits] = lambda _: TenantLimits(),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self._rng = rng or random.Random()
+        self._url = url
+        self._api_key = api_key
+        self.queue: FairQueue[TaskRecord] = FairQueue(settings.max_queued, limits)
+        self._out: set[str] = set()  # upstream UUIDs taken from the queue and not back or final
+        self._retries: dict[str, Iterator[float]] = {}  # backoff of tasks the provider refused
+        self._down_since: float | None = registry.now()  # no link ready since
+        self.links: list[UpstreamLink] = []
+        self._http: aiohttp.ClientSession | None = None
+        self._watch: asyncio.Task[None] | None = None
+        registry.on_final.append(self._settled)
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession()
+        for index in range(self.settings.links):
+            link = UpstreamLink(
+                index,
+                self._url,
+                self._api_key,
+                self.settings,
+                self.registry,
+                self.metrics,
+                self._http,
+                rng=self._rng,
+                on_state=self._link_changed,
+                on_unsent=self._unsent,
+                on_refused=self._refused,
+            )
+            self.links.append(link)
+            link.start()
+        self._watch = asyncio.create_task(self._watch_waiting())
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        for link in self.links:
+            await link.close()
+        if self._http is not None:
+            await self._http.close()
+
+    @property
+    def ready(self) -> bool:
+        return any(link.state == LinkState.READY for link in self.links)
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.links) and all(link.state == LinkState.REFUSED for link in self.links)
+
+    async def wait_ready(self) -> None:
+        """Until some link is ready; bound it with asyncio.timeout."""
+        while not self.ready:
+            waits = [asyncio.ensure_future(link.ready.wait()) for link in self.links]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+    # ------------------------------------------------------------------ admission
+
+    def submit(self, record: TaskRecord) -> None:
+        """Queue a new task and send what the links have room for. A task that cannot wait
+        fails at once with the reason."""
+        if self.refused:
+            self._fail(record, "serviceUnavailable", "The provider refuses the gateway's API "
+                       "key; the gateway keeps retrying. Retry with backoff.")  # fmt: skip
+            return
+        try:
+            self.queue.push(record.tenant, record)
+        except QueueFull as full:
+            code = "rateLimitExceeded" if full.tenant_limit or self.ready else "serviceUnavailable"
+            self._fail(record, code, f"The task cannot wait: {full}. Retry with backoff.")
+            return
+        self.registry.move(record, TaskState.QUEUED)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand waiting tasks to the links with room, the roomiest first, fairly by tenant."""
+        queue, links = self.queue, self.links
+        while len(queue):
+            best, room = None, 0
+            for link in links:
+                free = link.room
+                if free > room:
+                    best, room = link, free
+            if best is None:
+                return
+            taken = queue.pop()
+            if taken is None:
+                return  # every tenant with tasks waiting is at its own max_in_flight
+            tenant, record = taken
+            if not record.open:
+                queue.finished(tenant)
+                continue
+            self._out.add(record.upstream_uuid)
+            best.enqueue(record)
+
+    def _back(self, record: TaskRecord) -> None:
+        """A task taken from the queue is no longer out: its tenant may send another."""
+        if record.upstream_uuid in self._out:
+            self._out.discard(record.upstream_uuid)
+            self.queue.finished(record.tenant)
+
+    def _unsent(self, record: TaskRecord) -> None:
+        """A link went down with the task still in its outbox: first in line again."""
+        self._back(record)
+        if record.open:
+            self.queue.push_front(record.tenant, record)
+            self._pump()
+
+    def _refused(self, link: UpstreamLink, record: TaskRecord, error: ErrorItem) -> None:
+        """The provider refused the task before accepting it: unbilled. It waits a jittered
+        while and goes back to the front of its tenant's line; the link's window has shrunk."""
+        self._back(record)
+        self.registry.move(record, TaskState.QUEUED)
+        delays = self._retries.get(record.upstream_uuid)
+        if delays is None:
+            delays = self._retries[record.upstream_uuid] = full_jitter(
+                self.settings.backoff_initial, self.settings.backoff_max, self._rng
+            )
+        log.debug("provider refused a task; it waits", code=error.code, window=link.window.limit)
+        asyncio.get_running_loop().call_later(next(delays), self._retry, record)
+
+    def _retry(self, record: TaskRecord) -> None:
+        if record.open:
+            self.queue.push_front(record.tenant, record)
+            self._pump()
+
+    def _fail(self, record: TaskRecord, code: str, message: str) -> None:
+        self.registry.fail(
+            record,
+            error_item(code, message=message, task_type="imageInference",
+                       task_uuid=record.task_uuid),
+        )  # fmt: skip
+
+    def _settled(self, record: TaskRecord) -> None:
+        self._back(record)
+        self._retries.pop(record.upstream_uuid, None)
+        link = self.links[record.link] if record.link is not None else None
+        if link is not None:
+            link.settled(record)
+            if record.state is TaskState.DONE:
+                link.window.succeeded()
+        if len(self.queue):
+            self._pump()
+
+    # ------------------------------------------------------------------ links and deadlines
+
+    def _link_changed(self, link: UpstreamLink) -> None:
+        if self.ready:
+            self._down_since = None
+            self._pump()
+            return
+        if self._down_since is None:
+            self._down_since = self.registry.now()
+        if self.refused:
+            for record in self.queue.drain():
+                self._fail(record, "serviceUnavailable",
+                           "The provider refuses the gateway's API key.")  # fmt: skip
+
+    async def _watch_waiting(self) -> None:
+        deadline = self.settings.outage_deadline
+        while True:
+            await asyncio.sleep(min(1.0, deadline / 4))
+            self.expire_waiting()
+
+    def expire_waiting(self) -> None:
+        """Tasks wait for a link at most ``outage_deadline``: then a clear error, not a hang.
+        Tasks that ended while they waited (their deadline) leave the queue here too."""
+        deadline = self.settings.outage_deadline
+        down_since = self._down_since
+        horizon = self.registry.now() - deadline
+        outage = down_since is not None and down_since <= horizon
+        message = f"No provider link for {deadline:g} s. Retry with backoff."
+        for record in self.queue.expire(lambda r: not r.open or (outage and r.created <= horizon)):
+            if record.open:
+                self._fail(record, "serviceUnavailable", message)
