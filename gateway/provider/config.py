@@ -31,6 +31,8 @@ class ProviderConfig:
     send_timeout: float = 30.0
     reference_timeout: float = 10.0
     reference_max_bytes: int = 32 * MiB
+    # reference image URLs may lead only to global addresses, save these CIDRs or host names
+    allow: list[str] = field(default_factory=list)
     faults: Faults = field(default_factory=Faults)
 
 

@@ -100,7 +100,10 @@ class LocalProvider:
         self._own_pool = pool is None
         self.pool = pool or RenderPool(workers=config.render_workers, max_queue=config.render_queue)
         self.references = ReferenceImages(
-            self.images, timeout=config.reference_timeout, max_bytes=config.reference_max_bytes
+            self.images,
+            timeout=config.reference_timeout,
+            max_bytes=config.reference_max_bytes,
+            allow=config.allow,
         )
         self.engine = TaskEngine(
             catalogue=self.catalogue,

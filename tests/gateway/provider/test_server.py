@@ -8,16 +8,15 @@ import io
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 from PIL import Image
 
 from gateway.provider.pool import RenderPool
 from gateway.provider.server import LocalProvider, ProviderConfig
 from tests.gateway.conftest import KEY, Client, Clock, connect, set_faults, task, until
+from tests.gateway.provider.conftest import PictureServer
 from tests.timing import MS
 
 
@@ -265,30 +264,22 @@ async def test_a_full_render_queue_fails_images_clearly(http: aiohttp.ClientSess
 # --------------------------------------------------------------------------- reference images
 
 
-@pytest.fixture
-async def picture_server() -> AsyncIterator[tuple[str, bytes]]:
-    buffer = io.BytesIO()
-    Image.new("RGB", (300, 200), (120, 100, 90)).save(buffer, "PNG")
-    body = buffer.getvalue()
-
-    async def serve(_: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="image/png")
-
-    app = web.Application()
-    app.router.add_get("/ref.png", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/ref.png", body
-    await runner.cleanup()
-
-
 async def test_reference_images_in_every_form(
-    provider: LocalProvider, http: aiohttp.ClientSession, picture_server: tuple[str, bytes]
+    render_pool: RenderPool, http: aiohttp.ClientSession, picture_server: PictureServer
 ) -> None:
-    url, png = picture_server
+    url, png = picture_server.url(), picture_server.body
+    config = ProviderConfig(keys=frozenset({KEY}), allow=["127.0.0.1/32"])
+    provider = LocalProvider(config, pool=render_pool)
+    await provider.start()
+    try:
+        await _every_form(provider, http, url, png)
+    finally:
+        await provider.stop()
+
+
+async def _every_form(
+    provider: LocalProvider, http: aiohttp.ClientSession, url: str, png: bytes
+) -> None:
     client = await authed(http, provider)
     await client.send(task(width=1264, height=848))
     [first] = (await client.recv())["data"]
