@@ -2,8 +2,8 @@
 
 Each image of a task is one generation, rendered off the loop by the pool; sync results go out
 on the task's session one image per frame, async ones wait for ``getResponse``. Fault switches
-(latency, error rate, fast mode) act here; randomness comes from the injected ``rng`` so seeds
-and faults repeat under a seeded test.
+(latency, error rate, fast mode) act here; seeds and faults come from the injected ``rng`` so
+they repeat under a seeded test, image UUIDs never do.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class TaskEngine:
         generation = entry.generations[index]
         try:
             await asyncio.sleep(self._faults().latency.sample(self._rng))
-            image_uuid = str(self._uuid())
+            # the only secret of an /images URL: from the system's CSPRNG, not the seeded rng
+            image_uuid = str(uuid.uuid4())
             if self._faults().fast:
                 result = self._fast_result(task, image_uuid, seed)
             else:
@@ -177,9 +178,6 @@ class TaskEngine:
         generation.status, generation.error = "error", error
         if self.tasks.holds(entry) and entry.task.deliveryMethod == "sync":
             entry.session.deliver(encode_errors([error]))
-
-    def _uuid(self) -> uuid.UUID:
-        return uuid.UUID(int=self._rng.getrandbits(128), version=4)
 
     def _result(self, task: ImageTask, image_uuid: str, seed: int, data: bytes) -> ImageResult:
         content_type = CONTENT_TYPES[task.outputFormat]

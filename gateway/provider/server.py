@@ -319,9 +319,7 @@ class LocalProvider:
         self.stats.authentications += 1
         session = self.sessions.resume(auth.connectionSessionUUID, auth.apiKey)
         if session is None:
-            session = self.sessions.open(
-                str(uuid.UUID(int=self._rng.getrandbits(128), version=4)), auth.apiKey
-            )
+            session = self.sessions.open(str(uuid.uuid4()), auth.apiKey)
         else:
             self.stats.resumed += 1
             previous = session.connection
