@@ -87,7 +87,8 @@ class FairQueue(Generic[T]):
         self.max_total = max_total
         self._limits = limits
         self._tenants: dict[str, _Tenant[T]] = {}
-        self._active: set[str] = set()  # tenants with tasks waiting
+        # tenants with tasks waiting, in the order they became active: ties go to the earlier
+        self._active: dict[str, None] = {}
         self._vtime = 0.0
         self._total = 0
 
@@ -135,7 +136,7 @@ class FairQueue(Generic[T]):
 
     def _enter(self, name: str, tenant: _Tenant[T]) -> None:
         if not tenant.waiting:
-            self._active.add(name)
+            self._active[name] = None
             tenant.tag = max(tenant.tag, self._vtime)
 
     def pop(self) -> tuple[str, T] | None:
@@ -154,7 +155,7 @@ class FairQueue(Generic[T]):
         best.tag += 1.0 / best.limits.weight
         best.in_flight += 1
         if not best.waiting:
-            self._active.discard(chosen)
+            del self._active[chosen]
         return chosen, item
 
     def finished(self, name: str) -> None:
@@ -173,7 +174,7 @@ class FairQueue(Generic[T]):
                 taken.append(tenant.waiting.popleft())
                 self._total -= 1
             if not tenant.waiting:
-                self._active.discard(name)
+                del self._active[name]
         return taken
 
     def drain(self) -> list[T]:
