@@ -106,6 +106,9 @@ class FairQueue(Generic[T]):
         for name, tenant in self._tenants.items():
             tenant.limits = self._limits(name)
 
+    def tenants(self) -> list[str]:
+        return list(self._tenants)
+
     def waiting(self, name: str) -> int:
         tenant = self._tenants.get(name)
         return len(tenant.waiting) if tenant else 0

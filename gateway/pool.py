@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import aiohttp
 import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway.admission import FairQueue, QueueFull, TenantLimits
 from gateway.backoff import full_jitter
@@ -59,7 +62,10 @@ class UpstreamPool:
         self.links: list[UpstreamLink] = []
         self._http: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task[None] | None = None
+        self.admitted: Counter[str] = Counter()  # by tenant: plain numbers, read at scrape
+        self.refused_by_limit: Counter[tuple[str, str]] = Counter()  # (tenant, limit)
         registry.on_final.append(self._settled)
+        metrics.registry.register(_AdmissionFigures(self))
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession()
@@ -119,6 +125,8 @@ class UpstreamPool:
         try:
             self.queue.push(record.tenant, record)
         except QueueFull as full:
+            limit = "tenant_max_queued" if full.tenant_limit else "provider_max_queued"
+            self.refused_by_limit[record.tenant, limit] += 1
             code = "rateLimitExceeded" if full.tenant_limit or self.ready else "serviceUnavailable"
             self._fail(record, code, f"The task cannot wait: {full}. Retry with backoff.")
             return
@@ -144,6 +152,7 @@ class UpstreamPool:
                 queue.finished(tenant)
                 continue
             self._out.add(record.upstream_uuid)
+            self.admitted[tenant] += 1
             best.enqueue(record)
 
     def _back(self, record: TaskRecord) -> None:
@@ -226,3 +235,43 @@ class UpstreamPool:
         for record in self.queue.expire(lambda r: not r.open or (outage and r.created <= horizon)):
             if record.open:
                 self._fail(record, "serviceUnavailable", message)
+
+
+class _AdmissionFigures(Collector):
+    """Per tenant: waiting, in flight, admitted, refused by limit; per link: the window."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool, queue = self._pool, self._pool.queue
+        waiting = GaugeMetricFamily(
+            "tenebra_tenant_queued", "Tasks waiting at the gateway", labels=["tenant"]
+        )
+        out = GaugeMetricFamily(
+            "tenebra_tenant_in_flight", "Tasks out at the provider", labels=["tenant"]
+        )
+        for tenant in queue.tenants():
+            waiting.add_metric([tenant], queue.waiting(tenant))
+            out.add_metric([tenant], queue.in_flight(tenant))
+        yield waiting
+        yield out
+        admitted = CounterMetricFamily(
+            "tenebra_tenant_admitted", "Tasks sent to the provider", labels=["tenant"]
+        )
+        for tenant, count in pool.admitted.items():
+            admitted.add_metric([tenant], count)
+        yield admitted
+        refused = CounterMetricFamily(
+            "tenebra_tenant_refused", "Tasks refused by a limit", labels=["tenant", "limit"]
+        )
+        for (tenant, limit), count in pool.refused_by_limit.items():
+            refused.add_metric([tenant, limit], count)
+        yield refused
+        window = GaugeMetricFamily(
+            "tenebra_provider_window", "The adaptive window: tasks a link may have out",
+            labels=["link"],
+        )  # fmt: skip
+        for link in pool.links:
+            window.add_metric([str(link.index)], link.window.size)
+        yield window

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.provider.pool import RenderPool
 from gateway.provider.server import LocalProvider, ProviderConfig
+from tests.gateway.fakes import FakeProvider
 from tests.timing import MS
 
 KEY = "provider-test-key"
@@ -158,3 +159,12 @@ async def until(predicate: Any, within: float = 20000 * MS) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(10 * MS)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    """A scripted provider (tests/gateway/fakes.py), for what the local one never does."""
+    provider = FakeProvider()
+    await provider.start()
+    yield provider
+    await provider.stop()
