@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     provider.add_argument("--public-url", help="base URL of /images as clients reach it")
     provider.add_argument("--workers", type=int, help="render processes (default: one per core)")
+    provider.add_argument(
+        "--control-key",
+        help="turns /control/* on, behind 'Authorization: Bearer <key>' "
+        "(default: $TENEBRA_PROVIDER_CONTROL_KEY; without one /control/* is 404)",
+    )
     _add_fault_flags(provider)
     return parser
 
@@ -139,6 +144,7 @@ async def _run_provider(args: argparse.Namespace) -> int:
             public_url=args.public_url,
             render_workers=args.workers,
             faults=faults,
+            control_key=args.control_key or os.environ.get("TENEBRA_PROVIDER_CONTROL_KEY") or None,
         )
     )
     await provider.start(args.host, args.port)

@@ -2,10 +2,16 @@
 
 ``GET|POST /control/faults`` reads or changes the fault switches (a partial object updates),
 ``POST /control/forget`` forgets everything as a restart would, ``GET /control/stats`` counts.
+
+They can stall, drop and wipe the provider, so they exist only with a control key
+(``ProviderConfig.control_key``): without one every ``/control/*`` path is 404, with one a
+request without ``Authorization: Bearer <key>`` is 401.
 """
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -24,15 +30,33 @@ class Controlled(Protocol):
     def forget(self) -> None: ...
 
 
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 class FaultControl:
-    def __init__(self, provider: Controlled) -> None:
+    def __init__(self, provider: Controlled, key: str | None) -> None:
         self._provider = provider
+        self._expected = None if key is None else f"Bearer {key}".encode()
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/control/faults", self._get_faults)
-        app.router.add_post("/control/faults", self._set_faults)
-        app.router.add_post("/control/forget", self._forget)
-        app.router.add_get("/control/stats", self._get_stats)
+        if self._expected is None:
+            return
+        app.router.add_get("/control/faults", self._keyed(self._get_faults))
+        app.router.add_post("/control/faults", self._keyed(self._set_faults))
+        app.router.add_post("/control/forget", self._keyed(self._forget))
+        app.router.add_get("/control/stats", self._keyed(self._get_stats))
+
+    def _keyed(self, route: Route) -> Route:
+        expected = self._expected
+        assert expected is not None
+
+        async def keyed(request: web.Request) -> web.StreamResponse:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
+            return await route(request)
+
+        return keyed
 
     async def _get_faults(self, request: web.Request) -> web.StreamResponse:
         return web.Response(

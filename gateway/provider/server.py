@@ -133,7 +133,7 @@ class LocalProvider:
         app.router.add_get("/v1", self._websocket)
         app.router.add_get("/", self._websocket)
         ImageHost(self.images).add_routes(app)
-        FaultControl(self).add_routes(app)
+        FaultControl(self, self.config.control_key).add_routes(app)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:

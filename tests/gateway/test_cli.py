@@ -109,7 +109,7 @@ async def test_serve_without_the_provider_extra_says_how_to_install_it() -> None
 async def test_tenebra_provider_runs_standalone_with_faults() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "provider", "--port", "0", "--key", "k1",
-        "--latency-ms", "5", "--fast",
+        "--latency-ms", "5", "--fast", "--control-key", "ck1",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -123,6 +123,8 @@ async def test_tenebra_provider_runs_standalone_with_faults() -> None:
             assert reply["data"][0]["taskType"] == "authentication"
             control = url.replace("ws://", "http://").replace("/v1", "/control/faults")
             async with http.get(control) as response:
+                assert response.status == 401
+            async with http.get(control, headers={"Authorization": "Bearer ck1"}) as response:
                 faults = await response.json()
             assert faults["fast"] is True and faults["latency"]["ms"] == 5
         process.send_signal(signal.SIGTERM)

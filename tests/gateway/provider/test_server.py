@@ -465,39 +465,6 @@ async def test_fast_mode_serves_one_prerendered_image(
     assert bodies[0] == bodies[1]
 
 
-async def test_forget_is_a_restart(provider: LocalProvider, http: aiohttp.ClientSession) -> None:
-    set_faults(provider, fast=True)
-    client = await connect(http, provider.url)
-    session = await client.auth()
-    sent = task()
-    await client.send(sent)
-    await client.recv()
-    async with http.post(f"http://127.0.0.1:{provider.port}/control/forget") as response:
-        assert response.status == 204
-    message = await client.ws.receive(timeout=5000 * MS)
-    assert message.type in (
-        aiohttp.WSMsgType.CLOSE,
-        aiohttp.WSMsgType.CLOSED,
-        aiohttp.WSMsgType.ERROR,
-    )
-    again = await connect(http, provider.url)
-    assert await again.auth(session=session) != session
-    await again.send({"taskType": "getResponse", "taskUUID": sent["taskUUID"]})
-    assert (await again.recv())["errors"][0]["code"] == "taskNotFound"
-
-
-async def test_control_endpoint(provider: LocalProvider, http: aiohttp.ClientSession) -> None:
-    base = f"http://127.0.0.1:{provider.port}/control"
-    async with http.post(f"{base}/faults", json={"error_rate": 0.5, "stall": True}) as response:
-        assert response.status == 200
-        assert (await response.json())["error_rate"] == 0.5
-    assert provider.faults.stall
-    async with http.post(f"{base}/faults", json={"nonsense": 1}) as response:
-        assert response.status == 400
-    async with http.get(f"{base}/stats") as response:
-        assert (await response.json())["connections"] == 0
-
-
 async def test_faults_use_the_injected_randomness(http: aiohttp.ClientSession) -> None:
     async def failures(seed: int) -> list[bool]:
         provider = LocalProvider(ProviderConfig(keys=frozenset({KEY})), rng=random.Random(seed))
