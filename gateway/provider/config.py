@@ -34,6 +34,8 @@ class ProviderConfig:
     # reference image URLs may lead only to global addresses, save these CIDRs or host names
     allow: list[str] = field(default_factory=list)
     faults: Faults = field(default_factory=Faults)
+    # False: every result's cost is 0 (the images are synthetic); True: catalogue prices
+    priced: bool = True
     # /control/* exist only with a key, and then want "Authorization: Bearer <key>"
     control_key: str | None = None
 

@@ -57,6 +57,7 @@ class TaskEngine:
         clock: Callable[[], float],
         rng: random.Random,
         public_url: Callable[[], str],
+        priced: bool = True,
     ) -> None:
         self.catalogue = catalogue
         self.stats = stats
@@ -68,6 +69,7 @@ class TaskEngine:
         self._clock = clock
         self._rng = rng
         self._public_url = public_url
+        self.priced = priced
         self._work: set[asyncio.Task[None]] = set()
 
     def cancel(self) -> None:
@@ -214,7 +216,7 @@ class TaskEngine:
         if task.includeCost:
             model = self.catalogue.get(task.model)
             assert model is not None  # validated
-            cost = model.price(task.width, task.height, 1)
+            cost = model.price(task.width, task.height, 1) if self.priced else 0.0
         return ImageResult(
             taskType="imageInference",
             taskUUID=task.taskUUID,

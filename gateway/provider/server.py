@@ -116,6 +116,7 @@ class LocalProvider:
             clock=clock,
             rng=self._rng,
             public_url=lambda: self.public_url,
+            priced=config.priced,
         )
         self._connections: set[_Connection] = set()
         self._hearing = asyncio.Event()  # clear while the ``deaf`` fault holds

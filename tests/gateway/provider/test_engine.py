@@ -34,3 +34,26 @@ async def test_image_uuids_are_secret_while_seeds_repeat(
     first, second = await results(render_pool, http), await results(render_pool, http)
     assert {i["imageUUID"] for i in first}.isdisjoint(i["imageUUID"] for i in second)
     assert sorted(i["seed"] for i in first) == sorted(i["seed"] for i in second)
+
+
+async def test_an_unpriced_provider_costs_nothing(
+    render_pool: RenderPool, http: aiohttp.ClientSession
+) -> None:
+    """Synthetic images cost 0 where the provider is told they are not priced."""
+    answers: dict[bool, list[Any]] = {}
+    for priced in (True, False):
+        config = ProviderConfig(keys=frozenset({KEY}), priced=priced)
+        provider = LocalProvider(config, pool=render_pool)
+        set_faults(provider, fast=True)
+        await provider.start()
+        try:
+            client = await connect(http, provider.url)
+            await client.auth()
+            await client.send(task(includeCost=True, numberResults=2))
+            await client.send(task(includeCost=False))
+            frames = [(await client.recv())["data"][0] for _ in range(3)]
+            answers[priced] = sorted((i.get("cost", "absent") for i in frames), key=str)
+        finally:
+            await provider.stop()
+    assert answers[True] == [0.195, 0.195, "absent"]
+    assert answers[False] == [0, 0, "absent"]
