@@ -90,7 +90,10 @@ class Gateway:
             from gateway.provider.server import LocalProvider, ProviderConfig
 
             key = secrets.token_urlsafe(24)
-            self.provider = LocalProvider(ProviderConfig(keys=frozenset({key})))
+            # its images are synthetic: billed at 0 unless asked to show what Runware would charge
+            self.provider = LocalProvider(
+                ProviderConfig(keys=frozenset({key}), priced=settings.local_cost)
+            )
             await self.provider.start("127.0.0.1", 0)
             url = self.provider.url
             log.info("local provider started", url=url)

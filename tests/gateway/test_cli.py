@@ -18,8 +18,6 @@ from gateway.cli import build_parser, main, serve_config
 from gateway.config import RUNWARE_URL, ConfigError
 from tests.timing import MS
 
-LOCAL_LINE = "tenebra: local provider: synthetic images, no cost"
-
 # `python -c SLIM serve ...` runs the command as on an install without the [provider] extra:
 # importing numpy or PIL fails, as it would there.
 SLIM = (
@@ -144,11 +142,20 @@ async def test_tenebra_provider_needs_a_key() -> None:
     assert b"--key" in stderr
 
 
-async def test_serve_then_generate_writes_pictures(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "says", "cost"),
+    [
+        ([], "no cost", b"cost: $0.000"),  # synthetic images are not billed
+        (["--local-cost"], "catalogue prices", b"cost: $0.390"),
+    ],
+)
+async def test_serve_then_generate_writes_pictures(
+    tmp_path: Path, flags: list[str], says: str, cost: bytes
+) -> None:
     """The README's quick start: `tenebra serve` on its embedded default, then `generate`."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--demo-key", "demo-k",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        *flags, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert process.stdout is not None
@@ -156,7 +163,8 @@ async def test_serve_then_generate_writes_pictures(tmp_path: Path) -> None:
         assert line.startswith("tenebra: listening on ws://127.0.0.1:")
         url = line.rsplit(" ", 1)[1].strip()
         assert (await process.stdout.readline()).decode().strip() == "tenebra: demo API key: demo-k"
-        assert (await process.stdout.readline()).decode().strip() == LOCAL_LINE
+        local = (await asyncio.wait_for(process.stdout.readline(), 30000 * MS)).decode()
+        assert local.strip() == f"tenebra: local provider: synthetic images, {says}"
         generate = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.cli", "generate", "a saxophonist, spotlight, smoke",
             "-n", "2", "--size", "896x1200", "--format", "png", "--url", url,
@@ -168,7 +176,7 @@ async def test_serve_then_generate_writes_pictures(tmp_path: Path) -> None:
         files = sorted(tmp_path.glob("*.png"))  # noqa: ASYNC240 (a test's own temp dir)
         assert len(files) == 2
         assert all(Image.open(f).size == (896, 1200) for f in files)
-        assert b"cost: $" in out
+        assert cost in out
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30000 * MS) == 0
     finally:
