@@ -18,10 +18,10 @@ from gateway.cli import build_parser, main, serve_config
 from gateway.config import RUNWARE_URL, ConfigError
 from tests.timing import MS
 
-# `python -c SLIM serve ...` runs the command as on an install without the [provider] extra:
-# importing numpy or PIL fails, as it would there.
+# `python -c SLIM serve ...` runs the command as on `pip install tenebra`, without the [provider]
+# and [test] extras: importing numpy, PIL or websockets fails, as it would there.
 SLIM = (
-    "import runpy, sys; sys.modules.update(numpy=None, PIL=None); "
+    "import runpy, sys; sys.modules.update(numpy=None, PIL=None, websockets=None); "
     "runpy.run_module('gateway.cli', run_name='__main__')"
 )
 
