@@ -92,7 +92,8 @@ class ReferenceImages:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _NotFetched(repr(exc)) from exc
         try:
-            Image.open(io.BytesIO(data))  # reads the header only: is it a picture at all?
+            with Image.open(io.BytesIO(data)):  # the header only: is it a picture at all?
+                pass
         except Exception as exc:
             raise _NotFetched(f"not a picture: {exc!r}") from exc
         return data
