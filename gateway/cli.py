@@ -148,12 +148,12 @@ async def _run_provider(args: argparse.Namespace) -> int:
         )
     )
     await provider.start(args.host, args.port)
-    print(f"tenebra provider: listening on {provider.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
+    print(f"tenebra provider: listening on {provider.url}", flush=True)
     await stop.wait()
     await provider.stop()
     return 0
@@ -209,12 +209,6 @@ async def _serve(args: argparse.Namespace) -> int:
     # objects die young by reference counting, so young collections can be rarer.
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
-    print(f"tenebra: listening on {gateway.url}", flush=True)
-    if config.demo_key:
-        print(f"tenebra: demo API key: {config.demo_key}", flush=True)
-    if gateway.provider is not None:
-        cost = "catalogue prices" if config.provider.local_cost else "no cost"
-        print(f"tenebra: local provider: synthetic images, {cost}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -223,9 +217,16 @@ async def _serve(args: argparse.Namespace) -> int:
             os._exit(1)
         stop.set()
 
+    # before "listening" is printed: whoever reads that line may signal at once
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, on_signal)
+    print(f"tenebra: listening on {gateway.url}", flush=True)
+    if config.demo_key:
+        print(f"tenebra: demo API key: {config.demo_key}", flush=True)
+    if gateway.provider is not None:
+        cost = "catalogue prices" if config.provider.local_cost else "no cost"
+        print(f"tenebra: local provider: synthetic images, {cost}", flush=True)
     await stop.wait()
     await gateway.stop()
     return 0
