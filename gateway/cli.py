@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     provider.add_argument("--public-url", help="base URL of /images as clients reach it")
     provider.add_argument("--workers", type=int, help="render processes (default: one per core)")
     provider.add_argument(
+        "--max-queued",
+        type=int,
+        default=256,
+        help="images accepted and not yet finished; a task past it is refused whole with "
+        "rateLimitExceeded (default 256)",
+    )
+    provider.add_argument(
         "--control-key",
         help="turns /control/* on, behind 'Authorization: Bearer <key>' "
         "(default: $TENEBRA_PROVIDER_CONTROL_KEY; without one /control/* is 404)",
@@ -143,6 +150,7 @@ async def _run_provider(args: argparse.Namespace) -> int:
             keys=frozenset(keys),
             public_url=args.public_url,
             render_workers=args.workers,
+            render_queue=args.max_queued,
             faults=faults,
             control_key=args.control_key or os.environ.get("TENEBRA_PROVIDER_CONTROL_KEY") or None,
         )

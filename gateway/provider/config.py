@@ -46,6 +46,7 @@ class Stats(msgspec.Struct):
     authentications: int = 0
     resumed: int = 0
     submissions: int = 0
+    refusals: int = 0  # tasks refused whole for want of room (rateLimitExceeded, unbilled)
     conflicts: int = 0
     images: int = 0
     frames_sent: int = 0

@@ -92,6 +92,19 @@ class TaskEngine:
                 )
             )
             return
+        try:
+            self.pool.reserve(task.numberResults)
+        except RenderQueueFull as full:
+            self.stats.refusals += 1
+            errors.append(
+                error_item(
+                    "rateLimitExceeded",
+                    message=f"Too many images in progress: {full}. Retry with backoff.",
+                    task_type="imageInference",
+                    task_uuid=task.taskUUID,
+                )
+            )
+            return
         self.stats.submissions += 1
         entry = ProviderTask(
             task=task,
@@ -104,19 +117,22 @@ class TaskEngine:
             data.append(TaskAck(taskType="imageInference", taskUUID=task.taskUUID))
         faults = self._faults()
         if faults.error_rate and self._rng.random() < faults.error_rate:
-            self._spawn(self._fail(entry, faults.error_code))
+            self._spawn(self._fail(entry, faults.error_code), task.numberResults)
             return
         base_seed = self._rng.randrange(1, 2**31 - 64)
         reference: asyncio.Future[bytes] | None = None
         if task.reference_images and not faults.fast:
             reference = asyncio.ensure_future(self.references.load(task))
         for index in range(task.numberResults):
-            self._spawn(self._generate(entry, index, base_seed + index, reference))
+            self._spawn(self._generate(entry, index, base_seed + index, reference), 1)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], images: int) -> None:
+        """Run ``work``; the room reserved for its ``images`` is freed when it ends, however
+        it ends (cancelled before it started included)."""
         job = asyncio.create_task(work)
         self._work.add(job)
         job.add_done_callback(self._work.discard)
+        job.add_done_callback(lambda _: self.pool.release(images))
 
     async def _fail(self, entry: ProviderTask, code: str) -> None:
         await asyncio.sleep(self._faults().latency.sample(self._rng))
@@ -154,9 +170,6 @@ class TaskEngine:
                     ref,
                 )
                 result = self._result(task, image_uuid, seed, await self.pool.render(job))
-        except RenderQueueFull as exc:
-            self._generation_failed(entry, generation, "rateLimitExceeded", str(exc))
-            return
         except ReferenceUnavailable as exc:
             self._generation_failed(entry, generation, "invalidReferenceImages", str(exc))
             return

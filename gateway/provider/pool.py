@@ -1,15 +1,20 @@
 """Rendering off the event loop: a process pool sized to the machine, behind a bounded queue.
 
-At most ``max_queue`` images wait or render at once; one more is refused at once with
-:class:`RenderQueueFull`, so a burst turns into clear errors rather than unbounded memory.
+At most ``max_queue`` images are accepted and not yet finished (waiting, rendering, or in
+their injected latency); a task with more images than there is room for is refused whole with
+:class:`RenderQueueFull`, so a burst turns into clear, unbilled refusals rather than unbounded
+memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import io
 import multiprocessing
 import os
+import signal
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -46,6 +51,17 @@ def render(job: RenderJob) -> bytes:
     return encode_image(image, job.output_format, job.quality)
 
 
+def _die_with_parent() -> None:
+    """A worker ends when the process that made it dies: a provider killed with SIGKILL left
+    its workers running, holding its output pipes open (Linux only; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class RenderPool:
     def __init__(self, *, workers: int | None = None, max_queue: int = 256) -> None:
         self.workers = workers or os.cpu_count() or 1
@@ -57,7 +73,9 @@ class RenderPool:
         if self._executor is None:
             # spawn, not fork: the parent runs an event loop and threads that a fork would copy
             self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn")
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_die_with_parent,
             )
         return self._executor
 
@@ -65,14 +83,20 @@ class RenderPool:
     def in_hand(self) -> int:
         return self._in_hand
 
-    async def render(self, job: RenderJob) -> bytes:
-        if self._in_hand >= self.max_queue:
+    def reserve(self, images: int) -> None:
+        """Hold room for a whole task's images before it is accepted, as Runware's queue
+        refuses a task it has no room for rather than some of its images: the refusal is
+        then unbilled, and the same taskUUID may be sent again."""
+        if self._in_hand + images > self.max_queue:
             raise RenderQueueFull(f"the render queue holds {self.max_queue} images already")
-        self._in_hand += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool(), render, job)
-        finally:
-            self._in_hand -= 1
+        self._in_hand += images
+
+    def release(self, images: int = 1) -> None:
+        self._in_hand -= images
+
+    async def render(self, job: RenderJob) -> bytes:
+        """Render one image whose room was reserved."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), render, job)
 
     def close(self) -> None:
         if self._executor is not None:

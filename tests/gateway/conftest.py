@@ -35,7 +35,7 @@ class Clock:
 
 @pytest.fixture(scope="session")
 def render_pool() -> Iterator[RenderPool]:
-    pool = RenderPool(workers=2, max_queue=64)
+    pool = RenderPool(workers=2, max_queue=4096)  # room for every test; one test makes its own
     yield pool
     pool.close()
 

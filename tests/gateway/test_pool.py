@@ -14,7 +14,19 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import Config, ProviderSettings, ServerSettings, Tenant
-from tests.gateway.conftest import ALPHA, BETA, Client, connect, task, until
+from gateway.provider.pool import RenderPool
+from gateway.provider.server import LocalProvider, ProviderConfig
+from tests.gateway.conftest import (
+    ALPHA,
+    BETA,
+    KEY,
+    Client,
+    connect,
+    gateway_config,
+    set_faults,
+    task,
+    until,
+)
 from tests.gateway.fakes import FakeProvider
 from tests.timing import MS
 
@@ -163,6 +175,35 @@ async def test_a_task_refused_past_its_deadline_gets_the_reason(
         assert error["code"] == "timeoutProvider"
         assert "provider capacity" in error["message"]
         assert provider.refusals >= 2  # it was tried again, not failed at the first refusal
+    finally:
+        await gateway.stop()
+        await provider.stop()
+
+
+async def test_the_local_provider_with_room_for_16_images(http: aiohttp.ClientSession) -> None:
+    """`tenebra provider --max-queued 16` in process: 2,000 tasks from 100 clients all
+    complete, none refused to a client, each image once; the provider refused whole tasks
+    (unbilled) and the gateway's window learnt its capacity."""
+    provider = LocalProvider(
+        ProviderConfig(keys=frozenset({KEY})), pool=RenderPool(workers=1, max_queue=16)
+    )
+    set_faults(provider, fast=True, latency={"kind": "uniform", "ms": 5, "high_ms": 15})
+    await provider.start()
+    cfg = gateway_config(provider)
+    cfg.provider.backoff_initial, cfg.provider.backoff_max = 5 * MS, 50 * MS
+    gateway = await started(cfg)
+    try:
+        clients = [await connect(http, gateway.url) for _ in range(100)]
+        for client in clients:
+            await client.auth(key=ALPHA)
+        for client in clients:
+            await client.ws.send_str(json.dumps([task() for _ in range(20)]))
+        results = await asyncio.gather(*(outcomes(c, 20, 90000 * MS) for c in clients))
+        assert all(result == {"ok": 20} for result in results)
+        assert provider.stats.submissions == 2000 and provider.stats.images == 2000
+        assert provider.stats.refusals > 0
+        assert gateway.pool is not None
+        assert gateway.pool.links[0].window.limit < 256
     finally:
         await gateway.stop()
         await provider.stop()

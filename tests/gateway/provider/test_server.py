@@ -246,17 +246,29 @@ async def test_image_urls_expire_with_their_ttl(
         await provider.stop()
 
 
-async def test_a_full_render_queue_fails_images_clearly(http: aiohttp.ClientSession) -> None:
+async def test_a_task_past_the_render_queue_is_refused_whole_and_may_come_again(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Room for a task's images is held when it is accepted; a task with more images than
+    there is room for is refused whole, before it is recorded: unbilled, and the same taskUUID
+    is accepted once there is room (no conflictTaskUUID)."""
     provider = LocalProvider(
-        ProviderConfig(keys=frozenset({KEY})), pool=RenderPool(workers=1, max_queue=0)
+        ProviderConfig(keys=frozenset({KEY})), pool=RenderPool(workers=1, max_queue=2)
     )
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 200 * MS * 1000})
     await provider.start()
     try:
         client = await authed(http, provider)
-        sent = task()
-        await client.send(sent)
+        first, second = task(numberResults=2), task()
+        await client.send(first, second)
         [error] = (await client.recv())["errors"]
-        assert (error["code"], error["taskUUID"]) == ("rateLimitExceeded", sent["taskUUID"])
+        assert (error["code"], error["taskUUID"]) == ("rateLimitExceeded", second["taskUUID"])
+        for _ in range(2):
+            assert (await client.recv())["data"][0]["taskUUID"] == first["taskUUID"]
+        await client.send(second)
+        assert (await client.recv())["data"][0]["taskUUID"] == second["taskUUID"]
+        assert (provider.stats.submissions, provider.stats.refusals) == (2, 1)
+        assert provider.pool.in_hand == 0
     finally:
         await provider.stop()
 
