@@ -26,15 +26,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admission import TenantLimits
 from gateway.clients import ClientGateway
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.delivery.deliveries import Deliveries
 from gateway.delivery.egress import EgressGuard
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.pool import UpstreamPool
+from gateway.quotas import BudgetFigures, BudgetLedger, TenantQuotas
 from gateway.rest import RestEndpoint
 from gateway.store.memory import MemoryTaskStore
 from gateway.tasks import TaskRegistry
+from gateway.tenants import Revoked, TenantTable, forget_plain_keys
 from protocol.errors import error_item
 from protocol.models import Catalogue, default_catalogue
 
@@ -56,10 +58,13 @@ class Gateway:
         *,
         catalogue: Catalogue | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.catalogue = catalogue or default_catalogue()
         self.clock = clock
+        self.tenants = TenantTable.from_config(config)  # swapped whole by reload_tenants
+        forget_plain_keys(config)
         self.metrics = Metrics()
         self.store = MemoryTaskStore(
             retention=config.tasks.retention, max_finished=config.tasks.max_retained
@@ -69,6 +74,9 @@ class Gateway:
         )
         self.metrics.tasks_in_flight.set_function(lambda: self.store.open_count)
         self.metrics.task_records.set_function(lambda: len(self.store))
+        self.budgets = BudgetLedger(self.metrics.tasks.spend, wall_clock)
+        self.registry.on_final.append(self.budgets.release)
+        self.metrics.registry.register(BudgetFigures(self.budgets))
         self.provider: LocalProvider | None = None
         self.pool: UpstreamPool | None = None
         self.guard = EgressGuard(config.delivery.allow)
@@ -113,11 +121,14 @@ class Gateway:
             self.catalogue,
             self.registry,
             self.pool,
-            self.config.keys(),
+            self.tenants,
             self.metrics,
             max_tasks_per_frame=self.config.server.max_tasks_per_frame,
             guard=self.guard,
             deliveries=self.deliveries,
+            quotas=TenantQuotas(
+                self.catalogue, self.budgets, self.pool.refused_by_limit, clock=self.clock
+            ),
         )
         self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
         rest = RestEndpoint(
@@ -187,10 +198,34 @@ class Gateway:
             await self.provider.stop()
 
     def _tenant_limits(self, tenant: str) -> TenantLimits:
-        config = self.config.tenants.get(tenant)
-        if config is None:
-            return TenantLimits()
-        return TenantLimits(config.weight, config.max_in_flight, config.max_queued)
+        return self.tenants.limits(tenant)
+
+    def reload_tenants(self, load: Callable[[], Config]) -> Revoked | None:
+        """SIGHUP: tenants, keys and their limits from the configuration again, swapped in at
+        once; what was revoked, or None when the configuration does not load (the old table
+        stays, and the log says why). Other settings are read at start only."""
+        try:
+            config = load()
+            table = TenantTable.from_config(config, previous=self.tenants)
+        except (ConfigError, ValueError) as exc:
+            log.error("tenants not reloaded: the configuration does not load", error=str(exc))
+            return None
+        forget_plain_keys(config)
+        revoked = self.tenants.revoked_by(table)
+        self.tenants = table
+        self.config.tenants = config.tenants
+        self.deliveries.tenants = config.tenants  # webhook secrets and envelopes
+        if self.intake is not None:
+            self.intake.use_tenants(table)
+        if self.pool is not None:
+            self.pool.queue.reconfigure()
+        log.info(
+            "tenants reloaded",
+            tenants=len(table),
+            revoked_keys=len(revoked.keys),
+            revoked_tenants=sorted(revoked.tenants),
+        )
+        return revoked
 
     def _fail_open_tasks(self) -> None:
         """Past the drain deadline, every task still open ends with a clear error on its

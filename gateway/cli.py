@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import gc
 import importlib.metadata
+import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping
@@ -88,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, default=Path("."), help="where to save the files")
     generate.add_argument("--url", default="ws://127.0.0.1:8080/v1", help="the gateway")
     generate.add_argument("--key", help="an API key of the gateway (default: $TENEBRA_DEMO_KEY)")
+
+    keys = commands.add_parser("keys", help="API keys for the configuration's tenants")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser(
+        "create", help="print a new key once, and the key_sha256 line that lets it in"
+    )
+    create.add_argument("--tenant", required=True, help="the [tenants.NAME] it is for")
 
     provider = commands.add_parser(
         "provider", help="run the local provider: a Runware-protocol server that renders images"
@@ -201,6 +210,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     if not config.tenants and not config.demo_key:
         config.demo_key = secrets.token_urlsafe(16)
+    demo_key = config.demo_key  # printed once below; the gateway keeps only its hash
     gateway = Gateway(config)
     try:
         await gateway.start()
@@ -229,14 +239,34 @@ async def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, on_signal)
+    with contextlib.suppress(NotImplementedError):  # tenants and keys again, nothing else
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants, lambda: serve_config(args))
     print(f"tenebra: listening on {gateway.url}", flush=True)
-    if config.demo_key:
-        print(f"tenebra: demo API key: {config.demo_key}", flush=True)
+    if demo_key:
+        print(f"tenebra: demo API key: {demo_key}", flush=True)
+    del demo_key
     if gateway.provider is not None:
         cost = "catalogue prices" if config.provider.local_cost else "no cost"
         print(f"tenebra: local provider: synthetic images, {cost}", flush=True)
     await stop.wait()
     await gateway.stop()
+    return 0
+
+
+def _create_key(tenant: str) -> int:
+    """The key goes to stdout once, for the tenant; only its hash goes into the file."""
+    from gateway.tenants import new_key
+
+    key, digest = new_key()
+    section = tenant if re.fullmatch(r"[A-Za-z0-9_-]+", tenant) else json.dumps(tenant)
+    print(key)
+    print(f"[tenants.{section}]")
+    print(f'key_sha256 = ["{digest}"]')
+    print(
+        "tenebra keys: the key above is shown once; add the key_sha256 line to the tenant's "
+        "section (beside its other hashes), then reload the gateway (SIGHUP)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -258,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"tenebra provider: {PROVIDER_EXTRA_MISSING}", file=sys.stderr)
             return 2
+    if args.command == "keys":
+        return _create_key(args.tenant)
     if args.command == "generate":
         from gateway.generate import generate
 

@@ -12,6 +12,7 @@ silently ignored).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -129,11 +130,23 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True):
     allow: list[str] = msgspec.field(default_factory=list)  # CIDRs or hosts the guard opens
 
 
+Sha256Hex = Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")]
+
+
 class Tenant(msgspec.Struct, forbid_unknown_fields=True):
-    keys: list[str]
+    keys: list[str] = msgspec.field(default_factory=list)
+    key_sha256: list[Sha256Hex] = msgspec.field(default_factory=list)  # keys stored as hashes
     weight: Annotated[float, Meta(gt=0)] = 1.0  # share of provider capacity while tasks wait
     max_in_flight: Count | None = None  # tasks of this tenant at the provider at once
     max_queued: Count | None = None  # tasks waiting at the gateway; past it rateLimitExceeded
+    # The intake's limits (gateway/quotas.py): past each, an error item for that task
+    rate: Annotated[float, Meta(gt=0)] | None = None  # tasks/s sustained (a token bucket)
+    burst: Count | None = None  # the bucket's depth; default: rate rounded up
+    max_connections: Count | None = None  # authenticated WebSockets at once
+    budget_per_day: Annotated[float, Meta(ge=0)] | None = None  # USD per UTC day
+    max_number_results: Annotated[int, Meta(ge=1)] | None = None
+    allow_webhooks: bool = True
+    allow_uploads: bool = True
     webhook_secret: str | None = None  # "whsec_<base64>": Standard Webhooks signatures
     webhook_envelope: bool = False  # {"data": [item]} instead of the flat item
 
@@ -235,9 +248,12 @@ def _check(config: Config) -> None:
         )
     if config.provider.url is not None and not config.provider.api_key:
         raise ConfigError("provider.api_key: required with provider.url (or RUNWARE_API_KEY)")
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # by the key's SHA-256: a plain key and its hash are one key
     for name, tenant in config.tenants.items():
-        for key in tenant.keys:
-            if key in seen:
-                raise ConfigError(f"tenants.{name}.keys: key also belongs to {seen[key]}")
-            seen[key] = name
+        hashes = [hashlib.sha256(key.encode()).hexdigest() for key in tenant.keys]
+        for field, digest in [("keys", h) for h in hashes] + [
+            ("key_sha256", h.lower()) for h in tenant.key_sha256
+        ]:
+            if digest in seen:
+                raise ConfigError(f"tenants.{name}.{field}: key also belongs to {seen[digest]}")
+            seen[digest] = name

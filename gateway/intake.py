@@ -9,8 +9,10 @@ from msgspec import UNSET
 from gateway.delivery.egress import EgressGuard
 from gateway.metrics import Metrics
 from gateway.pool import UpstreamPool
+from gateway.quotas import TenantQuotas
 from gateway.store.base import TaskRecord
 from gateway.tasks import Subscriber, TaskRegistry
+from gateway.tenants import TenantTable
 from protocol.codec import Outcome, decode_client_frame
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageTask, TaskAck
@@ -25,17 +27,20 @@ class Intake:
         catalogue: Catalogue,
         registry: TaskRegistry,
         pool: UpstreamPool,
-        keys: dict[str, str],
+        tenants: TenantTable,
         metrics: Metrics,
         *,
         max_tasks_per_frame: int,
         guard: EgressGuard,
         deliveries: Subscriber,
+        quotas: TenantQuotas,
     ) -> None:
         self.catalogue = catalogue
         self.registry = registry
         self.pool = pool
-        self.keys = keys
+        self.tenants = tenants
+        self.checked = tenants.checked  # tenants with limits to check per task, by name
+        self.quotas = quotas
         self.metrics = metrics
         self.max_tasks_per_frame = max_tasks_per_frame
         self.guard = guard
@@ -43,7 +48,27 @@ class Intake:
         self.accepting = True  # False while the gateway drains for shutdown
 
     def tenant_of(self, api_key: str) -> str | None:
-        return self.keys.get(api_key)
+        return self.tenants.tenant_of(api_key)
+
+    def use_tenants(self, table: TenantTable) -> None:
+        """A reload's table, from the next authentication and the next task on."""
+        self.tenants = table
+        self.checked = table.checked
+
+    def connect(self, tenant: str) -> ErrorItem | None:
+        """A socket authenticated as ``tenant``: the error that refuses it past the tenant's
+        ``max_connections``; otherwise to be matched by :meth:`disconnect` when it closes."""
+        refused = self.quotas.connect(tenant, self.tenants.policies.get(tenant))
+        if refused is not None:
+            self.metrics.errors.labels(refused.code).inc()
+        return refused
+
+    def disconnect(self, tenant: str) -> None:
+        self.quotas.disconnect(tenant)
+
+    def retry_after(self, tenant: str, code: str) -> int | None:
+        """``Retry-After`` (s) for a REST answer whose status comes from ``code``."""
+        return self.quotas.retry_after(tenant, code)
 
     def decode(self, frame: bytes) -> list[Outcome]:
         return decode_client_frame(frame, self.catalogue, max_tasks=self.max_tasks_per_frame)
@@ -60,6 +85,14 @@ class Intake:
                 task_type="imageInference",
                 task_uuid=task.taskUUID,
             )
+        policy = self.checked.get(tenant)  # None for a tenant without limits: nothing more
+        price = 0.0
+        if policy is not None:
+            checked = self.quotas.check(policy, task)
+            if isinstance(checked, ErrorItem):
+                self.metrics.errors.labels(checked.code).inc()
+                return checked
+            price = checked
         refused = self._refused_destination(task)
         if refused is not None:
             self.metrics.errors.labels(refused.code).inc()
@@ -68,6 +101,8 @@ class Intake:
         if not isinstance(record, TaskRecord):
             self.metrics.errors.labels(record.code).inc()
             return record
+        if price:  # held until the task ends (registry.on_final releases it)
+            self.quotas.ledger.hold(record, price)
         if isinstance(task.webhookURL, str) or isinstance(task.uploadEndpoint, str):
             self.registry.subscribe(record, self.deliveries)
         self.pool.submit(record)

@@ -83,6 +83,7 @@ CODES: dict[str, ErrorSpec] = {
     "taskNotFound": ErrorSpec(404, "No task with this taskUUID exists for this API key."),
     # capacity and upstream
     "rateLimitExceeded": ErrorSpec(429, "Too many tasks in flight. Retry with backoff."),
+    "insufficientCredits": ErrorSpec(402, "The daily budget of this API key is spent."),
     "serviceUnavailable": ErrorSpec(503, "The provider is unavailable. Retry with backoff."),
     "providerError": ErrorSpec(502, "The provider failed to process the task."),
     "timeoutProvider": ErrorSpec(

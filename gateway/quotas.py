@@ -1,0 +1,281 @@
+"""A tenant's limits at the intake, before a task is registered: rate, budget, what it may ask.
+
+Each limit hit is an error item for the task that hit it, counted in ``tenebra_tenant_refused``
+by ``(tenant, limit)``; nothing is dropped and no socket is closed. Clocks are injected: the
+gateway's monotonic clock for the token bucket, a wall clock for the budget's UTC day.
+
+The budget is a ledger over the spend the registry already counts (``TaskFigures.spend``, from
+the provider's ``cost`` of each result): today's spend is the running total less what it was
+when the UTC day began, so counting it costs the hot path nothing. A task's catalogue price is
+held from its admission until it ends, so that tasks in flight count before their results do;
+between a task's first result and its end both count, which errs toward refusing, never
+toward overspending. The ledger is in memory: a restart starts the day's spend again at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.store.base import TaskRecord
+from gateway.tenants import TenantPolicy
+from protocol.errors import error_item
+from protocol.frames import ErrorItem, ImageTask
+from protocol.models import Catalogue
+
+__all__ = ["DAY", "BudgetLedger", "RateBucket", "TenantQuotas"]
+
+DAY = 86400.0
+# prices are sums of a few decimals: a task that fits the budget exactly must not be refused
+_EPSILON = 1e-9
+
+
+class RateBucket:
+    """``rate`` tasks per second sustained, ``burst`` at once."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def wait(self) -> float:
+        """Seconds until a token, as of the last ``take``."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+class BudgetLedger:
+    """Spend per tenant and UTC day, and the prices held for tasks in flight."""
+
+    def __init__(self, spend: dict[str, float], wall_clock: Callable[[], float]) -> None:
+        self._spend = spend  # cumulative by tenant, kept by the registry
+        self._wall_clock = wall_clock
+        self._day = int(wall_clock() // DAY)
+        self._baseline = dict(spend)
+        self.reserved: dict[str, float] = {}
+        self._held: dict[str, tuple[str, float]] = {}  # upstream UUID -> (tenant, price)
+
+    def _roll(self) -> None:
+        day = int(self._wall_clock() // DAY)
+        if day != self._day:
+            self._day = day
+            self._baseline = dict(self._spend)
+
+    def spent_today(self, tenant: str) -> float:
+        self._roll()
+        return self._spend.get(tenant, 0.0) - self._baseline.get(tenant, 0.0)
+
+    def spend_by_tenant(self) -> dict[str, float]:
+        self._roll()
+        base = self._baseline
+        return {tenant: total - base.get(tenant, 0.0) for tenant, total in self._spend.items()}
+
+    def seconds_to_next_day(self) -> float:
+        now = self._wall_clock()
+        return (math.floor(now / DAY) + 1) * DAY - now
+
+    def hold(self, record: TaskRecord, price: float) -> None:
+        self._held[record.upstream_uuid] = (record.tenant, price)
+        self.reserved[record.tenant] = self.reserved.get(record.tenant, 0.0) + price
+
+    def release(self, record: TaskRecord) -> None:
+        """``registry.on_final``: the task's price is no longer held (its cost, if any, is in
+        the spend by now)."""
+        if not self._held:  # no budgeted task open: every other task's end costs nothing here
+            return
+        held = self._held.pop(record.upstream_uuid, None)
+        if held is not None:
+            tenant, price = held
+            left = self.reserved[tenant] - price
+            if left > _EPSILON:
+                self.reserved[tenant] = left
+            else:
+                del self.reserved[tenant]
+
+
+class _TenantState:
+    """What the intake counts for one limited tenant; it outlives reloads."""
+
+    __slots__ = ("bucket", "connections")
+
+    def __init__(self) -> None:
+        self.bucket: RateBucket | None = None
+        self.connections = 0
+
+
+class TenantQuotas:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        ledger: BudgetLedger,
+        refused: Counter[tuple[str, str]],
+        *,
+        clock: Callable[[], float],
+    ) -> None:
+        self.catalogue = catalogue
+        self.ledger = ledger
+        self.refused = refused  # the pool's: one metric family for every limit
+        self._clock = clock
+        self._states: dict[str, _TenantState] = {}
+
+    def _state(self, tenant: str) -> _TenantState:
+        state = self._states.get(tenant)
+        if state is None:
+            state = self._states[tenant] = _TenantState()
+        return state
+
+    def check(self, policy: TenantPolicy, task: ImageTask) -> ErrorItem | float:
+        """The task's error, or its price to hold (0 when the tenant has no budget). Checked
+        in this order: what the task asks (permanent), the budget, then the rate, so that a
+        task refused for anything else does not spend a token."""
+        name = policy.name
+        cap = policy.max_number_results
+        if cap is not None and task.numberResults > cap:
+            return self._refuse(
+                name, "tenant_max_number_results", "invalidNumberResults", task,
+                f"Invalid value for numberResults parameter. This API key may ask for at most "
+                f"{cap} results per task.", parameter="numberResults", type="integer",
+            )  # fmt: skip
+        if not policy.allow_webhooks and isinstance(task.webhookURL, str):
+            return self._refuse(
+                name, "tenant_allow_webhooks", "unsupportedParameter", task,
+                "Webhooks are not enabled for this API key: send the task without webhookURL.",
+                parameter="webhookURL", type="string",
+            )  # fmt: skip
+        if not policy.allow_uploads and isinstance(task.uploadEndpoint, str):
+            return self._refuse(
+                name, "tenant_allow_uploads", "unsupportedParameter", task,
+                "Uploads are not enabled for this API key: send the task without "
+                "uploadEndpoint.", parameter="uploadEndpoint", type="string",
+            )  # fmt: skip
+        price = 0.0
+        budget = policy.budget_per_day
+        if budget is not None:
+            model = self.catalogue.get(task.model)
+            assert model is not None  # decoding checked the model and its size
+            price = model.price(task.width, task.height, task.numberResults)
+            ledger = self.ledger
+            spent = ledger.spent_today(name)
+            held = ledger.reserved.get(name, 0.0)
+            if spent + held + price > budget + _EPSILON:
+                return self._refuse(
+                    name, "tenant_budget_per_day", "insufficientCredits", task,
+                    f"The daily budget of this API key is ${budget:.4f} (UTC day): "
+                    f"${spent:.4f} spent today and ${held:.4f} held for tasks in flight leave "
+                    f"less than this task's ${price:.4f}. It resets at 00:00 UTC.",
+                )  # fmt: skip
+        rate = policy.rate
+        if rate is not None:
+            state = self._state(name)
+            bucket = state.bucket
+            now = self._clock()
+            if bucket is None or bucket.rate != rate or bucket.burst != policy.burst:
+                bucket = state.bucket = RateBucket(rate, policy.burst, now)  # a reload's
+            if not bucket.take(now):
+                return self._refuse(
+                    name, "tenant_rate", "rateLimitExceeded", task,
+                    f"This API key may send {rate:g} tasks per second (bursts of "
+                    f"{policy.burst}). Retry in {bucket.wait():.2f} s.",
+                )  # fmt: skip
+        return price
+
+    def _refuse(
+        self,
+        tenant: str,
+        limit: str,
+        code: str,
+        task: ImageTask,
+        message: str,
+        *,
+        parameter: str | None = None,
+        type: str | None = None,
+    ) -> ErrorItem:
+        self.refused[tenant, limit] += 1
+        return error_item(
+            code,
+            message=message,
+            parameter=parameter,
+            type=type,
+            task_type="imageInference",
+            task_uuid=task.taskUUID,
+        )
+
+    # ------------------------------------------------------------------ connections
+
+    def connect(self, tenant: str, policy: TenantPolicy | None) -> ErrorItem | None:
+        """An authentication of ``tenant`` opens a socket: its error past the tenant's
+        ``max_connections``. Every tenant's sockets are counted (a reload may give a limit to
+        a tenant that had none); each success is to be matched by one :meth:`disconnect`."""
+        state = self._state(tenant)
+        cap = policy.max_connections if policy is not None else None
+        if cap is not None and state.connections >= cap:
+            self.refused[tenant, "tenant_max_connections"] += 1
+            return error_item(
+                "rateLimitExceeded",
+                message=f"This API key may hold {cap} connections at once. Close one, or retry "
+                "with backoff.",
+                task_type="authentication",
+            )
+        state.connections += 1
+        return None
+
+    def disconnect(self, tenant: str) -> None:
+        state = self._states.get(tenant)
+        if state is not None and state.connections > 0:
+            state.connections -= 1
+
+    def connections(self, tenant: str) -> int:
+        state = self._states.get(tenant)
+        return state.connections if state is not None else 0
+
+    def retry_after(self, tenant: str, code: str) -> int | None:
+        """Whole seconds a REST client should wait before trying again after ``code``, for
+        ``Retry-After``; None where waiting does not help."""
+        if code == "insufficientCredits":
+            return max(1, math.ceil(self.ledger.seconds_to_next_day()))
+        if code != "rateLimitExceeded":
+            return None
+        state = self._states.get(tenant)
+        bucket = state.bucket if state is not None else None
+        if bucket is None:
+            return 1  # a queue or connection bound: room comes back as tasks end
+        return max(1, math.ceil(bucket.wait()))
+
+
+class BudgetFigures(Collector):
+    """``tenebra_tenant_spent_today_usd``: the budget's view of each tenant's spend."""
+
+    def __init__(self, ledger: BudgetLedger) -> None:
+        self._ledger = ledger
+
+    def collect(self) -> Iterator[Metric]:
+        spent = GaugeMetricFamily(
+            "tenebra_tenant_spent_today_usd",
+            "Provider cost of the tenant's tasks since 00:00 UTC",
+            labels=["tenant"],
+        )
+        for tenant, amount in self._ledger.spend_by_tenant().items():
+            spent.add_metric([tenant], amount)
+        yield spent
+        held = GaugeMetricFamily(
+            "tenebra_tenant_budget_held_usd",
+            "Catalogue price of the tenant's budgeted tasks in flight",
+            labels=["tenant"],
+        )
+        for tenant, amount in self._ledger.reserved.items():
+            held.add_metric([tenant], amount)
+        yield held
