@@ -33,7 +33,7 @@ class Verdict(enum.Enum):
     FAIL = "fail"  # the provider forgot it and may have billed it: fail, never send again
     IGNORE = "ignore"  # an answer about an older send, or a resend already on its way
     POLL = "poll"  # the provider has it: poll until it settles
-    RESUBMIT = "resubmit"  # lost with the provider's session; sent once more (provider.on_lost)
+    RESUBMIT = "resubmit"  # lost with the provider's session: sent again (provider.on_lost)
     RELAY = "relay"  # an ordinary answer about the task: the registry takes it
 
 
@@ -59,10 +59,9 @@ class LinkRecovery:
         self._polled_at: dict[str, int] = {}
         # acknowledged (any item about them) since their last send
         self._heard: set[str] = set()
-        # provider.on_lost = "resubmit": a task lost with a provider session is sent once more,
-        # at the risk of a second bill if the provider billed what it then forgot
+        # provider.on_lost = "resubmit": a task lost with a provider session is sent again, once
+        # per loss, at the risk of a second bill if the provider billed what it then forgot
         self._resubmit_lost = resubmit_lost
-        self._resubmitted: set[str] = set()
 
     def sent(self, upstream_uuid: str) -> None:
         self.in_flight.add(upstream_uuid)
@@ -77,7 +76,6 @@ class LinkRecovery:
         self.orphans.discard(upstream_uuid)
         self._polled_at.pop(upstream_uuid, None)
         self._heard.discard(upstream_uuid)
-        self._resubmitted.discard(upstream_uuid)
 
     def reconnected(self, resumed: bool) -> Reconnected:
         """The link is authenticated again: which tasks to poll now, and which later.
@@ -108,8 +106,7 @@ class LinkRecovery:
             return Verdict.IGNORE
         if self.resumed:
             return Verdict.RESEND
-        if self._resubmit_lost and upstream_uuid not in self._resubmitted:
-            self._resubmitted.add(upstream_uuid)
+        if self._resubmit_lost:
             self.orphans.discard(upstream_uuid)  # its new send is pushed to us as usual
             return Verdict.RESUBMIT
         return Verdict.FAIL

@@ -9,6 +9,7 @@ import contextlib
 import json
 import random
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -488,3 +489,76 @@ async def test_tasks_open_at_the_drain_deadline_each_get_an_error_before_1012(
         assert outcomes == dict.fromkeys(uuids, "serviceUnavailable")
     await stopping
     assert gateway.store.open_count == 0
+
+
+async def _provider_process(port: int) -> asyncio.subprocess.Process:
+    """A standalone `tenebra provider`, ready when it says it listens."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "provider", "--port", str(port), "--key", KEY,
+        "--fast", "--latency-kind", "uniform", "--latency-ms", "100", "--latency-high-ms", "600",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 20000 * MS)
+    assert b"listening" in line, line
+    return process
+
+
+@pytest.mark.parametrize("on_lost", ["resubmit", "fail"])
+async def test_a_provider_sigkilled_twice_under_300_tasks(
+    http: aiohttp.ClientSession, on_lost: str
+) -> None:
+    """provider.on_lost = "resubmit": what a killed provider lost with its session is sent
+    again once, and at least 99% of tasks complete, each image once. With "fail" (the
+    default) those tasks fail clearly instead, and none is sent twice."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await _provider_process(port)
+    config = resilient_config(LocalProvider(ProviderConfig(keys=frozenset({KEY}))))
+    config.provider.url = f"ws://127.0.0.1:{port}/v1"
+    config.provider.on_lost = on_lost  # type: ignore[assignment,unused-ignore]
+    config.provider.outage_deadline = 20.0
+    try:
+        async with running(config) as gateway:
+            clients = [await connect(http, gateway.url) for _ in range(10)]
+            plans = []
+            for client in clients:
+                await client.auth(key=ALPHA)
+                mine = [task() for _ in range(30)]
+                plans.append({t["taskUUID"] for t in mine})
+                await client.send(*mine)
+            for _ in range(2):
+                await asyncio.sleep(250 * MS)
+                process.kill()  # SIGKILL: the provider forgets every session and task
+                await process.wait()
+                process = await _provider_process(port)
+            done: Counter[str] = Counter()
+            failed: Counter[str] = Counter()
+            images: set[str] = set()
+
+            async def read(client: Client, expected: int) -> None:
+                while (
+                    sum(done[u] for u in plan_of[client]) + len(plan_of[client] & set(failed))
+                    < expected
+                ):
+                    frame = await client.recv(within=30000 * MS)
+                    for item in frame.get("data", []):
+                        assert item["imageUUID"] not in images, "an image delivered twice"
+                        images.add(item["imageUUID"])
+                        done[item["taskUUID"]] += 1
+                    for error in frame.get("errors", []):
+                        failed[error["taskUUID"]] += 1
+
+            plan_of = dict(zip(clients, plans, strict=True))
+            await asyncio.gather(*(read(c, 30) for c in clients))
+            assert all(count == 1 for count in done.values())
+            assert not set(done) & set(failed)
+            if on_lost == "resubmit":
+                assert len(done) >= 297, (len(done), len(failed))
+            else:
+                assert len(failed) > 0 and len(done) + len(failed) == 300
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
