@@ -144,9 +144,11 @@ class Servers:
 
 @contextlib.contextmanager
 def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
+    # room for every image at once: the provider stands for one that is never the limit
     provider, provider_url = spawn(
-        "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast"
-    )
+        "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast",
+        "--max-queued", "1000000",
+    )  # fmt: skip
     server = None
     try:
         if path == "direct":
