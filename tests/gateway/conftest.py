@@ -113,11 +113,12 @@ def gateway_config(provider: LocalProvider, **server: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Any) -> AsyncIterator[Any]:
-    """A started gateway whose provider link is ready; stopped on the way out."""
+async def running(config: Any, **options: Any) -> AsyncIterator[Any]:
+    """A started gateway whose provider link is ready; stopped on the way out. ``options`` go
+    to the Gateway (its clocks)."""
     from gateway.app import Gateway
 
-    instance = Gateway(config)
+    instance = Gateway(config, **options)
     await instance.start()
     try:
         assert instance.pool is not None
