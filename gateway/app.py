@@ -136,6 +136,8 @@ class Gateway:
             self.metrics,
             sync_deadline=self.config.server.rest_sync_deadline,
             get_response_burst=self.config.server.get_response_burst,
+            throttle=self.clients.throttle,  # one count of failures per address for both doors
+            read_timeout=self.config.server.request_read_timeout,
         )
 
         app = web.Application(client_max_size=self.config.server.max_frame_bytes)
@@ -219,11 +221,14 @@ class Gateway:
             self.intake.use_tenants(table)
         if self.pool is not None:
             self.pool.queue.reconfigure()
+        # sockets of revoked keys and tenants close with 4003; nobody else is disturbed
+        closed = self.clients.close_revoked(revoked) if self.clients is not None else 0
         log.info(
             "tenants reloaded",
             tenants=len(table),
             revoked_keys=len(revoked.keys),
             revoked_tenants=sorted(revoked.tenants),
+            closed_connections=closed,
         )
         return revoked
 

@@ -5,6 +5,13 @@ the event loop; it owns its queue and its closed state. Its frames' tasks go thr
 dispatch (:mod:`gateway.dispatch`); its session (:mod:`gateway.sessions`) outlives it by the
 resume window.
 
+Authentication is guarded per client address (:class:`gateway.throttle.AuthThrottle`): an
+address refused after repeated failures, or holding ``max_unauthenticated_per_address`` sockets
+not yet authenticated, gets HTTP 429 at the upgrade; a wrong key's answer waits (that socket
+only: its read loop sleeps, nothing else does). Per tenant, ``max_connections`` authenticated
+sockets at once; past it the authentication gets ``rateLimitExceeded`` and the socket stays
+unauthenticated.
+
 Close codes (documented in the README):
   1000  idle for ``idle_timeout`` with no task in flight (a frame with no task is no activity)
   1007  a text frame that is not UTF-8 (RFC 6455 8.1)
@@ -12,6 +19,7 @@ Close codes (documented in the README):
         ``max_unauthenticated_frame_bytes`` before authentication
   1012  the gateway is shutting down: reconnect (elsewhere)
   4001  no authentication within ``auth_timeout``
+  4003  the socket's API key (or its whole tenant) was revoked by a reload of the tenants
   4008  the client does not read: its send queue passed ``send_buffer_bytes``
 """
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import socket
 import struct
 from collections import deque
@@ -34,12 +43,15 @@ from gateway.dispatch import Answer, Dispatch, TokenBucket
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.sessions import ClientSession, SessionTable
+from gateway.tenants import CLOSE_REVOKED, Revoked, hash_key
+from gateway.throttle import AuthThrottle
 from protocol.codec import encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import Authentication, AuthenticationResult, ErrorItem, ImageTask
 
 __all__ = [
     "CLOSE_AUTH_TIMEOUT",
+    "CLOSE_REVOKED",
     "CLOSE_SLOW_CONSUMER",
     "ClientConnection",
     "ClientGateway",
@@ -49,6 +61,7 @@ __all__ = [
 log = structlog.get_logger("tenebra.clients")
 
 CLOSE_AUTH_TIMEOUT = 4001
+# CLOSE_REVOKED = 4003, from gateway.tenants (which says what a reload revoked)
 CLOSE_SLOW_CONSUMER = 4008
 
 
@@ -119,6 +132,11 @@ class ClientConnection:
         self.drain: asyncio.Task[None] | None = None  # only while the socket lags
         self._cutting: asyncio.Task[None] | None = None
         self._reads: _UnauthenticatedReads | None = None
+        self.address = ""  # the client's, as the throttle counts it
+        self.unauthenticated = True  # counted in the throttle until it authenticates or closes
+        self.tenant: str | None = None  # once authenticated, counted in the tenant's connections
+        self.key_digest: bytes | None = None  # the SHA-256 of the key it authenticated with
+        self.closing: asyncio.Task[None] | None = None  # a close the gateway decided on
 
     def send(self, frame: bytes) -> bool:
         """Queue a frame; False once the connection is closed or past its bound (the frame is
@@ -325,7 +343,7 @@ class IdleWatchdog:
 class SocketDoor:
     """The WebSocket door of one connection, as the shared dispatch sees it."""
 
-    __slots__ = ("connection", "gateway", "intake", "polls", "session", "tenant")
+    __slots__ = ("connection", "delay", "gateway", "held", "intake", "polls", "session", "tenant")
 
     def __init__(self, connection: ClientConnection, gateway: ClientGateway) -> None:
         settings = gateway.settings
@@ -337,10 +355,20 @@ class SocketDoor:
         self.polls = TokenBucket(
             settings.get_response_rate, settings.get_response_burst, asyncio.get_running_loop().time
         )
+        # a failed authentication's answer, and what follows it, wait ``delay`` seconds
+        self.delay = 0.0
+        self.held: list[bytes] = []
 
     def authenticate(self, auth: Authentication, answer: Answer) -> None:
-        answer.flush()  # what came before the authentication is answered before it
+        if not self.delay:  # else what came before waits with the answer that waits
+            answer.flush()  # what came before the authentication is answered before it
         self.gateway.authenticate(self, auth)
+
+    def send(self, frame: bytes) -> None:
+        if self.delay:
+            self.held.append(frame)
+        else:
+            self.connection.send(frame)
 
     def submit_sync(self, tenant: str, task: ImageTask) -> ErrorItem | None:
         intake, session = self.intake, self.session
@@ -370,6 +398,14 @@ class ClientGateway:
         self.metrics = metrics
         self.dispatch = Dispatch(intake, metrics)
         self._clock = clock
+        self.throttle = AuthThrottle(
+            clock=clock,
+            base_delay=settings.auth_failure_delay,
+            max_delay=max(settings.auth_failure_delay, settings.auth_failure_delay_max),
+            refuse_after=settings.auth_failures_before_refusal,
+            refusal=settings.auth_refusal,
+            max_unauthenticated=settings.max_unauthenticated_per_address,
+        )
         self.table = SessionTable(
             session_buffer_bytes=settings.session_buffer_bytes,
             max_sessions=settings.max_sessions,
@@ -389,6 +425,14 @@ class ClientGateway:
             raise web.HTTPServiceUnavailable(text="shutting down")
         if self._admitted >= self.settings.max_connections:
             raise web.HTTPServiceUnavailable(text="too many connections")
+        address, throttle = request.remote or "", self.throttle
+        refused = throttle.refused(address)
+        if refused:
+            raise too_many_failures(refused)
+        if not throttle.open_unauthenticated(address):
+            raise web.HTTPTooManyRequests(
+                text="too many unauthenticated connections from this address"
+            )
         self._admitted += 1
         try:
             return await self._serve(request)
@@ -396,6 +440,12 @@ class ClientGateway:
             self._admitted -= 1
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._serve_socket(request)
+        finally:
+            self._release(request)
+
+    async def _serve_socket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(
             max_msg_size=self.settings.max_frame_bytes,
             compress=False,  # measured: deflate costs 40% of throughput and 3x memory per socket
@@ -413,6 +463,8 @@ class ClientGateway:
             self._schedule_flush,
         )
         connection.guard_reads(self.settings.max_unauthenticated_frame_bytes)
+        connection.address = request.remote or ""
+        request[_CONNECTION] = connection
         self.connections.add(connection)
         self.metrics.client_connections.inc()
         watchdog = IdleWatchdog(connection, self.settings)
@@ -434,6 +486,18 @@ class ClientGateway:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(), 1.0)
         return ws
+
+    def _release(self, request: web.Request) -> None:
+        """The socket is gone (or never became one): what it held in the throttle's count of
+        unauthenticated sockets, or in its tenant's connections, is given back, once."""
+        connection: ClientConnection | None = request.get(_CONNECTION)
+        if connection is None or connection.unauthenticated:
+            self.throttle.close_unauthenticated(request.remote or "")
+        if connection is not None:
+            connection.unauthenticated = False
+            tenant, connection.tenant = connection.tenant, None
+            if tenant is not None:
+                self.intake.disconnect(tenant)
 
     def _bound_kernel_buffer(self, request: web.Request) -> None:
         """Left to autotuning, the kernel holds up to 4 MiB per socket for a client that does
@@ -467,7 +531,8 @@ class ClientGateway:
             kind = message.type
             if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                 data = message.data if isinstance(message.data, bytes) else message.data.encode()
-                if door.session is None:
+                unauthenticated = door.session is None
+                if unauthenticated:
                     if len(data) > unauthenticated_limit:
                         connection.close_now(WSCloseCode.MESSAGE_TOO_BIG, b"authenticate first")
                         return
@@ -482,6 +547,8 @@ class ClientGateway:
                     connection.last_frame = loop.time()
                 answer = Answer(connection.send)
                 dispatch(outcomes, door, answer)
+                if unauthenticated and door.delay:
+                    await self._answer_late(door)
                 answer.flush()
             elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
@@ -491,40 +558,87 @@ class ClientGateway:
 
     def authenticate(self, door: SocketDoor, auth: Authentication) -> None:
         """One authentication per socket makes at most one session: a repeat with a key of
-        the same tenant is answered with the socket's session, as it is; another tenant's key
-        is refused (a socket is one tenant's)."""
+        the same tenant is answered with the socket's session, as it is; any other key is
+        refused alike, valid or not (a socket is one tenant's, and no oracle for keys).
+
+        Before that, per client address: a refused address is answered without a look at
+        the key; a wrong key's answer waits (:meth:`_answer_late`), and so does the rest of
+        the frame, whose further authentications are refused unread (one guess per frame).
+        Then the tenant's ``max_connections``, then the session."""
         connection = door.connection
-        tenant = self.intake.tenant_of(auth.apiKey)
-        if door.session is not None and tenant == door.tenant:
-            reply = AuthenticationResult(connectionSessionUUID=door.session.uuid)
-            connection.send(encode_data([reply]))
+        if door.session is not None:
+            if self.intake.tenant_of(auth.apiKey) == door.tenant:
+                reply = AuthenticationResult(connectionSessionUUID=door.session.uuid)
+                connection.send(encode_data([reply]))
+            else:
+                self._refuse(door, "invalidApiKey", _AUTHENTICATED_ALREADY, "apiKey")
             return
-        if tenant is None or door.session is not None:
-            message = None if tenant is None else "This socket is authenticated already."
-            self._refuse(connection, "invalidApiKey", message, "apiKey")
+        address, throttle = connection.address, self.throttle
+        refused = throttle.refused(address)
+        if refused or door.delay:
+            message = _WAIT_FOR_THE_ANSWER if door.delay else _failures_message(refused)
+            self._refuse(door, "rateLimitExceeded", message, None)
+            return
+        tenant = self.intake.tenant_of(auth.apiKey)
+        if tenant is None:
+            door.delay = throttle.failed(address)  # from here on, what the frame answers waits
+            self._refuse(door, "invalidApiKey", None, "apiKey")
+            return
+        throttle.succeeded(address)
+        limited = self.intake.connect(tenant)  # counted by the intake
+        if limited is not None:
+            door.send(encode_errors([limited]))
             return
         now = self._clock()
         session = self.table.resume(auth.connectionSessionUUID, tenant, now)
         if session is None:
             session = self.table.open(tenant)
             if session is None:
+                self.intake.disconnect(tenant)
                 message = "Too many sessions for this API key. Retry with backoff."
-                self._refuse(connection, "rateLimitExceeded", message, None)
+                self._refuse(door, "rateLimitExceeded", message, None)
                 return
         elif session.connection is not None and session.connection is not connection:
             session.detach(session.connection, now)  # the newest socket wins
         door.session, door.tenant = session, tenant
+        connection.tenant, connection.key_digest = tenant, hash_key(auth.apiKey)
+        connection.unauthenticated = False
+        throttle.close_unauthenticated(address)
         connection.session = session
         connection.authenticated()
         session.attach(connection)
         log.debug("client authenticated", tenant=tenant, session=session.uuid)
 
+    async def _answer_late(self, door: SocketDoor) -> None:
+        """A wrong key: its answer, and the rest of its frame's, after the throttle's delay.
+        The read loop of that socket sleeps; nothing else does, and no frame of that socket
+        is read meanwhile, so guesses on one socket go one delay at a time."""
+        await asyncio.sleep(door.delay)
+        held, door.held, door.delay = door.held, [], 0.0
+        connection = door.connection
+        for frame in held:
+            connection.send(frame)
+
     def _refuse(
-        self, connection: ClientConnection, code: str, message: str | None, parameter: str | None
+        self, door: SocketDoor, code: str, message: str | None, parameter: str | None
     ) -> None:
         self.metrics.errors.labels(code).inc()
         item = error_item(code, message=message, parameter=parameter, task_type="authentication")
-        connection.send(encode_errors([item]))
+        door.send(encode_errors([item]))
+
+    def close_revoked(self, revoked: Revoked) -> int:
+        """After a reload: every socket whose key, or whose whole tenant, was taken away is
+        closed with 4003 (aborted a second later if the close cannot get out); how many."""
+        if not revoked:
+            return 0
+        closing = 0
+        for connection in list(self.connections):
+            if connection.closing is not None:
+                continue
+            if connection.tenant in revoked.tenants or connection.key_digest in revoked.keys:
+                connection.closing = connection.close_within(CLOSE_REVOKED, b"key revoked")
+                closing += 1
+        return closing
 
     def sweep(self) -> None:
         self.table.sweep(self._clock())
@@ -535,6 +649,22 @@ class ClientGateway:
             *(c.ws.close(code=code, message=message) for c in list(self.connections)),
             return_exceptions=True,
         )
+
+
+_CONNECTION = web.RequestKey("tenebra.connection", ClientConnection)
+_AUTHENTICATED_ALREADY = "This socket is authenticated already."
+_WAIT_FOR_THE_ANSWER = "Wait for the answer to the previous authentication."
+
+
+def _failures_message(refused: float) -> str:
+    return f"Too many failed authentications from this address. Retry in {math.ceil(refused)} s."
+
+
+def too_many_failures(refused: float) -> web.HTTPTooManyRequests:
+    """The HTTP answer to an address refused for ``refused`` more seconds."""
+    return web.HTTPTooManyRequests(
+        text=_failures_message(refused), headers={"Retry-After": str(max(1, math.ceil(refused)))}
+    )
 
 
 def _utf8(data: bytes) -> bool:

@@ -82,6 +82,13 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     get_response_rate: Annotated[float, Meta(gt=0)] = 50.0  # per connection and second
     get_response_burst: Count = 256  # past rate and burst: rateLimitExceeded for that poll
     metrics_token: str | None = None  # GET /metrics then wants "Authorization: Bearer <it>"
+    # Hostile clients, per client address (gateway/throttle.py):
+    auth_failure_delay: Seconds = 0.1  # a failed authentication's answer waits, doubling ...
+    auth_failure_delay_max: Seconds = 5.0  # ... up to this
+    auth_failures_before_refusal: Count = 10  # within a minute: the address is then refused
+    auth_refusal: Seconds = 60.0  # for this long (upgrades and REST get 429)
+    max_unauthenticated_per_address: Count = 16  # open sockets not yet authenticated; past: 429
+    request_read_timeout: Seconds = 10.0  # a REST request's body; past it 408
 
 
 class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):

@@ -4,21 +4,30 @@ Authenticated by ``Authorization: Bearer <key>`` or an ``authentication`` task a
 Sync tasks answer when all their results are in, or when ``rest_sync_deadline`` passes: then the
 task gets a ``timeout`` error item, keeps running, and stays available to ``getResponse``.
 The answer is one JSON object with ``data`` and/or ``errors``; its status is 200 when anything
-succeeded, else the status of the first error (400, 401, 404, 429, 503 ...).
+succeeded, else the status of the first error (400, 401, 404, 429, 503 ...); a 429 or 402 says
+in ``Retry-After`` when trying again can help.
+
+Keys are guarded per client address as on the WebSocket door (:class:`AuthThrottle`, shared
+with it): a refused address gets 429 before anything is read, a wrong key a 401 that waits the
+throttle's delay (that request only). A wrong bearer key is refused before the body is read;
+the body is read within ``read_timeout`` (408 past it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
 from aiohttp import web
 
+from gateway.clients import too_many_failures
 from gateway.dispatch import Answer, Dispatch, TokenBucket
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord
+from gateway.throttle import AuthThrottle
 from protocol.codec import encode
 from protocol.errors import error_item, http_status
 from protocol.frames import Authentication, ErrorItem, ImageTask
@@ -65,23 +74,47 @@ class _RequestDoor:
 
 class RestEndpoint:
     def __init__(
-        self, intake: Intake, metrics: Metrics, *, sync_deadline: float, get_response_burst: int
+        self,
+        intake: Intake,
+        metrics: Metrics,
+        *,
+        sync_deadline: float,
+        get_response_burst: int,
+        throttle: AuthThrottle,
+        read_timeout: float,
     ) -> None:
         self.intake = intake
         self.metrics = metrics
         self.dispatch = Dispatch(intake, metrics)
         self.sync_deadline = sync_deadline
         self.get_response_burst = get_response_burst
+        self.throttle = throttle
+        self.read_timeout = read_timeout
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        outcomes = self.intake.decode(await request.read())
+        address = request.remote or ""
+        refused = self.throttle.refused(address)
+        if refused:
+            raise too_many_failures(refused)
         key = _bearer(request)
+        tenant = None if key is None else self.intake.tenant_of(key)
+        if key is not None and tenant is None:  # not worth reading the body of
+            return await self._refused_late(address, key)
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                body = await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"The request body did not arrive within {self.read_timeout:g} s."
+            ) from None
+        outcomes = self.intake.decode(body)
         if outcomes and isinstance(outcomes[0], Authentication):
             key = outcomes[0].apiKey
             outcomes = outcomes[1:]
-        tenant = None if key is None else self.intake.tenant_of(key)
+            tenant = self.intake.tenant_of(key)
         if tenant is None:
-            return self._refused(key)
+            return await self._refused_late(address, key)
+        self.throttle.succeeded(address)
 
         polls = TokenBucket(0.0, self.get_response_burst, time.monotonic)
         door = _RequestDoor(self.intake, tenant, polls)
@@ -105,7 +138,7 @@ class RestEndpoint:
                         task_uuid=record.task_uuid,
                     )
                 )
-        return self._answer(data, errors)
+        return self._answer(data, errors, tenant)
 
     async def _wait(self, waiting: list[tuple[TaskRecord, _Waiter]]) -> None:
         pending = [asyncio.ensure_future(w.done.wait()) for r, w in waiting if r.open]
@@ -118,17 +151,22 @@ class RestEndpoint:
 
     async def task_view(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/tasks/<taskUUID>``: the task of the bearer's tenant, with its deliveries."""
+        address = request.remote or ""
+        refused = self.throttle.refused(address)
+        if refused:
+            raise too_many_failures(refused)
         key = _bearer(request)
         tenant = None if key is None else self.intake.tenant_of(key)
         if tenant is None:
-            return self._refused(key)
+            return await self._refused_late(address, key)
+        self.throttle.succeeded(address)
         task_uuid = request.match_info["task_uuid"]
         record = self.intake.registry.lookup(tenant, task_uuid)
         if record is None:
             _, errors = self.intake.poll(tenant, task_uuid)
             for error in errors:
                 self.metrics.errors.labels(error.code).inc()
-            return self._answer([], errors)
+            return self._answer([], errors, tenant)
         view = {
             "taskUUID": record.task_uuid,
             "taskType": "imageInference",
@@ -140,20 +178,31 @@ class RestEndpoint:
         }
         return web.Response(body=encode(view), content_type="application/json")
 
-    def _refused(self, key: str | None) -> web.Response:
+    async def _refused_late(self, address: str, key: str | None) -> web.Response:
+        """401: no key at once; a wrong key after the throttle's delay for ``address`` (this
+        request's own wait: nothing else is held up)."""
         code = "missingApiKey" if key is None else "invalidApiKey"
+        if key is not None:
+            await asyncio.sleep(self.throttle.failed(address))
         self.metrics.errors.labels(code).inc()
-        return self._answer([], [error_item(code, parameter="apiKey", task_type="authentication")])
+        item = error_item(code, parameter="apiKey", task_type="authentication")
+        return self._answer([], [item], None)
 
-    @staticmethod
-    def _answer(data: list[Any], errors: list[ErrorItem]) -> web.Response:
+    def _answer(self, data: list[Any], errors: list[ErrorItem], tenant: str | None) -> web.Response:
         body: dict[str, Any] = {}
         if data:
             body["data"] = data
         if errors:
             body["errors"] = errors
         status = 200 if data or not errors else http_status(errors[0].code)
-        return web.Response(body=encode(body), status=status, content_type="application/json")
+        headers = None
+        if (status == 429 or status == 402) and tenant is not None:
+            wait = self.intake.retry_after(tenant, errors[0].code)
+            if wait is not None:  # whole seconds, at least 1
+                headers = {"Retry-After": str(max(1, math.ceil(wait)))}
+        return web.Response(
+            body=encode(body), status=status, headers=headers, content_type="application/json"
+        )
 
 
 def _bearer(request: web.Request) -> str | None:
