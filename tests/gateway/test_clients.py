@@ -17,7 +17,16 @@ from gateway.app import Gateway
 from gateway.clients import WRITE_BUFFER_HIGH_WATER, ClientConnection, text_frame
 from gateway.metrics import Metrics
 from gateway.provider.server import LocalProvider
-from tests.gateway.conftest import ALPHA, BETA, connect, gateway_config, running, until
+from tests.gateway.conftest import (
+    ALPHA,
+    BETA,
+    Client,
+    Clock,
+    connect,
+    gateway_config,
+    running,
+    until,
+)
 from tests.timing import MS
 
 
@@ -380,3 +389,148 @@ async def test_get_response_is_rate_limited_per_connection(
         await other.auth(key=ALPHA)
         await other.send({"taskType": "getResponse", "taskUUID": polls[0]})
         assert (await other.recv())["errors"][0]["code"] == "taskNotFound"
+
+
+# --------------------------------------------------------------------------- tenants and addresses
+
+
+def from_address(address: str) -> aiohttp.ClientSession:
+    """A client whose sockets come from ``address`` (any of 127.0.0.0/8 reaches 127.0.0.1)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(address, 0)),
+        timeout=aiohttp.ClientTimeout(total=20000 * MS),
+    )
+
+
+async def refused_upgrade(http: aiohttp.ClientSession, url: str) -> aiohttp.WSServerHandshakeError:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await connect(http, url)
+    return refused.value
+
+
+def retry_after(refused: aiohttp.WSServerHandshakeError) -> str:
+    assert refused.headers is not None
+    return refused.headers["Retry-After"]
+
+
+async def test_connections_per_tenant_are_bounded(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    config = gateway_config(provider)
+    config.tenants["alpha"].max_connections = 2
+    async with running(config) as gateway:
+        assert gateway.intake is not None
+        quotas = gateway.intake.quotas
+        first, second = await connect(http, gateway.url), await connect(http, gateway.url)
+        session = await first.auth(key=ALPHA)
+        await second.auth(key=ALPHA)
+        assert await first.auth(key=ALPHA) == session  # a repeat counts once
+        third = await connect(http, gateway.url)
+        await third.send({"taskType": "authentication", "apiKey": ALPHA})
+        [error] = (await third.recv())["errors"]
+        assert (error["code"], error["taskType"]) == ("rateLimitExceeded", "authentication")
+        assert "2 connections" in error["message"]
+        await third.send({"taskType": "getResponse", "taskUUID": str(uuid.uuid4())})
+        assert (await third.recv())["errors"][0]["code"] == "missingApiKey"  # still nobody
+        assert quotas.connections("alpha") == 2
+        beta = await connect(http, gateway.url)  # other tenants are not counted against it
+        await beta.auth(key=BETA)
+
+        await first.ws.close()
+        await until(lambda: quotas.connections("alpha") == 1)
+        await third.auth(key=ALPHA)  # the refused socket gets in now
+        fourth = await connect(http, gateway.url)
+        await fourth.send({"taskType": "authentication", "apiKey": ALPHA})
+        assert (await fourth.recv())["errors"][0]["code"] == "rateLimitExceeded"
+        for client in (second, third, fourth, beta):
+            await client.ws.close()
+        await until(lambda: not gateway.clients.connections)
+        assert quotas.connections("alpha") == quotas.connections("beta") == 0
+
+
+async def test_unauthenticated_sockets_per_address_are_bounded(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    async with running(gateway_config(provider)) as gateway, from_address("127.0.0.2") as other:
+        waiting = [await connect(http, gateway.url) for _ in range(16)]  # the default bound
+        refused = await refused_upgrade(http, gateway.url)
+        assert refused.status == 429
+        await (await connect(other, gateway.url)).ws.close()  # another address is not counted
+        await waiting[0].auth(key=ALPHA)  # authenticated: no longer counted
+        waiting.append(await connect(http, gateway.url))
+        assert (await refused_upgrade(http, gateway.url)).status == 429
+        await waiting[1].ws.close()  # closed before it authenticated: no longer counted
+        await until(lambda: len(gateway.clients.connections) == 16)
+        waiting.append(await connect(http, gateway.url))
+        assert (await refused_upgrade(http, gateway.url)).status == 429
+
+
+async def test_failed_authentications_are_slowed_then_refused_per_address(
+    provider: LocalProvider, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    """Four failures from 127.0.0.1 (at once, on four sockets: answered after 100, 200, 400 and
+    800 ms) refuse that address for 60 s on the gateway's clock; 127.0.0.2 meanwhile is
+    answered at once, and its own first failure waits 100 ms."""
+    config = gateway_config(
+        provider,
+        auth_failure_delay=100 * MS,
+        auth_failure_delay_max=800 * MS,
+        auth_failures_before_refusal=4,
+        auth_refusal=60.0,
+    )
+    async with running(config, clock=clock) as gateway, from_address("127.0.0.2") as other:
+        loop = asyncio.get_running_loop()
+        guessers = [await connect(http, gateway.url) for _ in range(4)]
+        started = loop.time()
+
+        async def answered(client: Client, key: str) -> tuple[float, dict[str, Any]]:
+            await client.send({"taskType": "authentication", "apiKey": key})
+            frame = await client.recv()
+            return loop.time() - started, frame
+
+        guesses = [asyncio.create_task(answered(c, "guess")) for c in guessers]
+        await until(lambda: gateway.clients.throttle.refused("127.0.0.1") > 0)
+        # another address: let in and answered at once while the guesses wait
+        bystander = await connect(other, gateway.url)
+        await bystander.auth(key=BETA)
+        passed, bystander_guess = await answered(await connect(other, gateway.url), "wrong")
+        assert bystander_guess["errors"][0]["code"] == "invalidApiKey"
+        assert passed >= 100 * MS
+        assert not all(guess.done() for guess in guesses)  # the 800 ms one still waits
+        results = await asyncio.gather(*guesses)
+        assert all(frame["errors"][0]["code"] == "invalidApiKey" for _, frame in results)
+        times = sorted(t for t, _ in results)
+        assert all(t >= d * MS for t, d in zip(times, [100, 200, 400, 800], strict=True))
+
+        refused = await refused_upgrade(http, gateway.url)
+        assert (refused.status, retry_after(refused)) == (429, "60")
+        await guessers[0].send({"taskType": "authentication", "apiKey": ALPHA})
+        [error] = (await guessers[0].recv())["errors"]  # a valid key is not even looked at
+        assert error["code"] == "rateLimitExceeded" and "Retry in 60 s" in error["message"]
+        clock.advance(30.0)
+        assert retry_after(await refused_upgrade(http, gateway.url)) == "30"
+        clock.advance(30.0)
+        await guessers[1].auth(key=ALPHA)
+        await (await connect(http, gateway.url)).auth(key=ALPHA)
+
+
+async def test_one_guess_per_frame_and_the_rest_of_the_frame_waits_behind_it(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    config = gateway_config(provider, auth_failure_delay=200 * MS)
+    async with running(config) as gateway:
+        client = await connect(http, gateway.url)
+        auth = {"taskType": "authentication", "apiKey": "guess"}
+        started = asyncio.get_running_loop().time()
+        await client.send(auth, {**auth, "apiKey": ALPHA}, {"taskType": "ping", "ping": True})
+        first, second, third = [await client.recv() for _ in range(3)]
+        assert asyncio.get_running_loop().time() - started >= 200 * MS
+        assert first["errors"][0]["code"] == "invalidApiKey"
+        assert second["errors"][0]["code"] == "rateLimitExceeded"  # the key was not looked at
+        assert "previous authentication" in second["errors"][0]["message"]
+        assert third["data"] == [{"taskType": "ping", "pong": True}]
+        await client.auth(key=ALPHA)  # the next frame may try again
+        # an authenticated socket answers every other key alike, valid or not
+        await client.send({**auth, "apiKey": BETA}, auth)
+        errors = [(await client.recv())["errors"][0] for _ in range(2)]
+        assert errors[0] == errors[1] and errors[0]["code"] == "invalidApiKey"
