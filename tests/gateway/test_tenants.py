@@ -14,11 +14,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.cli import main
+from gateway.clients import CLOSE_REVOKED
 from gateway.config import Config, ConfigError, Tenant, load_config
 from gateway.provider.server import LocalProvider
 from gateway.tenants import TenantTable, forget_plain_keys, hash_key
-from tests.gateway.conftest import KEY, connect, running, set_faults, task
+from tests.gateway.conftest import KEY, connect, running, set_faults, task, until
 from tests.gateway.test_cli import _end
+from tests.gateway.test_clients import closed_with
 from tests.timing import MS
 
 
@@ -176,3 +178,40 @@ async def test_sighup_lets_a_new_key_in_without_a_restart(tmp_path: Path) -> Non
         assert await asyncio.wait_for(serve.wait(), 30000 * MS) == 0
     finally:
         await _end(serve)
+
+
+async def test_a_reload_closes_the_sockets_of_revoked_keys_with_4003(
+    provider: LocalProvider, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """alpha loses one of its two keys, then beta goes altogether: only the sockets of what
+    was taken away close (4003); a new key works at once."""
+    path = tmp_path / "tenebra.toml"
+    alpha = '[tenants.alpha]\nkeys = ["a-old", "a-kept"]\nmax_connections = 2\n'
+    write_config(path, provider.url, alpha + '[tenants.beta]\nkeys = ["b"]\n')
+    set_faults(provider, fast=True)
+    async with running(load_config(path, env={})) as gateway:
+        assert gateway.intake is not None
+        revoked, kept, beta = [await connect(http, gateway.url) for _ in range(3)]
+        await revoked.auth("a-old")
+        await kept.auth("a-kept")
+        await beta.auth("b")
+
+        alpha = '[tenants.alpha]\nkeys = ["a-kept", "a-new"]\nmax_connections = 2\n'
+        write_config(path, provider.url, alpha + '[tenants.beta]\nkeys = ["b"]\n')
+        assert gateway.reload_tenants(lambda: load_config(path, env={}))
+        assert await closed_with(revoked.ws) == CLOSE_REVOKED == 4003
+        # its connection is no longer counted: alpha's new key gets in beside the kept one
+        await until(lambda: gateway.intake.quotas.connections("alpha") == 1)
+        new = await connect(http, gateway.url)
+        await new.auth("a-new")
+        for client in (kept, beta, new):  # nobody else is disturbed
+            sent: dict[str, Any] = task()
+            await client.send(sent)
+            [item] = (await client.recv())["data"]
+            assert item["taskUUID"] == sent["taskUUID"]
+
+        write_config(path, provider.url, alpha)  # beta goes altogether
+        assert gateway.reload_tenants(lambda: load_config(path, env={}))
+        assert await closed_with(beta.ws) == 4003
+        await kept.send({"taskType": "ping", "ping": True})
+        assert (await kept.recv())["data"] == [{"taskType": "ping", "pong": True}]
