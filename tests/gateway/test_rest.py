@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.app import Gateway
+from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
-from tests.gateway.conftest import ALPHA, gateway_config, running, task
+from tests.gateway.conftest import (
+    ALPHA,
+    BETA,
+    Clock,
+    connect,
+    gateway_config,
+    running,
+    set_faults,
+    task,
+)
+from tests.gateway.test_clients import from_address
+from tests.timing import MS
 
 
 def errors_counted(text: str) -> dict[str, float]:
@@ -55,3 +70,93 @@ async def test_rest_get_responses_per_request_are_bounded(
             ("taskNotFound", polls[1]),
             ("rateLimitExceeded", polls[2]),
         ]
+
+
+async def test_rest_429_and_402_say_when_to_retry(
+    provider: LocalProvider, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    set_faults(provider, fast=True)
+    config = gateway_config(provider)
+    config.tenants["alpha"] = Tenant(keys=[ALPHA], rate=0.5, burst=1)
+    config.tenants["beta"] = Tenant(keys=[BETA], budget_per_day=0.0)
+    wall = Clock()  # 1000 s past 00:00 UTC
+    async with running(config, clock=clock, wall_clock=wall) as gateway:
+        url = f"http://127.0.0.1:{gateway.port}/v1"
+
+        async def post(key: str, body: Any) -> tuple[int, str | None, str]:
+            async with http.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                errors = (await r.json()).get("errors", [{}])
+                return r.status, r.headers.get("Retry-After"), errors[0].get("code", "")
+
+        assert await post(ALPHA, [task(deliveryMethod="async")]) == (200, None, "")
+        assert await post(ALPHA, [task(deliveryMethod="async")]) == (
+            429, "2", "rateLimitExceeded",  # a token every 2 s
+        )  # fmt: skip
+        clock.advance(1.5)
+        assert (await post(ALPHA, [task(deliveryMethod="async")]))[:2] == (429, "1")  # 0.5 s
+        clock.advance(0.5)
+        assert (await post(ALPHA, [task(deliveryMethod="async")]))[0] == 200
+        assert await post(BETA, [task(deliveryMethod="async")]) == (
+            402, str(86400 - 1000), "insufficientCredits",  # the budget comes back at 00:00 UTC
+        )  # fmt: skip
+        assert await post(BETA, [task(outputQuality=3)]) == (400, None, "invalidOutputQuality")
+
+
+async def test_rest_failed_keys_are_slowed_then_the_address_refused(
+    provider: LocalProvider, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    set_faults(provider, fast=True)
+    config = gateway_config(
+        provider, auth_failure_delay=100 * MS, auth_failures_before_refusal=2, auth_refusal=60.0
+    )
+    async with running(config, clock=clock) as gateway, from_address("127.0.0.2") as other:
+        url = f"http://127.0.0.1:{gateway.port}/v1"
+        loop = asyncio.get_running_loop()
+
+        async def post(client: aiohttp.ClientSession, key: str) -> tuple[int, str | None]:
+            headers = {"Authorization": f"Bearer {key}"}
+            async with client.post(url, json=[task(deliveryMethod="async")], headers=headers) as r:
+                return r.status, r.headers.get("Retry-After")
+
+        started = loop.time()
+        assert await post(http, "guess") == (401, None)
+        assert loop.time() - started >= 100 * MS
+        started = loop.time()
+        assert await post(http, "guess") == (401, None)
+        assert loop.time() - started >= 200 * MS  # doubled; the address is refused now
+        assert await post(http, ALPHA) == (429, "60")  # the key is not even looked at
+        async with http.get(f"{url}/tasks/{uuid.uuid4()}", headers={"Authorization": "x"}) as r:
+            assert r.status == 429
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # one count, both doors
+            await connect(http, gateway.url)
+        assert refused.value.status == 429
+        assert await post(other, ALPHA) == (200, None)  # another address is not refused
+        clock.advance(60.0)
+        assert await post(http, ALPHA) == (200, None)
+
+
+async def raw_request(port: int, head: str, body: bytes = b"") -> bytes:
+    """What the gateway answers to a request written by hand (the body may be short)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        async with asyncio.timeout(5000 * MS):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+async def test_rest_refuses_a_wrong_bearer_unread_and_reads_a_body_within_its_deadline(
+    provider: LocalProvider,
+) -> None:
+    config = gateway_config(provider, auth_failure_delay=10 * MS, request_read_timeout=300 * MS)
+    async with running(config) as gateway:
+        head = "POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += "Content-Length: 1000\r\nAuthorization: Bearer "
+        # no body is sent: a wrong key is answered without it, a right one waits for it
+        assert (await raw_request(gateway.port, head + "guess")).startswith(b"HTTP/1.1 401")
+        started = asyncio.get_running_loop().time()
+        answer = await raw_request(gateway.port, head + ALPHA, b'[{"taskType":')
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert asyncio.get_running_loop().time() - started >= 300 * MS
