@@ -160,6 +160,8 @@ def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
             )
             yield Servers(url, "any", server, provider)
             return
+        # every load client comes from 127.0.0.1, hundreds of handshakes at once: not hostile
+        env = {"TENEBRA_SERVER_MAX_UNAUTHENTICATED_PER_ADDRESS": "1000000", **(env or {})}
         server, url = spawn(
             "-m", "gateway.cli", "serve", "--port", "0", "--demo-key", "dk",
             "--provider-url", provider_url, "--provider-key", "pk", "--log-level", "info",

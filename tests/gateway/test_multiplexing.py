@@ -23,12 +23,14 @@ async def test_200_clients_x_10_tasks_over_one_provider_socket(
 ) -> None:
     set_faults(provider, fast=True, latency={"kind": "uniform", "ms": 0, "high_ms": 20})
     connector = aiohttp.TCPConnector(limit=0)
+    handshakes = asyncio.Semaphore(16)
     async with aiohttp.ClientSession(connector=connector) as http:
 
         async def one_client(n: int) -> tuple[str, list[str], Counter[str]]:
             key = ALPHA if n % 2 else BETA
-            client = await connect(http, gateway.url)
-            await client.auth(key=key)
+            async with handshakes:  # at most 16 unauthenticated sockets per address
+                client = await connect(http, gateway.url)
+                await client.auth(key=key)
             tasks: list[dict[str, Any]] = [
                 {
                     "taskType": "imageInference",

@@ -83,8 +83,9 @@ async def test_a_burst_past_the_providers_capacity_is_queued_not_refused(
     no client sees a refusal, and the window has learnt the capacity."""
     gateway = await started(config(busy))
     try:
-        clients = [await connect(http, gateway.url) for _ in range(100)]
-        for client in clients:
+        clients = []
+        for _ in range(100):  # each authenticated before the next: 16 may wait per address
+            clients.append(client := await connect(http, gateway.url))
             await client.auth(key=ALPHA)
         for client in clients:
             await client.ws.send_str(json.dumps([task() for _ in range(20)]))
@@ -193,8 +194,9 @@ async def test_the_local_provider_with_room_for_16_images(http: aiohttp.ClientSe
     cfg.provider.backoff_initial, cfg.provider.backoff_max = 5 * MS, 50 * MS
     gateway = await started(cfg)
     try:
-        clients = [await connect(http, gateway.url) for _ in range(100)]
-        for client in clients:
+        clients = []
+        for _ in range(100):  # each authenticated before the next: 16 may wait per address
+            clients.append(client := await connect(http, gateway.url))
             await client.auth(key=ALPHA)
         for client in clients:
             await client.ws.send_str(json.dumps([task() for _ in range(20)]))
