@@ -100,7 +100,13 @@ class Gateway:
             key = secrets.token_urlsafe(24)
             # its images are synthetic: billed at 0 unless asked to show what Runware would charge
             self.provider = LocalProvider(
-                ProviderConfig(keys=frozenset({key}), priced=settings.local_cost)
+                ProviderConfig(
+                    keys=frozenset({key}),
+                    priced=settings.local_cost,
+                    # the operator's egress allow-list opens the same destinations for the
+                    # reference images the embedded provider fetches
+                    allow=list(self.config.delivery.allow),
+                )
             )
             await self.provider.start("127.0.0.1", 0)
             url = self.provider.url

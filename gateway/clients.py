@@ -645,8 +645,10 @@ class ClientGateway:
 
     async def close_all(self, code: int, message: bytes) -> None:
         self.intake.accepting = False
+        # each close has its deadline: a client that does not read would hold a plain close
+        # (and the shutdown) forever, waiting for its socket to drain
         await asyncio.gather(
-            *(c.ws.close(code=code, message=message) for c in list(self.connections)),
+            *(c.close_within(code, message) for c in list(self.connections)),
             return_exceptions=True,
         )
 
