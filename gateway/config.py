@@ -87,7 +87,9 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     auth_failure_delay_max: Seconds = 5.0  # ... up to this
     auth_failures_before_refusal: Count = 10  # within a minute: the address is then refused
     auth_refusal: Seconds = 60.0  # for this long (upgrades and REST get 429)
-    max_unauthenticated_per_address: Count = 16  # open sockets not yet authenticated; past: 429
+    # open sockets not yet authenticated; past it 429. Generous: one service host reconnects
+    # all its SDK sockets at once after a 1012, and a proxy in front shares one address
+    max_unauthenticated_per_address: Count = 256
     request_read_timeout: Seconds = 10.0  # a REST request's body; past it 408
 
 

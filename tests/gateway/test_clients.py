@@ -451,8 +451,9 @@ async def test_connections_per_tenant_are_bounded(
 async def test_unauthenticated_sockets_per_address_are_bounded(
     provider: LocalProvider, http: aiohttp.ClientSession
 ) -> None:
-    async with running(gateway_config(provider)) as gateway, from_address("127.0.0.2") as other:
-        waiting = [await connect(http, gateway.url) for _ in range(16)]  # the default bound
+    config = gateway_config(provider, max_unauthenticated_per_address=16)
+    async with running(config) as gateway, from_address("127.0.0.2") as other:
+        waiting = [await connect(http, gateway.url) for _ in range(16)]
         refused = await refused_upgrade(http, gateway.url)
         assert refused.status == 429
         await (await connect(other, gateway.url)).ws.close()  # another address is not counted
