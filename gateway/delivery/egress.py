@@ -16,9 +16,13 @@ import errno
 import socket
 
 import aiohttp
+import structlog
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from protocol.egress import EgressPolicy, why_not_global
+
+log = structlog.get_logger("tenebra.egress")
 
 __all__ = ["EgressGuard", "EgressRefused", "why_not_global"]
 
@@ -33,6 +37,15 @@ class EgressRefused(OSError):
 
 class EgressGuard(EgressPolicy):
     """The policy, with the guarded session that applies it when a request connects."""
+
+    def refusal_for_url(self, url: str) -> str | None:
+        """Judged on the host aiohttp will connect to, as yarl reads the URL: a second parser
+        (urlsplit) that read another host would open a way round the guard."""
+        try:
+            host = yarl.URL(url).raw_host or ""
+        except ValueError:
+            return "the URL does not parse"
+        return self.refusal_for_host(host)
 
     def session(self, *, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -61,7 +74,10 @@ class _GuardedResolver(AbstractResolver):
             else:
                 reasons.append(reason)
         if not kept:
-            raise EgressRefused(f"egress refused: {host} resolves to {'; '.join(reasons)}")
+            # what the name resolved to stays in the log: the error reaches tenants (the task
+            # view), and the internal network's addresses are none of theirs
+            log.info("egress refused", host=host, reasons=reasons)
+            raise EgressRefused(f"egress refused: {host} resolves to no allowed address")
         return kept
 
     async def close(self) -> None:

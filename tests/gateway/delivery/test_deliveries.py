@@ -300,6 +300,7 @@ async def test_private_destinations_are_refused(
         [delivery] = await settled_deliveries(gateway, "alpha", sent["taskUUID"], 1)
         assert delivery.state == "failed" and "egress refused" in (delivery.last_error or "")
         assert delivery.attempts == 1  # a refusal is final: no retries towards it
+        assert "127.0.0.1" not in (delivery.last_error or "")  # what it resolved to stays ours
         assert receiver.requests == []
     finally:
         await gateway.stop()
