@@ -11,7 +11,8 @@ The rules (one row each in the README's recovery table, one test each):
 - New session: the provider forgot our old session (a restart). Every task out is polled now
   and, as nothing will push its results to us any more, again every interval until it settles
   (an orphan). ``taskNotFound`` means it may have been received and billed, then forgotten:
-  the task fails, never sent twice.
+  the task fails, never sent twice; unless ``provider.on_lost = "resubmit"`` says to send it
+  again, once per loss, at the risk of a second bill.
 - Only an answer newer than the task's last send counts: a poll remembers the send count it
   was asked at, and a ``taskNotFound`` about an earlier send is ignored.
 - ``conflictTaskUUID`` in answer to a resend proves the provider had the task after all (its
