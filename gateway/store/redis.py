@@ -1,0 +1,247 @@
+"""``SharedTasks`` in Redis (``store.url``): what several gateway replicas share about tasks.
+
+Keys, under one prefix (``tenebra`` unless told; tenant and taskUUID escaped so that a ':' in a
+tenant's name cannot make two tenants' keys meet):
+
+- ``{prefix}:task:{tenant}:{taskUUID}``  string, the upstream UUID: the claim (SET NX)
+- ``{prefix}:rec:{upstreamUUID}``        hash: ``data`` (the record, msgspec MessagePack) and
+  ``claim`` (the claim's key, so that a trimmed record takes its claim with it)
+- ``{prefix}:finished``                  sorted set of upstream UUIDs by finish time (Redis's
+  own clock, microseconds): the count bound ``max_retained`` trims it from the oldest
+
+An open record and its claim live at most ``open_ttl`` (a safety net: a replica that died with the
+task and was never taken over); ``finish`` sets both to ``retention``. Steps that must be atomic
+are Lua scripts (one round trip each; they touch keys they compute, so this is for a single Redis
+or a primary with replicas, not Redis Cluster). Redis 5 or later (scripts read ``TIME``).
+
+Every call has a deadline: the socket timeouts, the wait for a pooled connection, and one
+``asyncio.timeout`` around the whole; a Redis that refuses, stalls or fails raises
+``StoreUnavailable``. One retry, at once, covers a pooled connection that a Redis restart closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.typing import EncodableT
+
+from gateway.store.base import TaskRecord
+from gateway.store.shared import RecordCodec, StoreUnavailable
+
+__all__ = ["RedisSharedTasks", "key_part"]
+
+T = TypeVar("T")
+
+DAY = 86_400.0
+
+# KEYS: claim keys; ARGV[1]: their TTL (ms); ARGV[1 + i]: the upstream UUID of KEYS[i].
+_CLAIM = """
+local won = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[i + 1], 'NX', 'PX', ARGV[1]) then won[i] = 1 else won[i] = 0 end
+end
+return won
+"""
+
+# KEYS[1]: claim, KEYS[2]: record, KEYS[3]: finished; ARGV[1]: upstream UUID.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return 0
+"""
+
+# KEYS[1]: claim; ARGV[1]: the record keys' prefix.
+_LOAD = """
+local upstream = redis.call('GET', KEYS[1])
+if not upstream then return false end
+return redis.call('HGET', ARGV[1] .. upstream, 'data')
+"""
+
+# KEYS[1]: record, KEYS[2]: claim, KEYS[3]: finished; ARGV: data, retention (ms), max_retained,
+# upstream UUID, the record keys' prefix. Returns how many were trimmed by the count bound.
+_FINISH = """
+local time = redis.call('TIME')
+-- microseconds (no ties), formatted whole: Lua's own number format keeps 14 digits only
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local ms = tonumber(ARGV[2])
+local upstream = ARGV[4]
+if ms <= 0 then
+  if redis.call('GET', KEYS[2]) == upstream then redis.call('DEL', KEYS[2]) end
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[3], upstream)
+  return 0
+end
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'claim', KEYS[2])
+redis.call('PEXPIRE', KEYS[1], ms)
+if redis.call('GET', KEYS[2]) == upstream then redis.call('PEXPIRE', KEYS[2], ms) end
+redis.call('ZADD', KEYS[3], string.format('%d', now), upstream)
+-- entries finished longer than a retention ago have expired by their TTL: out of the count
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('(%d', now - ms * 1000))
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[3])
+if over <= 0 then return 0 end
+local gone = redis.call('ZPOPMIN', KEYS[3], over)
+for i = 1, #gone, 2 do
+  local record = ARGV[5] .. gone[i]
+  local claim = redis.call('HGET', record, 'claim')
+  if claim and redis.call('GET', claim) == gone[i] then redis.call('DEL', claim) end
+  redis.call('DEL', record)
+end
+return over
+"""
+
+
+def _bytes(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else data  # the client does not decode
+
+
+def key_part(text: str) -> str:
+    """A tenant or taskUUID as one key segment: '%' and ':' escaped (reversibly)."""
+    return text.replace("%", "%25").replace(":", "%3A")
+
+
+class RedisSharedTasks:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        max_retained: int,
+        deadline: float = 1.0,
+        open_ttl: float = DAY,
+        prefix: str = "tenebra",
+    ) -> None:
+        self._redis = client
+        self._max_retained = max_retained
+        self.deadline = deadline
+        self._open_ttl_ms = max(1, round(open_ttl * 1000))
+        self._prefix = prefix
+        self._records = f"{prefix}:rec:"
+        self._finished_key = f"{prefix}:finished"
+        self._codec = RecordCodec()
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
+        self._load = client.register_script(_LOAD)
+        self._finish = client.register_script(_FINISH)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        max_retained: int,
+        deadline: float = 1.0,
+        max_connections: int = 32,
+        open_ttl: float = DAY,
+        prefix: str = "tenebra",
+    ) -> RedisSharedTasks:
+        """A client of its own: at most ``max_connections`` sockets, each wait and read within
+        ``deadline``. Connects on first use (and reconnects after a failure)."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=deadline,  # waiting for a free pooled connection
+            socket_timeout=deadline,
+            socket_connect_timeout=deadline,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=0,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        return cls(
+            client,
+            max_retained=max_retained,
+            deadline=deadline,
+            open_ttl=open_ttl,
+            prefix=prefix,
+        )
+
+    @property
+    def max_retained(self) -> int:
+        return self._max_retained
+
+    def claim_key(self, tenant: str, task_uuid: str) -> str:
+        return f"{self._prefix}:task:{key_part(tenant)}:{key_part(task_uuid)}"
+
+    def record_key(self, upstream_uuid: str) -> str:
+        return self._records + upstream_uuid
+
+    async def claim(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bool:
+        [won] = await self.claim_many(tenant, [(task_uuid, upstream_uuid)])
+        return won
+
+    async def claim_many(self, tenant: str, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        if not claims:
+            return []
+        keys = [self.claim_key(tenant, task_uuid) for task_uuid, _ in claims]
+        args: list[EncodableT] = [self._open_ttl_ms, *(upstream for _, upstream in claims)]
+        won = await self._call(lambda: self._claim(keys=keys, args=args))
+        return [bool(w) for w in won]
+
+    async def release(self, tenant: str, task_uuid: str, upstream_uuid: str) -> None:
+        keys = [
+            self.claim_key(tenant, task_uuid),
+            self.record_key(upstream_uuid),
+            self._finished_key,
+        ]
+        await self._call(lambda: self._release(keys=keys, args=[upstream_uuid]))
+
+    async def save(self, record: TaskRecord) -> None:
+        claim = self.claim_key(record.tenant, record.task_uuid)
+        key = self.record_key(record.upstream_uuid)
+        data = self._codec.encode(record)
+
+        async def write() -> Any:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping={"data": data, "claim": claim})
+                pipe.pexpire(key, self._open_ttl_ms)
+                pipe.pexpire(claim, self._open_ttl_ms)
+                return await pipe.execute()
+
+        await self._call(write)
+
+    async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
+        keys = [self.claim_key(tenant, task_uuid)]
+        data = await self._call(lambda: self._load(keys=keys, args=[self._records]))
+        return None if data is None else self._codec.decode(data)
+
+    async def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
+        key = self.record_key(upstream_uuid)
+        data = await self._call(lambda: self._redis.hget(key, "data"))
+        return None if data is None else self._codec.decode(_bytes(data))
+
+    async def finish(self, record: TaskRecord, retention: float) -> None:
+        keys = [
+            self.record_key(record.upstream_uuid),
+            self.claim_key(record.tenant, record.task_uuid),
+            self._finished_key,
+        ]
+        args: list[EncodableT] = [
+            self._codec.encode(record),
+            max(0, round(retention * 1000)),
+            self._max_retained,
+            record.upstream_uuid,
+            self._records,
+        ]
+        await self._call(lambda: self._finish(keys=keys, args=args))
+
+    async def ping(self) -> None:
+        """Raises ``StoreUnavailable`` unless Redis answers within the deadline (``/readyz``)."""
+        await self._call(lambda: self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose(close_connection_pool=True)
+
+    async def _call(self, step: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self.deadline * 2):  # a connect, then a command
+                return await step()
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis did not answer within {self.deadline * 2:g} s") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
