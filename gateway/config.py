@@ -30,6 +30,7 @@ __all__ = [
     "DeliverySettings",
     "ProviderSettings",
     "ServerSettings",
+    "StoreSettings",
     "TaskSettings",
     "Tenant",
     "known_variables",
@@ -139,6 +140,12 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True):
     allow: list[str] = msgspec.field(default_factory=list)  # CIDRs or hosts the guard opens
 
 
+class StoreSettings(msgspec.Struct, forbid_unknown_fields=True):
+    # redis://[:password@]host:port/db or rediss:// (TLS): the store replicas share (issue 13).
+    # Read and checked, not yet used by the gateway: None, the memory store, as today.
+    url: str | None = None
+
+
 Sha256Hex = Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")]
 
 
@@ -165,6 +172,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     provider: ProviderSettings = msgspec.field(default_factory=ProviderSettings)
     tasks: TaskSettings = msgspec.field(default_factory=TaskSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     tenants: dict[str, Tenant] = msgspec.field(default_factory=dict)
     demo_key: str | None = None  # a key of tenant "demo", printed at start
 
@@ -185,6 +193,7 @@ _SECTIONS = {
     "provider": ProviderSettings,
     "tasks": TaskSettings,
     "delivery": DeliverySettings,
+    "store": StoreSettings,
 }
 
 
@@ -257,6 +266,7 @@ def _check(config: Config) -> None:
         )
     if config.provider.url is not None and not config.provider.api_key:
         raise ConfigError("provider.api_key: required with provider.url (or RUNWARE_API_KEY)")
+    _check_store_url(config.store.url)
     seen: dict[str, str] = {}  # by the key's SHA-256: a plain key and its hash are one key
     for name, tenant in config.tenants.items():
         hashes = [hashlib.sha256(key.encode()).hexdigest() for key in tenant.keys]
@@ -266,3 +276,17 @@ def _check(config: Config) -> None:
             if digest in seen:
                 raise ConfigError(f"tenants.{name}.{field}: key also belongs to {seen[digest]}")
             seen[digest] = name
+
+
+def _check_store_url(url: str | None) -> None:
+    """A Redis URL with a host, or nothing; the message never repeats it (it may hold a
+    password)."""
+    if url is None:
+        return
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss"):
+        shown = f"{scheme!r}" if sep else "none"
+        raise ConfigError(f"store.url: must be a redis:// or rediss:// URL (scheme: {shown})")
+    host = rest.split("/", 1)[0].rpartition("@")[2]
+    if not host or host.startswith(":"):
+        raise ConfigError("store.url: has no host (redis://host:port/db)")
