@@ -245,6 +245,10 @@ class ClientConnection:
                     self._write_queued(transport)
         finally:
             self.drain = None
+        # the queue is empty: what the session still holds comes next (a resumed backlog would
+        # otherwise wait here for good, and every new frame behind it)
+        if not self.closed and self.session is not None:
+            self.session.refill(self)
 
     def _cut(self) -> asyncio.Task[None]:
         if self.drain is not None:
@@ -378,7 +382,8 @@ class SocketDoor:
             if record.code == "conflictTaskUUID":
                 intake.rejoin(tenant, task, session)
             return record
-        session.open_tasks.add(record.upstream_uuid)
+        if record.open:  # it may have failed already (a full queue): settled, not running
+            session.open_tasks.add(record.upstream_uuid)
         return None
 
 

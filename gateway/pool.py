@@ -36,6 +36,10 @@ __all__ = ["UpstreamPool"]
 
 log = structlog.get_logger("tenebra.pool")
 
+KEY_REFUSED = (
+    "The provider refuses the gateway's API key; the gateway keeps retrying. Retry with backoff."
+)
+
 
 class UpstreamPool:
     def __init__(
@@ -60,6 +64,7 @@ class UpstreamPool:
         self._retries: dict[str, Iterator[float]] = {}  # backoff of tasks the provider refused
         self._down_since: float | None = registry.now()  # no link ready since
         self.links: list[UpstreamLink] = []
+        self._refused_key = False
         self._http: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task[None] | None = None
         self.admitted: Counter[str] = Counter()  # by tenant: plain numbers, read at scrape
@@ -101,7 +106,9 @@ class UpstreamPool:
 
     @property
     def refused(self) -> bool:
-        return bool(self.links) and all(link.state == LinkState.REFUSED for link in self.links)
+        """Every link is refused the gateway's key (kept up to date by ``_link_changed``: it is
+        read for every task)."""
+        return self._refused_key
 
     async def wait_ready(self) -> None:
         """Until some link is ready; bound it with asyncio.timeout."""
@@ -119,8 +126,7 @@ class UpstreamPool:
         """Queue a new task and send what the links have room for. A task that cannot wait
         fails at once with the reason."""
         if self.refused:
-            self._fail(record, "serviceUnavailable", "The provider refuses the gateway's API "
-                       "key; the gateway keeps retrying. Retry with backoff.")  # fmt: skip
+            self._fail(record, "serviceUnavailable", KEY_REFUSED)
             return
         try:
             self.queue.push(record.tenant, record)
@@ -182,9 +188,13 @@ class UpstreamPool:
         asyncio.get_running_loop().call_later(next(delays), self._retry, record)
 
     def _retry(self, record: TaskRecord) -> None:
-        if record.open:
-            self.queue.push_front(record.tenant, record)
-            self._pump()
+        if not record.open:
+            return
+        if self.refused:
+            self._fail(record, "serviceUnavailable", KEY_REFUSED)
+            return
+        self.queue.push_front(record.tenant, record)
+        self._pump()
 
     def _fail(self, record: TaskRecord, code: str, message: str) -> None:
         self.registry.fail(
@@ -207,6 +217,8 @@ class UpstreamPool:
     # ------------------------------------------------------------------ links and deadlines
 
     def _link_changed(self, link: UpstreamLink) -> None:
+        links = self.links
+        self._refused_key = bool(links) and all(x.state == LinkState.REFUSED for x in links)
         if self.ready:
             self._down_since = None
             self._pump()
@@ -215,8 +227,7 @@ class UpstreamPool:
             self._down_since = self.registry.now()
         if self.refused:
             for record in self.queue.drain():
-                self._fail(record, "serviceUnavailable",
-                           "The provider refuses the gateway's API key.")  # fmt: skip
+                self._fail(record, "serviceUnavailable", KEY_REFUSED)
 
     async def _watch_waiting(self) -> None:
         deadline = self.settings.outage_deadline

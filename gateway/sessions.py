@@ -100,10 +100,11 @@ class ClientSession:
             frame = self.buffer[0]
             if len(frame) > connection.limit and connection.queued_bytes:
                 return  # after the queue is written, refill comes again
+            if not connection.send(frame):
+                return  # the socket is closing: the frame stays for the next one
             self.buffer.popleft()
             self.buffered_bytes -= len(frame)
             self.table.buffered -= len(frame)
-            connection.send(frame)
 
 
 class SessionTable:

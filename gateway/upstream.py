@@ -3,8 +3,8 @@
 A :class:`UpstreamLink` connects, authenticates (resuming its provider session when it has one),
 keeps itself alive with app-level pings and a pong deadline, sends tasks in batches, and routes
 every item it reads to the registry by taskUUID. When it breaks it reconnects with full-jitter
-exponential backoff. An :class:`UpstreamPool` spreads tasks over its links by least in flight and
-holds tasks in a bounded queue while no link is ready.
+exponential backoff, and :mod:`gateway.recovery` decides what becomes of the tasks it had out.
+Which task goes to which link, and when, is :mod:`gateway.pool`'s.
 
 Every await on the network has a deadline: connect, auth, send, pong, close.
 """
@@ -71,14 +71,11 @@ class ProviderProtocolError(Exception):
 
 
 # The provider's refusals before it accepts a task (capacity): unbilled, so the task may wait
-# at the gateway and go again. Runware documents 429 and 503 as queue-capacity signals.
+# at the gateway and go again (Runware: 429, its queue is full).
+# serviceUnavailable is not one of them: Runware also sends it for server errors, possibly after
+# accepting (and billing) a task, and a second send must never be a guess.
 UNBILLED_REFUSALS = frozenset(
-    {
-        "rateLimitExceeded",
-        "inferenceRateLimitExceeded",
-        "providerRateLimitExceeded",
-        "serviceUnavailable",
-    }
+    {"rateLimitExceeded", "inferenceRateLimitExceeded", "providerRateLimitExceeded"}
 )
 
 # What a provider connection can fail with that is the network's or the peer's doing: retried
@@ -345,8 +342,10 @@ class UpstreamLink:
             self._poll(self.recovery.orphans_due())
 
     def _requeue_unsent(self) -> None:
-        """Tasks still in the outbox never left: the pool may send them on another link."""
-        unsent = list(self.outbox)
+        """Tasks still in the outbox never left: the pool may send them on another link. Not a
+        resend waiting here, though: the provider may hold that task after all, so it stays
+        this link's, and the next connection's recovery asks about it again."""
+        unsent = [r for r in self.outbox if r.upstream_uuid not in self.recovery.in_flight]
         self.outbox.clear()
         self._polls.clear()
         for record in unsent:

@@ -535,3 +535,56 @@ async def test_one_guess_per_frame_and_the_rest_of_the_frame_waits_behind_it(
         await client.send({**auth, "apiKey": BETA}, auth)
         errors = [(await client.recv())["errors"][0] for _ in range(2)]
         assert errors[0] == errors[1] and errors[0]["code"] == "invalidApiKey"
+
+
+async def test_a_resumed_backlog_keeps_flowing_after_a_drain_empties_the_queue() -> None:
+    """A backlog larger than what one refill queues, on a socket that lags: when the drain has
+    sent the last queued frame, the rest of the session's buffer follows (it once waited for
+    good, and every new result behind it)."""
+    from gateway.sessions import SessionTable
+
+    table = SessionTable(
+        session_buffer_bytes=1 << 20, max_sessions=10, max_per_tenant=10,
+        buffer_bytes=1 << 22, resume_window=120, evicted=lambda: None,
+    )  # fmt: skip
+    session = table.open("alpha")
+    assert session is not None
+    backlog = [b'{"data":[%03d]}' % i for i in range(40)]
+    for frame in backlog:
+        session.deliver(None, frame)  # type: ignore[arg-type]  # away: kept
+    transport = FakeTransport(buffered=WRITE_BUFFER_HIGH_WATER)  # TCP lags
+    socket = FakeSocket()
+    socket.release.set()
+    connection, _ = connection_over(transport, socket, limit=200)
+    connection.session = session
+    session.attach(connection)
+    for _ in range(200):  # bounded: the drain sends frame by frame
+        await asyncio.sleep(0)
+        if not session.buffer and not connection.outbox:
+            break
+    session.deliver(None, b"new")  # type: ignore[arg-type]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    written = [f.data for chunk in transport.writes for f in frames_in(chunk)]
+    assert [*socket.sent, *written][1:] == [*backlog, b"new"]  # after the auth reply
+
+
+async def test_a_sync_task_refused_by_a_full_queue_does_not_keep_the_socket_busy(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    """A task failed at once (its tenant's queue full) is settled, not running: it must not
+    count among the socket's tasks in flight, which keep the idle timeout away for good."""
+    from tests.gateway.conftest import set_faults, task
+
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 60000 * MS * 1000})
+    config = gateway_config(provider)
+    config.tenants["alpha"].max_in_flight = 1
+    config.tenants["alpha"].max_queued = 1
+    async with running(config) as gateway:
+        client = await connect(http, gateway.url)
+        await client.auth(key=ALPHA)
+        await client.send(task(), task(), task())  # out, waiting, refused
+        [error] = (await client.recv())["errors"]
+        assert error["code"] == "rateLimitExceeded"
+        [connection] = gateway.clients.connections
+        assert len(connection.session.open_tasks) == 2

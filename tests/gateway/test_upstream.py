@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 
 import aiohttp
@@ -19,6 +20,7 @@ from gateway.store.base import TaskRecord, TaskState
 from gateway.upstream import LinkState
 from protocol.codec import decode_client_frame
 from protocol.frames import ImageTask
+from protocol.models import default_catalogue
 from tests.gateway.conftest import ALPHA, Client, connect, task, until
 from tests.gateway.fakes import FakeProvider
 from tests.timing import MS
@@ -204,3 +206,40 @@ async def test_fuzzed_provider_frames_never_kill_the_link(
             await gateway.stop()
     finally:
         await fake.stop()
+
+
+async def test_a_resend_waiting_in_a_broken_links_outbox_stays_with_that_link() -> None:
+    """A task resent after taskNotFound may be at the provider after all: if the link breaks
+    before the resend leaves, it must not go to another link (billed twice there), but stay
+    this link's for the next recovery to ask about. A task never sent may go anywhere."""
+    from gateway.metrics import Metrics
+    from gateway.store.memory import MemoryTaskStore
+    from gateway.tasks import TaskRegistry
+    from gateway.upstream import UpstreamLink
+
+    metrics = Metrics()
+    registry = TaskRegistry(
+        MemoryTaskStore(retention=60, max_finished=100), max_open=10, clock=lambda: 0.0,
+        metrics=metrics,
+    )  # fmt: skip
+    records = []
+    for _ in range(2):
+        (checked,) = decode_client_frame(json.dumps([task()]), default_catalogue())
+        assert isinstance(checked, ImageTask)
+        record = registry.register("alpha", checked, None)
+        assert isinstance(record, TaskRecord)
+        records.append(record)
+    resend, fresh = records
+    handed_back: list[TaskRecord] = []
+    async with aiohttp.ClientSession() as http:
+        link = UpstreamLink(
+            0, "ws://127.0.0.1:9/v1", "k", ProviderSettings(), registry, metrics, http,
+            rng=random.Random(1), on_state=lambda _: None, on_unsent=handed_back.append,
+            on_refused=lambda *_: None,
+        )  # fmt: skip
+        link.recovery.sent(resend.upstream_uuid)  # out once; its resend waits in the outbox
+        link.outbox.extend([resend, fresh])
+        link._requeue_unsent()
+    assert handed_back == [fresh]
+    assert resend.upstream_uuid in link.recovery.in_flight
+    assert link.recovery.reconnected(resumed=True).poll_now == [resend.upstream_uuid]
