@@ -39,9 +39,10 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.config import ServerSettings
-from gateway.dispatch import Answer, Dispatch, TokenBucket
+from gateway.dispatch import Answer, Dispatch
 from gateway.intake import Intake
 from gateway.metrics import Metrics
+from gateway.quotas import TokenBucket
 from gateway.sessions import ClientSession, SessionTable
 from gateway.tenants import CLOSE_REVOKED, Revoked, hash_key
 from gateway.throttle import AuthThrottle

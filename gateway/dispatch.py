@@ -17,11 +17,12 @@ from typing import Any, Protocol
 
 from gateway.intake import Intake
 from gateway.metrics import Metrics
+from gateway.quotas import TokenBucket
 from protocol.codec import Outcome, encode_answer
 from protocol.errors import error_item
 from protocol.frames import Authentication, ErrorItem, GetResponse, ImageTask, Ping, Pong
 
-__all__ = ["Answer", "Dispatch", "Door", "TokenBucket"]
+__all__ = ["Answer", "Dispatch", "Door"]
 
 _PONG = Pong()
 
@@ -45,28 +46,6 @@ class Answer:
             self._send(frame)
         self.data.clear()
         self.errors.clear()
-
-
-class TokenBucket:
-    """``rate`` per second, up to ``burst`` at once."""
-
-    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.clock = clock
-        self.stamp = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 class Door(Protocol):

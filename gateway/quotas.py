@@ -27,25 +27,27 @@ from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageTask
 from protocol.models import Catalogue
 
-__all__ = ["DAY", "BudgetLedger", "RateBucket", "TenantQuotas"]
+__all__ = ["DAY", "BudgetLedger", "TenantQuotas", "TokenBucket"]
 
 DAY = 86400.0
 # prices are sums of a few decimals: a task that fits the budget exactly must not be refused
 _EPSILON = 1e-9
 
 
-class RateBucket:
-    """``rate`` tasks per second sustained, ``burst`` at once."""
+class TokenBucket:
+    """``rate`` per second sustained, ``burst`` at once: a tenant's tasks, a socket's polls."""
 
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
 
-    def __init__(self, rate: float, burst: int, now: float) -> None:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)
-        self.stamp = now
+        self.clock = clock
+        self.stamp = clock()
 
-    def take(self, now: float) -> bool:
+    def take(self) -> bool:
+        now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens < 1.0:
@@ -54,8 +56,8 @@ class RateBucket:
         return True
 
     def wait(self) -> float:
-        """Seconds until a token, as of the last ``take``."""
-        return max(0.0, (1.0 - self.tokens) / self.rate)
+        """Seconds until a token, as of the last ``take`` (a rate of 0 never refills)."""
+        return math.inf if self.rate <= 0 else max(0.0, (1.0 - self.tokens) / self.rate)
 
 
 class BudgetLedger:
@@ -113,7 +115,7 @@ class _TenantState:
     __slots__ = ("bucket", "connections")
 
     def __init__(self) -> None:
-        self.bucket: RateBucket | None = None
+        self.bucket: TokenBucket | None = None
         self.connections = 0
 
 
@@ -141,7 +143,8 @@ class TenantQuotas:
     def check(self, policy: TenantPolicy, task: ImageTask) -> ErrorItem | float:
         """The task's error, or its price to hold (0 when the tenant has no budget). Checked
         in this order: what the task asks (permanent), the budget, then the rate, so that a
-        task refused for anything else does not spend a token."""
+        task refused by another of the tenant's limits does not spend a token (one refused
+        later, by the destination check or as a conflict, has spent it)."""
         name = policy.name
         cap = policy.max_number_results
         if cap is not None and task.numberResults > cap:
@@ -182,10 +185,9 @@ class TenantQuotas:
         if rate is not None:
             state = self._state(name)
             bucket = state.bucket
-            now = self._clock()
             if bucket is None or bucket.rate != rate or bucket.burst != policy.burst:
-                bucket = state.bucket = RateBucket(rate, policy.burst, now)  # a reload's
-            if not bucket.take(now):
+                bucket = state.bucket = TokenBucket(rate, policy.burst, self._clock)  # reloaded
+            if not bucket.take():
                 return self._refuse(
                     name, "tenant_rate", "rateLimitExceeded", task,
                     f"This API key may send {rate:g} tasks per second (bursts of "

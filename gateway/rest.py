@@ -23,9 +23,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway.clients import too_many_failures
-from gateway.dispatch import Answer, Dispatch, TokenBucket
+from gateway.dispatch import Answer, Dispatch
 from gateway.intake import Intake
 from gateway.metrics import Metrics
+from gateway.quotas import TokenBucket
 from gateway.store.base import TaskRecord
 from gateway.throttle import AuthThrottle
 from protocol.codec import encode

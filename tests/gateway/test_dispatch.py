@@ -7,8 +7,9 @@ from typing import Any
 
 import msgspec
 
-from gateway.dispatch import Answer, Dispatch, TokenBucket
+from gateway.dispatch import Answer, Dispatch
 from gateway.metrics import Metrics
+from gateway.quotas import TokenBucket
 from protocol.codec import Outcome
 from protocol.errors import error_item
 from protocol.frames import (

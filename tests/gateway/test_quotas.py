@@ -13,7 +13,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
-from gateway.quotas import DAY, BudgetLedger, RateBucket, TenantQuotas
+from gateway.quotas import DAY, BudgetLedger, TenantQuotas, TokenBucket
 from gateway.store.base import TaskRecord
 from gateway.tenants import TenantPolicy
 from protocol.models import default_catalogue
@@ -34,11 +34,14 @@ PRICE = 0.195  # a 1K image of the catalogue's model
 
 
 def test_the_bucket_gives_its_burst_then_its_rate() -> None:
-    bucket = RateBucket(2.0, 3, now=0.0)
-    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    now = [0.0]
+    bucket = TokenBucket(2.0, 3, lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
     assert bucket.wait() == pytest.approx(0.5)
-    assert bucket.take(0.5) and not bucket.take(0.5)
-    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # never past burst
+    now[0] = 0.5
+    assert bucket.take() and not bucket.take()
+    now[0] = 100.0
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]  # never past burst
 
 
 def test_the_ledger_counts_spend_by_utc_day_and_holds_prices_until_the_end() -> None:
