@@ -101,6 +101,13 @@ class RestEndpoint:
         tenant = None if key is None else self.intake.tenant_of(key)
         if key is not None and tenant is None:  # not worth reading the body of
             return await self._refused_late(address, key)
+        # A body without a key in the header is read before anyone is known (its key may be
+        # element 0): such reads count as unauthenticated connections of their address.
+        keyless = tenant is None
+        if keyless and not self.throttle.open_unauthenticated(address):
+            raise web.HTTPTooManyRequests(
+                text="too many unauthenticated requests from this address"
+            )
         try:
             async with asyncio.timeout(self.read_timeout):
                 body = await request.read()
@@ -108,6 +115,9 @@ class RestEndpoint:
             raise web.HTTPRequestTimeout(
                 text=f"The request body did not arrive within {self.read_timeout:g} s."
             ) from None
+        finally:
+            if keyless:
+                self.throttle.close_unauthenticated(address)
         outcomes = self.intake.decode(body)
         if outcomes and isinstance(outcomes[0], Authentication):
             key = outcomes[0].apiKey

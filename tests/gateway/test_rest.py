@@ -160,3 +160,28 @@ async def test_rest_refuses_a_wrong_bearer_unread_and_reads_a_body_within_its_de
         answer = await raw_request(gateway.port, head + ALPHA, b'[{"taskType":')
         assert answer.startswith(b"HTTP/1.1 408")
         assert asyncio.get_running_loop().time() - started >= 300 * MS
+
+
+async def test_rest_bodies_read_before_a_key_count_as_unauthenticated(
+    provider: LocalProvider,
+) -> None:
+    """Without a bearer header the body is read before anyone is known: such requests count
+    against the address's unauthenticated bound (they could each hold a 32 MiB body)."""
+    config = gateway_config(
+        provider, max_unauthenticated_per_address=2, request_read_timeout=2000 * MS
+    )
+    async with running(config) as gateway:
+        head = "POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += "Content-Length: 100000"
+        slow = []
+        for _ in range(2):  # two bodies that never finish arriving
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(head.encode() + b"\r\n\r\n[")
+            slow.append((reader, writer))
+        await asyncio.sleep(100 * MS)
+        assert (await raw_request(gateway.port, head, b"[")).startswith(b"HTTP/1.1 429")
+        bearer = head + f"\r\nAuthorization: Bearer {ALPHA}"
+        body = b"[" + b" " * 99998 + b"]"
+        assert (await raw_request(gateway.port, bearer, body)).startswith(b"HTTP/1.1 200")
+        for _, writer in slow:
+            writer.close()
