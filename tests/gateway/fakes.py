@@ -19,6 +19,15 @@ AUTH_REPLY = json.dumps(
 ).encode()
 
 
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` served on 127.0.0.1 at a free port: its runner (to clean up) and the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port: int = runner.addresses[0][1]
+    return runner, port
+
+
 class FakeProvider:
     """A Runware-protocol provider with a script: what it answers to the next authentications
     in place of the reply, and frames it sends after a good reply. Past the script it behaves:
@@ -47,11 +56,7 @@ class FakeProvider:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/v1", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_on_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:

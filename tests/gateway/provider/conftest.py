@@ -8,6 +8,8 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from tests.gateway.fakes import serve_on_loopback
+
 
 class PictureServer:
     """A loopback HTTP server that serves one PNG and counts every request it receives."""
@@ -36,11 +38,7 @@ class PictureServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._serve)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_on_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
