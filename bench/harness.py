@@ -9,8 +9,10 @@ gateway is what is measured; the load generator is another). CPU seconds come fr
 /proc/<pid>/stat (user + system), RSS from /proc/<pid>/status; each path gets a fresh provider
 and a short warm-up, and the paths take turns ``--repeat`` times (the median run by CPU is
 reported: the same load varies by 10-20% from run to run on a shared 2-core machine).
-Besides the three-way load scenarios: idle connections (RSS each), a soak (RSS before and
-after, the registry emptied), and one client that never reads beside others (their p99).
+Besides the three-way load scenarios: the cost of admission (tenebra with ten tenants whose
+limits are set but never bind, the load spread over their keys, against the demo tenant without
+limits, same run), idle connections (RSS each), a soak (RSS before and after, the registry
+emptied), and one client that never reads beside others (their p99).
 Figures vary from machine to machine: read the ratios, which come from one run on one machine.
 """
 
@@ -24,6 +26,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -57,6 +60,7 @@ class Plan:
     stall: Scenario  # the well-behaved clients; one more never reads
     stalled_rate: float  # the tasks/s that one sends
     stall_pairs: int
+    admission: Scenario  # through tenebra: the demo tenant, then ten tenants with limits
 
 
 FULL = Plan(
@@ -71,6 +75,7 @@ FULL = Plan(
     stall=Scenario("stall M=50", 50, 200, rate=1000),
     stalled_rate=500,
     stall_pairs=3,
+    admission=Scenario("admission: 10 tenants with limits vs none, M=200 W=8, 1 result", 200, 100),
 )
 SMOKE = Plan(
     load=[Scenario("smoke M=20 W=4 R=2", 20, 20, window=4, results=2)],
@@ -80,6 +85,7 @@ SMOKE = Plan(
     stall=Scenario("stall M=10", 10, 20, rate=200),
     stalled_rate=100,
     stall_pairs=1,
+    admission=Scenario("admission: 10 tenants with limits vs none, M=20 W=4, 1 result", 20, 100, 4),
 )
 
 
@@ -129,6 +135,7 @@ class Servers:
     key: str
     measured: subprocess.Popen[str]  # the relay, the gateway, or the provider when direct
     provider: subprocess.Popen[str]
+    keys: tuple[str, ...] = ()  # several tenants' keys, taken in turn per connection
 
     def scrape(self) -> dict[str, float]:
         """The gateway's /metrics, unlabelled and labelled lines alike, by their full name."""
@@ -142,8 +149,35 @@ class Servers:
         }
 
 
+ADMISSION_TENANTS = 10
+
+
+def tenants_toml(count: int) -> tuple[str, tuple[str, ...]]:
+    """A configuration of ``count`` tenants, each with every limit set and none binding under
+    the bench's loads (so that what differs is the checking, not refusals or waiting), and
+    their keys."""
+    keys = tuple(f"bench-tenant-{i}-key-{'x' * 24}" for i in range(count))
+    blocks = [
+        f"""[tenants.bench{i}]
+keys = ["{key}"]
+weight = {1 + i % 3}
+max_in_flight = 1000000
+max_queued = 1000000
+rate = 1000000.0
+burst = 1000000
+max_connections = 100000
+budget_per_day = 1000000000.0
+max_number_results = 20
+"""
+        for i, key in enumerate(keys)
+    ]
+    return "\n".join(blocks), keys
+
+
 @contextlib.contextmanager
-def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
+def servers(path: str, env: dict[str, str] | None = None, tenants: int = 0) -> Iterator[Servers]:
+    """``path``'s servers; for tenebra, ``tenants`` > 0 runs it with that many tenants with
+    limits (a config file) instead of the demo tenant."""
     # room for every image at once: the provider stands for one that is never the limit
     provider, provider_url = spawn(
         "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast",
@@ -162,13 +196,21 @@ def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
             return
         # every load client comes from 127.0.0.1, hundreds of handshakes at once: not hostile
         env = {"TENEBRA_SERVER_MAX_UNAUTHENTICATED_PER_ADDRESS": "1000000", **(env or {})}
-        server, url = spawn(
-            "-m", "gateway.cli", "serve", "--port", "0", "--demo-key", "dk",
-            "--provider-url", provider_url, "--provider-key", "pk", "--log-level", "info",
-            env=env,
-        )  # fmt: skip
-        time.sleep(0.5)  # the provider link authenticates
-        yield Servers(url, "dk", server, provider)
+        keys: tuple[str, ...] = ("dk",)
+        with tempfile.TemporaryDirectory(prefix="tenebra-bench-") as folder:
+            who = ["--demo-key", "dk"]
+            if tenants:
+                text, keys = tenants_toml(tenants)
+                config = Path(folder) / "tenants.toml"
+                config.write_text(text)
+                who = ["--config", str(config)]
+            server, url = spawn(
+                "-m", "gateway.cli", "serve", "--port", "0", *who,
+                "--provider-url", provider_url, "--provider-key", "pk", "--log-level", "info",
+                env=env,
+            )  # fmt: skip
+            time.sleep(0.5)  # the provider link authenticates
+            yield Servers(url, keys[0], server, provider, keys)
     finally:
         if server is not None:
             stop(server)
@@ -176,8 +218,10 @@ def servers(path: str, env: dict[str, str] | None = None) -> Iterator[Servers]:
 
 
 def load_command(at: Servers, *flags: str) -> list[str]:
-    """The load generator against ``at``, with ``flags``."""
-    return [PY, "-m", "bench.load", "--url", at.url, "--key", at.key, *flags]
+    """The load generator against ``at`` (every key of its, in turn per connection), with
+    ``flags``."""
+    keys = [arg for key in (at.keys or (at.key,)) for arg in ("--key", key)]
+    return [PY, "-m", "bench.load", "--url", at.url, *keys, *flags]
 
 
 def load(at: Servers, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
@@ -192,8 +236,8 @@ def load(at: Servers, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
     return figures
 
 
-def run_path(path: str, s: Scenario) -> dict[str, Any]:
-    with servers(path) as at:
+def run_path(path: str, s: Scenario, tenants: int = 0) -> dict[str, Any]:
+    with servers(path, tenants=tenants) as at:
         load(at, s, max(2, s.tasks // 10))  # warm-up
         before = (cpu_seconds(at.measured.pid), cpu_seconds(at.provider.pid))
         figures = load(at, s)
@@ -210,6 +254,7 @@ def run_path(path: str, s: Scenario) -> dict[str, Any]:
             provider_cpu_ms_per_1000=round((after[1] - before[1]) * 1e6 / done, 1),
             rss_mib=round(rss_mib(at.measured.pid), 1),
             expected=s.connections * s.tasks,
+            tenants=tenants,
         )
         return figures
 
@@ -222,12 +267,33 @@ def run_load(s: Scenario, repeat: int) -> tuple[list[dict[str, Any]], list[dict[
             figures = run_path(path, s)
             every[path].append(figures)
             print(f"{s.name} / {path}: {figures['tasks_per_s']:,} tasks/s", flush=True)
-    chosen = []
-    for runs in every.values():
-        cpus = sorted(r["cpu_ms_per_1000"] for r in runs)
-        median = cpus[(len(cpus) - 1) // 2]
-        chosen.append(next(r for r in runs if r["cpu_ms_per_1000"] == median))
+    chosen = [median_cpu(runs) for runs in every.values()]
     return chosen, [r for runs in every.values() for r in runs]
+
+
+def median_cpu(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median CPU per task (the lower middle one of an even count)."""
+    cpus = sorted(r["cpu_ms_per_1000"] for r in runs)
+    median = cpus[(len(cpus) - 1) // 2]
+    return next(r for r in runs if r["cpu_ms_per_1000"] == median)
+
+
+def run_admission(
+    s: Scenario, repeat: int, tenants: int = ADMISSION_TENANTS
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The same saturation load through tenebra with the demo tenant (no limits) and with
+    ``tenants`` tenants with limits set but never binding, the connections spread over their
+    keys; they take turns ``repeat`` times and the run with the median CPU per task of each
+    stands (none, then limits)."""
+    every: dict[str, list[dict[str, Any]]] = {report.NO_LIMITS: [], report.LIMITS: []}
+    for _ in range(repeat):
+        for path, count in ((report.NO_LIMITS, 0), (report.LIMITS, tenants)):
+            figures = run_path("tenebra", s, tenants=count)
+            figures["path"] = path
+            every[path].append(figures)
+            print(f"{s.name} / {path}: {figures['tasks_per_s']:,} tasks/s, "
+                  f"{figures['cpu_ms_per_1000']} CPU ms per 1000 tasks", flush=True)  # fmt: skip
+    return [median_cpu(runs) for runs in every.values()], [r for rs in every.values() for r in rs]
 
 
 def run_idle(count: int) -> dict[str, Any]:
@@ -357,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             chosen, all_runs = run_load(scenario, repeat)
             runs += chosen
             every += all_runs
+    admission: list[dict[str, Any]] = []
+    if args.only in plan.admission.name:
+        admission, all_runs = run_admission(plan.admission, repeat)
+        every += all_runs
     idle = [run_idle(n) for n in plan.idle if args.only in "idle"]
     soak = run_soak(plan.soak_tasks, plan.soak_warmup) if args.only in "soak" else None
     stall = (
@@ -367,19 +437,23 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    notes = report.ratios(runs) + report.memory_lines(idle, soak) + report.stall_lines(stall)
+    notes = (
+        report.ratios(runs) + report.admission_lines(admission)
+        + report.memory_lines(idle, soak) + report.stall_lines(stall)
+    )  # fmt: skip
     record = {
         "plan": asdict(plan), "repeat": repeat, "runs": runs, "every_run": every,
-        "idle": idle, "soak": soak, "stall": stall, "notes": notes,
+        "admission": admission, "idle": idle, "soak": soak, "stall": stall, "notes": notes,
         "cpu_spread": {
             f"{r['scenario']} / {r['path']}": statistics.pstdev(
                 [x["cpu_ms_per_1000"] for x in every
                  if (x["scenario"], x["path"]) == (r["scenario"], r["path"])]
-            ) for r in runs
+            ) for r in runs + admission
         },
     }  # fmt: skip
     (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(record, indent=2))
-    markdown = report.table(runs) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    tables = [report.table(group) for group in (runs, admission) if group]
+    markdown = "\n\n".join([*tables, "\n".join(f"- {n}" for n in notes)]) + "\n"
     (RESULTS / f"bench-{stamp}.md").write_text(markdown)
     if runs:
         report.plot(runs, RESULTS / f"bench-{stamp}.png")

@@ -3,6 +3,9 @@
     python -m bench.load --url ws://127.0.0.1:8080/v1 --key K --connections 200 --tasks 50 \\
         --window 8 --results 1 [--rate 5000] [--seconds 120]
 
+``--key`` may be given several times: connection i authenticates with key i modulo their count
+(round robin per connection; the heavy connections use the first).
+
 Saturation (default): each connection keeps ``window`` tasks in flight. Fixed rate (``--rate``):
 tasks are offered at that many per second in all, spread over the connections, whatever the
 answers. Prints one JSON object: tasks, result frames, errors, elapsed, latencies (ms).
@@ -59,12 +62,23 @@ def task(results: int) -> tuple[str, bytes]:
     return task_uuid, body
 
 
+def key_of(args: argparse.Namespace, index: int) -> str:
+    """Connection ``index``'s API key: the ``--key`` values in turn."""
+    keys: list[str] = args.key
+    return keys[index % len(keys)]
+
+
 async def connection(
-    http: aiohttp.ClientSession, args: argparse.Namespace, stats: dict[str, object], rate: float
+    http: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    stats: dict[str, object],
+    rate: float,
+    index: int = 0,
 ) -> None:
     latencies: list[float] = stats["latencies"]  # type: ignore[assignment]
     async with http.ws_connect(args.url, max_msg_size=0) as ws:
-        await ws.send_str(json.dumps([{"taskType": "authentication", "apiKey": args.key}]))
+        auth = [{"taskType": "authentication", "apiKey": key_of(args, index)}]
+        await ws.send_str(json.dumps(auth))
         await ws.receive()
         started: dict[str, float] = {}
         remaining: dict[str, int] = {}
@@ -140,7 +154,8 @@ async def heavy(args: argparse.Namespace, until: asyncio.Event) -> None:
         aiohttp.ClientSession(connector=connector) as http,
         http.ws_connect(args.url, max_msg_size=0) as ws,
     ):
-        await ws.send_str(json.dumps([{"taskType": "authentication", "apiKey": args.key}]))
+        auth = [{"taskType": "authentication", "apiKey": key_of(args, 0)}]
+        await ws.send_str(json.dumps(auth))
 
         async def read_all() -> None:
             async for _ in ws:
@@ -165,18 +180,19 @@ async def hold_idle(http: aiohttp.ClientSession, args: argparse.Namespace) -> No
     handshakes = asyncio.Semaphore(100)
     sockets: list[aiohttp.ClientWebSocketResponse] = []
 
-    async def open_one() -> None:
+    async def open_one(index: int) -> None:
         async with handshakes:
             ws = await http.ws_connect(
                 args.url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=1.0)
             )
             sockets.append(ws)
-            await ws.send_str(json.dumps([{"taskType": "authentication", "apiKey": args.key}]))
+            auth = [{"taskType": "authentication", "apiKey": key_of(args, index)}]
+            await ws.send_str(json.dumps(auth))
             await asyncio.wait_for(ws.receive(), 30)
 
     started = time.perf_counter()
     await asyncio.wait_for(
-        asyncio.gather(*(open_one() for _ in range(args.connections))), args.seconds
+        asyncio.gather(*(open_one(i) for i in range(args.connections))), args.seconds
     )
     print(
         json.dumps({"ready": len(sockets), "elapsed": round(time.perf_counter() - started, 3)}),
@@ -207,8 +223,8 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.wait_for(
                 asyncio.gather(
                     *(
-                        connection(http, args, stats, per_connection_rate)
-                        for _ in range(args.connections)
+                        connection(http, args, stats, per_connection_rate, i)
+                        for i in range(args.connections)
                     )
                 ),
                 args.seconds,
@@ -240,7 +256,9 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
-    parser.add_argument("--key", required=True)
+    parser.add_argument(
+        "--key", action="append", required=True, help="repeatable: round robin per connection"
+    )
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--tasks", type=int, default=100, help="per connection")
     parser.add_argument("--window", type=int, default=8)

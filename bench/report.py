@@ -6,6 +6,15 @@ from pathlib import Path
 from typing import Any
 
 PATHS = ("direct", "relay", "tenebra")
+# the admission scenario's two runs, both through tenebra
+NO_LIMITS = "tenebra, demo tenant, no limits"
+LIMITS = "tenebra, 10 tenants with limits"
+
+
+def times(cpu: float, of: float) -> str:
+    """``cpu`` over ``of`` as "1.25x"; a small (smoke) run may take less CPU than one clock tick
+    (10 ms) to a process, and there is no ratio then."""
+    return f"{cpu / of:.2f}x" if of else "n/a (too few CPU ticks)"
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -30,10 +39,10 @@ def ratios(runs: list[dict[str, Any]]) -> list[str]:
     for s in dict.fromkeys(r["scenario"] for r in runs):
         relay, gateway, direct = by.get((s, "relay")), by.get((s, "tenebra")), by.get((s, "direct"))
         if relay and gateway:
-            cpu = gateway["cpu_ms_per_1000"] / relay["cpu_ms_per_1000"]
+            cpu = times(gateway["cpu_ms_per_1000"], relay["cpu_ms_per_1000"])
             throughput = gateway["tasks_per_s"] / relay["tasks_per_s"]
             notes.append(
-                f"{s}: tenebra CPU per task = {cpu:.2f}x the bare relay's (target 1.25x); "
+                f"{s}: tenebra CPU per task = {cpu} the bare relay's (target 1.25x); "
                 f"throughput = {throughput:.2f}x (target 0.8x)"
             )
         if direct and gateway:
@@ -46,10 +55,26 @@ def ratios(runs: list[dict[str, Any]]) -> list[str]:
     four = [r for r in runs if r["path"] == "tenebra" and r["results"] == 4 and not r["rate"]]
     if one and four:
         notes.append(
-            f"R=4 costs {four[0]['cpu_ms_per_1000'] / one[0]['cpu_ms_per_1000']:.2f}x the CPU "
+            f"R=4 costs {times(four[0]['cpu_ms_per_1000'], one[0]['cpu_ms_per_1000'])} the CPU "
             "of R=1 per task (target 2x)"
         )
     return notes
+
+
+def admission_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The cost of admission: CPU per task with ten tenants' limits over none (issue 12)."""
+    by = {r["path"]: r for r in runs}
+    none, limits = by.get(NO_LIMITS), by.get(LIMITS)
+    if not (none and limits):
+        return []
+    cpu = times(limits["cpu_ms_per_1000"], none["cpu_ms_per_1000"])
+    throughput = limits["tasks_per_s"] / none["tasks_per_s"]
+    return [
+        f"{limits['scenario']}: CPU per task with {limits['tenants']} tenants' limits = "
+        f"{cpu} without (target 1.1x; {limits['cpu_ms_per_1000']} vs "
+        f"{none['cpu_ms_per_1000']} CPU ms per 1000 tasks); throughput = {throughput:.2f}x; "
+        f"p99 {limits['p99_ms']} vs {none['p99_ms']} ms"
+    ]
 
 
 def memory_lines(idle: list[dict[str, Any]], soak: dict[str, Any] | None) -> list[str]:
