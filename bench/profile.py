@@ -3,6 +3,7 @@ load generator saturates it, then the samples are summed per function.
 
     python -m bench.profile                        # M=200, W=8, R=1, 300 tasks per connection
     python -m bench.profile --results 4 --tasks 150 --rate 1000
+    python -m bench.profile --tenants 10           # the harness's ten tenants with limits
 
 py-spy needs ptrace (root, or kernel.yama.ptrace_scope=0). "self" is time in the function's own
 lines, C calls it makes included (msgspec, socket writes); "inclusive" adds its callees.
@@ -50,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument(
+        "--tenants", type=int, default=0, help="tenants with limits, as the admission scenario"
+    )
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     scenario = Scenario(
         "profile", args.connections, args.tasks, args.window, args.results, args.rate
     )
-    with tempfile.TemporaryDirectory() as scratch, servers("tenebra") as at:
+    with tempfile.TemporaryDirectory() as scratch, servers("tenebra", tenants=args.tenants) as at:
         raw = Path(scratch) / "samples.txt"
         load(at, scenario, max(2, args.tasks // 10))  # warm-up
         sampler = subprocess.Popen(
