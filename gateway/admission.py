@@ -33,21 +33,20 @@ class Window:
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
         self.size = float(ceiling)  # optimistic: the first refusals find the real capacity
+        self.limit = ceiling  # whole tasks: read for every task sent, so kept, not computed
         self.epoch = 0  # decreases so far: a task sent in an older epoch is an old event
-
-    @property
-    def limit(self) -> int:
-        return max(1, int(self.size))
 
     def succeeded(self) -> None:
         if self.size < self.ceiling:
             self.size = min(float(self.ceiling), self.size + 1.0 / self.size)
+            self.limit = int(self.size)
 
     def refused(self, sent_epoch: int) -> bool:
         """A task sent in ``sent_epoch`` was refused; True if the window shrank."""
         if sent_epoch < self.epoch:
             return False
         self.size = max(1.0, self.size / 2)
+        self.limit = int(self.size)
         self.epoch += 1
         return True
 
@@ -73,11 +72,6 @@ class _Tenant(Generic[T]):
     waiting: deque[T] = field(default_factory=deque)
     in_flight: int = 0
     tag: float = 0.0  # virtual start time of its next task
-
-    @property
-    def eligible(self) -> bool:
-        cap = self.limits.max_in_flight
-        return bool(self.waiting) and (cap is None or self.in_flight < cap)
 
 
 class FairQueue(Generic[T]):
@@ -146,9 +140,11 @@ class FairQueue(Generic[T]):
         """The next task to send, counted in flight for its tenant; None if nobody may go."""
         chosen: str | None = None
         best: _Tenant[T] | None = None
-        for name in self._active:
-            tenant = self._tenants[name]
-            if tenant.eligible and (best is None or tenant.tag < best.tag):
+        tenants = self._tenants
+        for name in self._active:  # every one has tasks waiting; few tenants, a plain scan
+            tenant = tenants[name]
+            cap = tenant.limits.max_in_flight
+            if (cap is None or tenant.in_flight < cap) and (best is None or tenant.tag < best.tag):
                 chosen, best = name, tenant
         if chosen is None or best is None:
             return None

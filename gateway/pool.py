@@ -144,8 +144,10 @@ class UpstreamPool:
         queue, links = self.queue, self.links
         while len(queue):
             best, room = None, 0
-            for link in links:
-                free = link.room
+            for link in links:  # the room in each ready link's window; runs for every task
+                if link.state is not LinkState.READY:
+                    continue
+                free = link.window.limit - len(link.recovery.in_flight) - len(link.outbox)
                 if free > room:
                     best, room = link, free
             if best is None:

@@ -133,6 +133,8 @@ class TenantQuotas:
         self.refused = refused  # the pool's: one metric family for every limit
         self._clock = clock
         self._states: dict[str, _TenantState] = {}
+        # (model, width, height, numberResults) -> USD: bounded by the catalogue's sizes x 20
+        self._prices: dict[tuple[str, int, int, int], float] = {}
 
     def _state(self, tenant: str) -> _TenantState:
         state = self._states.get(tenant)
@@ -168,9 +170,7 @@ class TenantQuotas:
         price = 0.0
         budget = policy.budget_per_day
         if budget is not None:
-            model = self.catalogue.get(task.model)
-            assert model is not None  # decoding checked the model and its size
-            price = model.price(task.width, task.height, task.numberResults)
+            price = self._price(task)
             ledger = self.ledger
             spent = ledger.spent_today(name)
             held = ledger.reserved.get(name, 0.0)
@@ -193,6 +193,17 @@ class TenantQuotas:
                     f"This API key may send {rate:g} tasks per second (bursts of "
                     f"{policy.burst}). Retry in {bucket.wait():.2f} s.",
                 )  # fmt: skip
+        return price
+
+    def _price(self, task: ImageTask) -> float:
+        """The catalogue's price, remembered: it is summed in Decimal (exact cents), which
+        costs more than the rest of the check, and a deployment asks for a few sizes only."""
+        key = (task.model, task.width, task.height, task.numberResults)
+        price = self._prices.get(key)
+        if price is None:
+            model = self.catalogue.get(task.model)
+            assert model is not None  # decoding checked the model and its size
+            price = self._prices[key] = model.price(task.width, task.height, task.numberResults)
         return price
 
     def _refuse(

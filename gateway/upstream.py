@@ -170,18 +170,6 @@ class UpstreamLink:
         """Upstream UUIDs sent on this link and not final."""
         return self.recovery.in_flight
 
-    @property
-    def load(self) -> int:
-        """Tasks out at the provider or on their way there."""
-        return len(self.recovery.in_flight) + len(self.outbox)
-
-    @property
-    def room(self) -> int:
-        """How many more tasks the provider's window takes now."""
-        if self.state != LinkState.READY:
-            return 0
-        return self.window.limit - self.load
-
     async def _run(self) -> None:
         settings = self.settings
         delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
