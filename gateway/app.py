@@ -144,6 +144,7 @@ class Gateway:
             get_response_burst=self.config.server.get_response_burst,
             throttle=self.clients.throttle,  # one count of failures per address for both doors
             read_timeout=self.config.server.request_read_timeout,
+            keyless_body_bytes=self.config.server.max_keyless_request_bytes,
         )
 
         app = web.Application(client_max_size=self.config.server.max_frame_bytes)

@@ -92,6 +92,8 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     # all its SDK sockets at once after a 1012, and a proxy in front shares one address
     max_unauthenticated_per_address: Count = 256
     request_read_timeout: Seconds = 10.0  # a REST request's body; past it 408
+    # a REST body read before a key is known (no Authorization header); past it 413
+    max_keyless_request_bytes: Bytes = 256 * 1024
 
 
 class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):

@@ -83,6 +83,7 @@ class RestEndpoint:
         get_response_burst: int,
         throttle: AuthThrottle,
         read_timeout: float,
+        keyless_body_bytes: int,
     ) -> None:
         self.intake = intake
         self.metrics = metrics
@@ -91,6 +92,7 @@ class RestEndpoint:
         self.get_response_burst = get_response_burst
         self.throttle = throttle
         self.read_timeout = read_timeout
+        self.keyless_body_bytes = keyless_body_bytes
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         address = request.remote or ""
@@ -110,7 +112,7 @@ class RestEndpoint:
             )
         try:
             async with asyncio.timeout(self.read_timeout):
-                body = await request.read()
+                body = await (self._read_keyless(request) if keyless else request.read())
         except TimeoutError:
             raise web.HTTPRequestTimeout(
                 text=f"The request body did not arrive within {self.read_timeout:g} s."
@@ -150,6 +152,24 @@ class RestEndpoint:
                     )
                 )
         return self._answer(data, errors, tenant)
+
+    async def _read_keyless(self, request: web.Request) -> bytes:
+        """The body of a request that names no key in its header, read only up to
+        ``keyless_body_bytes``: before anyone is known, nobody gets to park 32 MiB here."""
+        limit = self.keyless_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while not request.content.at_eof():
+            chunk = await request.content.read(64 * 1024)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _wait(self, waiting: list[tuple[TaskRecord, _Waiter]]) -> None:
         pending = [asyncio.ensure_future(w.done.wait()) for r, w in waiting if r.open]
@@ -214,6 +234,15 @@ class RestEndpoint:
         return web.Response(
             body=encode(body), status=status, headers=headers, content_type="application/json"
         )
+
+
+def _too_large(limit: int) -> web.HTTPRequestEntityTooLarge:
+    return web.HTTPRequestEntityTooLarge(
+        max_size=limit,
+        actual_size=limit + 1,
+        text=f"Without an Authorization header a request carries at most {limit} bytes; "
+        "send the key as a Bearer token for larger ones.",
+    )
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -185,3 +185,22 @@ async def test_rest_bodies_read_before_a_key_count_as_unauthenticated(
         assert (await raw_request(gateway.port, bearer, body)).startswith(b"HTTP/1.1 200")
         for _, writer in slow:
             writer.close()
+
+
+async def test_a_keyless_rest_body_is_bounded(provider: LocalProvider) -> None:
+    """Before a key is known a request carries at most max_keyless_request_bytes (a 30 MB body
+    once took 60 MB of the gateway's memory for a 401); with a bearer header, the usual bound."""
+    config = gateway_config(provider, max_keyless_request_bytes=1024)
+    async with running(config) as gateway:
+        head = "POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        big = b"[" + b" " * 4000 + b"]"
+        answer = await raw_request(gateway.port, head + f"Content-Length: {len(big)}", big)
+        assert answer.startswith(b"HTTP/1.1 413")
+        chunked = head + "Transfer-Encoding: chunked"  # no length to judge by: counted as read
+        body = b"%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n"
+        assert (await raw_request(gateway.port, chunked, body)).startswith(b"HTTP/1.1 413")
+        auth = b'[{"taskType":"authentication","apiKey":"%s"}]' % ALPHA.encode()
+        answer = await raw_request(gateway.port, head + f"Content-Length: {len(auth)}", auth)
+        assert answer.startswith(b"HTTP/1.1 200")
+        bearer = head + f"Authorization: Bearer {ALPHA}\r\nContent-Length: {len(big)}"
+        assert (await raw_request(gateway.port, bearer, big)).startswith(b"HTTP/1.1 200")
