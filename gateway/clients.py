@@ -322,7 +322,11 @@ class IdleWatchdog:
         self._settings = settings
         self._loop = asyncio.get_running_loop()
         self._closing: asyncio.Task[Any] | None = None
-        self._timer = self._loop.call_at(self._loop.time() + settings.auth_timeout, self._fire)
+        self._auth_due = self._loop.time() + settings.auth_timeout
+        # the first look comes at whichever is sooner: an idle timeout shorter than the auth
+        # timeout is honoured too
+        first = min(settings.auth_timeout, settings.idle_timeout)
+        self._timer = self._loop.call_at(self._loop.time() + first, self._fire)
 
     def cancel(self) -> None:
         self._timer.cancel()
@@ -331,6 +335,9 @@ class IdleWatchdog:
         connection, now = self._connection, self._loop.time()
         session = connection.session
         if session is None:
+            if now < self._auth_due:
+                self._timer = self._loop.call_at(self._auth_due, self._fire)
+                return
             self._close(CLOSE_AUTH_TIMEOUT, b"authentication timeout")
             return
         due = connection.last_frame + self._settings.idle_timeout

@@ -252,7 +252,9 @@ async def test_frames_before_authentication_are_small(
 async def test_empty_frames_are_no_activity(
     provider: LocalProvider, http: aiohttp.ClientSession
 ) -> None:
-    config = gateway_config(provider, idle_timeout=300 * MS, auth_timeout=1000 * MS)
+    # an idle timeout shorter than the auth timeout is honoured (the first look once came at
+    # the auth timeout)
+    config = gateway_config(provider, idle_timeout=300 * MS, auth_timeout=30000 * MS)
     async with running(config) as gateway:
         client = await connect(http, gateway.url)
         await client.auth(key=ALPHA)
