@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import re
+import resource
 import signal
 import sys
 from collections.abc import Mapping
@@ -223,6 +224,7 @@ async def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    raise_open_files_limit()
     # What start-up made lives as long as the process: out of the collector's sight. A frame's
     # objects die young by reference counting, so young collections can be rarer.
     gc.freeze()
@@ -268,6 +270,16 @@ def _create_key(tenant: str) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def raise_open_files_limit() -> None:
+    """Every socket is a file: a soft limit of 1,024 (a common default) refuses connections long
+    before ``server.max_connections``, and connections that never upgrade count too. Raised to
+    the hard limit, where the operator sets the real bound."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _run(coroutine: Any) -> int:

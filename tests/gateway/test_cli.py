@@ -243,3 +243,20 @@ async def test_provider_without_the_extra_says_how_to_install_it() -> None:
     _, stderr = await asyncio.wait_for(process.communicate(), 30000 * MS)
     assert process.returncode == 2
     assert b"pip install 'tenebra[provider]'" in stderr
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    import resource
+
+    from gateway.cli import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here: nothing to raise to")
+    try:
+        if soft == hard and hard > 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        raise_open_files_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
