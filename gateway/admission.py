@@ -76,7 +76,11 @@ class _Tenant(Generic[T]):
 
 class FairQueue(Generic[T]):
     def __init__(
-        self, max_total: int, limits: Callable[[str], TenantLimits] = lambda _: TenantLimits()
+        self,
+        max_total: int,
+        limits: Callable[[str], TenantLimits] = lambda _: TenantLimits(),
+        *,
+        quantum: int = 8,
     ) -> None:
         self.max_total = max_total
         self._limits = limits
@@ -85,6 +89,13 @@ class FairQueue(Generic[T]):
         self._active: dict[str, None] = {}
         self._vtime = 0.0
         self._total = 0
+        # A tenant is served a run of up to ``quantum`` tasks at a time, not one: a client's
+        # frame of tasks then goes out (and its results come back) together, and the gateway
+        # writes them to its socket in one go. Measured: one task per turn across ten tenants
+        # cost 13% more CPU per task than one tenant did.
+        self.quantum = quantum
+        self._serving: str | None = None
+        self._run = 0
 
     def __len__(self) -> int:
         return self._total
@@ -138,16 +149,30 @@ class FairQueue(Generic[T]):
 
     def pop(self) -> tuple[str, T] | None:
         """The next task to send, counted in flight for its tenant; None if nobody may go."""
-        chosen: str | None = None
+        chosen: str | None = self._serving
         best: _Tenant[T] | None = None
         tenants = self._tenants
-        for name in self._active:  # every one has tasks waiting; few tenants, a plain scan
-            tenant = tenants[name]
-            cap = tenant.limits.max_in_flight
-            if (cap is None or tenant.in_flight < cap) and (best is None or tenant.tag < best.tag):
-                chosen, best = name, tenant
-        if chosen is None or best is None:
-            return None
+        if chosen is not None and self._run < self.quantum and chosen in self._active:
+            # the rest of the tenant's run: its tag still grows per task, so the others make
+            # it up next, and a newcomer waits at most one run per tenant
+            best = tenants[chosen]
+            cap = best.limits.max_in_flight
+            if cap is not None and best.in_flight >= cap:
+                best = None
+        if best is None:
+            chosen = None
+            for name in self._active:  # every one has tasks waiting; few tenants, a plain scan
+                tenant = tenants[name]
+                cap = tenant.limits.max_in_flight
+                if (cap is None or tenant.in_flight < cap) and (
+                    best is None or tenant.tag < best.tag
+                ):
+                    chosen, best = name, tenant
+            if chosen is None or best is None:
+                return None
+            self._serving, self._run = chosen, 0
+        assert chosen is not None
+        self._run += 1
         item = best.waiting.popleft()
         self._total -= 1
         self._vtime = best.tag
