@@ -172,9 +172,7 @@ class UpstreamPool:
     def _unsent(self, record: TaskRecord) -> None:
         """A link went down with the task still in its outbox: first in line again."""
         self._back(record)
-        if record.open:
-            self.queue.push_front(record.tenant, record)
-            self._pump()
+        self._retry(record)
 
     def _refused(self, link: UpstreamLink, record: TaskRecord, error: ErrorItem) -> None:
         """The provider refused the task before accepting it: unbilled. It waits a jittered
@@ -190,6 +188,7 @@ class UpstreamPool:
         asyncio.get_running_loop().call_later(next(delays), self._retry, record)
 
     def _retry(self, record: TaskRecord) -> None:
+        """Back to the front of its tenant's line, unless it ended or cannot go any more."""
         if not record.open:
             return
         if self.refused:

@@ -45,7 +45,7 @@ def hash_key(key: str) -> bytes:
 def new_key() -> tuple[str, str]:
     """A fresh API key and its SHA-256 in hex, for ``key_sha256``."""
     key = secrets.token_urlsafe(32)
-    return key, hashlib.sha256(key.encode()).hexdigest()
+    return key, hash_key(key).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +171,7 @@ def forget_plain_keys(config: Config) -> None:
         if tenant.keys:
             tenant.key_sha256 = [
                 *tenant.key_sha256,
-                *(hashlib.sha256(k.encode()).hexdigest() for k in tenant.keys),
+                *(hash_key(k).hex() for k in tenant.keys),
             ]
             tenant.keys = []
     config.demo_key = None

@@ -165,11 +165,6 @@ class UpstreamLink:
             self.ready.clear()
         self._on_state(self)
 
-    @property
-    def in_flight(self) -> set[str]:
-        """Upstream UUIDs sent on this link and not final."""
-        return self.recovery.in_flight
-
     async def _run(self) -> None:
         settings = self.settings
         delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
@@ -305,12 +300,11 @@ class UpstreamLink:
         verdict = self.recovery.not_found(
             upstream_uuid, sends=record.sends, resend_queued=record in self.outbox
         )
-        if verdict is Verdict.RESEND:
-            log.info("resending a task the provider never received", link=self.index)
-            self.outbox.appendleft(record)
-            self._wakeup.set()
-        elif verdict is Verdict.RESUBMIT:
-            log.warning("resubmitting a task the provider lost (provider.on_lost)", link=self.index)
+        if verdict is Verdict.RESEND or verdict is Verdict.RESUBMIT:
+            if verdict is Verdict.RESEND:
+                log.info("resending a task the provider never received", link=self.index)
+            else:
+                log.warning("resubmitting a task the provider lost (on_lost)", link=self.index)
             self.outbox.appendleft(record)
             self._wakeup.set()
         elif verdict is Verdict.FAIL:
@@ -367,19 +361,16 @@ class UpstreamLink:
         except _UNDECODABLE:
             self._dropped("undecodable frame")
             return
-        for raw in frame.data:
+        self._route_each(frame.data, self._route_data)
+        self._route_each(frame.errors, self._route_error)
+
+    def _route_each(self, items: list[msgspec.Raw], route: Callable[[msgspec.Raw], None]) -> None:
+        for raw in items:
             try:
-                self._route_data(raw)
+                route(raw)
             except _UNDECODABLE:
                 self._dropped("undecodable item")
             except Exception:  # a bug, or an item that fits no state: the link goes on
-                self._dropped("unroutable item", traceback=True)
-        for raw in frame.errors:
-            try:
-                self._route_error(raw)
-            except _UNDECODABLE:
-                self._dropped("undecodable item")
-            except Exception:
                 self._dropped("unroutable item", traceback=True)
 
     def _route_data(self, raw: msgspec.Raw) -> None:
