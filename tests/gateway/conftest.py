@@ -135,6 +135,27 @@ async def gateway(provider: LocalProvider) -> AsyncIterator[Any]:
         yield instance
 
 
+def fake_config(fake: FakeProvider, **alpha_limits: Any) -> Any:
+    """A gateway on the scripted provider (tests/gateway/fakes.py), with short deadlines;
+    ``alpha_limits`` are tenant alpha's."""
+    from gateway.config import Config, ProviderSettings, ServerSettings, Tenant
+
+    return Config(
+        server=ServerSettings(port=0, drain_deadline=200 * MS),
+        provider=ProviderSettings(
+            url=fake.url,
+            api_key="k",
+            ping_interval=200 * MS,
+            pong_timeout=300 * MS,
+            auth_timeout=500 * MS,
+            backoff_initial=5 * MS,
+            backoff_max=20 * MS,
+            recovery_interval=100 * MS,
+        ),
+        tenants={"alpha": Tenant(keys=[ALPHA], **alpha_limits), "beta": Tenant(keys=[BETA])},
+    )
+
+
 def resilient_config(provider: LocalProvider, **server: Any) -> Any:
     """Short deadlines, so that faults are detected and recovered within a test's time."""
     config = gateway_config(provider, **server)

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import Config, ProviderSettings, ServerSettings, Tenant
+from gateway.config import Config
 from gateway.provider.pool import RenderPool
 from gateway.provider.server import LocalProvider, ProviderConfig
 from tests.gateway.conftest import (
@@ -22,6 +22,7 @@ from tests.gateway.conftest import (
     KEY,
     Client,
     connect,
+    fake_config,
     gateway_config,
     set_faults,
     task,
@@ -29,23 +30,6 @@ from tests.gateway.conftest import (
 )
 from tests.gateway.fakes import FakeProvider
 from tests.timing import MS
-
-
-def config(provider: FakeProvider, **tenant_limits: object) -> Config:
-    return Config(
-        server=ServerSettings(port=0, drain_deadline=200 * MS),
-        provider=ProviderSettings(
-            url=provider.url,
-            api_key="k",
-            backoff_initial=5 * MS,
-            backoff_max=50 * MS,
-            recovery_interval=100 * MS,
-        ),
-        tenants={
-            "alpha": Tenant(keys=[ALPHA], **tenant_limits),  # type: ignore[arg-type]
-            "beta": Tenant(keys=[BETA]),
-        },
-    )
 
 
 @pytest.fixture
@@ -93,7 +77,7 @@ async def test_a_burst_past_the_providers_capacity_is_queued_not_refused(
 ) -> None:
     """2,000 tasks from 100 clients at once against a provider that takes 16: all complete,
     no client sees a refusal, and the window has learnt the capacity."""
-    gateway = await started(config(busy))
+    gateway = await started(fake_config(busy))
     try:
         await burst_of_2000_completes(gateway, http)
         assert len(busy.submissions) == 2000 == len(set(busy.submissions))
@@ -111,7 +95,7 @@ async def test_a_newcomer_does_not_wait_behind_anothers_backlog(
 ) -> None:
     """Tenant alpha queues 600 tasks; beta then sends 10 one at a time: each of beta's tasks
     goes to the provider within about one provider turn, and alpha's all complete."""
-    gateway = await started(config(busy))
+    gateway = await started(fake_config(busy))
     try:
         alpha, beta = await connect(http, gateway.url), await connect(http, gateway.url)
         await alpha.auth(key=ALPHA)
@@ -145,7 +129,7 @@ def upstream_of(gateway: Gateway, sent: dict[str, object]) -> str:
 async def test_tenant_limits_in_flight_and_queued(
     busy: FakeProvider, http: aiohttp.ClientSession
 ) -> None:
-    gateway = await started(config(busy, max_in_flight=3, max_queued=10))
+    gateway = await started(fake_config(busy, max_in_flight=3, max_queued=10))
     try:
         client = await connect(http, gateway.url)
         await client.auth(key=ALPHA)
@@ -171,7 +155,7 @@ async def test_a_task_refused_past_its_deadline_gets_the_reason(
     timeoutProvider item that says they waited for capacity."""
     provider = FakeProvider(capacity=0)
     await provider.start()
-    cfg = config(provider)
+    cfg = fake_config(provider)
     cfg.tasks.timeout = 300 * MS
     gateway = await started(cfg)
     try:

@@ -15,32 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.app import Gateway
-from gateway.config import Config, ProviderSettings, ServerSettings, Tenant
+from gateway.config import ProviderSettings
 from gateway.store.base import TaskRecord, TaskState
 from gateway.upstream import LinkState
 from protocol.codec import decode_client_frame
 from protocol.frames import ImageTask
 from protocol.models import default_catalogue
-from tests.gateway.conftest import ALPHA, Client, connect, task, until
+from tests.gateway.conftest import ALPHA, Client, connect, fake_config, task, until
 from tests.gateway.fakes import FakeProvider
 from tests.timing import MS
-
-
-def fake_config(fake: FakeProvider) -> Config:
-    return Config(
-        server=ServerSettings(port=0, drain_deadline=200 * MS),
-        provider=ProviderSettings(
-            url=fake.url,
-            api_key="k",
-            ping_interval=200 * MS,
-            pong_timeout=300 * MS,
-            auth_timeout=500 * MS,
-            backoff_initial=5 * MS,
-            backoff_max=20 * MS,
-            recovery_interval=100 * MS,
-        ),
-        tenants={"alpha": Tenant(keys=[ALPHA])},
-    )
 
 
 async def started(fake: FakeProvider) -> Gateway:
