@@ -95,10 +95,7 @@ class RestEndpoint:
         self.keyless_body_bytes = keyless_body_bytes
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        address = request.remote or ""
-        refused = self.throttle.refused(address)
-        if refused:
-            raise too_many_failures(refused)
+        address = self._admitted_address(request)
         key = _bearer(request)
         tenant = None if key is None else self.intake.tenant_of(key)
         if key is not None and tenant is None:  # not worth reading the body of
@@ -182,10 +179,7 @@ class RestEndpoint:
 
     async def task_view(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/tasks/<taskUUID>``: the task of the bearer's tenant, with its deliveries."""
-        address = request.remote or ""
-        refused = self.throttle.refused(address)
-        if refused:
-            raise too_many_failures(refused)
+        address = self._admitted_address(request)
         key = _bearer(request)
         tenant = None if key is None else self.intake.tenant_of(key)
         if tenant is None:
@@ -208,6 +202,14 @@ class RestEndpoint:
             "deliveries": record.deliveries,
         }
         return web.Response(body=encode(view), content_type="application/json")
+
+    def _admitted_address(self, request: web.Request) -> str:
+        """The client's address, unless the throttle refuses it (429 with Retry-After)."""
+        address = request.remote or ""
+        refused = self.throttle.refused(address)
+        if refused:
+            raise too_many_failures(refused)
+        return address
 
     async def _refused_late(self, address: str, key: str | None) -> web.Response:
         """401: no key at once; a wrong key after the throttle's delay for ``address`` (this
