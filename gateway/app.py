@@ -59,8 +59,10 @@ class Gateway:
         catalogue: Catalogue | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # SO_REUSEPORT: serve --workers N share one port
         self.catalogue = catalogue or default_catalogue()
         self.clock = clock
         self.tenants = TenantTable.from_config(config)  # swapped whole by reload_tenants
@@ -165,7 +167,12 @@ class Gateway:
             keepalive_timeout=self.config.server.handshake_timeout,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
+        site = web.TCPSite(
+            self._runner,
+            self.config.server.host,
+            self.config.server.port,
+            reuse_port=self.reuse_port or None,
+        )
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._janitor = asyncio.create_task(self._sweep_forever())

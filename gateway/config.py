@@ -143,9 +143,16 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class StoreSettings(msgspec.Struct, forbid_unknown_fields=True):
-    # redis://[:password@]host:port/db or rediss:// (TLS): the store replicas share (issue 13).
-    # Read and checked, not yet used by the gateway: None, the memory store, as today.
+    # redis://[:password@]host:port/db or rediss:// (TLS): the store replicas share. None: every
+    # task, session, delivery and limit in this process's memory (one replica).
     url: str | None = None
+    timeout: Seconds = 1.0  # each Redis call (and the wait for a pooled connection)
+    max_connections: Count = 32  # Redis sockets of one replica
+    prefix: str = "tenebra"  # of every key: gateways sharing a Redis under other prefixes never meet
+    # A replica renews its lease every third of this; one silent this long is taken as dead and
+    # its provider sessions, tasks and deliveries are taken over by another.
+    lease: Annotated[float, Meta(ge=0.3, le=300)] = 5.0
+    replica: str | None = None  # this replica's name (unique); default host-pid-random
 
 
 Sha256Hex = Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")]

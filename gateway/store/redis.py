@@ -14,29 +14,22 @@ task and was never taken over); ``finish`` sets both to ``retention``. Steps tha
 are Lua scripts (one round trip each; they touch keys they compute, so this is for a single Redis
 or a primary with replicas, not Redis Cluster). Redis 5 or later (scripts read ``TIME``).
 
-Every call has a deadline: the socket timeouts, the wait for a pooled connection, and one
-``asyncio.timeout`` around the whole; a Redis that refuses, stalls or fails raises
-``StoreUnavailable``. One retry, at once, covers a pooled connection that a Redis restart closed.
+Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
+or fails raises ``StoreUnavailable``.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from gateway.store.base import TaskRecord
-from gateway.store.shared import RecordCodec, StoreUnavailable
+from gateway.store.connection import RedisConnection, key_part
+from gateway.store.shared import RecordCodec
 
-__all__ = ["RedisSharedTasks", "key_part"]
-
-T = TypeVar("T")
+__all__ = ["RedisSharedTasks"]
 
 DAY = 86_400.0
 
@@ -102,33 +95,20 @@ def _bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data  # the client does not decode
 
 
-def key_part(text: str) -> str:
-    """A tenant or taskUUID as one key segment: '%' and ':' escaped (reversibly)."""
-    return text.replace("%", "%25").replace(":", "%3A")
-
-
 class RedisSharedTasks:
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        *,
-        max_retained: int,
-        deadline: float = 1.0,
-        open_ttl: float = DAY,
-        prefix: str = "tenebra",
-    ) -> None:
-        self._redis = client
+    def __init__(self, redis: RedisConnection, *, max_retained: int, open_ttl: float = DAY) -> None:
+        self._redis = redis
+        self._call = redis.call
         self._max_retained = max_retained
-        self.deadline = deadline
         self._open_ttl_ms = max(1, round(open_ttl * 1000))
-        self._prefix = prefix
-        self._records = f"{prefix}:rec:"
-        self._finished_key = f"{prefix}:finished"
+        self._prefix = redis.prefix
+        self._records = f"{redis.prefix}:rec:"
+        self._finished_key = f"{redis.prefix}:finished"
         self._codec = RecordCodec()
-        self._claim = client.register_script(_CLAIM)
-        self._release = client.register_script(_RELEASE)
-        self._load = client.register_script(_LOAD)
-        self._finish = client.register_script(_FINISH)
+        self._claim = redis.script(_CLAIM)
+        self._release = redis.script(_RELEASE)
+        self._load = redis.script(_LOAD)
+        self._finish = redis.script(_FINISH)
 
     @classmethod
     def from_url(
@@ -141,25 +121,15 @@ class RedisSharedTasks:
         open_ttl: float = DAY,
         prefix: str = "tenebra",
     ) -> RedisSharedTasks:
-        """A client of its own: at most ``max_connections`` sockets, each wait and read within
-        ``deadline``. Connects on first use (and reconnects after a failure)."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=deadline,  # waiting for a free pooled connection
-            socket_timeout=deadline,
-            socket_connect_timeout=deadline,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=0,
+        """A connection of its own (tests; the gateway shares one between its stores)."""
+        redis = RedisConnection.from_url(
+            url, deadline=deadline, max_connections=max_connections, prefix=prefix
         )
-        client = aioredis.Redis(connection_pool=pool)
-        return cls(
-            client,
-            max_retained=max_retained,
-            deadline=deadline,
-            open_ttl=open_ttl,
-            prefix=prefix,
-        )
+        return cls(redis, max_retained=max_retained, open_ttl=open_ttl)
+
+    @property
+    def deadline(self) -> float:
+        return self._redis.deadline
 
     @property
     def max_retained(self) -> int:
@@ -197,7 +167,7 @@ class RedisSharedTasks:
         data = self._codec.encode(record)
 
         async def write() -> Any:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._redis.client.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping={"data": data, "claim": claim})
                 pipe.pexpire(key, self._open_ttl_ms)
                 pipe.pexpire(claim, self._open_ttl_ms)
@@ -212,7 +182,7 @@ class RedisSharedTasks:
 
     async def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
         key = self.record_key(upstream_uuid)
-        data = await self._call(lambda: self._redis.hget(key, "data"))
+        data = await self._call(lambda: self._redis.client.hget(key, "data"))
         return None if data is None else self._codec.decode(_bytes(data))
 
     async def finish(self, record: TaskRecord, retention: float) -> None:
@@ -231,17 +201,7 @@ class RedisSharedTasks:
         await self._call(lambda: self._finish(keys=keys, args=args))
 
     async def ping(self) -> None:
-        """Raises ``StoreUnavailable`` unless Redis answers within the deadline (``/readyz``)."""
-        await self._call(lambda: self._redis.ping())
+        await self._redis.ping()
 
     async def close(self) -> None:
-        await self._redis.aclose(close_connection_pool=True)
-
-    async def _call(self, step: Callable[[], Awaitable[T]]) -> T:
-        try:
-            async with asyncio.timeout(self.deadline * 2):  # a connect, then a command
-                return await step()
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"redis did not answer within {self.deadline * 2:g} s") from exc
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        await self._redis.close()

@@ -210,7 +210,7 @@ async def test_redis_keys_carry_their_ttls(redis_url: str) -> None:
         await store.save(r)
         claim, key = store.claim_key(r.tenant, r.task_uuid), store.record_key(r.upstream_uuid)
         assert ":stu%3Adio:" in claim
-        client = store._redis
+        client = store._redis.client
         for name in (claim, key):  # an open task: the safety net
             assert 55_000 < await client.pttl(name) <= 60_000
         await store.finish(r, retention=5)
@@ -229,7 +229,7 @@ async def test_a_dropped_connection_is_retried_once(redis_url: str) -> None:
     other = RedisSharedTasks.from_url(redis_url, max_retained=10)
     try:
         assert await store.claim("studio", "t1", "u1")
-        await other._redis.client_kill_filter(_type="normal", skipme=True)  # as a Redis restart
+        await other._redis.client.client_kill_filter(_type="normal", skipme=True)  # as a Redis restart
         assert await store.claim("studio", "t2", "u2")
     finally:
         await store.close()

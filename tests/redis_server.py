@@ -1,4 +1,4 @@
-"""A real redis-server for the shared-store tests: one per test session, on a free loopback port,
+"""A real redis-server for every test that needs one: one per test session, on a free loopback port,
 without persistence. ``make test`` installs it where it is missing (apt-get, as root); where it
 cannot, the tests that need it skip and say why."""
 

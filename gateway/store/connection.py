@@ -1,0 +1,82 @@
+"""The one Redis connection pool of a replica, and the deadline every call to it keeps.
+
+Everything replicas share (task claims and records, limits, deliveries, sessions, the replica
+registry) goes through one :class:`RedisConnection`: at most ``max_connections`` sockets, every
+wait and read within ``deadline``, and one ``asyncio.timeout`` around each call. A Redis that
+refuses, stalls or fails raises :class:`StoreUnavailable`; the caller answers
+``serviceUnavailable`` (or retries later), it never hangs. One retry, at once, covers a pooled
+connection that a Redis restart closed.
+
+Keys live under one ``prefix`` (``tenebra`` unless told), so several gateways (or test runs)
+share a Redis without meeting. Key parts that come from clients (tenant, taskUUID, session) go
+through :func:`key_part`, so that a ':' in a tenant's name cannot make two tenants' keys meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.store.shared import StoreUnavailable
+
+__all__ = ["RedisConnection", "key_part"]
+
+T = TypeVar("T")
+
+
+def key_part(text: str) -> str:
+    """A tenant or taskUUID as one key segment: '%' and ':' escaped (reversibly)."""
+    return text.replace("%", "%25").replace(":", "%3A")
+
+
+class RedisConnection:
+    def __init__(self, client: aioredis.Redis, *, deadline: float, prefix: str) -> None:
+        self.client = client
+        self.deadline = deadline
+        self.prefix = prefix
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, deadline: float = 1.0, max_connections: int = 32, prefix: str = "tenebra"
+    ) -> RedisConnection:
+        """Connects on first use, and again after a failure."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=deadline,  # waiting for a free pooled connection
+            socket_timeout=deadline,
+            socket_connect_timeout=deadline,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=0,
+        )
+        return cls(aioredis.Redis(connection_pool=pool), deadline=deadline, prefix=prefix)
+
+    def key(self, *parts: str) -> str:
+        """``prefix:part:part``; parts from clients must have been through :func:`key_part`."""
+        return ":".join((self.prefix, *parts))
+
+    async def call(self, step: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self.deadline * 2):  # a connect, then a command
+                return await step()
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis did not answer within {self.deadline * 2:g} s") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    def script(self, source: str) -> Any:
+        """A Lua script, sent by its SHA (and loaded again after a Redis restart)."""
+        return self.client.register_script(source)
+
+    async def ping(self) -> None:
+        """Raises ``StoreUnavailable`` unless Redis answers within the deadline (``/readyz``)."""
+        await self.call(lambda: self.client.ping())
+
+    async def close(self) -> None:
+        await self.client.aclose(close_connection_pool=True)
