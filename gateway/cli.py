@@ -53,6 +53,13 @@ def _add_fault_flags(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--fast", action="store_true", help="one pre-rendered image, no rendering")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tenebra",
@@ -81,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--demo-key", help="the demo tenant's key (default: $TENEBRA_DEMO_KEY)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="gateway processes sharing the port (SO_REUSEPORT); more than 1 needs store.url "
+        "and a fixed port (default 1)",
+    )
 
     generate = commands.add_parser("generate", help="generate images through a running gateway")
     generate.add_argument("prompt")
@@ -306,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.generate import generate
 
         return _run(generate(args))
+    if args.workers > 1:
+        from gateway.workers import serve_workers
+
+        return _run(serve_workers(args, args.workers))
     return _run(_serve(args))
 
 
