@@ -1,0 +1,313 @@
+"""Pending webhooks and uploads as jobs that outlive the replica that started them (issue 13).
+
+A :class:`DeliveryJob` carries everything another process needs to perform the delivery without
+the task record: the kind, the delivery id (the ``webhook-id``, stable for the job's whole life),
+tenant, client taskUUID, upstream UUID, the full target URL, the webhook body or where the upload's
+image is, and how far it got (attempts made, the next attempt's wall-clock time). It carries no
+secret: the replica that runs an attempt signs it with the tenant's secret from its own
+configuration.
+
+It does carry the target URL *with its query*, since an upload's presigned URL is needed to PUT:
+Redis holds presigned URLs (and, for base64 output, the image itself) until the job is acked, so
+that Redis must be as private as the gateway.
+
+Two backends:
+
+- :class:`MemoryJobs` (no ``store.url``): nothing durable, today's single-process behaviour; a
+  replica that dies loses its pending deliveries.
+- :class:`RedisJobs`: a stream and a consumer group; the consumer is the replica's name. Keys
+  under the connection's prefix:
+
+  - ``{prefix}:deliveries``       stream, one entry per job (field ``id``: the delivery id),
+    consumer group ``deliveries``. An entry is pending (in the group's PEL) from its creation to
+    its final outcome, owned by the replica that runs it.
+  - ``{prefix}:delivery:{id}``    hash: ``job`` (the job as created, MessagePack), ``entry`` (its
+    stream entry id), ``progress`` (attempts, next time, last status and error, MessagePack;
+    written after each attempt that is not the last).
+
+  The owner keeps its entries' idle time below the lease (``refresh``, an ownership-checked
+  ``XCLAIM ... JUSTID`` to itself); another replica ``XAUTOCLAIM``s entries idle longer than the
+  lease and continues them from their progress. The final outcome ``XACK``s and deletes the entry
+  and its hash in one step. Steps that must be atomic are Lua scripts that touch keys they compute
+  (a single Redis or a primary with replicas, not Redis Cluster), as the task store's.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal, Protocol
+
+import msgspec
+import structlog
+
+from gateway.store.connection import RedisConnection
+
+__all__ = ["DeliveryJob", "DeliveryJobs", "Hold", "MemoryJobs", "Progress", "RedisJobs"]
+
+GROUP = "deliveries"
+REFRESH_BATCH = 512  # entries per script call: a long script would hold Redis for the others
+
+log = structlog.get_logger("tenebra.delivery")
+
+
+class Progress(msgspec.Struct, kw_only=True, gc=False):
+    """How far a job got: what changes between attempts."""
+
+    attempts: int = 0  # made so far, by every replica that ran it
+    next_at: float = 0.0  # wall clock: replicas compare it, so monotonic time would not do
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+class DeliveryJob(Progress, kw_only=True, gc=False):
+    """One webhook POST or upload PUT, enough to perform it on any replica."""
+
+    kind: Literal["webhook", "upload"]
+    id: str  # the webhook-id: the receiver's de-duplication key, the same on every replica
+    tenant: str
+    task_uuid: str  # the client's
+    upstream_uuid: str
+    url: str  # full, query included (a presigned URL): never logged, see the module's text
+    image_uuid: str | None = None  # None for the webhook of a task's failure
+    content_type: str = "application/json"
+    body: bytes = b""  # a webhook's JSON
+    image_url: str | None = None  # an upload's image, fetched at its first attempt on a replica
+    image_base64: str | None = None  # or the image itself (base64 or data URI output)
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(
+            attempts=self.attempts,
+            next_at=self.next_at,
+            last_status=self.last_status,
+            last_error=self.last_error,
+        )
+
+
+class Hold(enum.Enum):
+    """What a refresh found of one entry."""
+
+    OURS = "ours"  # refreshed: nobody else takes it for another lease
+    TAKEN = "taken"  # another replica claimed it, or finished it: stop running it here
+    FORGOTTEN = (
+        "forgotten"  # Redis lost its data (a restart without persistence): run on, in memory
+    )
+
+
+class DeliveryJobs(Protocol):
+    """Where pending deliveries are kept. ``consumer`` is the calling replica's name; ``entry`` is
+    the job's handle in the backend. Every call on a durable backend may raise StoreUnavailable."""
+
+    @property
+    def durable(self) -> bool: ...
+
+    async def add(self, job: DeliveryJob, consumer: str) -> str | None:
+        """Keep a new job, held by ``consumer``; its entry, or None when a job with this delivery
+        id already exists (someone runs it)."""
+
+    async def progress(self, entry: str, job: DeliveryJob, consumer: str) -> bool:
+        """Record ``job``'s progress and refresh its hold; False when it is no longer ours."""
+
+    async def finish(self, entry: str, job: DeliveryJob) -> None:
+        """The final outcome: the job is gone for every replica."""
+
+    async def refresh(self, entries: Sequence[str], consumer: str) -> list[Hold]:
+        """Keep ``entries`` held by ``consumer``: one answer per entry, in order."""
+
+    async def claim(
+        self, consumer: str, min_idle: float, count: int
+    ) -> list[tuple[str, DeliveryJob]]:
+        """Take at most ``count`` jobs not refreshed for ``min_idle`` seconds, with their
+        progress."""
+
+
+class MemoryJobs:
+    """Nothing durable: jobs live in the tasks that run them (one replica)."""
+
+    durable = False
+
+    async def add(self, job: DeliveryJob, consumer: str) -> str | None:
+        return job.id
+
+    async def progress(self, entry: str, job: DeliveryJob, consumer: str) -> bool:
+        return True
+
+    async def finish(self, entry: str, job: DeliveryJob) -> None:
+        pass
+
+    async def refresh(self, entries: Sequence[str], consumer: str) -> list[Hold]:
+        return [Hold.OURS] * len(entries)
+
+    async def claim(
+        self, consumer: str, min_idle: float, count: int
+    ) -> list[tuple[str, DeliveryJob]]:
+        return []
+
+
+# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, consumer, job, delivery id.
+# FORCE puts the new entry straight into the consumer's PEL: nobody reads the stream with
+# XREADGROUP, so an entry that never reached a PEL would never be claimed.
+_ADD = """
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[4])
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE', 'JUSTID')
+redis.call('HSET', KEYS[2], 'job', ARGV[3], 'entry', entry)
+return entry
+"""
+
+# The shared part of _PROGRESS and _REFRESH: 1 refreshed, 0 not ours, -1 no group.
+_HOLD = """
+local function hold(stream, group, consumer, entry)
+  local pending = redis.pcall('XPENDING', stream, group, entry, entry, 1)
+  if pending.err then return -1 end
+  if #pending == 0 or pending[1][2] ~= consumer then return 0 end
+  redis.call('XCLAIM', stream, group, consumer, 0, entry, 'JUSTID')
+  return 1
+end
+"""
+
+# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, consumer, entry, progress.
+_PROGRESS = (
+    _HOLD
+    + """
+local held = hold(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+if held == 1 then redis.call('HSET', KEYS[2], 'progress', ARGV[4]) end
+return held
+"""
+)
+
+# KEYS[1]: stream; ARGV: group, consumer, entries...
+_REFRESH = (
+    _HOLD
+    + """
+local held = {}
+for i = 3, #ARGV do held[i - 2] = hold(KEYS[1], ARGV[1], ARGV[2], ARGV[i]) end
+return held
+"""
+)
+
+# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, entry.
+_FINISH = """
+redis.pcall('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+return 0
+"""
+
+# KEYS[1]: stream; ARGV: group, consumer, min idle (ms), cursor, count, the hashes' key prefix.
+# Returns {next cursor, {entry, delivery id, job, progress or ''}...}. An entry whose hash is gone
+# was finished between two steps of its owner: acked and deleted here.
+_CLAIM = """
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+local found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                         'COUNT', ARGV[5])
+local jobs = {}
+for _, item in ipairs(found[2]) do
+  if type(item) == 'table' and type(item[2]) == 'table' then
+    local key = ARGV[6] .. item[2][2]
+    local job = redis.call('HGET', key, 'job')
+    if job then
+      table.insert(jobs, {item[1], item[2][2], job, redis.call('HGET', key, 'progress') or ''})
+    else
+      redis.call('XACK', KEYS[1], ARGV[1], item[1])
+      redis.call('XDEL', KEYS[1], item[1])
+    end
+  end
+end
+return {found[1], jobs}
+"""
+
+_CODES = {1: Hold.OURS, 0: Hold.TAKEN, -1: Hold.FORGOTTEN}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class RedisJobs:
+    """Jobs in a Redis stream shared by every replica (keys: see the module's text)."""
+
+    durable = True
+
+    def __init__(self, redis: RedisConnection) -> None:
+        self._redis = redis
+        self._call = redis.call
+        self._stream = redis.key("deliveries")
+        self._hashes = redis.key("delivery", "")
+        self._encoder = msgspec.msgpack.Encoder()
+        self._job = msgspec.msgpack.Decoder(DeliveryJob)
+        self._progress = msgspec.msgpack.Decoder(Progress)
+        self._add = redis.script(_ADD)
+        self._progress_script = redis.script(_PROGRESS)
+        self._refresh = redis.script(_REFRESH)
+        self._finish = redis.script(_FINISH)
+        self._claim = redis.script(_CLAIM)
+        self._cursor = "0-0"  # XAUTOCLAIM scans the PEL a batch per call, round and round
+
+    def job_key(self, delivery_id: str) -> str:
+        return self._hashes + delivery_id
+
+    @property
+    def stream(self) -> str:
+        return self._stream
+
+    async def add(self, job: DeliveryJob, consumer: str) -> str | None:
+        keys = [self._stream, self.job_key(job.id)]
+        args = [GROUP, consumer, self._encoder.encode(job), job.id]
+        entry = await self._call(lambda: self._add(keys=keys, args=args))
+        return None if entry is None else _text(entry)
+
+    async def progress(self, entry: str, job: DeliveryJob, consumer: str) -> bool:
+        keys = [self._stream, self.job_key(job.id)]
+        args = [GROUP, consumer, entry, self._encoder.encode(job.progress)]
+        held = await self._call(lambda: self._progress_script(keys=keys, args=args))
+        return bool(held != 0)  # forgotten by Redis: run on, in memory
+
+    async def finish(self, entry: str, job: DeliveryJob) -> None:
+        keys = [self._stream, self.job_key(job.id)]
+        await self._call(lambda: self._finish(keys=keys, args=[GROUP, entry]))
+
+    async def refresh(self, entries: Sequence[str], consumer: str) -> list[Hold]:
+        holds: list[Hold] = []
+        for start in range(0, len(entries), REFRESH_BATCH):
+            args = [GROUP, consumer, *entries[start : start + REFRESH_BATCH]]
+            held = await self._call(partial(self._refresh, keys=[self._stream], args=args))
+            holds += [_CODES[int(code)] for code in held]
+        return holds
+
+    async def claim(
+        self, consumer: str, min_idle: float, count: int
+    ) -> list[tuple[str, DeliveryJob]]:
+        args = [GROUP, consumer, max(1, round(min_idle * 1000)), self._cursor, count, self._hashes]
+        cursor, found = await self._call(lambda: self._claim(keys=[self._stream], args=args))
+        self._cursor = _text(cursor)
+        claimed = []
+        for entry, delivery_id, job, progress in found:
+            try:
+                claimed.append(self._decode(entry, job, progress))
+            except msgspec.DecodeError:
+                # else claimed again and again by every replica, and never deliverable
+                log.error("delivery job does not decode: dropped", delivery=_text(delivery_id))
+                keys = [self._stream, self.job_key(_text(delivery_id))]
+                await self._call(partial(self._finish, keys=keys, args=[GROUP, entry]))
+        return claimed
+
+    def _decode(self, entry: Any, job: Any, progress: Any) -> tuple[str, DeliveryJob]:
+        decoded = self._job.decode(_bytes(job))
+        if progress:
+            made = self._progress.decode(_bytes(progress))
+            decoded = msgspec.structs.replace(
+                decoded,
+                attempts=made.attempts,
+                next_at=made.next_at,
+                last_status=made.last_status,
+                last_error=made.last_error,
+            )
+        return _text(entry), decoded
