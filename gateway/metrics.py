@@ -127,6 +127,12 @@ class Metrics:
         self.deliveries = Counter(
             "tenebra_deliveries", "Webhooks and uploads by outcome", ["kind", "outcome"], registry=r
         )
+        self.delivery_not_durable = Counter(
+            "tenebra_delivery_not_durable",
+            "Webhooks and uploads that started while Redis was unavailable: run in memory only, "
+            "lost if this replica dies before they end",
+            registry=r,
+        )
         self.slow_clients = Counter(
             "tenebra_slow_client_disconnects", "Clients cut at the send-buffer bound", registry=r
         )

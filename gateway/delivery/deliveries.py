@@ -11,6 +11,14 @@ Both: 2xx is success; anything else, a timeout or a connection error is retried 
 exponential backoff, ``attempts`` times in all; 410 Gone stops at once; a redirect is never
 followed and is reported as such. At most ``per_host`` requests run against one host at a time,
 so one slow receiver never starves the others.
+
+Durability (jobs.py, holds.py): with Redis every delivery is a job held by the replica that runs
+it and acked at its final outcome. One killed mid-retries leaves its jobs pending; another claims
+them a lease later and goes on from the recorded attempts and next attempt time, with the same
+``webhook-id`` and body, signed with its own copy of the tenant's secret: at least once. Redis
+unreachable when a delivery starts costs only durability (it runs in memory;
+``tenebra_delivery_not_durable_total``). ``on_outcome`` reports every attempt, since the replica
+that runs a job may not hold its task record.
 """
 
 from __future__ import annotations
@@ -18,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
-import hmac
+import itertools
 import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,45 +40,38 @@ import structlog
 
 from gateway.backoff import full_jitter
 from gateway.config import DeliverySettings, Tenant
-from gateway.delivery.egress import EgressGuard, EgressRefused
+from gateway.delivery.egress import EgressGuard
+from gateway.delivery.holds import Holds
+from gateway.delivery.jobs import DeliveryJob, DeliveryJobs, MemoryJobs
+from gateway.delivery.sending import (
+    Final,
+    display,
+    fetch_image,
+    fill,
+    origin,
+    read_capped,
+    reason,
+    refused,
+    send,
+    sign,
+)
 from gateway.metrics import Metrics
 from gateway.store.base import Delivery, TaskRecord
+from gateway.store.shared import StoreUnavailable
 from protocol.codec import encode
-from protocol.frames import CONTENT_TYPES, ImageResult
+from protocol.frames import CONTENT_TYPES
 
-__all__ = ["Deliveries", "read_capped", "sign"]
+__all__ = ["Deliveries", "OnOutcome", "read_capped", "sign"]
 
 log = structlog.get_logger("tenebra.delivery")
 
-
-def sign(secret: str, message_id: str, timestamp: str, body: bytes) -> str:
-    """Standard Webhooks: ``v1,<base64 HMAC-SHA256 of id.timestamp.body>``, keyed by the
-    base64 part of a ``whsec_`` secret."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    digest = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256)
-    return "v1," + base64.b64encode(digest.digest()).decode()
-
-
-def _display(url: str) -> str:
-    """The URL without userinfo, query or fragment: credentials and presigned signatures
-    never reach a log or a view."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=host, query="", fragment="").geturl()
-
-
-def _fill(url: str, image_uuid: str, index: int) -> str:
-    for name, value in (("imageUUID", image_uuid), ("index", str(index))):
-        url = url.replace("{" + name + "}", value).replace("%7B" + name + "%7D", value)
-    return url
-
-
-class _Give(Exception):
-    """Stop retrying: the outcome is final."""
+#: called with (tenant, client taskUUID, delivery) after every attempt and at the final outcome
+OnOutcome = Callable[[str, str, Delivery], None]
 
 
 class Deliveries:
-    """The subscriber of every task with a webhook or an upload."""
+    """The subscriber of every task with a webhook or an upload, and the runner of delivery jobs
+    (its own, and those it claims from dead replicas)."""
 
     def __init__(
         self,
@@ -82,6 +82,12 @@ class Deliveries:
         *,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        jobs: DeliveryJobs | None = None,
+        replica: str = "local",
+        lease: float = 5.0,
+        on_outcome: OnOutcome | None = None,
+        max_jobs: int = 4096,
+        claim_batch: int = 64,
     ) -> None:
         #: origins (scheme://host:port) of the provider's own image host: operator
         #: configuration, not client input, so uploads fetch from them around the guard
@@ -90,31 +96,52 @@ class Deliveries:
         self.guard = guard
         self.metrics = metrics
         self.tenants = tenants
+        self.on_outcome = on_outcome
+        self.holds = Holds(
+            jobs or MemoryJobs(),
+            replica=replica,
+            lease=lease,
+            max_jobs=max_jobs,
+            claim_batch=claim_batch,
+        )
         self._rng = rng or random.Random()
         self._wall_clock = wall_clock
         self._hosts: defaultdict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(settings.per_host)
         )
         self._running: set[asyncio.Task[None]] = set()
+        self._by_id: dict[str, asyncio.Task[None]] = {}
+        self._keeper: asyncio.Task[None] | None = None
+        self._claiming = True
+        self._outage = False
         self._http: aiohttp.ClientSession | None = None
         self._trusted_http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        """Open the HTTP sessions; with a durable backend, start refreshing and claiming jobs."""
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
         self._http = self.guard.session(timeout=timeout)
         self._trusted_http = aiohttp.ClientSession(timeout=timeout)
+        if self.holds.jobs.durable:
+            self._keeper = asyncio.create_task(self._keep())
 
     async def close(self) -> None:
-        for job in list(self._running):
-            job.cancel()
-        await asyncio.gather(*self._running, return_exceptions=True)
+        """Stop at once. Nothing is acked: durable jobs still pending stay in Redis, and another
+        replica claims them a lease later. The backend's connection is the caller's to close."""
+        tasks = [*self._running, *([self._keeper] if self._keeper else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._keeper = None
         for session in (self._http, self._trusted_http):
             if session is not None:
                 await session.close()
 
     async def drain(self, deadline: float) -> None:
-        """Wait for pending deliveries up to ``deadline`` seconds; what is left stays pending in
-        the records (a shared store hands it to another replica)."""
+        """Stop claiming, and wait for the deliveries running here up to ``deadline`` seconds.
+        What is left is not acked: in Redis it stays pending for another replica (which takes it
+        a lease after ``close``); in memory it stays pending in the records."""
+        self._claiming = False
         if self._running:
             await asyncio.wait(list(self._running), timeout=deadline)
 
@@ -131,19 +158,24 @@ class Deliveries:
                 failure: Any = record.error
                 if self._envelope(record):
                     failure = {"errors": [record.error]}
-                self._start(
-                    record, "webhook", task.webhookURL, None, self._webhook(record, failure)
-                )
+                self._start(record, "webhook", task.webhookURL, None, body=encode(failure))
             return
         result = record.results[-1]
         index = len(record.results) - 1
         if isinstance(task.webhookURL, str):
             item: Any = {"data": [result]} if self._envelope(record) else result
-            post = self._webhook(record, item)
-            self._start(record, "webhook", task.webhookURL, result.imageUUID, post)
+            self._start(record, "webhook", task.webhookURL, result.imageUUID, body=encode(item))
         if isinstance(task.uploadEndpoint, str):
-            url = _fill(task.uploadEndpoint, result.imageUUID, index)
-            self._start(record, "upload", url, result.imageUUID, self._upload(record, result))
+            encoded = result.imageBase64Data or (result.imageDataURI or "").partition(",")[2]
+            self._start(
+                record,
+                "upload",
+                fill(task.uploadEndpoint, result.imageUUID, index),
+                result.imageUUID,
+                content_type=CONTENT_TYPES[task.outputFormat],
+                image_url=result.imageURL,
+                image_base64=encoded or None,
+            )
 
     def settled(self, record: TaskRecord) -> None:
         pass
@@ -152,175 +184,228 @@ class Deliveries:
         tenant = self.tenants.get(record.tenant)
         return tenant is not None and tenant.webhook_envelope
 
-    # ------------------------------------------------------------------ the attempts
-
     def _start(
         self,
         record: TaskRecord,
-        kind: str,
+        kind: Literal["webhook", "upload"],
         url: str,
         image_uuid: str | None,
-        request: Callable[[Delivery, str], Coroutine[Any, Any, int]],
+        **what: Any,
     ) -> None:
         key = f"{record.upstream_uuid}:{kind}:{image_uuid or 'failure'}"
-        delivery = Delivery(
+        job = DeliveryJob(
+            kind=kind,
             id="msg_" + uuid.uuid5(uuid.NAMESPACE_URL, key).hex,
-            kind=kind,  # type: ignore[arg-type]
-            target=_display(url),
+            tenant=record.tenant,
+            task_uuid=record.task_uuid,
+            upstream_uuid=record.upstream_uuid,
+            url=url,
             image_uuid=image_uuid,
+            **what,
         )
+        delivery = Delivery(id=job.id, kind=kind, target=display(url), image_uuid=image_uuid)
         record.deliveries.append(delivery)
-        job = asyncio.create_task(self._attempts(record, delivery, url, request))
-        self._running.add(job)
-        job.add_done_callback(self._running.discard)
+        self._spawn(job, delivery, None)
 
-    async def _attempts(
-        self,
-        record: TaskRecord,
-        delivery: Delivery,
-        url: str,
-        request: Callable[[Delivery, str], Coroutine[Any, Any, int]],
-    ) -> None:
-        settings = self.settings
-        host = urlsplit(url).hostname or ""
+    def _spawn(self, job: DeliveryJob, delivery: Delivery, entry: str | None) -> None:
+        run = asyncio.create_task(self._run(job, delivery, entry))
+        self._running.add(run)
+        self._by_id[job.id] = run
+        run.add_done_callback(self._running.discard)
+
+    # ------------------------------------------------------------------ one job
+
+    async def _run(self, job: DeliveryJob, delivery: Delivery, entry: str | None) -> None:
+        """``entry`` None: a new delivery, made durable here first (a claimed job has one)."""
         with structlog.contextvars.bound_contextvars(
-            task_uuid=record.task_uuid, tenant=record.tenant, delivery=delivery.id
+            task_uuid=job.task_uuid, tenant=job.tenant, delivery=job.id
         ):
-            delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
-            for attempt in range(settings.attempts):
-                if attempt:
-                    await asyncio.sleep(next(delays))
-                delivery.attempts += 1
-                try:
-                    if reason := self.guard.refusal_for_url(url):
-                        raise _Give(f"egress refused: {reason}")
-                    async with self._hosts[host]:
-                        status = await request(delivery, url)
-                except _Give as final:
-                    delivery.last_error = str(final)
-                    break
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    delivery.last_status, delivery.last_error = None, _reason(exc)
-                    if _refused(exc):
-                        break  # the guard's answer will not change: no retries towards it
-                    continue
-                delivery.last_status = status
+            try:
+                if entry is None and self.holds.jobs.durable:
+                    entry = await self._enlist(job)
+                    if entry == "":
+                        return
+                await self._attempts(job, delivery, entry)
+            finally:
+                if entry:  # not "": a job held elsewhere keeps its hold here, if it is ours
+                    self.holds.release(job.id)
+                if self._by_id.get(job.id) is asyncio.current_task():
+                    del self._by_id[job.id]
+
+    async def _enlist(self, job: DeliveryJob) -> str | None:
+        """The job's entry; None when it runs in memory only (Redis unavailable); "" when it
+        is not to run here (see Holds.add)."""
+        try:
+            entry = await self.holds.add(job)
+        except StoreUnavailable as exc:
+            self.metrics.delivery_not_durable.inc()
+            if not self._outage:
+                self._outage = True
+                log.warning("deliveries not durable: redis unavailable", error=str(exc))
+            return None
+        if self._outage:
+            self._outage = False
+            log.info("deliveries durable again")
+        return "" if entry is None else entry
+
+    async def _attempts(self, job: DeliveryJob, delivery: Delivery, entry: str | None) -> None:
+        settings = self.settings
+        host = urlsplit(job.url).hostname or ""
+        delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
+        # a continued job backs off from where it was, not from the first ceiling
+        delays = itertools.islice(delays, job.attempts, None)
+        if job.attempts:
+            # capped: another replica's clock may be ahead of ours
+            wait = min(job.next_at - self._wall_clock(), settings.backoff_max)
+            if wait > 0:
+                await asyncio.sleep(wait)
+        image: bytes | None = None  # fetched once for all the attempts made here
+        delivered = False
+        while job.attempts < settings.attempts:
+            job.attempts += 1
+            try:
+                if refusal := self.guard.refusal_for_url(job.url):
+                    raise Final(f"egress refused: {refusal}")
+                async with self._hosts[host]:
+                    if job.kind == "upload":
+                        if image is None:
+                            image = await self._image_bytes(job)
+                        headers = {"Content-Type": job.content_type}
+                        status = await self._send("PUT", job.url, image, headers)
+                    else:
+                        status = await self._send("POST", job.url, job.body, self._headers(job))
+            except Final as final:
+                job.last_error = str(final)
+                break
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                job.last_status, job.last_error = None, reason(exc)
+                if refused(exc):
+                    break  # the guard's answer will not change: no retries towards it
+            else:
+                job.last_status = status
                 if 200 <= status < 300:
-                    delivery.state, delivery.last_error = "delivered", None
+                    job.last_error, delivered = None, True
                     break
                 if status == 410:
-                    delivery.last_error = "410 Gone: the receiver asked to stop"
+                    job.last_error = "410 Gone: the receiver asked to stop"
                     break
-                delivery.last_error = f"HTTP {status}"
-            if delivery.state != "delivered":
-                delivery.state = "failed"
-            self.metrics.deliveries.labels(delivery.kind, delivery.state).inc()
-            log.info(
-                "delivery " + delivery.state,
-                kind=delivery.kind,
-                target=delivery.target,
-                attempts=delivery.attempts,
-                last_status=delivery.last_status,
-                last_error=delivery.last_error,
-            )
+                job.last_error = f"HTTP {status}"
+            if job.attempts >= settings.attempts:
+                break
+            delay = next(delays)
+            job.next_at = self._wall_clock() + delay
+            if not await self._progress(job, delivery, entry):
+                log.info("delivery taken over by another replica", attempts=job.attempts)
+                return
+            await asyncio.sleep(delay)
+        await self._finish(job, delivery, entry, "delivered" if delivered else "failed")
+
+    async def _progress(self, job: DeliveryJob, delivery: Delivery, entry: str | None) -> bool:
+        """Recorded (in Redis when durable), then reported; False when the job is not ours."""
+        if entry is not None and not await self.holds.progress(entry, job):
+            return False
+        self._report(job, delivery, "pending")
+        return True
+
+    async def _finish(
+        self,
+        job: DeliveryJob,
+        delivery: Delivery,
+        entry: str | None,
+        state: Literal["delivered", "failed"],
+    ) -> None:
+        self.metrics.deliveries.labels(job.kind, state).inc()
+        self._report(job, delivery, state)
+        log.info(
+            "delivery " + state,
+            kind=job.kind,
+            target=delivery.target,
+            attempts=job.attempts,
+            last_status=job.last_status,
+            last_error=job.last_error,
+        )
+        if entry is None:
+            return
+        await self.holds.finish(entry, job)
+
+    def _report(self, job: DeliveryJob, delivery: Delivery, state: Any) -> None:
+        delivery.state, delivery.attempts = state, job.attempts
+        delivery.last_status, delivery.last_error = job.last_status, job.last_error
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(job.tenant, job.task_uuid, delivery)
+            except Exception:
+                log.exception("on_outcome failed")
+
+    # ------------------------------------------------------------------ the keeper
+
+    async def _keep(self) -> None:
+        """Every third of the lease: see Holds.keep. Redis failing only delays it (bounded
+        backoff, never longer than a period)."""
+        period = self.holds.lease / 3
+        failures = full_jitter(period / 4, period, self._rng)
+        down = False
+        while True:
+            try:
+                taken, claimed = await self.holds.keep(self._claiming)
+            except Exception as exc:  # a keeper that died would leave every job to be stolen
+                if not isinstance(exc, StoreUnavailable):
+                    log.exception("delivery jobs: keeping failed")
+                elif not down:
+                    log.warning("delivery jobs: redis unavailable", error=str(exc))
+                down = True
+                await asyncio.sleep(period / 8 + next(failures))
+                continue
+            if down:
+                log.info("delivery jobs: redis answers again")
+                down, failures = False, full_jitter(period / 4, period, self._rng)
+            for delivery_id in taken:
+                if run := self._by_id.get(delivery_id):
+                    log.info("delivery taken over by another replica", delivery=delivery_id)
+                    run.cancel()
+            for entry, job in claimed:
+                log.info("delivery claimed", delivery=job.id, attempts=job.attempts)
+                delivery = Delivery(
+                    id=job.id,
+                    kind=job.kind,
+                    target=display(job.url),
+                    image_uuid=job.image_uuid,
+                    attempts=job.attempts,
+                    last_status=job.last_status,
+                    last_error=job.last_error,
+                )
+                self._spawn(job, delivery, entry)
+            await asyncio.sleep(period)
+
+    # ------------------------------------------------------------------ HTTP
 
     async def _send(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> int:
         assert self._http is not None
-        async with self._http.request(
-            method, url, data=body, headers=headers, allow_redirects=False
-        ) as response:
-            await response.content.read(self.settings.max_response_bytes)
-            if 300 <= response.status < 400:
-                where = _display(response.headers.get("Location", "?"))
-                raise _Give(f"HTTP {response.status}: redirect to {where} not followed")
-            return response.status
+        return await send(self._http, method, url, body, headers, self.settings.max_response_bytes)
 
-    def _webhook(
-        self, record: TaskRecord, item: Any
-    ) -> Callable[[Delivery, str], Coroutine[Any, Any, int]]:
-        body = encode(item)
-        tenant = self.tenants.get(record.tenant)
-        secret = tenant.webhook_secret if tenant else None
+    def _headers(self, job: DeliveryJob) -> dict[str, str]:
+        """Signed at each attempt with this replica's copy of the tenant's secret: a job carries
+        no secret, and a rotated secret applies from the next attempt."""
+        timestamp = str(int(self._wall_clock()))
+        headers = {
+            "Content-Type": job.content_type,
+            "webhook-id": job.id,
+            "webhook-timestamp": timestamp,
+        }
+        tenant = self.tenants.get(job.tenant)
+        if tenant is not None and tenant.webhook_secret:
+            headers["webhook-signature"] = sign(tenant.webhook_secret, job.id, timestamp, job.body)
+        return headers
 
-        async def post(delivery: Delivery, url: str) -> int:
-            timestamp = str(int(self._wall_clock()))
-            headers = {
-                "Content-Type": "application/json",
-                "webhook-id": delivery.id,
-                "webhook-timestamp": timestamp,
-            }
-            if secret:
-                headers["webhook-signature"] = sign(secret, delivery.id, timestamp, body)
-            return await self._send("POST", url, body, headers)
-
-        return post
-
-    def _upload(
-        self, record: TaskRecord, result: ImageResult
-    ) -> Callable[[Delivery, str], Coroutine[Any, Any, int]]:
-        content_type = CONTENT_TYPES[record.task.outputFormat]
-        image: bytes | None = None  # fetched once for all the attempts of this upload
-
-        async def put(delivery: Delivery, url: str) -> int:
-            nonlocal image
-            if image is None:
-                image = await self._image_bytes(result)
-            return await self._send("PUT", url, image, {"Content-Type": content_type})
-
-        return put
-
-    async def _image_bytes(self, result: ImageResult) -> bytes:
-        encoded = result.imageBase64Data or (result.imageDataURI or "").partition(",")[2]
-        if encoded:
+    async def _image_bytes(self, job: DeliveryJob) -> bytes:
+        if job.image_base64:
             try:
-                return base64.b64decode(encoded, validate=True)
+                return base64.b64decode(job.image_base64, validate=True)
             except binascii.Error as exc:
-                raise _Give("the result's image data is not valid base64") from exc
-        if not result.imageURL:
-            raise _Give("the result has no image to upload")
-        trusted = _origin(result.imageURL) in self.trusted_origins
+                raise Final("the result's image data is not valid base64") from exc
+        if not job.image_url:
+            raise Final("the result has no image to upload")
+        trusted = origin(job.image_url) in self.trusted_origins
         http = self._trusted_http if trusted else self._http
         assert http is not None
-        limit = self.settings.max_image_bytes
-        async with http.get(result.imageURL, allow_redirects=False) as response:
-            if response.status != 200:
-                raise aiohttp.ClientResponseError(
-                    response.request_info, (), status=response.status,
-                    message="fetching the image from the provider",
-                )  # fmt: skip
-            data = await read_capped(response.content, limit)
-        if data is None:
-            raise _Give(f"the image is larger than {limit} bytes")
-        return data
-
-
-async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The whole body, or None past ``limit`` bytes. (``read(n)`` returns what is buffered,
-    up to n: reading once is not reading it all.)"""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
-
-
-def _refused(exc: BaseException) -> bool:
-    """Refused by the egress guard when the name resolved (aiohttp wraps the resolver's
-    error in a connector error)."""
-    return isinstance(exc, EgressRefused) or isinstance(
-        getattr(exc, "os_error", None), EgressRefused
-    )
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return f"{type(exc).__name__}: {exc}"
+        return await fetch_image(http, job.image_url, self.settings.max_image_bytes)

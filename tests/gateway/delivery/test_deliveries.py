@@ -450,10 +450,10 @@ async def test_an_upload_fetches_its_image_once_for_all_its_attempts(
     fetches = 0
     fetch = gateway.deliveries._image_bytes
 
-    async def counted(result: Any) -> bytes:
+    async def counted(job: Any) -> bytes:
         nonlocal fetches
         fetches += 1
-        return await fetch(result)
+        return await fetch(job)
 
     gateway.deliveries._image_bytes = counted  # type: ignore[method-assign]
     client = await connect(http, gateway.url)
