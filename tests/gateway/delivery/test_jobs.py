@@ -25,6 +25,7 @@ from gateway.delivery.jobs import DeliveryJobs, RedisJobs
 from gateway.metrics import Metrics
 from gateway.store.base import Delivery, TaskRecord
 from gateway.store.connection import RedisConnection
+from gateway.store.shared import StoreUnavailable
 from protocol.frames import NO_SAFETY, ImageResult, ImageTask
 from tests.gateway.conftest import until
 from tests.redis_server import free_port
@@ -374,3 +375,48 @@ async def test_the_memory_backend_behaves_as_before(
     ]
     assert a.deliveries._keeper is None
     assert a.metrics.registry.get_sample_value("tenebra_delivery_not_durable_total") == 0
+
+
+async def test_a_job_another_replica_took_stops_here(
+    replicas: MakeReplica, receiver: Receiver, redis_url: str
+) -> None:
+    receiver.script = [500]
+    a = await replicas("a", backoff_initial=10 * LEASE, backoff_max=10 * LEASE)
+    sent = with_result(record(webhookURL=f"{receiver.url}/hook"), receiver)
+    a.deliveries.deliver(sent, b"")
+    await until(lambda: len(a.outcomes) == 1)
+    [entry] = a.deliveries.holds.entries.values()
+    jobs = a.deliveries.holds.jobs
+    assert isinstance(jobs, RedisJobs) and a.conn is not None
+    # as a claimer does once A has been silent for a lease (a partition, a long pause)
+    await a.conn.client.xclaim(jobs.stream, "deliveries", "elsewhere", 0, [entry], justid=True)
+    await until(lambda: a.deliveries.pending == 0, within=3000 * MS)  # A's next refresh
+    assert len(receiver.requests) == 1 and len(a.outcomes) == 1
+    assert await stream_state(redis_url, a) == (1, 1)  # left to its new holder
+
+
+async def test_an_ack_redis_missed_is_retried_and_the_job_is_not_redone(
+    replicas: MakeReplica, receiver: Receiver, redis_url: str
+) -> None:
+    a = await replicas("a")
+    jobs = a.deliveries.holds.jobs
+    finish = jobs.finish
+    failed = 0
+
+    async def unavailable_once(entry: str, job: Any) -> None:
+        nonlocal failed
+        if not failed:
+            failed += 1
+            raise StoreUnavailable("redis: a blip")
+        await finish(entry, job)
+
+    jobs.finish = unavailable_once  # type: ignore[method-assign]
+    b = await replicas("b")
+    sent = with_result(record(webhookURL=f"{receiver.url}/hook"), receiver)
+    a.deliveries.deliver(sent, b"")
+    await until(lambda: sent.deliveries[0].state == "delivered")
+    assert failed == 1 and list(a.deliveries.holds.unacked) == [sent.deliveries[0].id]
+    await until(lambda: not a.deliveries.holds.unacked, within=3000 * MS)
+    assert await stream_state(redis_url, a) == (0, 0)
+    await asyncio.sleep(2 * LEASE)
+    assert b.outcomes == [] and len(receiver.requests) == 1
