@@ -199,9 +199,18 @@ return 0
 
 # KEYS[1]: stream; ARGV: group, consumer, min idle (ms), cursor, count, the hashes' key prefix.
 # Returns {next cursor, {entry, delivery id, job, progress or ''}...}. An entry whose hash is gone
-# was finished between two steps of its owner: acked and deleted here.
+# was finished between two steps of its owner: acked and deleted here. A consumer that holds
+# nothing and was silent for ten leases is deleted: every restart names a new replica, and the
+# group's list of consumers would grow with each (deleting one that holds nothing loses nothing).
 _CLAIM = """
 redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] > 10 * tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+  end
+end
 local found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
                          'COUNT', ARGV[5])
 local jobs = {}

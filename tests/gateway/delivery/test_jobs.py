@@ -246,6 +246,17 @@ async def test_a_webhook_failing_twice_on_a_is_delivered_by_b_with_the_same_id(
     assert len({body for *_, body in receiver.requests}) == 1
     assert await stream_state(redis_url, b) == (0, 0)  # acked and deleted
     assert b.metrics.deliveries.labels("webhook", "delivered")._value.get() == 1
+    # the dead replica's consumer goes, ten leases after its last word
+    assert b.conn is not None
+    client, stream = b.conn.client, b.conn.key("deliveries")
+    names = [c["name"] for c in await client.xinfo_consumers(stream, "deliveries")]
+    assert b"a" in names or "a" in names
+    for _ in range(40):
+        names = [c["name"] for c in await client.xinfo_consumers(stream, "deliveries")]
+        if names in ([b"b"], ["b"]):
+            break
+        await asyncio.sleep(LEASE / 2)
+    assert names in ([b"b"], ["b"])
 
 
 async def test_an_upload_continues_on_b(
