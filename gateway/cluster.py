@@ -96,13 +96,12 @@ class Cluster:
         sent would otherwise land after the removal and bring the lease back, to lapse later
         and be taken over."""
         self._stopping.set()
-        renew, *rest = self._tasks or [None]
-        for task in rest:
+        for task in self._tasks[1:]:
             task.cancel()
-        if renew is not None:
+        if self._tasks:  # the lease loop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(renew), self.redis.deadline * 2)
-            renew.cancel()
+                await asyncio.wait_for(asyncio.shield(self._tasks[0]), self.redis.deadline * 2)
+            self._tasks[0].cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         with contextlib.suppress(StoreUnavailable):

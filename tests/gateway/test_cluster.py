@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -10,6 +11,7 @@ import pytest
 
 from gateway.cluster import Cluster
 from gateway.store.connection import RedisConnection
+from tests.gateway.conftest import until
 from tests.timing import MS
 
 LEASE = 300 * MS
@@ -34,12 +36,6 @@ async def make(redis_url: str) -> AsyncIterator[Make]:
             await c.redis.close()
 
 
-async def until(check: Callable[[], bool], seconds: float = 5000 * MS) -> None:
-    async with asyncio.timeout(seconds):
-        while not check():
-            await asyncio.sleep(10 * MS)
-
-
 async def kill(cluster: Cluster) -> None:
     """As SIGKILL would: the loops stop, the lease is left to lapse."""
     for task in cluster._tasks:
@@ -52,7 +48,7 @@ async def test_a_dead_replica_is_taken_over_once(make: Make) -> None:
     a, b, c = make("a"), make("b"), make("c")
     taken: list[tuple[str, str]] = []
     for survivor in (b, c):
-        survivor.takeovers.append(lambda dead, s=survivor: _record(taken, s.name, dead))
+        survivor.takeovers.append(functools.partial(_record, taken, survivor.name))
     for replica in (a, b, c):
         await replica.start()
     assert sorted(await b.alive()) == ["a", "b", "c"]
@@ -65,13 +61,14 @@ async def test_a_dead_replica_is_taken_over_once(make: Make) -> None:
 
 
 async def _record(taken: list[tuple[str, str]], taker: str, dead: str) -> None:
+    """A takeover hook that notes who took over whom."""
     taken.append((taker, dead))
 
 
 async def test_a_replica_that_stops_is_not_taken_over(make: Make) -> None:
     a, b = make("a"), make("b")
     taken: list[tuple[str, str]] = []
-    b.takeovers.append(lambda dead: _record(taken, "b", dead))
+    b.takeovers.append(functools.partial(_record, taken, "b"))
     await a.start()
     await b.start()
     await a.stop()
