@@ -26,15 +26,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admission import TenantLimits
 from gateway.clients import ClientGateway
+from gateway.cluster import Cluster, default_replica_name
 from gateway.config import Config, ConfigError
 from gateway.delivery.deliveries import Deliveries
 from gateway.delivery.egress import EgressGuard
+from gateway.delivery.jobs import RedisJobs
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.pool import UpstreamPool
 from gateway.quotas import BudgetFigures, BudgetLedger, TenantQuotas
+from gateway.replication import Replication
 from gateway.rest import RestEndpoint
+from gateway.store.base import Delivery
+from gateway.store.connection import RedisConnection
 from gateway.store.memory import MemoryTaskStore
+from gateway.store.redis import RedisSharedTasks
 from gateway.tasks import TaskRegistry
 from gateway.tenants import Revoked, TenantTable, forget_plain_keys
 from protocol.errors import error_item
@@ -82,12 +88,60 @@ class Gateway:
         self.provider: LocalProvider | None = None
         self.pool: UpstreamPool | None = None
         self.guard = EgressGuard(config.delivery.allow)
-        self.deliveries = Deliveries(config.delivery, self.guard, self.metrics, config.tenants)
+        self.redis: RedisConnection | None = None
+        self.cluster: Cluster | None = None
+        self.replication: Replication | None = None
+        self.replica = config.store.replica or default_replica_name()
+        if config.store.url is not None:
+            self._share(config.store.url)
+        self.deliveries = Deliveries(
+            config.delivery,
+            self.guard,
+            self.metrics,
+            config.tenants,
+            jobs=RedisJobs(self.redis) if self.redis is not None else None,
+            replica=self.replica,
+            lease=config.store.lease,
+            on_outcome=self._delivery_outcome,
+        )
         self.intake: Intake | None = None
         self.clients: ClientGateway | None = None
         self._runner: web.AppRunner | None = None
         self._janitor: asyncio.Task[None] | None = None
         self.port = 0
+
+    def _share(self, url: str) -> None:
+        """``store.url``: tasks, sessions, deliveries and limits shared with other replicas."""
+        settings = self.config.store
+        self.redis = RedisConnection.from_url(
+            url,
+            deadline=settings.timeout,
+            max_connections=settings.max_connections,
+            prefix=settings.prefix,
+        )
+        shared = RedisSharedTasks(
+            self.redis,
+            max_retained=self.config.tasks.max_retained,
+            # an open task's claim outlives any task; a dead replica's that nobody took over
+            # goes in the end
+            open_ttl=2 * self.config.tasks.timeout,
+        )
+        self.cluster = Cluster(self.redis, self.replica, settings.lease)
+        self.replication = Replication(
+            shared,
+            self.replica,
+            retention=self.config.tasks.retention,
+            max_pending=self.config.tasks.max_retained,
+            new_uuid=self.registry.new_uuid,
+            dropped=self.metrics.store_writes_dropped,
+        )
+        self.registry.changed = self.replication.changed
+
+    def _delivery_outcome(self, tenant: str, task_uuid: str, delivery: Delivery) -> None:
+        """A delivery attempt's outcome: the record that lists it is written again."""
+        record = self.registry.lookup(tenant, task_uuid)
+        if record is not None and self.replication is not None:
+            self.replication.changed(record)
 
     @property
     def url(self) -> str:
@@ -121,6 +175,8 @@ class Gateway:
             parts = urlsplit(url)
             scheme = "https" if parts.scheme == "wss" else "http"
             self.deliveries.trusted_origins.add(f"{scheme}://{parts.netloc}".lower())
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.deliveries.start()
         self.pool = UpstreamPool(
             url, key, settings, self.registry, self.metrics, limits=self._tenant_limits
@@ -137,6 +193,7 @@ class Gateway:
             quotas=TenantQuotas(
                 self.catalogue, self.budgets, self.pool.refused_by_limit, clock=self.clock
             ),
+            replication=self.replication,
         )
         self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
         rest = RestEndpoint(
@@ -208,6 +265,13 @@ class Gateway:
         if self.pool is not None:
             await self.pool.close()
         await self.deliveries.close()
+        if self.replication is not None:
+            await self.replication.drain(self.config.store.timeout * 2)
+            await self.replication.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
+        if self.redis is not None:
+            await self.redis.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.provider is not None:
@@ -289,5 +353,14 @@ class Gateway:
             and self.intake is not None
             and self.intake.accepting
         )
-        links = [link.state.value for link in self.pool.links] if self.pool else []
-        return web.json_response({"ready": ready, "links": links}, status=200 if ready else 503)
+        body: dict[str, object] = {
+            "links": [link.state.value for link in self.pool.links] if self.pool else []
+        }
+        if self.cluster is not None and self.replication is not None:
+            # a replica that cannot reach Redis accepts no task: others may run it
+            store = self.cluster.healthy and self.replication.healthy
+            ready = ready and store
+            body["store"] = "ok" if store else "unavailable"
+            body["replica"] = self.replica
+        body["ready"] = ready
+        return web.json_response(body, status=200 if ready else 503)

@@ -348,6 +348,7 @@ class SocketDoor:
             return record
         if record.open:  # it may have failed already (a full queue): settled, not running
             session.open_tasks.add(record.upstream_uuid)
+            record.session = session.uuid
         return None
 
 
@@ -491,6 +492,8 @@ class ClientGateway:
 
     async def _read(self, connection: ClientConnection, door: SocketDoor) -> None:
         ws, decode, dispatch = connection.ws, self.intake.decode, self.dispatch
+        intake = self.intake
+        shared = intake.replication is not None
         loop = asyncio.get_running_loop()
         unauthenticated_limit = self.settings.max_unauthenticated_frame_bytes
         while not connection.closed:
@@ -515,7 +518,12 @@ class ClientGateway:
                 if outcomes:  # a frame with no task is no activity (IdleWatchdog)
                     connection.last_frame = loop.time()
                 answer = Answer(connection.send)
-                dispatch(outcomes, door, answer)
+                claims = None
+                if shared and outcomes:  # the frame's tasks claimed across replicas first
+                    claims = await intake.claim(door.tenant, outcomes)
+                    if connection.closed:
+                        return
+                dispatch(outcomes, door, answer, claims)
                 if unauthenticated and door.delay:
                     await self._answer_late(door)
                 answer.flush()

@@ -148,7 +148,9 @@ class StoreSettings(msgspec.Struct, forbid_unknown_fields=True):
     url: str | None = None
     timeout: Seconds = 1.0  # each Redis call (and the wait for a pooled connection)
     max_connections: Count = 32  # Redis sockets of one replica
-    prefix: str = "tenebra"  # of every key: gateways sharing a Redis under other prefixes never meet
+    prefix: str = (
+        "tenebra"  # of every key: gateways sharing a Redis under other prefixes never meet
+    )
     # A replica renews its lease every third of this; one silent this long is taken as dead and
     # its provider sessions, tasks and deliveries are taken over by another.
     lease: Annotated[float, Meta(ge=0.3, le=300)] = 5.0

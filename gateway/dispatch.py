@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.quotas import TokenBucket
+from gateway.replication import FrameClaims
 from protocol.codec import Outcome, encode_answer
 from protocol.errors import error_item
 from protocol.frames import Authentication, ErrorItem, GetResponse, ImageTask, Ping, Pong
@@ -71,7 +72,22 @@ class Dispatch:
         self.intake = intake
         self.metrics = metrics
 
-    def __call__(self, outcomes: list[Outcome], door: Door, answer: Answer) -> None:
+    def __call__(
+        self, outcomes: list[Outcome], door: Door, answer: Answer, claims: FrameClaims | None = None
+    ) -> None:
+        """``claims``: what the shared store holds for the frame (``Intake.claim``), if any."""
+        if claims is None:
+            self._dispatch(outcomes, door, answer)
+            return
+        intake = self.intake
+        intake.frame = claims
+        try:
+            self._dispatch(outcomes, door, answer)
+        finally:
+            intake.frame = None
+            intake.released(door.tenant, claims)
+
+    def _dispatch(self, outcomes: list[Outcome], door: Door, answer: Answer) -> None:
         intake = self.intake
         data, errors = answer.data, answer.errors
         tenant = door.tenant

@@ -10,12 +10,13 @@ from gateway.delivery.egress import EgressGuard
 from gateway.metrics import Metrics
 from gateway.pool import UpstreamPool
 from gateway.quotas import TenantQuotas
+from gateway.replication import FrameClaims, Replication
 from gateway.store.base import TaskRecord
 from gateway.tasks import Subscriber, TaskRegistry
 from gateway.tenants import TenantTable
 from protocol.codec import Outcome, decode_client_frame
 from protocol.errors import error_item
-from protocol.frames import ErrorItem, ImageTask, TaskAck
+from protocol.frames import Authentication, ErrorItem, GetResponse, ImageTask, TaskAck
 from protocol.models import Catalogue
 
 __all__ = ["Intake"]
@@ -34,6 +35,7 @@ class Intake:
         guard: EgressGuard,
         deliveries: Subscriber,
         quotas: TenantQuotas,
+        replication: Replication | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.registry = registry
@@ -46,6 +48,9 @@ class Intake:
         self.guard = guard
         self.deliveries = deliveries
         self.accepting = True  # False while the gateway drains for shutdown
+        self.replication = replication  # None: one replica, nothing shared
+        # the claims of the frame being dispatched (set around a synchronous dispatch only)
+        self.frame: FrameClaims | None = None
 
     def tenant_of(self, api_key: str) -> str | None:
         return self.tenants.tenant_of(api_key)
@@ -97,7 +102,14 @@ class Intake:
         if refused is not None:
             self.metrics.errors.labels(refused.code).inc()
             return refused
-        record = self.registry.register(tenant, task, subscriber)
+        upstream_uuid = None
+        if self.replication is not None:
+            claimed = self._claimed(task)
+            if isinstance(claimed, ErrorItem):
+                self.metrics.errors.labels(claimed.code).inc()
+                return claimed
+            upstream_uuid = claimed
+        record = self.registry.register(tenant, task, subscriber, upstream_uuid)
         if not isinstance(record, TaskRecord):
             self.metrics.errors.labels(record.code).inc()
             return record
@@ -107,6 +119,55 @@ class Intake:
             self.registry.subscribe(record, self.deliveries)
         self.pool.submit(record)
         return record
+
+    async def claim(self, tenant: str | None, outcomes: list[Outcome]) -> FrameClaims | None:
+        """Shared store: claim a frame's tasks before its dispatch (gateway.replication). The
+        sender is the door's tenant, or the one the frame's own authentication names."""
+        replication = self.replication
+        if replication is None:
+            return None
+        if tenant is None:
+            auth = next((o for o in outcomes if type(o) is Authentication), None)
+            tenant = None if auth is None else self.tenant_of(auth.apiKey)
+        if tenant is None or not any(type(o) in (ImageTask, GetResponse) for o in outcomes):
+            return None
+        registry = self.registry
+        return await replication.claim(
+            tenant, outcomes, lambda task_uuid: registry.lookup(tenant, task_uuid) is not None
+        )
+
+    def released(self, tenant: str | None, claims: FrameClaims) -> None:
+        """After the dispatch: the claims its refused tasks did not use go back."""
+        if self.replication is not None and tenant is not None:
+            store = self.registry.store
+            self.replication.release_unused(
+                tenant, claims, lambda upstream_uuid: store.by_upstream(upstream_uuid) is not None
+            )
+
+    def _claimed(self, task: ImageTask) -> str | ErrorItem:
+        """The upstream UUID the frame's claim won for ``task``, or why it has none."""
+        frame = self.frame
+        if frame is not None:
+            upstream_uuid = frame.won.get(task.taskUUID)
+            if upstream_uuid is not None:
+                return upstream_uuid
+            if task.taskUUID in frame.lost:
+                return error_item(
+                    "conflictTaskUUID",
+                    parameter="taskUUID",
+                    type="string",
+                    task_type="imageInference",
+                    task_uuid=task.taskUUID,
+                )
+        reason = frame.unavailable if frame is not None else None
+        return error_item(
+            "serviceUnavailable",
+            message="The gateway's shared store did not answer"
+            + (f" ({reason})" if reason else "")
+            + ": the task was not accepted. Retry with backoff.",
+            task_type="imageInference",
+            task_uuid=task.taskUUID,
+        )
 
     def _refused_destination(self, task: ImageTask) -> ErrorItem | None:
         """A client-supplied URL whose host is a literal private address is refused here, with
@@ -153,8 +214,11 @@ class Intake:
         return TaskAck(taskType="imageInference", taskUUID=task.taskUUID)
 
     def poll(self, tenant: str, task_uuid: str) -> tuple[list[Any], list[ErrorItem]]:
-        """``getResponse``: the gateway's own state of the task, never a question upstream."""
+        """``getResponse``: the gateway's own state of the task, never a question upstream (with a
+        shared store, the record another replica wrote, as of its last write)."""
         record = self.registry.lookup(tenant, task_uuid)
+        if record is None and self.frame is not None:
+            record = self.frame.loaded.get(task_uuid)
         if record is None:
             return [], [
                 error_item(

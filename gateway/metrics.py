@@ -142,3 +142,9 @@ class Metrics:
             "server.max_sessions_per_tenant or server.sessions_buffer_bytes",
             registry=r,
         )
+        self.store_writes_dropped = Counter(
+            "tenebra_store_writes_dropped",
+            "Finished task records not written to the shared store: more than "
+            "tasks.max_retained waited while Redis was unavailable",
+            registry=r,
+        )

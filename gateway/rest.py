@@ -129,7 +129,7 @@ class RestEndpoint:
         polls = TokenBucket(0.0, self.get_response_burst, time.monotonic)
         door = _RequestDoor(self.intake, tenant, polls)
         answer = Answer()
-        self.dispatch(outcomes, door, answer)
+        self.dispatch(outcomes, door, answer, await self.intake.claim(tenant, outcomes))
         data, errors = answer.data, answer.errors
         if door.waiting:
             await self._wait(door.waiting)
@@ -187,6 +187,8 @@ class RestEndpoint:
         self.throttle.succeeded(address)
         task_uuid = request.match_info["task_uuid"]
         record = self.intake.registry.lookup(tenant, task_uuid)
+        if record is None and self.intake.replication is not None:  # another replica's
+            record = await self.intake.replication.load(tenant, task_uuid)
         if record is None:
             _, errors = self.intake.poll(tenant, task_uuid)
             for error in errors:

@@ -77,9 +77,11 @@ class TaskRegistry:
         self.max_open = max_open
         self._clock = clock
         self._metrics = metrics
-        self._new_uuid = new_uuid or upstream_uuids()
+        self.new_uuid = new_uuid or upstream_uuids()
         self._subscribers: dict[str, list[Subscriber]] = {}
         self.on_final: list[Callable[[TaskRecord], None]] = []  # e.g. the link's in-flight count
+        # every change of a record (registered, moved, a result): the shared store's write
+        self.changed: Callable[[TaskRecord], None] | None = None
 
     def now(self) -> float:
         return self._clock()
@@ -90,6 +92,8 @@ class TaskRegistry:
         if state not in TRANSITIONS[record.state]:
             raise IllegalTransition(f"{record.task_uuid}: {record.state} -> {state}")
         record.state = state
+        if self.changed is not None:
+            self.changed(record)
         if state in FINAL:
             record.finished = self._clock()
             self.store.finish(record)
@@ -100,9 +104,14 @@ class TaskRegistry:
                 subscriber.settled(record)
 
     def register(
-        self, tenant: str, task: ImageTask, subscriber: Subscriber | None
+        self,
+        tenant: str,
+        task: ImageTask,
+        subscriber: Subscriber | None,
+        upstream_uuid: str | None = None,
     ) -> TaskRecord | ErrorItem:
-        """A new task of ``tenant``, or the error that refuses it (conflict, capacity)."""
+        """A new task of ``tenant``, or the error that refuses it (conflict, capacity); under
+        ``upstream_uuid`` when the shared store claimed the task under it."""
         if self.store.get(tenant, task.taskUUID) is not None:
             return error_item(
                 "conflictTaskUUID",
@@ -119,11 +128,16 @@ class TaskRegistry:
                 task_uuid=task.taskUUID,
             )
         record = TaskRecord(
-            tenant=tenant, task=task, upstream_uuid=self._new_uuid(), created=self._clock()
+            tenant=tenant,
+            task=task,
+            upstream_uuid=upstream_uuid or self.new_uuid(),
+            created=self._clock(),
         )
         self.store.add(record)
         if subscriber is not None:
             self._subscribers[record.upstream_uuid] = [subscriber]
+        if self.changed is not None:
+            self.changed(record)
         return record
 
     def subscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:

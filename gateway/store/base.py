@@ -55,6 +55,9 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     results: list[ImageResult] = msgspec.field(default_factory=list)
     error: ErrorItem | None = None
     deliveries: list[Delivery] = msgspec.field(default_factory=list)
+    # the client session its sync results stream to: where a replica that takes the task over
+    # sends them (gateway.roaming)
+    session: str | None = None
 
     @property
     def task_uuid(self) -> str:

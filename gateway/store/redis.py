@@ -200,6 +200,71 @@ class RedisSharedTasks:
         ]
         await self._call(lambda: self._finish(keys=keys, args=args))
 
+    def open_key(self, replica: str) -> str:
+        """The upstream UUIDs of the open records a replica runs: what a takeover finds."""
+        return f"{self._prefix}:open:{key_part(replica)}"
+
+    async def write(
+        self,
+        saves: Sequence[TaskRecord],
+        finishes: Sequence[TaskRecord],
+        *,
+        retention: float,
+        replica: str,
+    ) -> None:
+        """``save`` and ``finish`` for many records in one round trip (not atomic as a whole:
+        each record's own steps are), keeping ``replica``'s list of open records."""
+        index = self.open_key(replica)
+        ttl = self._open_ttl_ms
+
+        async def write() -> Any:
+            async with self._redis.client.pipeline(transaction=False) as pipe:
+                for record in saves:
+                    claim = self.claim_key(record.tenant, record.task_uuid)
+                    key = self.record_key(record.upstream_uuid)
+                    pipe.hset(key, mapping={"data": self._codec.encode(record), "claim": claim})
+                    pipe.pexpire(key, ttl)
+                    pipe.pexpire(claim, ttl)
+                    pipe.sadd(index, record.upstream_uuid)
+                if saves:
+                    pipe.pexpire(index, ttl)
+                for record in finishes:
+                    await self._finish(  # queued in the pipeline, not sent
+                        keys=[
+                            self.record_key(record.upstream_uuid),
+                            self.claim_key(record.tenant, record.task_uuid),
+                            self._finished_key,
+                        ],
+                        args=[
+                            self._codec.encode(record),
+                            max(0, round(retention * 1000)),
+                            self._max_retained,
+                            record.upstream_uuid,
+                            self._records,
+                        ],
+                        client=pipe,
+                    )
+                    pipe.srem(index, record.upstream_uuid)
+                return await pipe.execute()
+
+        await self._call(write)
+
+    async def open_records(self, replica: str) -> list[TaskRecord]:
+        """The open records ``replica`` listed (a dead one's, for its takeover)."""
+        client = self._redis.client
+        members = await self._call(lambda: client.smembers(self.open_key(replica)))
+        records = []
+        for member in sorted(_bytes(m).decode() for m in members):
+            record = await self.by_upstream(member)
+            if record is not None and record.open:
+                records.append(record)
+        return records
+
+    async def forget_open(self, replica: str) -> None:
+        """The list of a replica whose records were taken over."""
+        client = self._redis.client
+        await self._call(lambda: client.delete(self.open_key(replica)))
+
     async def ping(self) -> None:
         await self._redis.ping()
 

@@ -229,7 +229,9 @@ async def test_a_dropped_connection_is_retried_once(redis_url: str) -> None:
     other = RedisSharedTasks.from_url(redis_url, max_retained=10)
     try:
         assert await store.claim("studio", "t1", "u1")
-        await other._redis.client.client_kill_filter(_type="normal", skipme=True)  # as a Redis restart
+        await other._redis.client.client_kill_filter(
+            _type="normal", skipme=True
+        )  # as a Redis restart
         assert await store.claim("studio", "t2", "u2")
     finally:
         await store.close()

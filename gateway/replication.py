@@ -1,0 +1,202 @@
+"""Tasks shared with the other replicas (``store.url``): claims before a frame is dispatched,
+records written behind it.
+
+The registry stays synchronous and in memory: it is each replica's cache of the tasks it runs,
+and the hot path never waits for Redis there. What replicas share goes through here:
+
+- **Claims, one round trip per frame.** Before a client frame is dispatched, its image tasks'
+  taskUUIDs are claimed for the sender's tenant in one call (``claim_many``): of every replica,
+  exactly one wins a (tenant, taskUUID), so ``conflictTaskUUID`` holds across replicas. A task
+  refused after its claim (a limit, a destination) gives the claim back once the frame is
+  dispatched. The same round trip brings the records that the frame's ``getResponse`` tasks ask
+  for when this replica does not run them. A Redis that does not answer: the frame's image tasks
+  get ``serviceUnavailable`` (nothing is accepted that other replicas could not see), and
+  ``/readyz`` says 503 until a call gets through again.
+- **Records, written behind.** Every change of a record (registered, sent, a result, final)
+  marks it dirty; one flush at a time writes every dirty record in one pipeline, as it is at
+  that moment, so a task's many changes in one loop turn cost one write. The write lags the
+  client's frames by one round trip: a replica killed in that window leaves a record without
+  its last result, which a replica taking over the task asks the provider for again (the client
+  may then see that image twice; the window is a round trip, not a flush interval). Open
+  records are also listed under this replica's name, for a takeover to find.
+- **Bounds.** What waits to be written is bounded by ``max_pending`` records: open ones always
+  stay (they are bounded by ``tasks.max_open``), finished ones past the bound are dropped
+  oldest first and counted (``tenebra_store_writes_dropped_total``): while Redis is away that
+  long, the other replicas' ``getResponse`` will not see them. Flushes that fail are retried
+  with full-jitter backoff up to a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+from prometheus_client import Counter
+
+from gateway.backoff import full_jitter
+from gateway.store.base import TaskRecord
+from gateway.store.redis import RedisSharedTasks
+from gateway.store.shared import StoreUnavailable
+from protocol.codec import Outcome
+from protocol.frames import GetResponse, ImageTask
+
+__all__ = ["FrameClaims", "Replication"]
+
+log = structlog.get_logger("tenebra.replication")
+
+
+@dataclass(slots=True)
+class FrameClaims:
+    """What one frame's tasks hold in the shared store, for its synchronous dispatch."""
+
+    won: dict[str, str] = field(default_factory=dict)  # taskUUID -> the upstream UUID claimed
+    lost: set[str] = field(default_factory=set)  # taskUUIDs another task holds already
+    loaded: dict[str, TaskRecord] = field(default_factory=dict)  # getResponse: by taskUUID
+    unavailable: str | None = None  # the store did not answer: why
+
+
+class Replication:
+    def __init__(
+        self,
+        shared: RedisSharedTasks,
+        replica: str,
+        *,
+        retention: float,
+        max_pending: int,
+        new_uuid: Callable[[], str],
+        dropped: Counter,
+    ) -> None:
+        self.shared = shared
+        self.replica = replica
+        self.retention = retention
+        self.max_pending = max_pending
+        self._new_uuid = new_uuid
+        self._dropped = dropped
+        self.healthy = True  # the last call to the store got through
+        self._dirty: dict[str, TaskRecord] = {}  # by upstream UUID, in order of first change
+        self._flushing: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ claims
+
+    async def claim(
+        self, tenant: str, outcomes: Iterable[Outcome], is_local: Callable[[str], bool]
+    ) -> FrameClaims:
+        """Claim the frame's image tasks, and load the records of its getResponse tasks that
+        are not ``is_local``."""
+        claims = FrameClaims()
+        wanted = [(o.taskUUID, self._new_uuid()) for o in outcomes if type(o) is ImageTask]
+        polled = [
+            o.taskUUID for o in outcomes if type(o) is GetResponse and not is_local(o.taskUUID)
+        ]
+        try:
+            if wanted:
+                won = await self.shared.claim_many(tenant, wanted)
+                for (task_uuid, upstream_uuid), ok in zip(wanted, won, strict=True):
+                    if ok:
+                        claims.won[task_uuid] = upstream_uuid
+                    elif task_uuid not in claims.won:
+                        claims.lost.add(task_uuid)
+            for task_uuid in polled:
+                record = await self.shared.load(tenant, task_uuid)
+                if record is not None:
+                    claims.loaded[task_uuid] = record
+        except StoreUnavailable as exc:
+            self._unhealthy(exc)
+            claims.unavailable = str(exc)
+            return claims
+        self.healthy = True
+        return claims
+
+    def release_unused(self, tenant: str, claims: FrameClaims, used: Callable[[str], bool]) -> None:
+        """After the dispatch: claims of tasks that were refused are given back."""
+        unused = [(t, u) for t, u in claims.won.items() if not used(u)]
+        if unused:
+            self._spawn(self._release(tenant, unused))
+
+    async def _release(self, tenant: str, unused: list[tuple[str, str]]) -> None:
+        try:
+            for task_uuid, upstream_uuid in unused:
+                await self.shared.release(tenant, task_uuid, upstream_uuid)
+        except StoreUnavailable as exc:  # the claims lapse with open_ttl
+            self._unhealthy(exc)
+
+    async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
+        """A record another replica runs (or ran); None when there is none or Redis is away."""
+        try:
+            return await self.shared.load(tenant, task_uuid)
+        except StoreUnavailable as exc:
+            self._unhealthy(exc)
+            return None
+
+    # ------------------------------------------------------------------ records
+
+    def changed(self, record: TaskRecord) -> None:
+        """The registry's hook: ``record`` is to be written as it will be at the next flush."""
+        self._dirty[record.upstream_uuid] = record
+        if len(self._dirty) > self.max_pending:
+            self._shed()
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    def _shed(self) -> None:
+        finished = [u for u, r in self._dirty.items() if not r.open]
+        for upstream_uuid in finished[: len(self._dirty) - self.max_pending]:
+            del self._dirty[upstream_uuid]
+            self._dropped.inc()
+
+    async def _flush(self) -> None:
+        delays = full_jitter(0.05, 1.0, self._rng)
+        try:
+            while self._dirty:
+                await asyncio.sleep(0)  # the rest of this loop turn's changes join the write
+                batch, self._dirty = self._dirty, {}
+                try:
+                    await self.shared.write(
+                        [r for r in batch.values() if r.open],
+                        [r for r in batch.values() if not r.open],
+                        retention=self.retention,
+                        replica=self.replica,
+                    )
+                except StoreUnavailable as exc:
+                    self._unhealthy(exc)
+                    # newer changes made meanwhile are the same objects: keep the order
+                    batch.update(self._dirty)
+                    self._dirty = batch
+                    await asyncio.sleep(next(delays))
+                    continue
+                self.healthy = True
+                delays = full_jitter(0.05, 1.0, self._rng)
+        finally:
+            self._flushing = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._dirty)
+
+    async def drain(self, deadline: float) -> None:
+        """Shutdown: the last writes, within ``deadline`` seconds."""
+        flushing = self._flushing
+        if flushing is not None:
+            await asyncio.wait([flushing], timeout=deadline)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=deadline)
+
+    async def close(self) -> None:
+        for task in [self._flushing, *self._background]:
+            if task is not None:
+                task.cancel()
+
+    def _unhealthy(self, exc: StoreUnavailable) -> None:
+        if self.healthy:
+            log.warning("shared store unavailable", error=str(exc))
+        self.healthy = False
+
+    def _spawn(self, step: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(step)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

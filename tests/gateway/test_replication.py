@@ -1,0 +1,123 @@
+"""Two gateways in one process sharing a real redis-server: what replicas share about tasks
+(gateway/replication.py). The process-level tests (SIGKILL, takeover) are in tests/cluster/."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config import StoreSettings
+from gateway.provider.server import LocalProvider
+from tests.gateway.conftest import ALPHA, BETA, connect, gateway_config, running, task
+from tests.redis_server import free_port
+from tests.timing import MS
+
+
+def shared_config(provider: LocalProvider, url: str, prefix: str, replica: str) -> Any:
+    config = gateway_config(provider)
+    config.store = StoreSettings(
+        url=url, prefix=prefix, replica=replica, timeout=300 * MS, lease=1000 * MS
+    )
+    return config
+
+
+@pytest.fixture
+async def pair(provider: LocalProvider, redis_url: str) -> AsyncIterator[tuple[Any, Any]]:
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with (
+        running(shared_config(provider, redis_url, prefix, "a")) as a,
+        running(shared_config(provider, redis_url, prefix, "b")) as b,
+    ):
+        yield a, b
+
+
+async def test_get_response_on_b_answers_a_task_sent_on_a(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    a, b = pair
+    on_a, on_b = await connect(http, a.url), await connect(http, b.url)
+    await on_a.auth(ALPHA)
+    await on_b.auth(ALPHA)
+    body = task(deliveryMethod="async", numberResults=2)
+    await on_a.send(body)
+    assert (await on_a.recv())["data"][0]["taskUUID"] == body["taskUUID"]
+    images: list[dict[str, Any]] = []
+    for _ in range(100):
+        await on_b.send({"taskType": "getResponse", "taskUUID": body["taskUUID"]})
+        frame = await on_b.recv()
+        assert "errors" not in frame, frame
+        images = [i for i in frame["data"] if i.get("status") == "success"]
+        if len(images) == 2:
+            break
+        await asyncio.sleep(20 * MS)
+    assert len(images) == 2
+    assert all(i["taskUUID"] == body["taskUUID"] for i in images)
+    # another tenant asking for the same taskUUID finds nothing
+    other = await connect(http, b.url)
+    await other.auth(BETA)
+    await other.send({"taskType": "getResponse", "taskUUID": body["taskUUID"]})
+    assert (await other.recv())["errors"][0]["code"] == "taskNotFound"
+
+
+async def test_the_same_task_uuid_on_b_is_a_conflict(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    a, b = pair
+    on_a, on_b = await connect(http, a.url), await connect(http, b.url)
+    await on_a.auth(ALPHA)
+    await on_b.auth(ALPHA)
+    body = task(deliveryMethod="async")
+    await on_a.send(body)
+    assert "data" in await on_a.recv()
+    await on_b.send(body)
+    error = (await on_b.recv())["errors"][0]
+    assert error["code"] == "conflictTaskUUID"
+    assert error["taskUUID"] == body["taskUUID"]
+    # the same taskUUID under another tenant is another task
+    beta = await connect(http, b.url)
+    await beta.auth(BETA)
+    await beta.send(body)
+    assert "data" in await beta.recv()
+
+
+async def test_rest_task_view_reads_another_replica_task(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    a, b = pair
+    body = task(deliveryMethod="async")
+    headers = {"Authorization": f"Bearer {ALPHA}"}
+    async with http.post(f"http://127.0.0.1:{a.port}/v1", json=[body], headers=headers) as r:
+        assert r.status == 200
+    view: dict[str, Any] = {}
+    for _ in range(200):
+        async with http.get(
+            f"http://127.0.0.1:{b.port}/v1/tasks/{body['taskUUID']}", headers=headers
+        ) as r:
+            view = await r.json()
+        if view.get("state") == "done":
+            break
+        await asyncio.sleep(20 * MS)
+    assert view["state"] == "done", view
+    assert len(view["results"]) == 1
+
+
+async def test_redis_away_new_tasks_get_service_unavailable(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    async with running(shared_config(provider, nowhere, "x", "lonely")) as gateway:
+        client = await connect(http, gateway.url)
+        await client.auth(ALPHA)
+        body = task()
+        await client.send(body)
+        error = (await client.recv())["errors"][0]
+        assert error["code"] == "serviceUnavailable"
+        assert error["taskUUID"] == body["taskUUID"]
+        async with http.get(f"http://127.0.0.1:{gateway.port}/readyz") as r:
+            assert r.status == 503
+            assert (await r.json())["store"] == "unavailable"
