@@ -10,6 +10,13 @@ when the UTC day began, so counting it costs the hot path nothing. A task's cata
 held from its admission until it ends, so that tasks in flight count before their results do;
 between a task's first result and its end both count, which errs toward refusing, never
 toward overspending. The ledger is in memory: a restart starts the day's spend again at 0.
+
+With replicas (``TenantQuotas(shared=SharedLimits)``, gateway/store/limits.py) the limits hold
+for all of them together: the rate by tokens each client frame takes from a bucket in Redis
+(:meth:`TenantQuotas.prepare`, awaited before the frame's tasks are checked), the budget by the
+day's spend of every replica (the ledger feeds its own to Redis once per interval) and the
+prices the others hold, connections by the others' count; the others' figures are at most one
+refresh interval old. Without it nothing here changes, and the per-task check costs what it did.
 """
 
 from __future__ import annotations
@@ -17,17 +24,23 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.admission import FairQueue
 from gateway.store.base import TaskRecord
+from gateway.store.limits import LocalFigures
 from gateway.tenants import TenantPolicy
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageTask
 from protocol.models import Catalogue
 
-__all__ = ["DAY", "BudgetLedger", "TenantQuotas", "TokenBucket"]
+if TYPE_CHECKING:
+    from gateway.store.limits import SharedLimits
+
+__all__ = ["DAY", "BudgetLedger", "GrantedTokens", "TenantQuotas", "TokenBucket"]
 
 DAY = 86400.0
 # prices are sums of a few decimals: a task that fits the budget exactly must not be refused
@@ -60,6 +73,34 @@ class TokenBucket:
         return math.inf if self.rate <= 0 else max(0.0, (1.0 - self.tokens) / self.rate)
 
 
+class GrantedTokens:
+    """The tokens one client frame took from the tenant's bucket shared by every replica: the
+    same face as :class:`TokenBucket`, so that the per-task check is the same code."""
+
+    __slots__ = ("burst", "rate", "tokens", "until_next")
+
+    def __init__(self, rate: float, burst: int, tokens: int, until_next: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = tokens
+        self.until_next = until_next
+
+    @classmethod
+    def none(cls, rate: float, burst: int, clock: Callable[[], float]) -> GrantedTokens:
+        """What a check finds when no :meth:`TenantQuotas.prepare` took tokens for the frame:
+        nothing (a door that forgot refuses, rather than let each replica its own rate)."""
+        return cls(rate, burst, 0, math.inf if rate <= 0 else 1.0 / rate)
+
+    def take(self) -> bool:
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def wait(self) -> float:
+        return self.until_next
+
+
 class BudgetLedger:
     """Spend per tenant and UTC day, and the prices held for tasks in flight."""
 
@@ -70,6 +111,27 @@ class BudgetLedger:
         self._baseline = dict(spend)
         self.reserved: dict[str, float] = {}
         self._held: dict[str, tuple[str, float]] = {}  # upstream UUID -> (tenant, price)
+        self._shared: SharedLimits | None = None
+        self._fed: dict[str, float] = {}  # the running totals as last fed to the shared spend
+
+    def share(self, shared: SharedLimits) -> None:
+        """Count every replica's spend: this one's is fed to ``shared`` before each of its
+        refreshes, from the registry's running totals (no call per cost), and today's spend
+        is the shared total plus what was not fed yet."""
+        if self._shared is shared:
+            return
+        self._shared = shared
+        self._fed = dict(self._spend)  # spend before sharing began is this replica's past
+        shared.on_push.append(self._feed)
+
+    def _feed(self) -> None:
+        shared, fed = self._shared, self._fed
+        assert shared is not None
+        for tenant, total in self._spend.items():
+            added = total - fed.get(tenant, 0.0)
+            if added > 0.0:
+                shared.add_spend(tenant, added)
+                fed[tenant] = total
 
     def _roll(self) -> None:
         day = int(self._wall_clock() // DAY)
@@ -77,11 +139,22 @@ class BudgetLedger:
             self._day = day
             self._baseline = dict(self._spend)
 
-    def spent_today(self, tenant: str) -> float:
+    def local_spent_today(self, tenant: str) -> float:
+        """This replica's own spend today (all of it, without replicas)."""
         self._roll()
         return self._spend.get(tenant, 0.0) - self._baseline.get(tenant, 0.0)
 
+    def spent_today(self, tenant: str) -> float:
+        shared = self._shared
+        if shared is None:
+            return self.local_spent_today(tenant)
+        unfed = self._spend.get(tenant, 0.0) - self._fed.get(tenant, 0.0)
+        return shared.spent_today(tenant) + unfed
+
     def spend_by_tenant(self) -> dict[str, float]:
+        if self._shared is not None:
+            tenants = self._shared.spend_by_tenant().keys() | self._spend.keys()
+            return {tenant: self.spent_today(tenant) for tenant in tenants}
         self._roll()
         base = self._baseline
         return {tenant: total - base.get(tenant, 0.0) for tenant, total in self._spend.items()}
@@ -115,7 +188,7 @@ class _TenantState:
     __slots__ = ("bucket", "connections")
 
     def __init__(self) -> None:
-        self.bucket: TokenBucket | None = None
+        self.bucket: TokenBucket | GrantedTokens | None = None
         self.connections = 0
 
 
@@ -127,11 +200,19 @@ class TenantQuotas:
         refused: Counter[tuple[str, str]],
         *,
         clock: Callable[[], float],
+        shared: SharedLimits | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.ledger = ledger
         self.refused = refused  # the pool's: one metric family for every limit
         self._clock = clock
+        self.shared = shared
+        # the per-task check is one code for both: with replicas a tenant's "bucket" is what
+        # prepare() took for the frame, and one made by the check itself holds no token
+        self._bucket: Callable[[float, int, Callable[[], float]], TokenBucket | GrantedTokens]
+        self._bucket = TokenBucket if shared is None else GrantedTokens.none
+        if shared is not None:
+            ledger.share(shared)
         self._states: dict[str, _TenantState] = {}
         # (model, width, height, numberResults) -> USD: bounded by the catalogue's sizes x 20
         self._prices: dict[tuple[str, int, int, int], float] = {}
@@ -141,6 +222,18 @@ class TenantQuotas:
         if state is None:
             state = self._states[tenant] = _TenantState()
         return state
+
+    async def prepare(self, tenant: str, policy: TenantPolicy, count: int) -> None:
+        """With replicas, before a client frame's ``count`` tasks of ``tenant`` are checked:
+        take their tokens from the shared bucket. Raises ``StoreUnavailable`` (the door answers
+        the frame's tasks ``serviceUnavailable``). The checks must follow with no await in
+        between; tokens a frame took and did not use (tasks refused for something else) are
+        dropped at the tenant's next prepare, as a local bucket's are spent."""
+        rate, shared = policy.rate, self.shared
+        if rate is None or shared is None or count <= 0:
+            return
+        grant = await shared.take(tenant, count, rate, policy.burst)
+        self._state(tenant).bucket = GrantedTokens(rate, policy.burst, grant.tokens, grant.wait)
 
     def check(self, policy: TenantPolicy, task: ImageTask) -> ErrorItem | float:
         """The task's error, or its price to hold (0 when the tenant has no budget). Checked
@@ -172,8 +265,13 @@ class TenantQuotas:
         if budget is not None:
             price = self._price(task)
             ledger = self.ledger
-            spent = ledger.spent_today(name)
-            held = ledger.reserved.get(name, 0.0)
+            shared = self.shared
+            if shared is None:
+                spent = ledger.local_spent_today(name)
+                held = ledger.reserved.get(name, 0.0)
+            else:
+                spent = ledger.spent_today(name)
+                held = ledger.reserved.get(name, 0.0) + shared.others(name).held
             if spent + held + price > budget + _EPSILON:
                 return self._refuse(
                     name, "tenant_budget_per_day", "insufficientCredits", task,
@@ -186,7 +284,7 @@ class TenantQuotas:
             state = self._state(name)
             bucket = state.bucket
             if bucket is None or bucket.rate != rate or bucket.burst != policy.burst:
-                bucket = state.bucket = TokenBucket(rate, policy.burst, self._clock)  # reloaded
+                bucket = state.bucket = self._bucket(rate, policy.burst, self._clock)  # reloaded
             if not bucket.take():
                 return self._refuse(
                     name, "tenant_rate", "rateLimitExceeded", task,
@@ -235,7 +333,8 @@ class TenantQuotas:
         a tenant that had none); each success is to be matched by one :meth:`disconnect`."""
         state = self._state(tenant)
         cap = policy.max_connections if policy is not None else None
-        if cap is not None and state.connections >= cap:
+        others = self.shared.others(tenant).connections if self.shared is not None else 0
+        if cap is not None and state.connections + others >= cap:
             self.refused[tenant, "tenant_max_connections"] += 1
             return error_item(
                 "rateLimitExceeded",
@@ -254,6 +353,23 @@ class TenantQuotas:
     def connections(self, tenant: str) -> int:
         state = self._states.get(tenant)
         return state.connections if state is not None else 0
+
+    def local_figures(self, queue: FairQueue[Any]) -> dict[str, LocalFigures]:
+        """This replica's own figures by tenant, for ``SharedLimits(local=...)``: tasks at the
+        provider and waiting (from the pool's queue), sockets, budget held."""
+        figures: dict[str, LocalFigures] = {}
+        reserved = self.ledger.reserved
+        names = set(queue.tenants()) | reserved.keys()
+        names.update(name for name, state in self._states.items() if state.connections)
+        for name in names:
+            state = self._states.get(name)
+            figures[name] = LocalFigures(
+                queue.in_flight(name),
+                queue.waiting(name),
+                state.connections if state is not None else 0,
+                reserved.get(name, 0.0),
+            )
+        return figures
 
     def retry_after(self, tenant: str, code: str) -> int | None:
         """Whole seconds a REST client should wait before trying again after ``code``, for

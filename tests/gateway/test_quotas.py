@@ -3,6 +3,8 @@ gateway's clocks injected (the token bucket's, the budget's UTC day)."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,12 +12,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.admission import FairQueue
 from gateway.app import Gateway
 from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
 from gateway.quotas import DAY, BudgetLedger, TenantQuotas, TokenBucket
 from gateway.store.base import TaskRecord
+from gateway.store.connection import RedisConnection
+from gateway.store.limits import LocalFigures, SharedLimits
 from gateway.tenants import TenantPolicy
+from protocol.codec import decode_client_frame
+from protocol.frames import ErrorItem, ImageTask
 from protocol.models import default_catalogue
 from tests.gateway.conftest import (
     ALPHA,
@@ -29,6 +36,7 @@ from tests.gateway.conftest import (
     task,
     until,
 )
+from tests.timing import MS
 
 PRICE = 0.195  # a 1K image of the catalogue's model
 
@@ -76,6 +84,128 @@ def test_connections_are_counted_per_tenant_across_limit_changes() -> None:
     quotas.disconnect("a")
     assert quotas.connect("a", capped) is None
     assert quotas.connections("a") == 2
+
+
+# --------------------------------------------------------------------------- across replicas
+
+
+def image(**overrides: Any) -> ImageTask:
+    [decoded] = decode_client_frame(json.dumps([task(**overrides)]), default_catalogue())
+    assert isinstance(decoded, ImageTask)
+    return decoded
+
+
+def refusal(checked: ErrorItem | float) -> str:
+    return checked.code if isinstance(checked, ErrorItem) else "ok"
+
+
+@pytest.fixture
+async def replicas(redis_url: str) -> AsyncIterator[tuple[SharedLimits, SharedLimits]]:
+    """Replicas "a" and "b" of one gateway; refreshed by hand (the loop is not started)."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    pair = tuple(
+        SharedLimits(RedisConnection.from_url(redis_url, deadline=500 * MS, prefix=prefix), name)
+        for name in ("a", "b")
+    )
+    yield pair[0], pair[1]
+    for shared in pair:
+        await shared.stop()
+        await shared.redis.close()
+
+
+def quotas_of(
+    shared: SharedLimits, spend: dict[str, float] | None = None, clock: Clock | None = None
+) -> TenantQuotas:
+    ledger = BudgetLedger({} if spend is None else spend, Clock())
+    return TenantQuotas(
+        default_catalogue(), ledger, Counter(), clock=clock or Clock(), shared=shared
+    )
+
+
+async def test_replicas_take_the_rate_from_one_bucket(
+    replicas: tuple[SharedLimits, SharedLimits],
+) -> None:
+    a, b = replicas
+    clock = Clock()
+    quotas = quotas_of(a, clock=clock)
+    policy = TenantPolicy.of("alpha", Tenant(rate=0.01, burst=3))
+    assert (await b.take("alpha", 1, 0.01, 3)).tokens == 1  # the other replica takes one
+    await quotas.prepare("alpha", policy, 3)  # the frame's three tasks: two tokens left
+    assert [refusal(quotas.check(policy, image())) for _ in range(3)] == [
+        "ok",
+        "ok",
+        "rateLimitExceeded",
+    ]
+    refused = quotas.check(policy, image())
+    assert isinstance(refused, ErrorItem)
+    assert "0.01 tasks per second (bursts of 3). Retry in" in refused.message
+    assert quotas.retry_after("alpha", "rateLimitExceeded") == 100  # the shared bucket's wait
+    clock.advance(1000.0)  # no local bucket to refill
+    assert refusal(quotas.check(policy, image())) == "rateLimitExceeded"
+    await quotas.prepare("alpha", policy, 1)
+    assert refusal(quotas.check(policy, image())) == "rateLimitExceeded"  # the bucket is empty
+    # a tenant checked without prepare() has no token: a door that forgot refuses
+    other = TenantPolicy.of("beta", Tenant(rate=100.0, burst=100))
+    assert refusal(quotas.check(other, image())) == "rateLimitExceeded"
+    await quotas.prepare("beta", other, 3)
+    assert refusal(quotas.check(other, image())) == "ok"
+    await quotas.prepare("beta", other, 1)  # the frame before left two: dropped
+    assert [refusal(quotas.check(other, image())) for _ in range(2)] == ["ok", "rateLimitExceeded"]
+    assert quotas.refused == Counter({("alpha", "tenant_rate"): 4, ("beta", "tenant_rate"): 2})
+
+
+async def test_the_budget_counts_the_other_replicas_spend_and_held(
+    replicas: tuple[SharedLimits, SharedLimits],
+) -> None:
+    a, b = replicas
+    spend: dict[str, float] = {}
+    quotas = quotas_of(a, spend)
+    policy = TenantPolicy.of("alpha", Tenant(budget_per_day=1.0))
+    b.local = lambda: {"alpha": LocalFigures(in_flight=1, held=0.3)}
+    b.add_spend("alpha", 0.5)
+    await b.refresh()
+    await a.refresh()
+    assert refusal(quotas.check(policy, image())) == "ok"  # 0.5 + 0.3 + PRICE <= 1
+    spend["alpha"] = 0.1  # this replica's provider cost, counted before it is fed
+    refused = quotas.check(policy, image())
+    assert isinstance(refused, ErrorItem) and refused.code == "insufficientCredits"
+    assert "$0.6000 spent today and $0.3000 held" in refused.message
+    assert quotas.ledger.spent_today("alpha") == pytest.approx(0.6)
+    await a.refresh()  # fed to Redis once, and no longer counted as its own
+    await b.refresh()
+    assert b.spent_today("alpha") == pytest.approx(0.6)
+    assert quotas.ledger.spent_today("alpha") == pytest.approx(0.6)
+    assert quotas.ledger.spend_by_tenant() == {"alpha": pytest.approx(0.6)}
+
+
+async def test_connections_are_counted_across_replicas(
+    replicas: tuple[SharedLimits, SharedLimits],
+) -> None:
+    a, b = replicas
+    quotas = quotas_of(a)
+    capped = TenantPolicy.of("alpha", Tenant(max_connections=2))
+    b.local = lambda: {"alpha": LocalFigures(connections=1)}
+    await b.refresh()
+    await a.refresh()
+    assert quotas.connect("alpha", capped) is None
+    refused = quotas.connect("alpha", capped)
+    assert refused is not None and "2 connections" in refused.message
+
+
+def test_a_replica_reports_its_own_figures() -> None:
+    quotas = TenantQuotas(default_catalogue(), BudgetLedger({}, Clock()), Counter(), clock=Clock())
+    queue: FairQueue[str] = FairQueue(10)
+    for item in ("t1", "t2", "t3"):
+        queue.push("alpha", item)
+    assert queue.pop() == ("alpha", "t1")
+    quotas.connect("alpha", None)
+    quotas.connect("beta", None)
+    record = TaskRecord(tenant="alpha", task=None, upstream_uuid="u1", created=0.0)  # type: ignore[arg-type]
+    quotas.ledger.hold(record, 0.25)
+    assert quotas.local_figures(queue) == {
+        "alpha": LocalFigures(in_flight=1, queued=2, connections=1, held=0.25),
+        "beta": LocalFigures(connections=1),
+    }
 
 
 # --------------------------------------------------------------------------- through a gateway
