@@ -34,9 +34,10 @@ from gateway.delivery.jobs import RedisJobs
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.pool import UpstreamPool
-from gateway.quotas import BudgetFigures, BudgetLedger, TenantQuotas
+from gateway.quotas import DAY, BudgetFigures, BudgetLedger, TenantQuotas
 from gateway.replication import Replication
 from gateway.rest import RestEndpoint
+from gateway.roaming import Roaming
 from gateway.store.base import Delivery
 from gateway.store.connection import RedisConnection
 from gateway.store.memory import MemoryTaskStore
@@ -196,6 +197,14 @@ class Gateway:
             replication=self.replication,
         )
         self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
+        if self.redis is not None and self.cluster is not None:
+            self.clients.roaming = Roaming(
+                self.redis,
+                self.cluster,
+                self.clients.table,
+                # a replica that dies leaves its sessions' entries this long at most
+                attached_ttl=DAY,
+            )
         rest = RestEndpoint(
             intake,
             self.metrics,
@@ -265,6 +274,8 @@ class Gateway:
         if self.pool is not None:
             await self.pool.close()
         await self.deliveries.close()
+        if self.clients is not None and self.clients.roaming is not None:
+            await self.clients.roaming.close()
         if self.replication is not None:
             await self.replication.drain(self.config.store.timeout * 2)
             await self.replication.close()

@@ -43,6 +43,7 @@ from gateway.dispatch import Answer, Dispatch
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.quotas import TokenBucket
+from gateway.roaming import Roaming
 from gateway.sessions import ClientSession, SessionTable
 from gateway.tenants import CLOSE_REVOKED, Revoked, hash_key
 from gateway.throttle import AuthThrottle
@@ -385,6 +386,7 @@ class ClientGateway:
             evicted=metrics.client_sessions_evicted.inc,
         )
         self.sessions = self.table.sessions
+        self.roaming: Roaming | None = None  # with a shared store: sessions across replicas
         self.connections: set[ClientConnection] = set()
         self._admitted = 0  # connections from the upgrade on, so a burst cannot pass the bound
         self._due: list[ClientConnection] = []  # connections with frames to flush
@@ -450,8 +452,11 @@ class ClientGateway:
                 drain.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await drain
-            if connection.session is not None:
-                connection.session.detach(connection, self._clock())
+            session = connection.session
+            if session is not None:
+                session.detach(connection, self._clock())
+                if self.roaming is not None and session.connection is None:
+                    self.roaming.detached(session)
             if not ws.closed:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(), 1.0)
@@ -520,6 +525,8 @@ class ClientGateway:
                 answer = Answer(connection.send)
                 claims = None
                 if shared and outcomes:  # the frame's tasks claimed across replicas first
+                    if door.session is None:
+                        await self._adopt(outcomes)
                     claims = await intake.claim(door.tenant, outcomes)
                     if connection.closed:
                         return
@@ -532,6 +539,19 @@ class ClientGateway:
             elif kind == WSMsgType.ERROR:
                 log.info("client socket error", error=repr(ws.exception()))
                 return
+
+    async def _adopt(self, outcomes: list[Any]) -> None:
+        """Shared store: a session another replica held is made this one's before the frame's
+        authentication resumes it (gateway.roaming)."""
+        roaming = self.roaming
+        auth = next((o for o in outcomes if type(o) is Authentication), None)
+        if roaming is None or auth is None or auth.connectionSessionUUID is None:
+            return
+        if auth.connectionSessionUUID in self.table.sessions:
+            return
+        tenant = self.intake.tenant_of(auth.apiKey)
+        if tenant is not None:
+            await roaming.adopt(auth.connectionSessionUUID, tenant, self._clock())
 
     def authenticate(self, door: SocketDoor, auth: Authentication) -> None:
         """One authentication per socket makes at most one session: a repeat with a key of
@@ -575,6 +595,8 @@ class ClientGateway:
                 message = "Too many sessions for this API key. Retry with backoff."
                 self._refuse(door, "rateLimitExceeded", message, None)
                 return
+            if self.roaming is not None:
+                self.roaming.opened(session)
         elif session.connection is not None and session.connection is not connection:
             session.detach(session.connection, now)  # the newest socket wins
         door.session, door.tenant = session, tenant
@@ -584,6 +606,8 @@ class ClientGateway:
         connection.session = session
         connection.authenticated()
         session.attach(connection)
+        if self.roaming is not None:
+            self.roaming.attached(session)
         log.debug("client authenticated", tenant=tenant, session=session.uuid)
 
     async def _answer_late(self, door: SocketDoor) -> None:

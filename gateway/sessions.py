@@ -42,11 +42,24 @@ class ClientSession:
         self.buffered_bytes = 0
         self.open_tasks: set[str] = set()
         self.ended = False  # expired or evicted: its tasks' frames are no one's to keep
+        # resumed on another replica (gateway.roaming): every frame goes there instead
+        self.forward: Callable[[bytes], None] | None = None
 
     def deliver(self, record: TaskRecord, frame: bytes) -> None:
+        self.push(frame)
+
+    def push(self, frame: bytes) -> None:
+        if self.forward is not None:
+            self.forward(frame)
         # behind a backlog still being replayed, a new frame waits its turn: order is kept
-        if self.buffer or self.connection is None or not self.connection.send(frame):
+        elif self.buffer or self.connection is None or not self.connection.send(frame):
             self._keep(frame)
+
+    def take_backlog(self) -> list[bytes]:
+        """Every frame waiting for the client, given once (to another replica)."""
+        backlog = list(self.buffer)
+        self.drop_oldest(0)
+        return backlog
 
     def settled(self, record: TaskRecord) -> None:
         self.open_tasks.discard(record.upstream_uuid)
@@ -136,16 +149,19 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def open(self, tenant: str) -> ClientSession | None:
-        """A new session, room made by evicting the oldest detached one; None if there is none
-        to evict (every session in the way has a socket)."""
+    def open(self, tenant: str, session_uuid: str | None = None) -> ClientSession | None:
+        """A new session (``session_uuid``: one another replica held), room made by evicting
+        the oldest detached one; None if there is none to evict (every session in the way has
+        a socket)."""
         if self._counts.get(tenant, 0) >= self.max_per_tenant and not self._evict_oldest(
             self._tenants.get(tenant)
         ):
             return None
         if len(self.sessions) >= self.max_sessions and not self._evict_oldest(self._detached):
             return None
-        session = ClientSession(str(uuid.uuid4()), tenant, self.session_buffer_bytes, self)
+        session = ClientSession(
+            session_uuid or str(uuid.uuid4()), tenant, self.session_buffer_bytes, self
+        )
         self.sessions[session.uuid] = session
         self._counts[tenant] = self._counts.get(tenant, 0) + 1
         return session

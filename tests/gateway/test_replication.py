@@ -13,7 +13,15 @@ import pytest
 
 from gateway.config import StoreSettings
 from gateway.provider.server import LocalProvider
-from tests.gateway.conftest import ALPHA, BETA, connect, gateway_config, running, task
+from tests.gateway.conftest import (
+    ALPHA,
+    BETA,
+    connect,
+    gateway_config,
+    running,
+    set_faults,
+    task,
+)
 from tests.redis_server import free_port
 from tests.timing import MS
 
@@ -121,3 +129,45 @@ async def test_redis_away_new_tasks_get_service_unavailable(
         async with http.get(f"http://127.0.0.1:{gateway.port}/readyz") as r:
             assert r.status == 503
             assert (await r.json())["store"] == "unavailable"
+
+
+async def _images(client: Any, want: int, seen: list[str], within: float) -> None:
+    """Read frames until ``seen`` holds ``want`` imageUUIDs (errors are not expected)."""
+    async with asyncio.timeout(within):
+        while len(seen) < want:
+            frame = await client.recv()
+            assert "errors" not in frame, frame
+            seen.extend(i["imageUUID"] for i in frame["data"] if "imageUUID" in i)
+
+
+async def test_a_session_resumed_on_b_gets_the_rest_of_its_task_from_a(
+    provider: LocalProvider, pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """The client leaves A mid-task and resumes its session on B: A still carries the task
+    and forwards its results; every image arrives once."""
+    a, b = pair
+    set_faults(provider, fast=True, latency={"kind": "uniform", "ms": 50, "high_ms": 1500})
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    body = task(numberResults=4)
+    await on_a.send(body)
+    seen: list[str] = []
+    await _images(on_a, 1, seen, 5000 * MS)
+    await on_a.ws.close()
+    on_b = await connect(http, b.url)
+    assert await on_b.auth(ALPHA, session) == session
+    await _images(on_b, 4, seen, 10000 * MS)
+    assert len(set(seen)) == len(seen) == 4
+
+
+async def test_a_session_unknown_or_of_another_tenant_is_not_resumed(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    a, b = pair
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    beta = await connect(http, b.url)
+    assert await beta.auth(BETA, session) != session
+    stranger = await connect(http, b.url)
+    unknown = str(uuid.uuid4())
+    assert await stranger.auth(ALPHA, unknown) != unknown

@@ -1,0 +1,271 @@
+"""Client sessions that move between replicas (``store.url``).
+
+A client that reconnects to *another* replica with its ``connectionSessionUUID`` gets the auth
+reply and then every frame it missed, in order, and the results of its tasks still running
+keep coming, whichever replica carries them. How:
+
+- **Directory.** ``{prefix}:session:{uuid}`` holds the session's tenant and the replica that
+  holds it. Written when a session opens; it lives ``attached_ttl`` while a socket holds it and
+  ``resume_window`` once it has none (a dead replica's sessions go by themselves).
+- **Adoption.** A replica asked to resume a session it does not know takes it over in the
+  directory (one script: same tenant only), makes a local session of that UUID, and tells the
+  replica that held it ("moved"). That one hands over what it buffered for the client and from
+  then on forwards every frame of the session's tasks.
+- **Forwarding.** A frame for a session held elsewhere (or by nobody yet: its client has not
+  reconnected) is appended to the session's mailbox ``{prefix}:mailbox:{uuid}`` (a list, at
+  most ``max_mailbox`` frames, the oldest dropped first; it lives ``resume_window``), and the
+  holder is woken on the bus. The holder empties the mailbox into the session, in order. The
+  append and the read of the holder are one script, and an adoption empties the mailbox after
+  taking the session, so a frame is never left behind by a move; a frame sent while Redis is
+  away is lost to the socket (``getResponse`` has it).
+
+Within one replica nothing of this runs: a session's frames go to its socket as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+
+from gateway.cluster import Cluster
+from gateway.sessions import ClientSession, SessionTable
+from gateway.store.base import TaskRecord
+from gateway.store.connection import RedisConnection, key_part
+from gateway.store.shared import StoreUnavailable
+
+if TYPE_CHECKING:
+    from gateway.tasks import Subscriber
+
+__all__ = ["Roaming"]
+
+log = structlog.get_logger("tenebra.roaming")
+
+# KEYS[1]: the session; ARGV: tenant, this replica, ttl (ms). The previous holder, or false for
+# a session unknown or another tenant's.
+_ADOPT = """
+local tenant = redis.call('HGET', KEYS[1], 'tenant')
+if tenant ~= ARGV[1] then return false end
+local previous = redis.call('HGET', KEYS[1], 'replica') or ''
+redis.call('HSET', KEYS[1], 'replica', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return previous
+"""
+
+# KEYS[1]: mailbox, KEYS[2]: the session; ARGV[1]: max frames, ARGV[2]: ttl (ms), ARGV[3..]:
+# frames. The replica that holds the session, or false.
+_POST = """
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('HGET', KEYS[2], 'replica')
+"""
+
+# KEYS[1]: mailbox. Every frame in it, and it emptied.
+_TAKE = """
+local frames = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return frames
+"""
+
+_ENCODE = msgspec.msgpack.Encoder()
+_DECODE_NAME = msgspec.msgpack.Decoder(str)
+
+
+class _Remote:
+    """The subscriber of a task whose session is not here: its frames are forwarded."""
+
+    __slots__ = ("roaming", "session_uuid")
+
+    def __init__(self, roaming: Roaming, session_uuid: str) -> None:
+        self.roaming = roaming
+        self.session_uuid = session_uuid
+
+    def deliver(self, record: TaskRecord, frame: bytes) -> None:
+        self.roaming.forward(self.session_uuid, frame)
+
+    def settled(self, record: TaskRecord) -> None:
+        pass
+
+
+class Roaming:
+    def __init__(
+        self,
+        redis: RedisConnection,
+        cluster: Cluster,
+        table: SessionTable,
+        *,
+        attached_ttl: float,
+        max_mailbox: int = 1024,
+    ) -> None:
+        self.redis = redis
+        self.cluster = cluster
+        self.table = table
+        self.replica = cluster.name
+        self._attached_ms = max(1, round(attached_ttl * 1000))
+        self._detached_ms = max(1, round(table.resume_window * 1000))
+        self.max_mailbox = max_mailbox
+        self._adopt = redis.script(_ADOPT)
+        self._post = redis.script(_POST)
+        self._take = redis.script(_TAKE)
+        self._outgoing: defaultdict[str, list[bytes]] = defaultdict(list)  # by session UUID
+        self._sending: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        cluster.on("moved", self._moved)
+        cluster.on("wake", self._wake)
+
+    def _session_key(self, session_uuid: str) -> str:
+        return self.redis.key("session", key_part(session_uuid))
+
+    def _mailbox(self, session_uuid: str) -> str:
+        return self.redis.key("mailbox", key_part(session_uuid))
+
+    # ------------------------------------------------------------------ the directory
+
+    def opened(self, session: ClientSession) -> None:
+        key, client = self._session_key(session.uuid), self.redis.client
+        tenant = session.tenant
+
+        async def write() -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping={"tenant": tenant, "replica": self.replica})
+                pipe.pexpire(key, self._attached_ms)
+                await pipe.execute()
+
+        self._spawn(write)
+
+    def attached(self, session: ClientSession) -> None:
+        self._expire(session.uuid, self._attached_ms)
+
+    def detached(self, session: ClientSession) -> None:
+        self._expire(session.uuid, self._detached_ms)
+
+    def _expire(self, session_uuid: str, ms: int) -> None:
+        key, client = self._session_key(session_uuid), self.redis.client
+        self._spawn(lambda: client.pexpire(key, ms))
+
+    async def adopt(self, session_uuid: str, tenant: str, now: float) -> bool:
+        """Make the session ``session_uuid`` of ``tenant``, held by another replica (or by a
+        dead one), this replica's, detached, so that the authentication resumes it. False when
+        the directory does not know it for that tenant (the client gets a new session)."""
+        if session_uuid in self.table.sessions:
+            return True
+        keys = [self._session_key(session_uuid)]
+        try:
+            previous = await self.redis.call(
+                lambda: self._adopt(keys=keys, args=[tenant, self.replica, self._attached_ms])
+            )
+        except StoreUnavailable as exc:
+            log.info("session not resumed: redis unavailable", error=str(exc))
+            return False
+        if previous is None:
+            return False
+        session = self.table.open(tenant, session_uuid)
+        if session is None:  # no room: the authentication opens none either, and says so
+            return False
+        self.table.detached(session, now)
+        holder = previous.decode() if isinstance(previous, bytes) else str(previous)
+        if holder and holder != self.replica:
+            self._spawn(lambda: self.cluster.send(holder, "moved", _ENCODE.encode(session_uuid)))
+        self._spawn(lambda: self._empty(session_uuid))
+        log.info("session adopted", session=session_uuid, previous=holder or None)
+        return True
+
+    def subscriber(self, session_uuid: str) -> Subscriber:
+        """Who takes the frames of a task of session ``session_uuid`` (a takeover's)."""
+        session = self.table.sessions.get(session_uuid)
+        if session is not None and session.forward is None:
+            return session
+        return _Remote(self, session_uuid)
+
+    # ------------------------------------------------------------------ forwarding
+
+    def forward(self, session_uuid: str, frame: bytes) -> None:
+        """Send a frame to the session's mailbox: in order, one script per session per turn."""
+        self._outgoing[session_uuid].append(frame)
+        if self._sending is None:
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._outgoing:
+                await asyncio.sleep(0)  # what this loop turn forwards goes in one script
+                outgoing, self._outgoing = self._outgoing, defaultdict(list)
+                for session_uuid, frames in outgoing.items():
+                    await self._post_frames(session_uuid, frames)
+        finally:
+            self._sending = None
+
+    async def _post_frames(self, session_uuid: str, frames: list[bytes]) -> None:
+        keys = [self._mailbox(session_uuid), self._session_key(session_uuid)]
+        args: list[bytes | int] = [self.max_mailbox, self._detached_ms, *frames]
+        try:
+            holder = await self.redis.call(lambda: self._post(keys=keys, args=args))
+        except StoreUnavailable as exc:
+            log.info("frames not forwarded: redis unavailable", frames=len(frames), error=str(exc))
+            return
+        if holder is None:
+            return  # nobody holds it yet: the adoption empties the mailbox
+        name = holder.decode() if isinstance(holder, bytes) else str(holder)
+        if name == self.replica:
+            await self._empty(session_uuid)
+        else:
+            await self.cluster.send(name, "wake", _ENCODE.encode(session_uuid))
+
+    async def _empty(self, session_uuid: str) -> None:
+        """The mailbox into the local session, in order."""
+        session = self.table.sessions.get(session_uuid)
+        if session is None or session.forward is not None:
+            return
+        keys = [self._mailbox(session_uuid)]
+        try:
+            frames = await self.redis.call(lambda: self._take(keys=keys))
+        except StoreUnavailable as exc:
+            log.info("mailbox not read: redis unavailable", error=str(exc))
+            return
+        for frame in frames:
+            session.push(frame if isinstance(frame, bytes) else frame.encode())
+
+    # ------------------------------------------------------------------ the bus
+
+    def _wake(self, body: bytes) -> None:
+        session_uuid = _DECODE_NAME.decode(body)
+        self._spawn(lambda: self._empty(session_uuid))
+
+    def _moved(self, body: bytes) -> None:
+        """Our session was resumed on another replica: what it buffered goes there, and so
+        does every later frame of its tasks."""
+        session_uuid = _DECODE_NAME.decode(body)
+        session = self.table.sessions.get(session_uuid)
+        if session is None or session.forward is not None:
+            return
+        if session.connection is not None:  # the newest socket wins, as on one replica
+            session.detach(session.connection, asyncio.get_running_loop().time())
+        backlog = session.take_backlog()
+        session.forward = lambda frame: self.forward(session_uuid, frame)
+        for frame in backlog:
+            self.forward(session_uuid, frame)
+
+    def _spawn(self, step: Callable[[], Awaitable[object]]) -> None:
+        """Run ``step`` in the background within the store's deadline; Redis away is logged."""
+
+        async def run() -> None:
+            try:
+                await self.redis.call(step)
+            except StoreUnavailable as exc:
+                log.info("session directory not updated: redis unavailable", error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._sending, *self._background) if t is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.redis.deadline * 2)
+        for task in tasks:
+            task.cancel()
