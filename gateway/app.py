@@ -42,6 +42,7 @@ from gateway.store.base import Delivery
 from gateway.store.connection import RedisConnection
 from gateway.store.memory import MemoryTaskStore
 from gateway.store.redis import RedisSharedTasks
+from gateway.takeover import Takeover
 from gateway.tasks import TaskRegistry
 from gateway.tenants import Revoked, TenantTable, forget_plain_keys
 from protocol.errors import error_item
@@ -176,8 +177,6 @@ class Gateway:
             parts = urlsplit(url)
             scheme = "https" if parts.scheme == "wss" else "http"
             self.deliveries.trusted_origins.add(f"{scheme}://{parts.netloc}".lower())
-        if self.cluster is not None:
-            await self.cluster.start()
         await self.deliveries.start()
         self.pool = UpstreamPool(
             url, key, settings, self.registry, self.metrics, limits=self._tenant_limits
@@ -232,6 +231,19 @@ class Gateway:
             access_log=None,
             keepalive_timeout=self.config.server.handshake_timeout,
         )
+        if self.redis is not None and self.cluster is not None and self.replication is not None:
+            self.pool.on_session = self.replication.link_session
+            self.cluster.takeovers.append(
+                Takeover(
+                    self.redis,
+                    self.replication,
+                    self.registry,
+                    self.pool,
+                    self.clients.roaming,
+                    self.deliveries,
+                )
+            )
+            await self.cluster.start()  # last: a takeover needs everything above
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,

@@ -13,6 +13,7 @@ registry's expiry).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -64,9 +65,16 @@ class UpstreamPool:
         self._retries: dict[str, Iterator[float]] = {}  # backoff of tasks the provider refused
         self._down_since: float | None = registry.now()  # no link ready since
         self.links: list[UpstreamLink] = []
+        # links that carry a dead replica's provider sessions until their tasks settle: by
+        # index, numbered after the pool's own; never given new tasks
+        self.adopted: dict[int, UpstreamLink] = {}
+        self._adoptions = itertools.count(settings.links)
+        # a link authenticated: (its index, its provider session), for a takeover to resume
+        self.on_session: Callable[[int, str], None] | None = None
         self._refused_key = False
         self._http: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.admitted: Counter[str] = Counter()  # by tenant: plain numbers, read at scrape
         self.refused_by_limit: Counter[tuple[str, str]] = Counter()  # (tenant, limit)
         registry.on_final.append(self._settled)
@@ -75,27 +83,43 @@ class UpstreamPool:
     async def start(self) -> None:
         self._http = aiohttp.ClientSession()
         for index in range(self.settings.links):
-            link = UpstreamLink(
-                index,
-                self._url,
-                self._api_key,
-                self.settings,
-                self.registry,
-                self.metrics,
-                self._http,
-                rng=self._rng,
-                on_state=self._link_changed,
-                on_unsent=self._unsent,
-                on_refused=self._refused,
-            )
+            link = self._link(index)
             self.links.append(link)
             link.start()
         self._watch = asyncio.create_task(self._watch_waiting())
 
+    def _link(self, index: int) -> UpstreamLink:
+        assert self._http is not None
+        return UpstreamLink(
+            index,
+            self._url,
+            self._api_key,
+            self.settings,
+            self.registry,
+            self.metrics,
+            self._http,
+            rng=self._rng,
+            on_state=self._link_changed,
+            on_unsent=self._unsent,
+            on_refused=self._refused,
+        )
+
+    def adopt(self, session_uuid: str | None, records: list[TaskRecord]) -> None:
+        """Carry tasks a dead replica sent on its provider session ``session_uuid`` (None if
+        unknown): a link of their own resumes that session and recovers them as after any
+        reconnect (gateway.recovery); it closes once they settle."""
+        link = self._link(next(self._adoptions))
+        link.session_uuid = session_uuid
+        for record in records:
+            record.link = link.index
+            link.recovery.sent(record.upstream_uuid)
+        self.adopted[link.index] = link
+        link.start()
+
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        for link in self.links:
+        for link in [*self.links, *self.adopted.values()]:
             await link.close()
         if self._http is not None:
             await self._http.close()
@@ -187,6 +211,10 @@ class UpstreamPool:
         log.debug("provider refused a task; it waits", code=error.code, window=link.window.limit)
         asyncio.get_running_loop().call_later(next(delays), self._retry, record)
 
+    def requeue(self, record: TaskRecord) -> None:
+        """A task that was waiting elsewhere (a dead replica's): first in its tenant's line."""
+        self._retry(record)
+
     def _retry(self, record: TaskRecord) -> None:
         """Back to the front of its tenant's line, unless it ended or cannot go any more."""
         if not record.open:
@@ -207,17 +235,32 @@ class UpstreamPool:
     def _settled(self, record: TaskRecord) -> None:
         self._back(record)
         self._retries.pop(record.upstream_uuid, None)
-        link = self.links[record.link] if record.link is not None else None
-        if link is not None:
+        index = record.link
+        if index is not None and index < len(self.links):
+            link = self.links[index]
             link.settled(record)
             if record.state is TaskState.DONE:
                 link.window.succeeded()
+        elif index is not None and index in self.adopted:
+            self._adopted_settled(self.adopted[index], record)
         if len(self.queue):
             self._pump()
 
     # ------------------------------------------------------------------ links and deadlines
 
+    def _adopted_settled(self, link: UpstreamLink, record: TaskRecord) -> None:
+        link.settled(record)
+        if not link.recovery.in_flight and not link.outbox:
+            del self.adopted[link.index]
+            closing = asyncio.get_running_loop().create_task(link.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
     def _link_changed(self, link: UpstreamLink) -> None:
+        if link.state is LinkState.READY and link.session_uuid and self.on_session is not None:
+            self.on_session(link.index, link.session_uuid)
+        if link.index in self.adopted:
+            return  # it takes no new tasks: nothing else here is about it
         links = self.links
         self._refused_key = bool(links) and all(x.state == LinkState.REFUSED for x in links)
         if self.ready:

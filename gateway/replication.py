@@ -38,14 +38,20 @@ from prometheus_client import Counter
 
 from gateway.backoff import full_jitter
 from gateway.store.base import TaskRecord
+from gateway.store.connection import RedisConnection, key_part
 from gateway.store.redis import RedisSharedTasks
 from gateway.store.shared import StoreUnavailable
 from protocol.codec import Outcome
 from protocol.frames import GetResponse, ImageTask
 
-__all__ = ["FrameClaims", "Replication"]
+__all__ = ["FrameClaims", "Replication", "links_key"]
 
 log = structlog.get_logger("tenebra.replication")
+
+
+def links_key(redis: RedisConnection, replica: str) -> str:
+    """A replica's provider sessions: link index -> connectionSessionUUID (gateway.takeover)."""
+    return redis.key("links", key_part(replica))
 
 
 @dataclass(slots=True)
@@ -132,6 +138,27 @@ class Replication:
         except StoreUnavailable as exc:
             self._unhealthy(exc)
             return None
+
+    def link_session(self, index: int, session_uuid: str) -> None:
+        """The pool's hook: a provider link authenticated under ``session_uuid``, recorded for
+        a replica that takes this one over to resume."""
+        redis = self.shared.connection
+        key = links_key(redis, self.replica)
+        ttl = self.shared.open_ttl_ms
+
+        async def write() -> None:
+            async with redis.client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, str(index), session_uuid)
+                pipe.pexpire(key, ttl)
+                await pipe.execute()
+
+        async def run() -> None:
+            try:
+                await redis.call(write)
+            except StoreUnavailable as exc:
+                self._unhealthy(exc)
+
+        self._spawn(run())
 
     # ------------------------------------------------------------------ records
 

@@ -140,6 +140,17 @@ class TaskRegistry:
             self.changed(record)
         return record
 
+    def adopt(self, record: TaskRecord, subscribers: list[Subscriber]) -> bool:
+        """A record another replica ran (gateway.takeover), kept here from now on; False when
+        this tenant's taskUUID is here already."""
+        if not self.store.add(record):
+            return False
+        if subscribers:
+            self._subscribers[record.upstream_uuid] = subscribers
+        if self.changed is not None:
+            self.changed(record)
+        return True
+
     def subscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:
         if not record.open:
             subscriber.settled(record)

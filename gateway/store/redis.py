@@ -128,6 +128,14 @@ class RedisSharedTasks:
         return cls(redis, max_retained=max_retained, open_ttl=open_ttl)
 
     @property
+    def open_ttl_ms(self) -> int:
+        return self._open_ttl_ms
+
+    @property
+    def connection(self) -> RedisConnection:
+        return self._redis
+
+    @property
     def deadline(self) -> float:
         return self._redis.deadline
 

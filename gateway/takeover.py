@@ -1,0 +1,105 @@
+"""A dead replica's tasks, finished by a live one (``store.url``; run by gateway.cluster).
+
+When a replica's lease lapses (SIGKILL, a lost machine), one live replica takes over what it
+ran, from what it wrote to the shared store (gateway.replication):
+
+- its open task records (``{prefix}:open:{replica}``) become this replica's: registered here,
+  written under this replica's name, and their frames go to their client's session wherever
+  it is now (gateway.roaming) and to their webhooks and uploads;
+- tasks it had sent to the provider are carried by a link that resumes the dead replica's
+  provider session (``{prefix}:links:{replica}``, recorded as each link authenticated): the
+  provider holds them, and recovery (gateway.recovery) polls them as after any reconnect.
+  Results already in a record are not relayed twice (the registry drops an imageUUID it has).
+  If the provider no longer has that session, the tasks are polled as orphans, and one it
+  lost fails (or is sent again once, with ``provider.on_lost = "resubmit"``): never two bills
+  by a guess;
+- tasks it had not sent yet are queued here as new.
+
+Every step can be done again: a taker that dies half way leaves the takeover to another
+(gateway.cluster), and records already here are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import structlog
+
+from gateway.delivery.deliveries import Deliveries
+from gateway.pool import UpstreamPool
+from gateway.replication import Replication, links_key
+from gateway.roaming import Roaming
+from gateway.store.base import TaskRecord, TaskState
+from gateway.store.connection import RedisConnection
+from gateway.tasks import AT_PROVIDER, TaskRegistry
+
+__all__ = ["Takeover"]
+
+log = structlog.get_logger("tenebra.takeover")
+
+
+class Takeover:
+    def __init__(
+        self,
+        redis: RedisConnection,
+        replication: Replication,
+        registry: TaskRegistry,
+        pool: UpstreamPool,
+        roaming: Roaming | None,
+        deliveries: Deliveries,
+    ) -> None:
+        self.redis = redis
+        self.replication = replication
+        self.registry = registry
+        self.pool = pool
+        self.roaming = roaming
+        self.deliveries = deliveries
+
+    async def __call__(self, dead: str) -> None:
+        shared = self.replication.shared
+        records = await shared.open_records(dead)
+        client, key = self.redis.client, links_key(self.redis, dead)
+        sessions = await self.redis.call(lambda: client.hgetall(key))
+        by_link = {
+            int(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in sessions.items()
+        }
+        sent: defaultdict[int | None, list[TaskRecord]] = defaultdict(list)
+        waiting: list[TaskRecord] = []
+        for record in records:
+            if not self._adopt(record):
+                continue
+            if record.state in AT_PROVIDER:
+                sent[record.link].append(record)
+            else:
+                waiting.append(record)
+        for link, carried in sent.items():
+            self.pool.adopt(by_link.get(link) if link is not None else None, carried)
+        for record in waiting:
+            if record.state is TaskState.RECEIVED:
+                self.pool.submit(record)
+            else:  # queued at the dead replica: first in its tenant's line here
+                self.pool.requeue(record)
+        # listed under this replica's name before the dead one's list goes
+        await self.replication.drain(self.redis.deadline * 2)
+        await shared.forget_open(dead)
+        await self.redis.call(lambda: client.delete(key))
+        log.warning(
+            "took over a dead replica's tasks",
+            replica=dead,
+            at_provider=sum(map(len, sent.values())),
+            waiting=len(waiting),
+            provider_sessions=len(sent),
+        )
+
+    def _adopt(self, record: TaskRecord) -> bool:
+        """Register a dead replica's record here with whoever waits for its frames; False if
+        this replica has it already (a takeover done again)."""
+        if self.registry.store.by_upstream(record.upstream_uuid) is not None:
+            return False
+        subscribers = []
+        if record.session is not None and self.roaming is not None:
+            subscribers.append(self.roaming.subscriber(record.session))
+        task = record.task
+        if isinstance(task.webhookURL, str) or isinstance(task.uploadEndpoint, str):
+            subscribers.append(self.deliveries)
+        return self.registry.adopt(record, subscribers)
