@@ -32,9 +32,11 @@ Keys (``prefix`` is the connection's; tenant and replica names escaped by ``key_
 
 Every call keeps the connection's deadline. While Redis is away, :meth:`take` raises
 ``StoreUnavailable`` (the door answers those tasks ``serviceUnavailable``), the loop backs off
-(bounded by ``ttl``) and keeps the last views it had: each replica enforces with those, and
-after ``ttl`` the other replicas no longer count this one's figures. Scripts compute keys of
-other replicas, so this is for one Redis (or a primary with replicas), not Redis Cluster.
+(at most ``ttl`` / 2 between tries) and keeps the last views it had: each replica enforces with
+those, and after ``ttl`` the other replicas no longer count this one's figures. Spend not yet
+flushed stays pending and is flushed when Redis is back (a reply lost after the script ran may
+add it twice: toward refusing, never overspending). Scripts compute keys of other replicas, so
+this is for one Redis (or a primary with replicas), not Redis Cluster.
 """
 
 from __future__ import annotations
@@ -265,7 +267,10 @@ class SharedLimits:
         self._spent = {_text(spent[i]): float(spent[i + 1]) for i in range(0, len(spent) - 1, 2)}
         self.refreshes += 1
         for hook in self.on_refresh:
-            hook()
+            try:
+                hook()
+            except Exception:  # one hook's failure neither stops the others nor the loop
+                log.exception("shared limits refresh hook failed")
 
     def _flushed(self, flushing: dict[str, dict[str, float]]) -> None:
         for day, amounts in flushing.items():
@@ -293,13 +298,20 @@ class SharedLimits:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self.local = dict
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.refresh()
+        except StoreUnavailable:
+            return  # the figures lapse after the TTL; unflushed spend is lost with the process
         client, name = self.redis.client, self._key_part(self.name)
+
+        async def leave() -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._replicas, name)
+                pipe.delete(self._own)
+                await pipe.execute()
+
         with contextlib.suppress(StoreUnavailable):
-            await self.redis.call(lambda: client.zrem(self._replicas, name))
-        with contextlib.suppress(StoreUnavailable):
-            await self.redis.call(lambda: client.delete(self._own))
+            await self.redis.call(leave)
 
     async def _refresh_once(self) -> None:
         try:
