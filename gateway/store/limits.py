@@ -238,7 +238,8 @@ class SharedLimits:
 
     async def refresh(self) -> None:
         """Write this replica's figures and spend, read the others'. Raises StoreUnavailable
-        (what was to be flushed is kept for the next refresh)."""
+        (what was to be flushed is kept for the next refresh). One at a time: the loop's, or a
+        caller's while the loop is not running (tests)."""
         for feed in self.on_push:
             feed()
         figures = {tenant: tuple(f) for tenant, f in self.local().items() if f != ZERO}
