@@ -138,6 +138,7 @@ class Gateway:
             dropped=self.metrics.store_writes_dropped,
         )
         self.registry.changed = self.replication.changed
+        self.registry.durable = self.replication.after_write
 
     def _delivery_outcome(self, tenant: str, task_uuid: str, delivery: Delivery) -> None:
         """A delivery attempt's outcome: the record that lists it is written again."""

@@ -14,11 +14,12 @@ and the hot path never waits for Redis there. What replicas share goes through h
   ``/readyz`` says 503 until a call gets through again.
 - **Records, written behind.** Every change of a record (registered, sent, a result, final)
   marks it dirty; one flush at a time writes every dirty record in one pipeline, as it is at
-  that moment, so a task's many changes in one loop turn cost one write. The write lags the
-  client's frames by one round trip: a replica killed in that window leaves a record without
-  its last result, which a replica taking over the task asks the provider for again (the client
-  may then see that image twice; the window is a round trip, not a flush interval). Open
-  records are also listed under this replica's name, for a takeover to find.
+  that moment, so a task's many changes in one loop turn cost one write. A task's frames to
+  its subscribers (its client, its webhooks) leave once the write of what they tell is done
+  (``after_write``): a replica that takes the task over knows every image its client was sent,
+  and sends none twice. That costs each result one Redis round trip of latency; while Redis is
+  away, frames leave after one failed try (the sockets that wait get their results; the store
+  catches up later). Open records are also listed under this replica's name, for a takeover.
 - **Bounds.** What waits to be written is bounded by ``max_pending`` records: open ones always
   stay (they are bounded by ``tasks.max_open``), finished ones past the bound are dropped
   oldest first and counted (``tenebra_store_writes_dropped_total``): while Redis is away that
@@ -83,6 +84,7 @@ class Replication:
         self._dropped = dropped
         self.healthy = True  # the last call to the store got through
         self._dirty: dict[str, TaskRecord] = {}  # by upstream UUID, in order of first change
+        self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
@@ -170,6 +172,14 @@ class Replication:
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
+    def after_write(self, step: Callable[[], None]) -> None:
+        """The registry's hook: run ``step`` (a task's frames to its subscribers) once the
+        records dirty now are written; at once, after one failed try, while Redis is away (the
+        sockets that wait get their results; the store catches up later)."""
+        self._after.append(step)
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
     def _shed(self) -> None:
         finished = [u for u, r in self._dirty.items() if not r.open]
         for upstream_uuid in finished[: len(self._dirty) - self.max_pending]:
@@ -179,9 +189,10 @@ class Replication:
     async def _flush(self) -> None:
         delays = full_jitter(0.05, 1.0, self._rng)
         try:
-            while self._dirty:
+            while self._dirty or self._after:
                 await asyncio.sleep(0)  # the rest of this loop turn's changes join the write
                 batch, self._dirty = self._dirty, {}
+                after, self._after = self._after, []
                 try:
                     await self.shared.write(
                         [r for r in batch.values() if r.open],
@@ -194,10 +205,12 @@ class Replication:
                     # newer changes made meanwhile are the same objects: keep the order
                     batch.update(self._dirty)
                     self._dirty = batch
+                    _run(after)
                     await asyncio.sleep(next(delays))
                     continue
                 self.healthy = True
                 delays = full_jitter(0.05, 1.0, self._rng)
+                _run(after)
         finally:
             self._flushing = None
 
@@ -214,6 +227,8 @@ class Replication:
             await asyncio.wait(list(self._background), timeout=deadline)
 
     async def close(self) -> None:
+        _run(self._after)  # frames still held: their sockets are closing, but in order
+        self._after = []
         for task in [self._flushing, *self._background]:
             if task is not None:
                 task.cancel()
@@ -227,3 +242,11 @@ class Replication:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(step)  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _run(steps: list[Callable[[], None]]) -> None:
+    for step in steps:
+        try:
+            step()
+        except Exception:  # one subscriber's bug must not keep the others' frames
+            log.exception("a task's frames failed to go out")

@@ -51,6 +51,11 @@ def upstream_uuids() -> Callable[[], str]:
     return lambda: f"{prefix}{next(sequence):012x}"
 
 
+def _deliver(subscribers: list[Subscriber], record: TaskRecord, frame: bytes) -> None:
+    for subscriber in subscribers:
+        subscriber.deliver(record, frame)
+
+
 class IllegalTransition(Exception):
     """A task was asked to move where its lifecycle does not go: a bug, never bad input."""
 
@@ -82,6 +87,10 @@ class TaskRegistry:
         self.on_final: list[Callable[[TaskRecord], None]] = []  # e.g. the link's in-flight count
         # every change of a record (registered, moved, a result): the shared store's write
         self.changed: Callable[[TaskRecord], None] | None = None
+        # with a shared store, a task's frames leave once the write of what they tell is done
+        # (gateway.replication): a replica that takes the task over knows every image its
+        # client was sent, and sends none twice
+        self.durable: Callable[[Callable[[], None]], None] | None = None
 
     def now(self) -> float:
         return self._clock()
@@ -188,9 +197,15 @@ class TaskRegistry:
         )
         record.results.append(result)
         frame = encode_data([result])
-        for subscriber in self._subscribers.get(record.upstream_uuid, ()):
-            subscriber.deliver(record, frame)
-        self.move(record, S.DONE if len(record.results) >= task.numberResults else S.PARTIAL)
+        state = S.DONE if len(record.results) >= task.numberResults else S.PARTIAL
+        if self.durable is None:
+            for subscriber in self._subscribers.get(record.upstream_uuid, ()):
+                subscriber.deliver(record, frame)
+            self.move(record, state)
+            return
+        subscribers = list(self._subscribers.get(record.upstream_uuid, ()))
+        self.move(record, state)
+        self.durable(lambda: _deliver(subscribers, record, frame))
 
     def on_error(self, upstream_uuid: str, error: ErrorItem) -> None:
         record = self.store.by_upstream(upstream_uuid)
@@ -210,8 +225,10 @@ class TaskRegistry:
         frame = encode_errors([error])
         subscribers = list(self._subscribers.get(record.upstream_uuid, ()))
         self.move(record, state)
-        for subscriber in subscribers:
-            subscriber.deliver(record, frame)
+        if self.durable is None:
+            _deliver(subscribers, record, frame)
+        else:  # behind the task's results still waiting for their write
+            self.durable(lambda: _deliver(subscribers, record, frame))
 
     # ------------------------------------------------------------------ getResponse
 
