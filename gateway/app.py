@@ -40,6 +40,7 @@ from gateway.rest import RestEndpoint
 from gateway.roaming import Roaming
 from gateway.store.base import Delivery
 from gateway.store.connection import RedisConnection
+from gateway.store.limits import SharedLimits, shared_limits
 from gateway.store.memory import MemoryTaskStore
 from gateway.store.redis import RedisSharedTasks
 from gateway.takeover import Takeover
@@ -73,6 +74,7 @@ class Gateway:
         self.reuse_port = reuse_port  # SO_REUSEPORT: serve --workers N share one port
         self.catalogue = catalogue or default_catalogue()
         self.clock = clock
+        self.wall_clock = wall_clock
         self.tenants = TenantTable.from_config(config)  # swapped whole by reload_tenants
         forget_plain_keys(config)
         self.metrics = Metrics()
@@ -92,6 +94,7 @@ class Gateway:
         self.guard = EgressGuard(config.delivery.allow)
         self.redis: RedisConnection | None = None
         self.cluster: Cluster | None = None
+        self.limits: SharedLimits | None = None
         self.replication: Replication | None = None
         self.replica = config.store.replica or default_replica_name()
         if config.store.url is not None:
@@ -182,6 +185,22 @@ class Gateway:
         self.pool = UpstreamPool(
             url, key, settings, self.registry, self.metrics, limits=self._tenant_limits
         )
+        pool = self.pool
+        if self.redis is not None:  # limits hold across every replica together
+            self.limits = SharedLimits(
+                self.redis,
+                self.replica,
+                local=lambda: quotas.local_figures(pool.queue),
+                wall_clock=self.wall_clock,
+            )
+            self.limits.on_refresh.append(pool.queue.reconfigure)
+        quotas = TenantQuotas(
+            self.catalogue,
+            self.budgets,
+            self.pool.refused_by_limit,
+            clock=self.clock,
+            shared=self.limits,
+        )
         intake = self.intake = Intake(
             self.catalogue,
             self.registry,
@@ -191,9 +210,7 @@ class Gateway:
             max_tasks_per_frame=self.config.server.max_tasks_per_frame,
             guard=self.guard,
             deliveries=self.deliveries,
-            quotas=TenantQuotas(
-                self.catalogue, self.budgets, self.pool.refused_by_limit, clock=self.clock
-            ),
+            quotas=quotas,
             replication=self.replication,
         )
         self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
@@ -245,6 +262,8 @@ class Gateway:
                 )
             )
             await self.cluster.start()  # last: a takeover needs everything above
+        if self.limits is not None:
+            await self.limits.start()
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
@@ -292,6 +311,8 @@ class Gateway:
         if self.replication is not None:
             await self.replication.drain(self.config.store.timeout * 2)
             await self.replication.close()
+        if self.limits is not None:
+            await self.limits.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         if self.redis is not None:
@@ -302,7 +323,10 @@ class Gateway:
             await self.provider.stop()
 
     def _tenant_limits(self, tenant: str) -> TenantLimits:
-        return self.tenants.limits(tenant)
+        limits = self.tenants.limits(tenant)
+        if self.limits is not None:  # less what the other replicas use now
+            return shared_limits(limits, self.limits.others(tenant))
+        return limits
 
     def reload_tenants(self, load: Callable[[], Config]) -> Revoked | None:
         """SIGHUP: tenants, keys and their limits from the configuration again, swapped in at

@@ -12,6 +12,7 @@ from gateway.pool import UpstreamPool
 from gateway.quotas import TenantQuotas
 from gateway.replication import FrameClaims, Replication
 from gateway.store.base import TaskRecord
+from gateway.store.shared import StoreUnavailable
 from gateway.tasks import Subscriber, TaskRegistry
 from gateway.tenants import TenantTable
 from protocol.codec import Outcome, decode_client_frame
@@ -132,9 +133,18 @@ class Intake:
         if tenant is None or not any(type(o) in (ImageTask, GetResponse) for o in outcomes):
             return None
         registry = self.registry
-        return await replication.claim(
+        claims = await replication.claim(
             tenant, outcomes, lambda task_uuid: registry.lookup(tenant, task_uuid) is not None
         )
+        policy = self.checked.get(tenant)
+        if policy is not None and policy.rate is not None and claims.unavailable is None:
+            # last: the tokens are the frame's to use with no await before its dispatch
+            try:
+                await self.quotas.prepare(tenant, policy, len(claims.won))
+            except StoreUnavailable as exc:
+                claims.unavailable = str(exc)
+                claims.won.clear()
+        return claims
 
     def released(self, tenant: str | None, claims: FrameClaims) -> None:
         """After the dispatch: the claims its refused tasks did not use go back."""
