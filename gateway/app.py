@@ -292,7 +292,10 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(drained.wait(), self.config.server.drain_deadline)
         left = self.config.server.drain_deadline - (self.clock() - started)
-        if self.store.open_count:
+        # with replicas, tasks still open are left to another (gateway.takeover), which resumes
+        # their provider sessions: their clients resume their sessions there
+        hand_over = bool(self.store.open_count) and self._can_hand_over()
+        if self.store.open_count and not hand_over:
             self._fail_open_tasks()
             await asyncio.sleep(0)  # the sockets' flush runs: the errors leave before 1012
             left = max(left, FINAL_WEBHOOKS_GRACE)
@@ -314,7 +317,9 @@ class Gateway:
         if self.limits is not None:
             await self.limits.stop()
         if self.cluster is not None:
-            await self.cluster.stop()
+            await self.cluster.stop(hand_over=hand_over)
+            if hand_over:
+                log.info("open tasks left to another replica", tasks=self.store.open_count)
         if self.redis is not None:
             await self.redis.close()
         if self._runner is not None:
@@ -357,6 +362,15 @@ class Gateway:
             closed_connections=closed,
         )
         return revoked
+
+    def _can_hand_over(self) -> bool:
+        """Another replica may take this one's open tasks: the store is shared and answers."""
+        return (
+            self.cluster is not None
+            and self.cluster.healthy
+            and self.replication is not None
+            and self.replication.healthy
+        )
 
     def _fail_open_tasks(self) -> None:
         """Past the drain deadline, every task still open ends with a clear error on its

@@ -89,8 +89,10 @@ class Cluster:
             asyncio.create_task(self._listen_forever(), name="cluster-bus"),
         ]
 
-    async def stop(self) -> None:
-        """Stop the loops and give up the lease: nobody takes over a replica that left.
+    async def stop(self, *, hand_over: bool = False) -> None:
+        """Stop the loops and give up the lease: nobody takes over a replica that left; with
+        ``hand_over``, the lease is ended instead, so that another replica takes over what
+        this one leaves (its open tasks) at its next renewal.
 
         The lease loop is let finish its call rather than cancelled in it: a renewal already
         sent would otherwise land after the removal and bring the lease back, to lapse later
@@ -104,8 +106,12 @@ class Cluster:
             self._tasks[0].cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        client = self.redis.client
         with contextlib.suppress(StoreUnavailable):
-            await self.redis.call(lambda: self.redis.client.zrem(self._replicas, self.name))
+            if hand_over:  # a lease that ended long ago: dead to the next renewal that looks
+                await self.redis.call(lambda: client.zadd(self._replicas, {self.name: 0}))
+            else:
+                await self.redis.call(lambda: client.zrem(self._replicas, self.name))
 
     async def send(self, to: str, kind: str, body: bytes) -> bool:
         """Publish to replica ``to``; False when Redis could not take it or nobody listens."""

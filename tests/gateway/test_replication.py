@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -171,3 +172,30 @@ async def test_a_session_unknown_or_of_another_tenant_is_not_resumed(
     stranger = await connect(http, b.url)
     unknown = str(uuid.uuid4())
     assert await stranger.auth(ALPHA, unknown) != unknown
+
+
+async def test_a_replica_that_stops_leaves_its_open_tasks_to_another(
+    provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """SIGTERM with replicas: past the drain deadline the open tasks are not failed but taken
+    over; the client resumes its session on the other replica and gets every image once."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    set_faults(provider, fast=True, latency={"kind": "uniform", "ms": 600, "high_ms": 1500})
+    a_config = shared_config(provider, redis_url, prefix, "a")
+    a_config.server.drain_deadline = 100 * MS
+    async with running(shared_config(provider, redis_url, prefix, "b")) as b:
+        async with running(a_config) as a:
+            on_a = await connect(http, a.url)
+            session = await on_a.auth(ALPHA)
+            body = task(numberResults=3)
+            await on_a.send(body)
+            await asyncio.sleep(200 * MS)
+        seen: list[str] = []
+        async with asyncio.timeout(1000 * MS):  # what A sent before it closed
+            async for message in on_a.ws:
+                seen.extend(i["imageUUID"] for i in json.loads(message.data).get("data", []))
+        assert len(seen) < 3
+        on_b = await connect(http, b.url)
+        assert await on_b.auth(ALPHA, session) == session
+        await _images(on_b, 3, seen, 10000 * MS)
+        assert len(set(seen)) == len(seen) == 3
