@@ -232,6 +232,9 @@ class RedisSharedTasks:
                     key = self.record_key(record.upstream_uuid)
                     pipe.hset(key, mapping={"data": self._codec.encode(record), "claim": claim})
                     pipe.pexpire(key, ttl)
+                    # a Redis restarted empty lost the claim: the task's next write makes it
+                    # again, unless another task took the taskUUID meanwhile
+                    pipe.set(claim, record.upstream_uuid, nx=True, px=ttl)
                     pipe.pexpire(claim, ttl)
                     pipe.sadd(index, record.upstream_uuid)
                 if saves:
