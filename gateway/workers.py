@@ -36,6 +36,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
+from gateway.provider.lifetime import die_with_parent
+
 if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.provider.server import LocalProvider
@@ -337,10 +339,7 @@ def _worker_main(
 
 
 def _die_with_supervisor(supervisor: int) -> None:
-    with contextlib.suppress(ImportError):  # the helper lives beside PIL: absent without it
-        from gateway.provider.pool import _die_with_parent
-
-        _die_with_parent()
+    die_with_parent()
     if os.getppid() != supervisor:  # it died before the line above took effect
         sys.exit(1)
 

@@ -9,17 +9,15 @@ memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import io
 import multiprocessing
 import os
-import signal
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
 
+from gateway.provider.lifetime import die_with_parent
 from gateway.provider.render import encode_image, regrade, render_scene
 
 __all__ = ["RenderJob", "RenderPool", "RenderQueueFull", "render"]
@@ -51,17 +49,6 @@ def render(job: RenderJob) -> bytes:
     return encode_image(image, job.output_format, job.quality)
 
 
-def _die_with_parent() -> None:
-    """A worker ends when the process that made it dies: a provider killed with SIGKILL left
-    its workers running, holding its output pipes open (Linux only; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
 class RenderPool:
     def __init__(self, *, workers: int | None = None, max_queue: int = 256) -> None:
         self.workers = workers or os.cpu_count() or 1
@@ -75,7 +62,7 @@ class RenderPool:
             self._executor = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_die_with_parent,
+                initializer=die_with_parent,
             )
         return self._executor
 
