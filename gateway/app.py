@@ -228,6 +228,7 @@ class Gateway:
             sync_deadline=self.config.server.rest_sync_deadline,
             get_response_burst=self.config.server.get_response_burst,
             throttle=self.clients.throttle,  # one count of failures per address for both doors
+            addresses=self.clients.addresses,
             read_timeout=self.config.server.request_read_timeout,
             keyless_body_bytes=self.config.server.max_keyless_request_bytes,
         )

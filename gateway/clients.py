@@ -46,7 +46,7 @@ from gateway.quotas import TokenBucket
 from gateway.roaming import Roaming
 from gateway.sessions import ClientSession, SessionTable
 from gateway.tenants import CLOSE_REVOKED, Revoked, hash_key
-from gateway.throttle import AuthThrottle
+from gateway.throttle import AuthThrottle, ClientAddresses
 from gateway.watchdog import CLOSE_AUTH_TIMEOUT, IdleWatchdog
 from protocol.codec import encode_data, encode_errors
 from protocol.errors import error_item
@@ -377,6 +377,7 @@ class ClientGateway:
             refusal=settings.auth_refusal,
             max_unauthenticated=settings.max_unauthenticated_per_address,
         )
+        self.addresses = ClientAddresses(settings.trusted_proxies)
         self.table = SessionTable(
             session_buffer_bytes=settings.session_buffer_bytes,
             max_sessions=settings.max_sessions,
@@ -397,7 +398,7 @@ class ClientGateway:
             raise web.HTTPServiceUnavailable(text="shutting down")
         if self._admitted >= self.settings.max_connections:
             raise web.HTTPServiceUnavailable(text="too many connections")
-        address, throttle = request.remote or "", self.throttle
+        address, throttle = self.address_of(request), self.throttle
         refused = throttle.refused(address)
         if refused:
             raise too_many_failures(refused)
@@ -435,7 +436,7 @@ class ClientGateway:
             self._schedule_flush,
         )
         connection.guard_reads(self.settings.max_unauthenticated_frame_bytes)
-        connection.address = request.remote or ""
+        connection.address = self.address_of(request)
         request[_CONNECTION] = connection
         self.connections.add(connection)
         self.metrics.client_connections.inc()
@@ -467,12 +468,17 @@ class ClientGateway:
         unauthenticated sockets, or in its tenant's connections, is given back, once."""
         connection: ClientConnection | None = request.get(_CONNECTION)
         if connection is None or connection.unauthenticated:
-            self.throttle.close_unauthenticated(request.remote or "")
+            self.throttle.close_unauthenticated(self.address_of(request))
         if connection is not None:
             connection.unauthenticated = False
             tenant, connection.tenant = connection.tenant, None
             if tenant is not None:
                 self.intake.disconnect(tenant)
+
+    def address_of(self, request: web.Request) -> str:
+        """The client's address as the per-address bounds count it (behind a trusted proxy,
+        the one it names)."""
+        return self.addresses.of(request.remote, request.headers.get("X-Forwarded-For"))
 
     def _bound_kernel_buffer(self, request: web.Request) -> None:
         """Left to autotuning, the kernel holds up to 4 MiB per socket for a client that does

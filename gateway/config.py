@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -91,6 +93,8 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     # open sockets not yet authenticated; past it 429. Generous: one service host reconnects
     # all its SDK sockets at once after a 1012, and a proxy in front shares one address
     max_unauthenticated_per_address: Count = 256
+    # CIDRs of proxies (a balancer) whose X-Forwarded-For names the client for the bounds above
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
     request_read_timeout: Seconds = 10.0  # a REST request's body; past it 408
     # a REST body read before a key is known (no Authorization header); past it 413
     max_keyless_request_bytes: Bytes = 256 * 1024
@@ -247,7 +251,7 @@ def load_config(
             raise ConfigError(f"{path}: {exc}") from exc
     for variable, (section, name) in _setting_variables().items():
         if variable in env:
-            raw.setdefault(section, {})[name] = env[variable]
+            raw.setdefault(section, {})[name] = _env_value(variable, env[variable])
     if "RUNWARE_API_KEY" in env:
         raw.setdefault("provider", {})["api_key"] = env["RUNWARE_API_KEY"]
     if "TENEBRA_DEMO_KEY" in env:
@@ -270,6 +274,17 @@ def load_config(
     return config
 
 
+def _env_value(variable: str, value: str) -> Any:
+    """A list setting (``delivery.allow``, ``server.trusted_proxies``) comes as a JSON array;
+    anything else as the string it is, converted with the rest."""
+    if not value.lstrip().startswith("["):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{variable}: not a JSON array ({exc})") from None
+
+
 def _check(config: Config) -> None:
     if config.provider.url is not None and not config.provider.url.startswith(("ws://", "wss://")):
         raise ConfigError(
@@ -278,6 +293,13 @@ def _check(config: Config) -> None:
     if config.provider.url is not None and not config.provider.api_key:
         raise ConfigError("provider.api_key: required with provider.url (or RUNWARE_API_KEY)")
     _check_store_url(config.store.url)
+    for cidr in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"server.trusted_proxies: {cidr!r} is not an address or a CIDR"
+            ) from None
     seen: dict[str, str] = {}  # by the key's SHA-256: a plain key and its hash are one key
     for name, tenant in config.tenants.items():
         hashes = [hashlib.sha256(key.encode()).hexdigest() for key in tenant.keys]

@@ -28,7 +28,7 @@ from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.quotas import TokenBucket
 from gateway.store.base import TaskRecord
-from gateway.throttle import AuthThrottle
+from gateway.throttle import AuthThrottle, ClientAddresses
 from protocol.codec import encode
 from protocol.errors import error_item, http_status
 from protocol.frames import Authentication, ErrorItem, ImageTask
@@ -82,6 +82,7 @@ class RestEndpoint:
         sync_deadline: float,
         get_response_burst: int,
         throttle: AuthThrottle,
+        addresses: ClientAddresses,
         read_timeout: float,
         keyless_body_bytes: int,
     ) -> None:
@@ -91,6 +92,7 @@ class RestEndpoint:
         self.sync_deadline = sync_deadline
         self.get_response_burst = get_response_burst
         self.throttle = throttle
+        self.addresses = addresses
         self.read_timeout = read_timeout
         self.keyless_body_bytes = keyless_body_bytes
 
@@ -207,7 +209,7 @@ class RestEndpoint:
 
     def _admitted_address(self, request: web.Request) -> str:
         """The client's address, unless the throttle refuses it (429 with Retry-After)."""
-        address = request.remote or ""
+        address = self.addresses.of(request.remote, request.headers.get("X-Forwarded-For"))
         refused = self.throttle.refused(address)
         if refused:
             raise too_many_failures(refused)

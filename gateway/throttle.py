@@ -14,9 +14,36 @@ bound and no more.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Sequence
 
-__all__ = ["AuthThrottle"]
+__all__ = ["AuthThrottle", "ClientAddresses"]
+
+
+class ClientAddresses:
+    """Whom the per-address bounds count: a request's peer, or, when that peer is a proxy of
+    ``server.trusted_proxies`` (a balancer in front of replicas), the address it names in
+    ``X-Forwarded-For``: the rightmost hop that is not itself a trusted proxy. What a client
+    writes into the header itself sits to the left of that and is never believed."""
+
+    def __init__(self, trusted: Sequence[str]) -> None:
+        self._networks = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted]
+
+    def of(self, remote: str | None, forwarded_for: str | None) -> str:
+        if not self._networks or not remote or not forwarded_for or not self._trusted(remote):
+            return remote or ""
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return hops[0] if hops else remote
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._networks)
 
 
 class _Address:

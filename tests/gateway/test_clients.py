@@ -404,9 +404,11 @@ def from_address(address: str) -> aiohttp.ClientSession:
     )
 
 
-async def refused_upgrade(http: aiohttp.ClientSession, url: str) -> aiohttp.WSServerHandshakeError:
+async def refused_upgrade(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> aiohttp.WSServerHandshakeError:
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await connect(http, url)
+        await http.ws_connect(url, headers=headers)
     return refused.value
 
 
@@ -590,3 +592,33 @@ async def test_a_sync_task_refused_by_a_full_queue_does_not_keep_the_socket_busy
         assert error["code"] == "rateLimitExceeded"
         [connection] = gateway.clients.connections
         assert len(connection.session.open_tasks) == 2
+
+
+async def test_behind_a_trusted_proxy_failures_count_for_the_forwarded_address(
+    provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    """The balancer (127.0.0.1, trusted) names its clients: one that keeps guessing is refused,
+    and the balancer's other clients are not."""
+    config = gateway_config(
+        provider,
+        auth_failure_delay=10 * MS,
+        auth_failures_before_refusal=2,
+        trusted_proxies=["127.0.0.0/8"],
+    )
+    async with running(config) as gateway:
+        guesser = {"X-Forwarded-For": "203.0.113.7"}
+        for _ in range(2):
+            client = Client(await http.ws_connect(gateway.url, headers=guesser))
+            await client.send({"taskType": "authentication", "apiKey": "guess"})
+            assert (await client.recv())["errors"][0]["code"] == "invalidApiKey"
+        assert gateway.clients.throttle.refused("203.0.113.7") > 0
+        assert gateway.clients.throttle.refused("127.0.0.1") == 0
+        refused = await refused_upgrade(http, gateway.url, headers=guesser)
+        assert refused.status == 429
+        other = Client(
+            await http.ws_connect(gateway.url, headers={"X-Forwarded-For": "198.51.100.1"})
+        )
+        await other.auth(key=ALPHA)
+        headers = {"Authorization": "Bearer guess", **guesser}
+        async with http.post(f"http://127.0.0.1:{gateway.port}/v1", json=[], headers=headers) as r:
+            assert r.status == 429  # the REST door counts the same address

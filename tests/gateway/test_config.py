@@ -172,3 +172,17 @@ def test_every_tenebra_variable_the_code_reads_is_known() -> None:
                 found.update(re.findall(r"\bTENEBRA_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
     assert found, "the scan found nothing: wrong root?"
     assert found <= known_variables(), found - known_variables()
+
+
+def test_list_settings_come_from_the_environment_as_json_arrays() -> None:
+    env = {
+        "TENEBRA_SERVER_TRUSTED_PROXIES": '["10.0.0.0/8", "::1"]',
+        "TENEBRA_DELIVERY_ALLOW": '["127.0.0.1/32"]',
+    }
+    config = load_config(env=env)
+    assert config.server.trusted_proxies == ["10.0.0.0/8", "::1"]
+    assert config.delivery.allow == ["127.0.0.1/32"]
+    with pytest.raises(ConfigError, match="TENEBRA_SERVER_TRUSTED_PROXIES: not a JSON array"):
+        load_config(env={"TENEBRA_SERVER_TRUSTED_PROXIES": "[10.0.0.0/8"})
+    with pytest.raises(ConfigError, match=re.escape("server.trusted_proxies: 'nonsense'")):
+        load_config(env={"TENEBRA_SERVER_TRUSTED_PROXIES": '["nonsense"]'})

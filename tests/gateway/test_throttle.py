@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.throttle import AuthThrottle
+from gateway.throttle import AuthThrottle, ClientAddresses
 from tests.gateway.conftest import Clock
 
 
@@ -47,3 +47,20 @@ def test_the_table_is_bounded_and_keeps_addresses_with_sockets() -> None:
     assert not throttle.open_unauthenticated("holding")  # still there, its socket counted
     throttle.close_unauthenticated("holding")
     assert throttle.open_unauthenticated("holding")
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_counts() -> None:
+    addresses = ClientAddresses(["10.0.0.0/8", "::1"])
+    # a trusted proxy: the rightmost hop it did not add itself
+    assert addresses.of("10.0.0.5", "203.0.113.7") == "203.0.113.7"
+    assert addresses.of("10.0.0.5", "198.51.100.1, 203.0.113.7, 10.0.0.9") == "203.0.113.7"
+    assert addresses.of("::1", "2001:db8::1") == "2001:db8::1"
+    # what the client wrote itself is to the left of what the proxy saw: never believed
+    assert addresses.of("10.0.0.5", "127.0.0.1, 203.0.113.7") == "203.0.113.7"
+    # not from a trusted proxy: the header is the client's own, ignored
+    assert addresses.of("203.0.113.7", "10.9.9.9") == "203.0.113.7"
+    assert addresses.of("10.0.0.5", None) == "10.0.0.5"
+    assert addresses.of("10.0.0.5", "10.0.0.6, 10.0.0.7") == "10.0.0.6"  # proxies all the way
+    assert addresses.of("10.0.0.5", "garbage") == "garbage"  # what the proxy saw, as it wrote it
+    assert ClientAddresses([]).of("10.0.0.5", "203.0.113.7") == "10.0.0.5"
+    assert ClientAddresses([]).of(None, None) == ""
