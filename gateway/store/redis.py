@@ -74,7 +74,10 @@ if ms <= 0 then
 end
 redis.call('HSET', KEYS[1], 'data', ARGV[1], 'claim', KEYS[2])
 redis.call('PEXPIRE', KEYS[1], ms)
-if redis.call('GET', KEYS[2]) == upstream then redis.call('PEXPIRE', KEYS[2], ms) end
+-- a claim a Redis restarted empty lost comes back, unless another task took the taskUUID
+local held = redis.call('GET', KEYS[2])
+if held == upstream then redis.call('PEXPIRE', KEYS[2], ms)
+elseif not held then redis.call('SET', KEYS[2], upstream, 'PX', ms) end
 redis.call('ZADD', KEYS[3], string.format('%d', now), upstream)
 -- entries finished longer than a retention ago have expired by their TTL: out of the count
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('(%d', now - ms * 1000))

@@ -199,3 +199,43 @@ async def test_a_replica_that_stops_leaves_its_open_tasks_to_another(
         assert await on_b.auth(ALPHA, session) == session
         await _images(on_b, 3, seen, 10000 * MS)
         assert len(set(seen)) == len(seen) == 3
+
+
+async def test_redis_restarted_empty_is_the_documented_outcome(
+    provider: LocalProvider, pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """README, "Redis restarted empty": a finished task is gone for the other replicas (its own
+    still has it); a running task's claim and record come back with its next write."""
+    a, b = pair
+    on_a, on_b = await connect(http, a.url), await connect(http, b.url)
+    await on_a.auth(ALPHA)
+    await on_b.auth(ALPHA)
+    finished = task(deliveryMethod="async")
+    await on_a.send(finished)
+    await on_a.recv()
+    record = a.registry.lookup("alpha", finished["taskUUID"])
+    async with asyncio.timeout(5000 * MS):
+        while record.open or a.replication.pending:
+            await asyncio.sleep(10 * MS)
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 800})
+    running_task = task(deliveryMethod="async", numberResults=2)
+    await on_a.send(running_task)
+    await on_a.recv()
+    await asyncio.sleep(100 * MS)
+    assert a.redis is not None
+    await a.redis.client.flushdb()  # what a restart without persistence leaves
+    for body, code in ((finished, "taskNotFound"),):
+        await on_b.send({"taskType": "getResponse", "taskUUID": body["taskUUID"]})
+        assert (await on_b.recv())["errors"][0]["code"] == code
+    await on_a.send({"taskType": "getResponse", "taskUUID": finished["taskUUID"]})
+    assert "data" in await on_a.recv()  # the replica that ran it still has it
+    # the running task: its results' writes bring its claim and record back for B
+    found: list[dict[str, Any]] = []
+    async with asyncio.timeout(5000 * MS):
+        while len(found) < 2:
+            await asyncio.sleep(50 * MS)
+            await on_b.send({"taskType": "getResponse", "taskUUID": running_task["taskUUID"]})
+            frame = await on_b.recv()
+            found = [i for i in frame.get("data", []) if i.get("status") == "success"]
+    await on_b.send(running_task)  # and the claim holds again
+    assert (await on_b.recv())["errors"][0]["code"] == "conflictTaskUUID"
