@@ -22,6 +22,7 @@ from tests.gateway.conftest import (
     running,
     set_faults,
     task,
+    until,
 )
 from tests.redis_server import free_port
 from tests.timing import MS
@@ -214,9 +215,7 @@ async def test_redis_restarted_empty_is_the_documented_outcome(
     await on_a.send(finished)
     await on_a.recv()
     record = a.registry.lookup("alpha", finished["taskUUID"])
-    async with asyncio.timeout(5000 * MS):
-        while record.open or a.replication.pending:
-            await asyncio.sleep(10 * MS)
+    await until(lambda: not record.open and not a.replication.pending)
     set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 800})
     running_task = task(deliveryMethod="async", numberResults=2)
     await on_a.send(running_task)
