@@ -12,7 +12,11 @@ reported: the same load varies by 10-20% from run to run on a shared 2-core mach
 Besides the three-way load scenarios: the cost of admission (tenebra with ten tenants whose
 limits are set but never bind, the load spread over their keys, against the demo tenant without
 limits, same run), idle connections (RSS each), a soak (RSS before and after, the registry
-emptied), and one client that never reads beside others (their p99).
+emptied), and one client that never reads beside others (their p99). Issue 13: the R=1
+saturation load through tenebra on its memory store and on a Redis store (a real redis-server
+the harness starts, its CPU counted with the gateway's), and through one gateway and two on
+that Redis (the load generator's connections spread over both); skipped, saying why, where
+redis-server is not installed.
 Figures vary from machine to machine: read the ratios, which come from one run on one machine.
 """
 
@@ -23,12 +27,16 @@ import contextlib
 import json
 import os
 import resource
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +69,8 @@ class Plan:
     stalled_rate: float  # the tasks/s that one sends
     stall_pairs: int
     admission: Scenario  # through tenebra: the demo tenant, then ten tenants with limits
+    store: Scenario  # through tenebra: the memory store, then a Redis store
+    replicas: Scenario  # one gateway on Redis, then two (the connections spread over both)
 
 
 FULL = Plan(
@@ -76,6 +86,8 @@ FULL = Plan(
     stalled_rate=500,
     stall_pairs=3,
     admission=Scenario("admission: 10 tenants with limits vs none, M=200 W=8, 1 result", 200, 100),
+    store=Scenario("store: Redis vs memory, M=200 W=8, 1 result", 200, 100),
+    replicas=Scenario("replicas: two gateways vs one on Redis, M=200 W=8, 1 result", 200, 100),
 )
 SMOKE = Plan(
     load=[Scenario("smoke M=20 W=4 R=2", 20, 20, window=4, results=2)],
@@ -86,6 +98,8 @@ SMOKE = Plan(
     stalled_rate=100,
     stall_pairs=1,
     admission=Scenario("admission: 10 tenants with limits vs none, M=20 W=4, 1 result", 20, 100, 4),
+    store=Scenario("store: Redis vs memory, M=20 W=4, 1 result", 20, 50, 4),
+    replicas=Scenario("replicas: two gateways vs one on Redis, M=20 W=4, 1 result", 20, 50, 4),
 )
 
 
@@ -136,6 +150,9 @@ class Servers:
     measured: subprocess.Popen[str]  # the relay, the gateway, or the provider when direct
     provider: subprocess.Popen[str]
     keys: tuple[str, ...] = ()  # several tenants' keys, taken in turn per connection
+    urls: tuple[str, ...] = ()  # several gateways' (``url`` first), taken in turn per connection
+    also: tuple[subprocess.Popen[str], ...] = ()  # the other gateways, measured with the first
+    redis: subprocess.Popen[str] | None = None  # the gateways' store, measured with them
 
     def scrape(self) -> dict[str, float]:
         """The gateway's /metrics, unlabelled and labelled lines alike, by their full name."""
@@ -174,10 +191,86 @@ max_number_results = 20
     return "\n".join(blocks), keys
 
 
+REDIS_MISSING = (
+    "redis-server is not on PATH (apt-get install redis-server; `make test` installs it as root "
+    "on Debian)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.1) as sock:
+            sock.settimeout(0.5)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def servers(path: str, env: dict[str, str] | None = None, tenants: int = 0) -> Iterator[Servers]:
+def redis_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A redis-server of its own on a free loopback port, without persistence, answering PING;
+    its process and ``redis://127.0.0.1:<port>/0``."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(REDIS_MISSING)
+    for _ in range(3):  # a free port can be taken between the probe and the bind
+        port = free_port()
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while process.poll() is None and time.monotonic() < deadline and not answers_ping(port):
+            time.sleep(0.02)
+        if process.poll() is None and answers_ping(port):
+            try:
+                yield process, f"redis://127.0.0.1:{port}/0"
+            finally:
+                stop(process)
+            return
+        stop(process)
+    raise RuntimeError("redis-server did not answer PING on a loopback port (3 tries)")
+
+
+def wait_ready(url: str, within: float = 20.0) -> None:
+    """Until the gateway at ``url`` answers ``GET /readyz`` 200 (its provider link, and its
+    store when it has one), or RuntimeError."""
+    readyz = url.replace("ws://", "http://").rsplit("/", 1)[0] + "/readyz"
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),  # 503 too: HTTPError
+            urllib.request.urlopen(readyz, timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{readyz} did not say 200 within {within} s")
+
+
+@contextlib.contextmanager
+def servers(
+    path: str,
+    env: dict[str, str] | None = None,
+    tenants: int = 0,
+    store: bool = False,
+    gateways: int = 1,
+) -> Iterator[Servers]:
     """``path``'s servers; for tenebra, ``tenants`` > 0 runs it with that many tenants with
-    limits (a config file) instead of the demo tenant."""
+    limits (a config file) instead of the demo tenant; ``store`` starts a redis-server and runs
+    the gateway on it; ``gateways`` > 1 runs that many (``store`` only), each a replica of its
+    own, with one provider."""
+    if gateways > 1 and not store:
+        raise ValueError("several gateways share their state through a store")
     # room for every image at once: the provider stands for one that is never the limit
     provider, provider_url = spawn(
         "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast",
@@ -197,20 +290,38 @@ def servers(path: str, env: dict[str, str] | None = None, tenants: int = 0) -> I
         # every load client comes from 127.0.0.1, hundreds of handshakes at once: not hostile
         env = {"TENEBRA_SERVER_MAX_UNAUTHENTICATED_PER_ADDRESS": "1000000", **(env or {})}
         keys: tuple[str, ...] = ("dk",)
-        with tempfile.TemporaryDirectory(prefix="tenebra-bench-") as folder:
+        with (
+            tempfile.TemporaryDirectory(prefix="tenebra-bench-") as folder,
+            contextlib.ExitStack() as running,
+        ):
             who = ["--demo-key", "dk"]
             if tenants:
                 text, keys = tenants_toml(tenants)
                 config = Path(folder) / "tenants.toml"
                 config.write_text(text)
                 who = ["--config", str(config)]
-            server, url = spawn(
-                "-m", "gateway.cli", "serve", "--port", "0", *who,
-                "--provider-url", provider_url, "--provider-key", "pk", "--log-level", "info",
-                env=env,
-            )  # fmt: skip
-            time.sleep(0.5)  # the provider link authenticates
-            yield Servers(url, keys[0], server, provider, keys)
+            redis = None
+            if store:
+                redis, redis_url = running.enter_context(redis_server())
+                env |= {"TENEBRA_STORE_URL": redis_url,
+                        "TENEBRA_STORE_PREFIX": f"bench-{uuid.uuid4().hex[:8]}"}  # fmt: skip
+            started: list[subprocess.Popen[str]] = []
+            urls: list[str] = []
+            for i in range(gateways):
+                replica = {"TENEBRA_STORE_REPLICA": f"bench-{i}"} if store else {}
+                gateway, url = spawn(
+                    "-m", "gateway.cli", "serve", "--port", "0", *who,
+                    "--provider-url", provider_url, "--provider-key", "pk",
+                    "--log-level", "info", env={**env, **replica},
+                )  # fmt: skip
+                running.callback(stop, gateway)  # the gateways stop before their redis-server
+                started.append(gateway)
+                urls.append(url)
+            for url in urls:
+                wait_ready(url)  # the provider link authenticates (and the store answers)
+            time.sleep(0.2)
+            (url, *_), (first, *others) = urls, started
+            yield Servers(url, keys[0], first, provider, keys, tuple(urls), tuple(others), redis)
     finally:
         if server is not None:
             stop(server)
@@ -221,7 +332,8 @@ def load_command(at: Servers, *flags: str) -> list[str]:
     """The load generator against ``at`` (every key of its, in turn per connection), with
     ``flags``."""
     keys = [arg for key in (at.keys or (at.key,)) for arg in ("--key", key)]
-    return [PY, "-m", "bench.load", "--url", at.url, *keys, *flags]
+    urls = [arg for url in (at.urls or (at.url,)) for arg in ("--url", url)]
+    return [PY, "-m", "bench.load", *urls, *keys, *flags]
 
 
 def load(at: Servers, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
@@ -238,25 +350,41 @@ def load(at: Servers, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
 
 def run_path(path: str, s: Scenario, tenants: int = 0) -> dict[str, Any]:
     with servers(path, tenants=tenants) as at:
-        load(at, s, max(2, s.tasks // 10))  # warm-up
-        before = (cpu_seconds(at.measured.pid), cpu_seconds(at.provider.pid))
-        figures = load(at, s)
-        after = (cpu_seconds(at.measured.pid), cpu_seconds(at.provider.pid))
-        done = max(1, figures["tasks"])
-        figures.update(
-            scenario=s.name,
-            path=path,
-            results=s.results,
-            rate=s.rate,
-            tasks_per_s=round(done / figures["elapsed"]),
-            frames_per_s=round(figures["frames"] / figures["elapsed"]),
-            cpu_ms_per_1000=round((after[0] - before[0]) * 1e6 / done, 1),
-            provider_cpu_ms_per_1000=round((after[1] - before[1]) * 1e6 / done, 1),
-            rss_mib=round(rss_mib(at.measured.pid), 1),
-            expected=s.connections * s.tasks,
-            tenants=tenants,
-        )
-        return figures
+        return measure(at, s, path, tenants)
+
+
+def measure(at: Servers, s: Scenario, path: str, tenants: int = 0) -> dict[str, Any]:
+    """A warm-up, then ``s`` against ``at``: the load generator's figures, and the CPU each
+    process took during the run per 1000 tasks. ``cpu_ms_per_1000`` is what is measured:
+    every gateway's and their redis-server's (the relay's, the provider's when direct)."""
+    gateways = (at.measured, *at.also)
+    redis = (at.redis,) if at.redis else ()
+    load(at, s, max(2, s.tasks // 10))  # warm-up
+    before = [cpu_seconds(p.pid) for p in (*gateways, *redis, at.provider)]
+    figures = load(at, s)
+    after = [cpu_seconds(p.pid) for p in (*gateways, *redis, at.provider)]
+    took = [b - a for a, b in zip(before, after, strict=True)]
+    done = max(1, figures["tasks"])
+    per_1000 = 1e6 / done
+    gateway_cpu = sum(took[: len(gateways)])
+    redis_cpu = sum(took[len(gateways) : len(gateways) + len(redis)])
+    figures.update(
+        scenario=s.name,
+        path=path,
+        results=s.results,
+        rate=s.rate,
+        tasks_per_s=round(done / figures["elapsed"]),
+        frames_per_s=round(figures["frames"] / figures["elapsed"]),
+        cpu_ms_per_1000=round((gateway_cpu + redis_cpu) * per_1000, 1),
+        gateway_cpu_ms_per_1000=round(gateway_cpu * per_1000, 1),
+        redis_cpu_ms_per_1000=round(redis_cpu * per_1000, 1),
+        provider_cpu_ms_per_1000=round(took[-1] * per_1000, 1),
+        rss_mib=round(sum(rss_mib(p.pid) for p in gateways), 1),
+        gateways=len(gateways),
+        expected=s.connections * s.tasks,
+        tenants=tenants,
+    )
+    return figures
 
 
 def run_load(s: Scenario, repeat: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -294,6 +422,36 @@ def run_admission(
             print(f"{s.name} / {path}: {figures['tasks_per_s']:,} tasks/s, "
                   f"{figures['cpu_ms_per_1000']} CPU ms per 1000 tasks", flush=True)  # fmt: skip
     return [median_cpu(runs) for runs in every.values()], [r for rs in every.values() for r in rs]
+
+
+def run_turns(
+    s: Scenario, repeat: int, variants: tuple[tuple[str, bool, int], ...]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tenebra under ``s`` in each of ``variants`` (its name, on a Redis store or not, how many
+    gateways), each with fresh servers (a redis-server of its own); they take turns ``repeat``
+    times and the run with the median CPU per task of each stands, in the order given."""
+    every: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
+    for _ in range(repeat):
+        for name, store, gateways in variants:
+            with servers("tenebra", store=store, gateways=gateways) as at:
+                figures = measure(at, s, name)
+            every[name].append(figures)
+            print(f"{s.name} / {name}: {figures['tasks_per_s']:,} tasks/s, "
+                  f"{figures['cpu_ms_per_1000']} CPU ms per 1000 tasks "
+                  f"({figures['redis_cpu_ms_per_1000']} of them Redis's), "
+                  f"p99 {figures['p99_ms']} ms", flush=True)  # fmt: skip
+    return [median_cpu(runs) for runs in every.values()], [r for rs in every.values() for r in rs]
+
+
+def run_store(s: Scenario, repeat: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Issue 13: one gateway on its memory store, then on a Redis store."""
+    return run_turns(s, repeat, ((report.MEMORY, False, 1), (report.REDIS, True, 1)))
+
+
+def run_replicas(s: Scenario, repeat: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Issue 13: one gateway on a Redis store, then two on one (distinct replicas, one prefix,
+    one provider), the load generator's connections taking their URLs in turn."""
+    return run_turns(s, repeat, ((report.ONE, True, 1), (report.TWO, True, 2)))
 
 
 def run_idle(count: int) -> dict[str, Any]:
@@ -427,6 +585,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in plan.admission.name:
         admission, all_runs = run_admission(plan.admission, repeat)
         every += all_runs
+    store: list[dict[str, Any]] = []
+    replicas: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for scenario, run, into in (
+        (plan.store, run_store, store),
+        (plan.replicas, run_replicas, replicas),
+    ):
+        if args.only not in scenario.name:
+            continue
+        if shutil.which("redis-server") is None:
+            skipped.append(f"{scenario.name}: skipped: {REDIS_MISSING}")
+            print(skipped[-1], flush=True)
+            continue
+        chosen, all_runs = run(scenario, repeat)
+        into += chosen
+        every += all_runs
     idle = [run_idle(n) for n in plan.idle if args.only in "idle"]
     soak = run_soak(plan.soak_tasks, plan.soak_warmup) if args.only in "soak" else None
     stall = (
@@ -439,20 +613,23 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     notes = (
         report.ratios(runs) + report.admission_lines(admission)
+        + report.store_lines(store) + report.replica_lines(replicas) + skipped
         + report.memory_lines(idle, soak) + report.stall_lines(stall)
     )  # fmt: skip
     record = {
         "plan": asdict(plan), "repeat": repeat, "runs": runs, "every_run": every,
-        "admission": admission, "idle": idle, "soak": soak, "stall": stall, "notes": notes,
+        "admission": admission, "store": store, "replicas": replicas, "skipped": skipped,
+        "idle": idle, "soak": soak, "stall": stall, "notes": notes,
         "cpu_spread": {
             f"{r['scenario']} / {r['path']}": statistics.pstdev(
                 [x["cpu_ms_per_1000"] for x in every
                  if (x["scenario"], x["path"]) == (r["scenario"], r["path"])]
-            ) for r in runs + admission
+            ) for r in runs + admission + store + replicas
         },
     }  # fmt: skip
     (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(record, indent=2))
     tables = [report.table(group) for group in (runs, admission) if group]
+    tables += [report.store_table(group) for group in (store, replicas) if group]
     markdown = "\n\n".join([*tables, "\n".join(f"- {n}" for n in notes)]) + "\n"
     (RESULTS / f"bench-{stamp}.md").write_text(markdown)
     if runs:

@@ -1,10 +1,11 @@
-"""The load generator: M connections x K tasks against one URL, bounded in count and time.
+"""The load generator: M connections x K tasks against one URL or more, bounded in count and time.
 
     python -m bench.load --url ws://127.0.0.1:8080/v1 --key K --connections 200 --tasks 50 \\
         --window 8 --results 1 [--rate 5000] [--seconds 120]
 
 ``--key`` may be given several times: connection i authenticates with key i modulo their count
-(round robin per connection; the heavy connections use the first).
+(round robin per connection; the heavy connections use the first). So may ``--url`` (several
+gateways, as behind a balancer): connection i connects to URL i modulo their count.
 
 Saturation (default): each connection keeps ``window`` tasks in flight. Fixed rate (``--rate``):
 tasks are offered at that many per second in all, spread over the connections, whatever the
@@ -68,6 +69,12 @@ def key_of(args: argparse.Namespace, index: int) -> str:
     return keys[index % len(keys)]
 
 
+def url_of(args: argparse.Namespace, index: int) -> str:
+    """Connection ``index``'s URL: the ``--url`` values in turn (round robin per connection)."""
+    urls: list[str] = args.url
+    return urls[index % len(urls)]
+
+
 async def connection(
     http: aiohttp.ClientSession,
     args: argparse.Namespace,
@@ -76,7 +83,7 @@ async def connection(
     index: int = 0,
 ) -> None:
     latencies: list[float] = stats["latencies"]  # type: ignore[assignment]
-    async with http.ws_connect(args.url, max_msg_size=0) as ws:
+    async with http.ws_connect(url_of(args, index), max_msg_size=0) as ws:
         auth = [{"taskType": "authentication", "apiKey": key_of(args, index)}]
         await ws.send_str(json.dumps(auth))
         await ws.receive()
@@ -152,7 +159,7 @@ async def heavy(args: argparse.Namespace, until: asyncio.Event) -> None:
     connector = aiohttp.TCPConnector(socket_factory=small_window if args.stalled else None)
     async with (
         aiohttp.ClientSession(connector=connector) as http,
-        http.ws_connect(args.url, max_msg_size=0) as ws,
+        http.ws_connect(url_of(args, 0), max_msg_size=0) as ws,
     ):
         auth = [{"taskType": "authentication", "apiKey": key_of(args, 0)}]
         await ws.send_str(json.dumps(auth))
@@ -183,7 +190,7 @@ async def hold_idle(http: aiohttp.ClientSession, args: argparse.Namespace) -> No
     async def open_one(index: int) -> None:
         async with handshakes:
             ws = await http.ws_connect(
-                args.url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=1.0)
+                url_of(args, index), max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=1.0)
             )
             sockets.append(ws)
             auth = [{"taskType": "authentication", "apiKey": key_of(args, index)}]
@@ -255,7 +262,9 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--url", required=True)
+    parser.add_argument(
+        "--url", action="append", required=True, help="repeatable: round robin per connection"
+    )
     parser.add_argument(
         "--key", action="append", required=True, help="repeatable: round robin per connection"
     )

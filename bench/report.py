@@ -9,6 +9,11 @@ PATHS = ("direct", "relay", "tenebra")
 # the admission scenario's two runs, both through tenebra
 NO_LIMITS = "tenebra, demo tenant, no limits"
 LIMITS = "tenebra, 10 tenants with limits"
+# issue 13: the store scenario's two runs, then the replicas scenario's
+MEMORY = "tenebra, memory store"
+REDIS = "tenebra, Redis store"
+ONE = "1 gateway, Redis store"
+TWO = "2 gateways, one Redis store"
 
 
 def times(cpu: float, of: float) -> str:
@@ -74,6 +79,67 @@ def admission_lines(runs: list[dict[str, Any]]) -> list[str]:
         f"{cpu} without (target 1.1x; {limits['cpu_ms_per_1000']} vs "
         f"{none['cpu_ms_per_1000']} CPU ms per 1000 tasks); throughput = {throughput:.2f}x; "
         f"p99 {limits['p99_ms']} vs {none['p99_ms']} ms"
+    ]
+
+
+def store_table(runs: list[dict[str, Any]]) -> str:
+    """Tenebra's runs with CPU per task split: the gateways' (all of them) and Redis's."""
+    lines = [
+        "| scenario | path | tasks/s | p50 ms | p99 ms | p99.9 ms | CPU µs per task: gateways "
+        "| Redis | total | RSS MiB (gateways) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run['scenario']} | {run['path']} | {run['tasks_per_s']:,} | {run['p50_ms']} | "
+            f"{run['p99_ms']} | {run['p999_ms']} | {run['gateway_cpu_ms_per_1000']} | "
+            f"{run['redis_cpu_ms_per_1000']} | {run['cpu_ms_per_1000']} | {run['rss_mib']} | "
+            f"{run['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(value: float, target: float, at_most: bool) -> str:
+    """ "met" or "missed": ``value`` against ``target``, an upper bound if ``at_most``."""
+    return "met" if (value <= target if at_most else value >= target) else "missed"
+
+
+def store_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The Redis store against the memory store (issue 13): CPU per task, gateway plus Redis,
+    at most 1.5x; throughput at least 0.7x."""
+    by = {r["path"]: r for r in runs}
+    memory, redis = by.get(MEMORY), by.get(REDIS)
+    if not (memory and redis):
+        return []
+    throughput = redis["tasks_per_s"] / memory["tasks_per_s"]
+    if memory["cpu_ms_per_1000"]:
+        cpu_ratio = redis["cpu_ms_per_1000"] / memory["cpu_ms_per_1000"]
+        cpu = f"{cpu_ratio:.2f}x the memory store's (target 1.5x: {verdict(cpu_ratio, 1.5, True)}"
+    else:
+        cpu = f"{times(redis['cpu_ms_per_1000'], 0.0)} the memory store's (target 1.5x"
+    return [
+        f"{redis['scenario']}: CPU per task (gateway + Redis) on the Redis store = {cpu}; "
+        f"{redis['cpu_ms_per_1000']} vs {memory['cpu_ms_per_1000']} CPU ms per 1000 tasks, "
+        f"Redis's {redis['redis_cpu_ms_per_1000']}); throughput = {throughput:.2f}x (target "
+        f"0.7x: {verdict(throughput, 0.7, False)}; {redis['tasks_per_s']:,} vs "
+        f"{memory['tasks_per_s']:,} tasks/s); p99 {redis['p99_ms']} vs {memory['p99_ms']} ms"
+    ]
+
+
+def replica_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Two gateways on one Redis against one (issue 13): throughput, p99, CPU per task."""
+    by = {r["path"]: r for r in runs}
+    one, two = by.get(ONE), by.get(TWO)
+    if not (one and two):
+        return []
+    throughput = two["tasks_per_s"] / one["tasks_per_s"]
+    p99 = two["p99_ms"] / max(one["p99_ms"], 1e-9)
+    cpu = times(two["cpu_ms_per_1000"], one["cpu_ms_per_1000"])
+    return [
+        f"{two['scenario']}: throughput with two gateways = {throughput:.2f}x one's "
+        f"({two['tasks_per_s']:,} vs {one['tasks_per_s']:,} tasks/s); p99 {p99:.2f}x "
+        f"({two['p99_ms']} vs {one['p99_ms']} ms); CPU per task (gateways + Redis) {cpu} "
+        f"({two['cpu_ms_per_1000']} vs {one['cpu_ms_per_1000']} CPU ms per 1000 tasks)"
     ]
 
 
