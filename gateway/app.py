@@ -96,7 +96,13 @@ class Gateway:
         self.cluster: Cluster | None = None
         self.limits: SharedLimits | None = None
         self.replication: Replication | None = None
-        self.replica = config.store.replica or default_replica_name()
+        # a name per start: a replica restarted at once under its configured name must not
+        # renew the lease of the one that died, whose tasks are then taken over
+        self.replica = (
+            f"{config.store.replica}-{secrets.token_hex(3)}"
+            if config.store.replica
+            else default_replica_name()
+        )
         if config.store.url is not None:
             self._share(config.store.url)
         self.deliveries = Deliveries(
@@ -193,7 +199,7 @@ class Gateway:
                 local=lambda: quotas.local_figures(pool.queue),
                 wall_clock=self.wall_clock,
             )
-            self.limits.on_refresh.append(pool.queue.reconfigure)
+            self.limits.on_refresh.append(pool.limits_changed)
         quotas = TenantQuotas(
             self.catalogue,
             self.budgets,
@@ -298,6 +304,8 @@ class Gateway:
         hand_over = bool(self.store.open_count) and self._can_hand_over()
         if self.store.open_count and not hand_over:
             self._fail_open_tasks()
+            if self.replication is not None:  # the errors wait for their write (or one try)
+                await self.replication.drain(self.config.store.timeout * 2)
             await asyncio.sleep(0)  # the sockets' flush runs: the errors leave before 1012
             left = max(left, FINAL_WEBHOOKS_GRACE)
         await self.deliveries.drain(max(0.0, left))
@@ -352,7 +360,7 @@ class Gateway:
         if self.intake is not None:
             self.intake.use_tenants(table)
         if self.pool is not None:
-            self.pool.queue.reconfigure()
+            self.pool.limits_changed()
         # sockets of revoked keys and tenants close with 4003; nobody else is disturbed
         closed = self.clients.close_revoked(revoked) if self.clients is not None else 0
         log.info(
@@ -366,12 +374,7 @@ class Gateway:
 
     def _can_hand_over(self) -> bool:
         """Another replica may take this one's open tasks: the store is shared and answers."""
-        return (
-            self.cluster is not None
-            and self.cluster.healthy
-            and self.replication is not None
-            and self.replication.healthy
-        )
+        return self.cluster is not None and self.cluster.healthy
 
     def _fail_open_tasks(self) -> None:
         """Past the drain deadline, every task still open ends with a clear error on its
@@ -420,8 +423,10 @@ class Gateway:
             "links": [link.state.value for link in self.pool.links] if self.pool else []
         }
         if self.cluster is not None and self.replication is not None:
-            # a replica that cannot reach Redis accepts no task: others may run it
-            store = self.cluster.healthy and self.replication.healthy
+            # a replica that cannot reach Redis accepts no task: others may run it. The lease,
+            # renewed every third of store.lease, is the probe: a failed call elsewhere does
+            # not keep a replica unready after Redis is back
+            store = self.cluster.healthy
             ready = ready and store
             body["store"] = "ok" if store else "unavailable"
             body["replica"] = self.replica

@@ -535,11 +535,17 @@ class ClientGateway:
                         await self._adopt(outcomes)
                     claims = await intake.claim(door.tenant, outcomes)
                     if connection.closed:
+                        if claims is not None:
+                            intake.released(claims)  # none of them was used
                         return
                 dispatch(outcomes, door, answer, claims)
                 if unauthenticated and door.delay:
                     await self._answer_late(door)
-                answer.flush()
+                if claims is not None and claims.won:
+                    # acks once the records are written: every replica then knows the tasks
+                    intake.after_write(answer.flush)
+                else:
+                    answer.flush()
             elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             elif kind == WSMsgType.ERROR:
@@ -553,7 +559,8 @@ class ClientGateway:
         auth = next((o for o in outcomes if type(o) is Authentication), None)
         if roaming is None or auth is None or auth.connectionSessionUUID is None:
             return
-        if auth.connectionSessionUUID in self.table.sessions:
+        local = self.table.sessions.get(auth.connectionSessionUUID)
+        if local is not None and local.forward is None:
             return
         tenant = self.intake.tenant_of(auth.apiKey)
         if tenant is not None:

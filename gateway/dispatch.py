@@ -85,7 +85,7 @@ class Dispatch:
             self._dispatch(outcomes, door, answer)
         finally:
             intake.frame = None
-            intake.released(door.tenant, claims)
+            intake.released(claims)
 
     def _dispatch(self, outcomes: list[Outcome], door: Door, answer: Answer) -> None:
         intake = self.intake

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from msgspec import UNSET
@@ -91,6 +93,13 @@ class Intake:
                 task_type="imageInference",
                 task_uuid=task.taskUUID,
             )
+        upstream_uuid = None
+        if self.replication is not None:  # first: a task another holds spends no token
+            claimed = self._claimed(task)
+            if isinstance(claimed, ErrorItem):
+                self.metrics.errors.labels(claimed.code).inc()
+                return claimed
+            upstream_uuid = claimed
         policy = self.checked.get(tenant)  # None for a tenant without limits: nothing more
         price = 0.0
         if policy is not None:
@@ -103,13 +112,6 @@ class Intake:
         if refused is not None:
             self.metrics.errors.labels(refused.code).inc()
             return refused
-        upstream_uuid = None
-        if self.replication is not None:
-            claimed = self._claimed(task)
-            if isinstance(claimed, ErrorItem):
-                self.metrics.errors.labels(claimed.code).inc()
-                return claimed
-            upstream_uuid = claimed
         record = self.registry.register(tenant, task, subscriber, upstream_uuid)
         if not isinstance(record, TaskRecord):
             self.metrics.errors.labels(record.code).inc()
@@ -137,21 +139,43 @@ class Intake:
             tenant, outcomes, lambda task_uuid: registry.lookup(tenant, task_uuid) is not None
         )
         policy = self.checked.get(tenant)
-        if policy is not None and policy.rate is not None and claims.unavailable is None:
+        if policy is not None and policy.rate is not None and claims.won:
             # last: the tokens are the frame's to use with no await before its dispatch
             try:
                 await self.quotas.prepare(tenant, policy, len(claims.won))
             except StoreUnavailable as exc:
+                replication.release_unused(claims, lambda _: False)
                 claims.unavailable = str(exc)
                 claims.won.clear()
         return claims
 
-    def released(self, tenant: str | None, claims: FrameClaims) -> None:
+    def after_write(self, step: Callable[[], None]) -> None:
+        """Run ``step`` once what the registry holds now is in the shared store (at once
+        without one)."""
+        durable = self.registry.durable
+        if durable is None:
+            step()
+        else:
+            durable(step)
+
+    async def written(self) -> None:
+        """Until what the registry holds now is in the shared store."""
+        if self.registry.durable is not None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def written() -> None:
+                if not done.done():
+                    done.set_result(None)
+
+            self.registry.durable(written)
+            await done
+
+    def released(self, claims: FrameClaims) -> None:
         """After the dispatch: the claims its refused tasks did not use go back."""
-        if self.replication is not None and tenant is not None:
+        if self.replication is not None:
             store = self.registry.store
             self.replication.release_unused(
-                tenant, claims, lambda upstream_uuid: store.by_upstream(upstream_uuid) is not None
+                claims, lambda upstream_uuid: store.by_upstream(upstream_uuid) is not None
             )
 
     def _claimed(self, task: ImageTask) -> str | ErrorItem:

@@ -211,6 +211,12 @@ class UpstreamPool:
         log.debug("provider refused a task; it waits", code=error.code, window=link.window.limit)
         asyncio.get_running_loop().call_later(next(delays), self._retry, record)
 
+    def limits_changed(self) -> None:
+        """Tenants' limits were read again (a reload, the other replicas' figures): room a
+        tenant got is used at once, not at its next task."""
+        self.queue.reconfigure()
+        self._pump()
+
     def requeue(self, record: TaskRecord) -> None:
         """A task that was waiting elsewhere (a dead replica's): first in its tenant's line."""
         self._retry(record)

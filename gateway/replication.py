@@ -59,6 +59,7 @@ def links_key(redis: RedisConnection, replica: str) -> str:
 class FrameClaims:
     """What one frame's tasks hold in the shared store, for its synchronous dispatch."""
 
+    tenant: str
     won: dict[str, str] = field(default_factory=dict)  # taskUUID -> the upstream UUID claimed
     lost: set[str] = field(default_factory=set)  # taskUUIDs another task holds already
     loaded: dict[str, TaskRecord] = field(default_factory=dict)  # getResponse: by taskUUID
@@ -86,6 +87,9 @@ class Replication:
         self._dirty: dict[str, TaskRecord] = {}  # by upstream UUID, in order of first change
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
+        # frames waiting for their claims: (tenant, [(taskUUID, upstream UUID)], the answer)
+        self._claims: list[tuple[str, list[tuple[str, str]], asyncio.Future[list[bool]]]] = []
+        self._claiming: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -95,15 +99,16 @@ class Replication:
         self, tenant: str, outcomes: Iterable[Outcome], is_local: Callable[[str], bool]
     ) -> FrameClaims:
         """Claim the frame's image tasks, and load the records of its getResponse tasks that
-        are not ``is_local``."""
-        claims = FrameClaims()
+        are not ``is_local`` (a round trip of their own: polls of other replicas' tasks are
+        few). The claims of every frame waiting in one loop turn go in one script."""
+        claims = FrameClaims(tenant)
         wanted = [(o.taskUUID, self._new_uuid()) for o in outcomes if type(o) is ImageTask]
         polled = [
             o.taskUUID for o in outcomes if type(o) is GetResponse and not is_local(o.taskUUID)
         ]
         try:
             if wanted:
-                won = await self.shared.claim_many(tenant, wanted)
+                won = await self._claim_batched(tenant, wanted)
                 for (task_uuid, upstream_uuid), ok in zip(wanted, won, strict=True):
                     if ok:
                         claims.won[task_uuid] = upstream_uuid
@@ -115,16 +120,60 @@ class Replication:
                     claims.loaded[task_uuid] = record
         except StoreUnavailable as exc:
             self._unhealthy(exc)
+            if claims.won:
+                self.release_unused(claims, lambda _: False)
+                claims.won.clear()
             claims.unavailable = str(exc)
             return claims
         self.healthy = True
         return claims
 
-    def release_unused(self, tenant: str, claims: FrameClaims, used: Callable[[str], bool]) -> None:
+    async def _claim_batched(self, tenant: str, wanted: list[tuple[str, str]]) -> list[bool]:
+        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._claims.append((tenant, wanted, future))
+        if self._claiming is None:
+            self._claiming = asyncio.get_running_loop().create_task(self._claim_all())
+        return await future
+
+    async def _claim_all(self) -> None:
+        """One claim script at a time, for every frame that waits: under load a few hundred
+        claims share a round trip instead of paying one each."""
+        try:
+            while self._claims:
+                await asyncio.sleep(0)  # the frames read in this loop turn join
+                batch, self._claims = self._claims, []
+                items = [(t, task, up) for t, wanted, _ in batch for task, up in wanted]
+                try:
+                    won = await self.shared.claim_batch(items)
+                except StoreUnavailable as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except Exception as exc:  # a bug: every frame waiting hears of it, none hangs
+                    log.exception("claims failed")
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(StoreUnavailable(repr(exc)))
+                    continue
+                start = 0
+                for tenant, wanted, future in batch:
+                    mine = won[start : start + len(wanted)]
+                    start += len(wanted)
+                    if future.cancelled():  # its socket closed meanwhile: give back what it won
+                        frame = FrameClaims(tenant)
+                        frame.won = {t: u for (t, u), ok in zip(wanted, mine, strict=True) if ok}
+                        self.release_unused(frame, lambda _: False)
+                    else:
+                        future.set_result(mine)
+        finally:
+            self._claiming = None
+
+    def release_unused(self, claims: FrameClaims, used: Callable[[str], bool]) -> None:
         """After the dispatch: claims of tasks that were refused are given back."""
         unused = [(t, u) for t, u in claims.won.items() if not used(u)]
         if unused:
-            self._spawn(self._release(tenant, unused))
+            self._spawn(self._release(claims.tenant, unused))
 
     async def _release(self, tenant: str, unused: list[tuple[str, str]]) -> None:
         try:
@@ -132,27 +181,28 @@ class Replication:
                 await self.shared.release(tenant, task_uuid, upstream_uuid)
         except StoreUnavailable as exc:  # the claims lapse with open_ttl
             self._unhealthy(exc)
+            return
+        self.healthy = True
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
         """A record another replica runs (or ran); None when there is none or Redis is away."""
         try:
-            return await self.shared.load(tenant, task_uuid)
+            record = await self.shared.load(tenant, task_uuid)
         except StoreUnavailable as exc:
             self._unhealthy(exc)
             return None
+        self.healthy = True
+        return record
 
     def link_session(self, index: int, session_uuid: str) -> None:
         """The pool's hook: a provider link authenticated under ``session_uuid``, recorded for
         a replica that takes this one over to resume."""
         redis = self.shared.connection
         key = links_key(redis, self.replica)
-        ttl = self.shared.open_ttl_ms
 
         async def write() -> None:
-            async with redis.client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, str(index), session_uuid)
-                pipe.pexpire(key, ttl)
-                await pipe.execute()
+            # no TTL: a link may stay up for days; a takeover or a clean stop deletes it
+            await redis.client.hset(key, str(index), session_uuid)
 
         async def run() -> None:
             try:
@@ -200,8 +250,11 @@ class Replication:
                         retention=self.retention,
                         replica=self.replica,
                     )
-                except StoreUnavailable as exc:
-                    self._unhealthy(exc)
+                except Exception as exc:  # Redis away, or a bug: the frames go, writes wait
+                    if isinstance(exc, StoreUnavailable):
+                        self._unhealthy(exc)
+                    else:
+                        log.exception("task records not written")
                     # newer changes made meanwhile are the same objects: keep the order
                     batch.update(self._dirty)
                     self._dirty = batch

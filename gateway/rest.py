@@ -131,7 +131,10 @@ class RestEndpoint:
         polls = TokenBucket(0.0, self.get_response_burst, time.monotonic)
         door = _RequestDoor(self.intake, tenant, polls)
         answer = Answer()
-        self.dispatch(outcomes, door, answer, await self.intake.claim(tenant, outcomes))
+        claims = await self.intake.claim(tenant, outcomes)
+        self.dispatch(outcomes, door, answer, claims)
+        if claims is not None and claims.won:  # every replica knows the tasks before the ack
+            await self.intake.written()
         data, errors = answer.data, answer.errors
         if door.waiting:
             await self._wait(door.waiting)

@@ -152,8 +152,9 @@ class Roaming:
         """Make the session ``session_uuid`` of ``tenant``, held by another replica (or by a
         dead one), this replica's, detached, so that the authentication resumes it. False when
         the directory does not know it for that tenant (the client gets a new session)."""
-        if session_uuid in self.table.sessions:
-            return True
+        local = self.table.sessions.get(session_uuid)
+        if local is not None and local.forward is None:
+            return True  # ours already
         keys = [self._session_key(session_uuid)]
         try:
             previous = await self.redis.call(
@@ -164,10 +165,13 @@ class Roaming:
             return False
         if previous is None:
             return False
-        session = self.table.open(tenant, session_uuid)
-        if session is None:  # no room: the authentication opens none either, and says so
-            return False
-        self.table.detached(session, now)
+        if local is not None:  # it comes back to a replica that had handed it on
+            local.forward = None
+        else:
+            session = self.table.open(tenant, session_uuid)
+            if session is None:  # no room: the authentication opens none either, and says so
+                return False
+            self.table.detached(session, now)
         holder = previous.decode() if isinstance(previous, bytes) else str(previous)
         if holder and holder != self.replica:
             self._spawn(lambda: self.cluster.send(holder, "moved", _ENCODE.encode(session_uuid)))
@@ -196,7 +200,10 @@ class Roaming:
                 await asyncio.sleep(0)  # what this loop turn forwards goes in one script
                 outgoing, self._outgoing = self._outgoing, defaultdict(list)
                 for session_uuid, frames in outgoing.items():
-                    await self._post_frames(session_uuid, frames)
+                    try:
+                        await self._post_frames(session_uuid, frames)
+                    except Exception:  # a bug: these frames are lost to the socket, not others
+                        log.exception("frames not forwarded", frames=len(frames))
         finally:
             self._sending = None
 

@@ -94,6 +94,58 @@ return over
 """
 
 
+# Many records' saves and finishes. ARGV: retention (ms), max_retained, open ttl (ms), the
+# replica's open list, the finished set, the record keys' prefix; then per record: kind (s: an
+# open record, f: a final one), upstream UUID, claim key, data. Returns how many were trimmed.
+_WRITE = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local retention, cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local index, finished, prefix = ARGV[4], ARGV[5], ARGV[6]
+local saved, ended = false, false
+for i = 7, #ARGV, 4 do
+  local upstream, claim, data = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local record = prefix .. upstream
+  if ARGV[i] == 's' then
+    redis.call('HSET', record, 'data', data, 'claim', claim)
+    redis.call('PEXPIRE', record, ttl)
+    -- a claim a Redis restarted empty lost comes back, unless another task took the taskUUID
+    redis.call('SET', claim, upstream, 'NX', 'PX', ttl)
+    redis.call('SADD', index, upstream)
+    saved = true
+  else
+    redis.call('SREM', index, upstream)
+    local held = redis.call('GET', claim)
+    if retention <= 0 then
+      if held == upstream then redis.call('DEL', claim) end
+      redis.call('DEL', record)
+      redis.call('ZREM', finished, upstream)
+    else
+      redis.call('HSET', record, 'data', data, 'claim', claim)
+      redis.call('PEXPIRE', record, retention)
+      if held == upstream then redis.call('PEXPIRE', claim, retention)
+      elseif not held then redis.call('SET', claim, upstream, 'PX', retention) end
+      redis.call('ZADD', finished, string.format('%d', now), upstream)
+      ended = true
+    end
+  end
+end
+if saved then redis.call('PEXPIRE', index, ttl) end
+if not ended then return 0 end
+redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
+local over = redis.call('ZCARD', finished) - cap
+if over <= 0 then return 0 end
+local gone = redis.call('ZPOPMIN', finished, over)
+for i = 1, #gone, 2 do
+  local record = prefix .. gone[i]
+  local claim = redis.call('HGET', record, 'claim')
+  if claim and redis.call('GET', claim) == gone[i] then redis.call('DEL', claim) end
+  redis.call('DEL', record)
+end
+return over
+"""
+
+
 def _bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data  # the client does not decode
 
@@ -112,6 +164,7 @@ class RedisSharedTasks:
         self._release = redis.script(_RELEASE)
         self._load = redis.script(_LOAD)
         self._finish = redis.script(_FINISH)
+        self._write = redis.script(_WRITE)
 
     @classmethod
     def from_url(
@@ -157,10 +210,15 @@ class RedisSharedTasks:
         return won
 
     async def claim_many(self, tenant: str, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        return await self.claim_batch([(tenant, task, upstream) for task, upstream in claims])
+
+    async def claim_batch(self, claims: Sequence[tuple[str, str, str]]) -> list[bool]:
+        """``claim`` for each (tenant, taskUUID, upstream UUID), of any tenants, in order, in one
+        round trip (the claims of every frame that arrived in one loop turn)."""
         if not claims:
             return []
-        keys = [self.claim_key(tenant, task_uuid) for task_uuid, _ in claims]
-        args: list[EncodableT] = [self._open_ttl_ms, *(upstream for _, upstream in claims)]
+        keys = [self.claim_key(tenant, task_uuid) for tenant, task_uuid, _ in claims]
+        args: list[EncodableT] = [self._open_ttl_ms, *(upstream for _, _, upstream in claims)]
         won = await self._call(lambda: self._claim(keys=keys, args=args))
         return [bool(w) for w in won]
 
@@ -223,55 +281,50 @@ class RedisSharedTasks:
         retention: float,
         replica: str,
     ) -> None:
-        """``save`` and ``finish`` for many records in one round trip (not atomic as a whole:
-        each record's own steps are), keeping ``replica``'s list of open records."""
-        index = self.open_key(replica)
-        ttl = self._open_ttl_ms
-
-        async def write() -> Any:
-            async with self._redis.client.pipeline(transaction=False) as pipe:
-                for record in saves:
-                    claim = self.claim_key(record.tenant, record.task_uuid)
-                    key = self.record_key(record.upstream_uuid)
-                    pipe.hset(key, mapping={"data": self._codec.encode(record), "claim": claim})
-                    pipe.pexpire(key, ttl)
-                    # a Redis restarted empty lost the claim: the task's next write makes it
-                    # again, unless another task took the taskUUID meanwhile
-                    pipe.set(claim, record.upstream_uuid, nx=True, px=ttl)
-                    pipe.pexpire(claim, ttl)
-                    pipe.sadd(index, record.upstream_uuid)
-                if saves:
-                    pipe.pexpire(index, ttl)
-                for record in finishes:
-                    await self._finish(  # queued in the pipeline, not sent
-                        keys=[
-                            self.record_key(record.upstream_uuid),
-                            self.claim_key(record.tenant, record.task_uuid),
-                            self._finished_key,
-                        ],
-                        args=[
-                            self._codec.encode(record),
-                            max(0, round(retention * 1000)),
-                            self._max_retained,
-                            record.upstream_uuid,
-                            self._records,
-                        ],
-                        client=pipe,
-                    )
-                    pipe.srem(index, record.upstream_uuid)
-                return await pipe.execute()
-
-        await self._call(write)
+        """``save`` and ``finish`` for many records in one script (one round trip, and Redis's
+        clock and the count bound read once), keeping ``replica``'s list of open records."""
+        if not saves and not finishes:
+            return
+        encode = self._codec.encode
+        args: list[EncodableT] = [
+            max(0, round(retention * 1000)),
+            self._max_retained,
+            self._open_ttl_ms,
+            self.open_key(replica),
+            self._finished_key,
+            self._records,
+        ]
+        for kind, records in ((b"s", saves), (b"f", finishes)):
+            for record in records:
+                args += (
+                    kind,
+                    record.upstream_uuid,
+                    self.claim_key(record.tenant, record.task_uuid),
+                    encode(record),
+                )
+        await self._call(lambda: self._write(args=args))
 
     async def open_records(self, replica: str) -> list[TaskRecord]:
-        """The open records ``replica`` listed (a dead one's, for its takeover)."""
+        """The open records ``replica`` listed (a dead one's, for its takeover), read in one
+        pipeline."""
         client = self._redis.client
         members = await self._call(lambda: client.smembers(self.open_key(replica)))
+        upstreams = sorted(_bytes(m).decode() for m in members)
+        if not upstreams:
+            return []
+
+        async def read() -> Any:
+            async with client.pipeline(transaction=False) as pipe:
+                for upstream in upstreams:
+                    pipe.hget(self.record_key(upstream), "data")
+                return await pipe.execute()
+
         records = []
-        for member in sorted(_bytes(m).decode() for m in members):
-            record = await self.by_upstream(member)
-            if record is not None and record.open:
-                records.append(record)
+        for data in await self._call(read):
+            if data is not None:
+                record = self._codec.decode(_bytes(data))
+                if record.open:
+                    records.append(record)
         return records
 
     async def forget_open(self, replica: str) -> None:

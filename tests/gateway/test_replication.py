@@ -238,3 +238,25 @@ async def test_redis_restarted_empty_is_the_documented_outcome(
             found = [i for i in frame.get("data", []) if i.get("status") == "success"]
     await on_b.send(running_task)  # and the claim holds again
     assert (await on_b.recv())["errors"][0]["code"] == "conflictTaskUUID"
+
+
+async def test_a_session_that_comes_back_to_its_first_replica_gets_its_frames_there(
+    provider: LocalProvider, pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """A -> B -> A: the first replica, which had handed the session on, takes it back."""
+    a, b = pair
+    set_faults(provider, fast=True, latency={"kind": "uniform", "ms": 300, "high_ms": 2500})
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    await on_a.send(task(numberResults=4))
+    seen: list[str] = []
+    await _images(on_a, 1, seen, 5000 * MS)
+    await on_a.ws.close()
+    on_b = await connect(http, b.url)
+    assert await on_b.auth(ALPHA, session) == session
+    await asyncio.sleep(100 * MS)
+    await on_b.ws.close()
+    back = await connect(http, a.url)
+    assert await back.auth(ALPHA, session) == session
+    await _images(back, 4, seen, 10000 * MS)
+    assert len(set(seen)) == len(seen) == 4
