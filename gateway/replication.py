@@ -40,7 +40,7 @@ from prometheus_client import Counter
 from gateway.backoff import full_jitter
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
-from gateway.store.redis import RedisSharedTasks
+from gateway.store.redis import RedisSharedTasks, Write
 from gateway.store.shared import StoreUnavailable
 from protocol.codec import Outcome
 from protocol.frames import GetResponse, ImageTask
@@ -85,6 +85,8 @@ class Replication:
         self._dropped = dropped
         self.healthy = True  # the last call to the store got through
         self._dirty: dict[str, TaskRecord] = {}  # by upstream UUID, in order of first change
+        # open records whose static part Redis has: their next writes carry their state alone
+        self._stored: set[str] = set()
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
         # frames waiting for their claims: (tenant, [(taskUUID, upstream UUID)], the answer)
@@ -234,6 +236,7 @@ class Replication:
         finished = [u for u, r in self._dirty.items() if not r.open]
         for upstream_uuid in finished[: len(self._dirty) - self.max_pending]:
             del self._dirty[upstream_uuid]
+            self._stored.discard(upstream_uuid)
             self._dropped.inc()
 
     async def _flush(self) -> None:
@@ -243,12 +246,11 @@ class Replication:
                 await asyncio.sleep(0)  # the rest of this loop turn's changes join the write
                 batch, self._dirty = self._dirty, {}
                 after, self._after = self._after, []
+                stored = self._stored
+                writes = [Write(r, u not in stored, not r.open) for u, r in batch.items()]
                 try:
-                    await self.shared.write(
-                        [r for r in batch.values() if r.open],
-                        [r for r in batch.values() if not r.open],
-                        retention=self.retention,
-                        replica=self.replica,
+                    missing = await self.shared.write(
+                        writes, retention=self.retention, replica=self.replica
                     )
                 except Exception as exc:  # Redis away, or a bug: the frames go, writes wait
                     if isinstance(exc, StoreUnavailable):
@@ -261,6 +263,14 @@ class Replication:
                     _run(after)
                     await asyncio.sleep(next(delays))
                     continue
+                for write in writes:
+                    if not write.final:
+                        stored.add(write.record.upstream_uuid)
+                    else:
+                        stored.discard(write.record.upstream_uuid)
+                for upstream_uuid in missing:  # Redis restarted empty: written whole next
+                    stored.discard(upstream_uuid)
+                    self._dirty.setdefault(upstream_uuid, batch[upstream_uuid])
                 self.healthy = True
                 delays = full_jitter(0.05, 1.0, self._rng)
                 _run(after)

@@ -63,15 +63,26 @@ class Takeover:
         by_link = {
             int(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in sessions.items()
         }
+        # A record's sends are not written (gateway.tasks): one that says it waits may have
+        # gone out since. So every open task is asked about on one of the dead replica's
+        # provider sessions (the provider finds a task by the API key's taskUUID, whichever
+        # session asks): resumed, the provider says taskNotFound for one it never received,
+        # and it is sent then (gateway.recovery). Only without any provider session (the dead
+        # replica never had a link up) were its tasks surely never sent.
+        first = min(by_link) if by_link else None
         sent: defaultdict[int | None, list[TaskRecord]] = defaultdict(list)
         waiting: list[TaskRecord] = []
         for record in records:
             if not self._adopt(record):
                 continue
-            if record.state in AT_PROVIDER:
-                sent[record.link].append(record)
-            else:
+            link = record.link if record.link in by_link else first
+            if link is None:
                 waiting.append(record)
+                continue
+            if record.state not in AT_PROVIDER:
+                self.registry.move(record, TaskState.SUBMITTED)
+                record.sends = max(record.sends, 1)
+            sent[link].append(record)
         for link, carried in sent.items():
             self.pool.adopt(by_link.get(link) if link is not None else None, carried)
         for record in waiting:

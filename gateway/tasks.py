@@ -101,7 +101,9 @@ class TaskRegistry:
         if state not in TRANSITIONS[record.state]:
             raise IllegalTransition(f"{record.task_uuid}: {record.state} -> {state}")
         record.state = state
-        if self.changed is not None:
+        # not for a send: a replica taking the task over asks the provider about every open
+        # task it finds, sent or not (gateway.takeover), so a write per send would buy nothing
+        if self.changed is not None and state is not S.SUBMITTED:
             self.changed(record)
         if state in FINAL:
             record.finished = self._clock()

@@ -4,15 +4,21 @@ Keys, under one prefix (``tenebra`` unless told; tenant and taskUUID escaped so 
 tenant's name cannot make two tenants' keys meet):
 
 - ``{prefix}:task:{tenant}:{taskUUID}``  string, the upstream UUID: the claim (SET NX)
-- ``{prefix}:rec:{upstreamUUID}``        hash: ``data`` (the record, msgspec MessagePack) and
-  ``claim`` (the claim's key, so that a trimmed record takes its claim with it)
+- ``{prefix}:rec:{upstreamUUID}``        hash: ``static`` (what never changes: tenant, the task,
+  its UUIDs, when it came), ``state`` (what does: state, results, error, deliveries), both
+  MessagePack, and ``claim`` (the claim's key, so that a trimmed record takes its claim with it).
+  A record is written whole once, then its state alone: the task (prompt and all) is not sent
+  to Redis again at every change
 - ``{prefix}:finished``                  sorted set of upstream UUIDs by finish time (Redis's
   own clock, microseconds): the count bound ``max_retained`` trims it from the oldest
+- ``{prefix}:open:{replica}``            set of the upstream UUIDs a replica runs (its takeover)
 
 An open record and its claim live at most ``open_ttl`` (a safety net: a replica that died with the
-task and was never taken over); ``finish`` sets both to ``retention``. Steps that must be atomic
-are Lua scripts (one round trip each; they touch keys they compute, so this is for a single Redis
-or a primary with replicas, not Redis Cluster). Redis 5 or later (scripts read ``TIME``).
+task and was never taken over); a final write sets both to ``retention``. Steps that must be
+atomic are Lua scripts, and a batch (the claims of a loop turn, a flush's records) is one
+script with its items in one MessagePack argument (Redis's ``cmsgpack``): the client packs one
+argument, not four per record. Scripts touch keys they compute, so this is for a single Redis or
+a primary with replicas, not Redis Cluster. Redis 5 or later (scripts read ``TIME``).
 
 Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
 or fails raises ``StoreUnavailable``.
@@ -23,21 +29,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from redis.typing import EncodableT
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
-from gateway.store.shared import RecordCodec
+from gateway.store.shared import RecordParts
 
-__all__ = ["RedisSharedTasks"]
+__all__ = ["RedisSharedTasks", "Write"]
 
 DAY = 86_400.0
 
-# KEYS: claim keys; ARGV[1]: their TTL (ms); ARGV[1 + i]: the upstream UUID of KEYS[i].
+# ARGV[1]: TTL (ms); ARGV[2]: [[claim key, upstream UUID], ...]. 1 for each claim won, else 0.
 _CLAIM = """
-local won = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[i + 1], 'NX', 'PX', ARGV[1]) then won[i] = 1 else won[i] = 0 end
+local ttl, won = ARGV[1], {}
+for i, claim in ipairs(cmsgpack.unpack(ARGV[2])) do
+  if redis.call('SET', claim[1], claim[2], 'NX', 'PX', ttl) then won[i] = 1 else won[i] = 0 end
 end
 return won
 """
@@ -51,77 +58,52 @@ end
 return 0
 """
 
-# KEYS[1]: claim; ARGV[1]: the record keys' prefix.
+# KEYS[1]: claim; ARGV[1]: the record keys' prefix. The record's {static, state}, or false.
 _LOAD = """
 local upstream = redis.call('GET', KEYS[1])
 if not upstream then return false end
-return redis.call('HGET', ARGV[1] .. upstream, 'data')
+return redis.call('HMGET', ARGV[1] .. upstream, 'static', 'state')
 """
 
-# KEYS[1]: record, KEYS[2]: claim, KEYS[3]: finished; ARGV: data, retention (ms), max_retained,
-# upstream UUID, the record keys' prefix. Returns how many were trimmed by the count bound.
-_FINISH = """
-local time = redis.call('TIME')
--- microseconds (no ties), formatted whole: Lua's own number format keeps 14 digits only
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local ms = tonumber(ARGV[2])
-local upstream = ARGV[4]
-if ms <= 0 then
-  if redis.call('GET', KEYS[2]) == upstream then redis.call('DEL', KEYS[2]) end
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[3], upstream)
-  return 0
-end
-redis.call('HSET', KEYS[1], 'data', ARGV[1], 'claim', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], ms)
--- a claim a Redis restarted empty lost comes back, unless another task took the taskUUID
-local held = redis.call('GET', KEYS[2])
-if held == upstream then redis.call('PEXPIRE', KEYS[2], ms)
-elseif not held then redis.call('SET', KEYS[2], upstream, 'PX', ms) end
-redis.call('ZADD', KEYS[3], string.format('%d', now), upstream)
--- entries finished longer than a retention ago have expired by their TTL: out of the count
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('(%d', now - ms * 1000))
-local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[3])
-if over <= 0 then return 0 end
-local gone = redis.call('ZPOPMIN', KEYS[3], over)
-for i = 1, #gone, 2 do
-  local record = ARGV[5] .. gone[i]
-  local claim = redis.call('HGET', record, 'claim')
-  if claim and redis.call('GET', claim) == gone[i] then redis.call('DEL', claim) end
-  redis.call('DEL', record)
-end
-return over
-"""
-
-
-# Many records' saves and finishes. ARGV: retention (ms), max_retained, open ttl (ms), the
-# replica's open list, the finished set, the record keys' prefix; then per record: kind (s: an
-# open record, f: a final one), upstream UUID, claim key, data. Returns how many were trimmed.
+# A flush. ARGV: retention (ms), max_retained, open ttl (ms), the replica's open list ('' for
+# none), the finished set, the record keys' prefix, then [[kind, upstream UUID, claim key,
+# state, static], ...] packed: kind o (open) or f (final); static only where the record is not
+# in Redis yet. Returns the upstream UUIDs of records whose state came without their static
+# part and that Redis does not have (it restarted empty): they are to be written whole again.
 _WRITE = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local retention, cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local index, finished, prefix = ARGV[4], ARGV[5], ARGV[6]
-local saved, ended = false, false
-for i = 7, #ARGV, 4 do
-  local upstream, claim, data = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+local listed, ended, missing = false, false, {}
+for _, item in ipairs(cmsgpack.unpack(ARGV[7])) do
+  local kind, upstream, claim, state, static = item[1], item[2], item[3], item[4], item[5]
   local record = prefix .. upstream
-  if ARGV[i] == 's' then
-    redis.call('HSET', record, 'data', data, 'claim', claim)
-    redis.call('PEXPIRE', record, ttl)
-    -- a claim a Redis restarted empty lost comes back, unless another task took the taskUUID
-    redis.call('SET', claim, upstream, 'NX', 'PX', ttl)
-    redis.call('SADD', index, upstream)
-    saved = true
+  if static == nil and redis.call('EXISTS', record) == 0 then
+    missing[#missing + 1] = upstream
+  elseif kind == 'o' then
+    if static ~= nil then
+      redis.call('HSET', record, 'static', static, 'state', state, 'claim', claim)
+      redis.call('PEXPIRE', record, ttl)
+      -- a claim a Redis restarted empty lost comes back, unless another task took it
+      redis.call('SET', claim, upstream, 'NX', 'PX', ttl)
+      if index ~= '' then redis.call('SADD', index, upstream); listed = true end
+    else
+      redis.call('HSET', record, 'state', state)
+    end
   else
-    redis.call('SREM', index, upstream)
+    if index ~= '' then redis.call('SREM', index, upstream) end
     local held = redis.call('GET', claim)
     if retention <= 0 then
       if held == upstream then redis.call('DEL', claim) end
       redis.call('DEL', record)
       redis.call('ZREM', finished, upstream)
     else
-      redis.call('HSET', record, 'data', data, 'claim', claim)
+      if static ~= nil then
+        redis.call('HSET', record, 'static', static, 'state', state, 'claim', claim)
+      else
+        redis.call('HSET', record, 'state', state)
+      end
       redis.call('PEXPIRE', record, retention)
       if held == upstream then redis.call('PEXPIRE', claim, retention)
       elseif not held then redis.call('SET', claim, upstream, 'PX', retention) end
@@ -130,24 +112,59 @@ for i = 7, #ARGV, 4 do
     end
   end
 end
-if saved then redis.call('PEXPIRE', index, ttl) end
-if not ended then return 0 end
-redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
-local over = redis.call('ZCARD', finished) - cap
-if over <= 0 then return 0 end
-local gone = redis.call('ZPOPMIN', finished, over)
-for i = 1, #gone, 2 do
-  local record = prefix .. gone[i]
-  local claim = redis.call('HGET', record, 'claim')
-  if claim and redis.call('GET', claim) == gone[i] then redis.call('DEL', claim) end
-  redis.call('DEL', record)
+if listed then redis.call('PEXPIRE', index, ttl) end
+if ended then
+  redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
+  local over = redis.call('ZCARD', finished) - cap
+  if over > 0 then
+    local gone = redis.call('ZPOPMIN', finished, over)
+    for i = 1, #gone, 2 do
+      local record = prefix .. gone[i]
+      local claim = redis.call('HGET', record, 'claim')
+      if claim and redis.call('GET', claim) == gone[i] then redis.call('DEL', claim) end
+      redis.call('DEL', record)
+    end
+  end
 end
-return over
+return missing
 """
+
+# MessagePack by hand for the write script's items: Redis's cmsgpack reads no bin type, so the
+# record parts (bytes) go as str, which it takes as the bytes they are
+_ARRAY_4, _ARRAY_5 = b"\x94", b"\x95"
+_OPEN, _FINAL = b"\xa1o", b"\xa1f"
+
+
+def _str(data: bytes) -> bytes:
+    size = len(data)
+    if size < 32:
+        return bytes((0xA0 | size,)) + data
+    if size < 256:
+        return b"\xd9" + bytes((size,)) + data
+    if size < 65536:
+        return b"\xda" + size.to_bytes(2, "big") + data
+    return b"\xdb" + size.to_bytes(4, "big") + data
+
+
+def _array(size: int) -> bytes:
+    if size < 16:
+        return bytes((0x90 | size,))
+    if size < 65536:
+        return b"\xdc" + size.to_bytes(2, "big")
+    return b"\xdd" + size.to_bytes(4, "big")
 
 
 def _bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data  # the client does not decode
+
+
+class Write(msgspec.Struct, frozen=True, gc=False):
+    """One record of a flush: whole (its static part too) the first time, else its state;
+    final (its retention starts) or open."""
+
+    record: TaskRecord
+    whole: bool
+    final: bool
 
 
 class RedisSharedTasks:
@@ -159,11 +176,11 @@ class RedisSharedTasks:
         self._prefix = redis.prefix
         self._records = f"{redis.prefix}:rec:"
         self._finished_key = f"{redis.prefix}:finished"
-        self._codec = RecordCodec()
+        self._parts = RecordParts()
+        self._pack = msgspec.msgpack.Encoder().encode
         self._claim = redis.script(_CLAIM)
         self._release = redis.script(_RELEASE)
         self._load = redis.script(_LOAD)
-        self._finish = redis.script(_FINISH)
         self._write = redis.script(_WRITE)
 
     @classmethod
@@ -184,10 +201,6 @@ class RedisSharedTasks:
         return cls(redis, max_retained=max_retained, open_ttl=open_ttl)
 
     @property
-    def open_ttl_ms(self) -> int:
-        return self._open_ttl_ms
-
-    @property
     def connection(self) -> RedisConnection:
         return self._redis
 
@@ -205,6 +218,10 @@ class RedisSharedTasks:
     def record_key(self, upstream_uuid: str) -> str:
         return self._records + upstream_uuid
 
+    def open_key(self, replica: str) -> str:
+        """The upstream UUIDs of the open records a replica runs: what a takeover finds."""
+        return f"{self._prefix}:open:{key_part(replica)}"
+
     async def claim(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bool:
         [won] = await self.claim_many(tenant, [(task_uuid, upstream_uuid)])
         return won
@@ -217,9 +234,9 @@ class RedisSharedTasks:
         round trip (the claims of every frame that arrived in one loop turn)."""
         if not claims:
             return []
-        keys = [self.claim_key(tenant, task_uuid) for tenant, task_uuid, _ in claims]
-        args: list[EncodableT] = [self._open_ttl_ms, *(upstream for _, _, upstream in claims)]
-        won = await self._call(lambda: self._claim(keys=keys, args=args))
+        packed = self._pack([(self.claim_key(t, task), up) for t, task, up in claims])
+        args: list[EncodableT] = [self._open_ttl_ms, packed]
+        won = await self._call(lambda: self._claim(args=args))
         return [bool(w) for w in won]
 
     async def release(self, tenant: str, task_uuid: str, upstream_uuid: str) -> None:
@@ -231,78 +248,58 @@ class RedisSharedTasks:
         await self._call(lambda: self._release(keys=keys, args=[upstream_uuid]))
 
     async def save(self, record: TaskRecord) -> None:
-        claim = self.claim_key(record.tenant, record.task_uuid)
-        key = self.record_key(record.upstream_uuid)
-        data = self._codec.encode(record)
-
-        async def write() -> Any:
-            async with self._redis.client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping={"data": data, "claim": claim})
-                pipe.pexpire(key, self._open_ttl_ms)
-                pipe.pexpire(claim, self._open_ttl_ms)
-                return await pipe.execute()
-
-        await self._call(write)
-
-    async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
-        keys = [self.claim_key(tenant, task_uuid)]
-        data = await self._call(lambda: self._load(keys=keys, args=[self._records]))
-        return None if data is None else self._codec.decode(data)
-
-    async def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
-        key = self.record_key(upstream_uuid)
-        data = await self._call(lambda: self._redis.client.hget(key, "data"))
-        return None if data is None else self._codec.decode(_bytes(data))
+        await self.write([Write(record, True, False)], retention=0.0)
 
     async def finish(self, record: TaskRecord, retention: float) -> None:
-        keys = [
-            self.record_key(record.upstream_uuid),
-            self.claim_key(record.tenant, record.task_uuid),
-            self._finished_key,
-        ]
-        args: list[EncodableT] = [
-            self._codec.encode(record),
-            max(0, round(retention * 1000)),
-            self._max_retained,
-            record.upstream_uuid,
-            self._records,
-        ]
-        await self._call(lambda: self._finish(keys=keys, args=args))
-
-    def open_key(self, replica: str) -> str:
-        """The upstream UUIDs of the open records a replica runs: what a takeover finds."""
-        return f"{self._prefix}:open:{key_part(replica)}"
+        await self.write([Write(record, True, True)], retention=retention)
 
     async def write(
-        self,
-        saves: Sequence[TaskRecord],
-        finishes: Sequence[TaskRecord],
-        *,
-        retention: float,
-        replica: str,
-    ) -> None:
-        """``save`` and ``finish`` for many records in one script (one round trip, and Redis's
-        clock and the count bound read once), keeping ``replica``'s list of open records."""
-        if not saves and not finishes:
-            return
-        encode = self._codec.encode
+        self, writes: Sequence[Write], *, retention: float, replica: str | None = None
+    ) -> list[str]:
+        """Many records (open or final, as each is) in one script, and with them ``replica``'s
+        list of open records; the upstream UUIDs of those Redis lost, to be written whole."""
+        if not writes:
+            return []
+        static, state = self._parts.static, self._parts.state
+        packed = [_array(len(writes))]
+        for write in writes:
+            record = write.record
+            packed += (
+                _ARRAY_5 if write.whole else _ARRAY_4,
+                _FINAL if write.final else _OPEN,
+                _str(record.upstream_uuid.encode()),
+                _str(self.claim_key(record.tenant, record.task_uuid).encode()),
+                _str(state(record)),
+            )
+            if write.whole:
+                packed.append(_str(static(record)))
         args: list[EncodableT] = [
             max(0, round(retention * 1000)),
             self._max_retained,
             self._open_ttl_ms,
-            self.open_key(replica),
+            self.open_key(replica) if replica is not None else "",
             self._finished_key,
             self._records,
+            b"".join(packed),
         ]
-        for kind, records in ((b"s", saves), (b"f", finishes)):
-            for record in records:
-                args += (
-                    kind,
-                    record.upstream_uuid,
-                    self.claim_key(record.tenant, record.task_uuid),
-                    encode(record),
-                )
-        await self._call(lambda: self._write(args=args))
+        missing = await self._call(lambda: self._write(args=args))
+        return [_bytes(m).decode() for m in missing]
+
+    async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
+        keys = [self.claim_key(tenant, task_uuid)]
+        parts = await self._call(lambda: self._load(keys=keys, args=[self._records]))
+        return self._joined(parts) if parts else None
+
+    async def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
+        key = self.record_key(upstream_uuid)
+        parts = await self._call(lambda: self._redis.client.hmget(key, ["static", "state"]))
+        return self._joined(parts)
+
+    def _joined(self, parts: Sequence[Any]) -> TaskRecord | None:
+        static, state = parts
+        if static is None or state is None:
+            return None
+        return self._parts.join(_bytes(static), _bytes(state))
 
     async def open_records(self, replica: str) -> list[TaskRecord]:
         """The open records ``replica`` listed (a dead one's, for its takeover), read in one
@@ -316,15 +313,14 @@ class RedisSharedTasks:
         async def read() -> Any:
             async with client.pipeline(transaction=False) as pipe:
                 for upstream in upstreams:
-                    pipe.hget(self.record_key(upstream), "data")
+                    pipe.hmget(self.record_key(upstream), ["static", "state"])
                 return await pipe.execute()
 
         records = []
-        for data in await self._call(read):
-            if data is not None:
-                record = self._codec.decode(_bytes(data))
-                if record.open:
-                    records.append(record)
+        for parts in await self._call(read):
+            record = self._joined(parts)
+            if record is not None and record.open:
+                records.append(record)
         return records
 
     async def forget_open(self, replica: str) -> None:

@@ -33,9 +33,10 @@ from typing import Protocol
 
 import msgspec
 
-from gateway.store.base import TaskRecord
+from gateway.store.base import Delivery, TaskRecord, TaskState
+from protocol.frames import ErrorItem, ImageResult, ImageTask
 
-__all__ = ["RecordCodec", "SharedTasks", "StoreUnavailable"]
+__all__ = ["RecordCodec", "RecordParts", "SharedTasks", "StoreUnavailable"]
 
 
 class StoreUnavailable(Exception):
@@ -54,6 +55,55 @@ class RecordCodec:
 
     def decode(self, data: bytes) -> TaskRecord:
         return self._decoder.decode(data)
+
+
+class _Static(msgspec.Struct, array_like=True, gc=False):
+    tenant: str
+    task: ImageTask
+    upstream_uuid: str
+    created: float
+    session: str | None
+
+
+class _State(msgspec.Struct, array_like=True, gc=False):
+    state: TaskState
+    finished: float | None
+    link: int | None
+    window_epoch: int
+    sends: int
+    results: list[ImageResult]
+    error: ErrorItem | None
+    deliveries: list[Delivery]
+
+
+class RecordParts:
+    """A record as two MessagePack arrays: what never changes, written once, and its state,
+    written at each change (store/redis.py)."""
+
+    def __init__(self) -> None:
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._static = msgspec.msgpack.Decoder(_Static)
+        self._state = msgspec.msgpack.Decoder(_State)
+
+    def static(self, r: TaskRecord) -> bytes:
+        return self._encode(_Static(r.tenant, r.task, r.upstream_uuid, r.created, r.session))
+
+    def state(self, r: TaskRecord) -> bytes:
+        return self._encode(
+            _State(
+                r.state, r.finished, r.link, r.window_epoch, r.sends, r.results, r.error,
+                r.deliveries,
+            )
+        )  # fmt: skip
+
+    def join(self, static: bytes, state: bytes) -> TaskRecord:
+        a, b = self._static.decode(static), self._state.decode(state)
+        return TaskRecord(
+            tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
+            session=a.session, state=b.state, finished=b.finished, link=b.link,
+            window_epoch=b.window_epoch, sends=b.sends, results=b.results, error=b.error,
+            deliveries=b.deliveries,
+        )  # fmt: skip
 
 
 class SharedTasks(Protocol):
