@@ -98,6 +98,8 @@ class Gateway:
         self.replication: Replication | None = None
         # a name per start: a replica restarted at once under its configured name must not
         # renew the lease of the one that died, whose tasks are then taken over
+        # set when another replica took this one over: the process stops (gateway.cluster)
+        self.fenced = asyncio.Event()
         self.replica = (
             f"{config.store.replica}-{secrets.token_hex(3)}"
             if config.store.replica
@@ -138,6 +140,7 @@ class Gateway:
             open_ttl=2 * self.config.tasks.timeout,
         )
         self.cluster = Cluster(self.redis, self.replica, settings.lease)
+        self.cluster.on_fenced.append(self._fenced)
         self.replication = Replication(
             shared,
             self.replica,
@@ -284,9 +287,15 @@ class Gateway:
         log.info("gateway listening", url=self.url)
 
     async def stop(self) -> None:
-        """Drain, then close: clients get 1012 so their SDKs reconnect elsewhere."""
+        """Drain, then close: clients get 1012 so their SDKs reconnect elsewhere. A fenced
+        replica (another took it over) does not drain: its tasks are the other's now."""
         if self.intake is not None:  # no new connections, no new tasks
             self.intake.accepting = False
+        if self.cluster is not None:
+            self.cluster.pause_takeovers()  # a stopping replica takes nobody's tasks
+            if self.cluster.fenced:
+                await self._stop_fenced()
+                return
         drained = asyncio.Event()
 
         def on_final(record: object) -> None:
@@ -329,6 +338,39 @@ class Gateway:
             await self.cluster.stop(hand_over=hand_over)
             if hand_over:
                 log.info("open tasks left to another replica", tasks=self.store.open_count)
+        await self._close()
+
+    async def _stop_fenced(self) -> None:
+        """Another replica took this one over (it lost Redis longer than its lease): what it
+        holds is the other's. Nothing is failed, nothing written any more; clients get 1012
+        and resume their sessions where their tasks are now."""
+        log.error(
+            "this replica was taken over by another: it stops without its tasks",
+            replica=self.replica,
+            tasks=self.store.open_count,
+        )
+        if self.replication is not None:
+            await self.replication.close()  # no write under this name from here on
+        if self.clients is not None:
+            await self.clients.close_all(1012, b"service restart")
+        if self._janitor is not None:
+            self._janitor.cancel()
+        if self.pool is not None:
+            await self.pool.close()
+        await self.deliveries.close()  # their jobs are claimed by the others
+        if self.clients is not None and self.clients.roaming is not None:
+            await self.clients.roaming.close()
+        if self.limits is not None:
+            await self.limits.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
+        await self._close()
+
+    def _fenced(self) -> None:
+        """``cluster.on_fenced``: ``tenebra serve`` then stops the gateway, exit status 1."""
+        self.fenced.set()
+
+    async def _close(self) -> None:
         if self.redis is not None:
             await self.redis.close()
         if self._runner is not None:

@@ -257,6 +257,8 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, on_signal)
     with contextlib.suppress(NotImplementedError):  # tenants and keys again, nothing else
         loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants, lambda: serve_config(args))
+    if gateway.cluster is not None:  # taken over by another replica: this one stops
+        gateway.cluster.on_fenced.append(stop.set)
     print(f"tenebra: listening on {gateway.url}", flush=True)
     if demo_key:
         print(f"tenebra: demo API key: {demo_key}", flush=True)
@@ -266,7 +268,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"tenebra: local provider: synthetic images, {cost}", flush=True)
     await stop.wait()
     await gateway.stop()
-    return 0
+    return 1 if gateway.fenced.is_set() else 0  # fenced: a supervisor starts it anew
 
 
 def _create_key(tenant: str) -> int:

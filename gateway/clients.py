@@ -533,7 +533,8 @@ class ClientGateway:
                 if shared and outcomes:  # the frame's tasks claimed across replicas first
                     if door.session is None:
                         await self._adopt(outcomes)
-                    claims = await intake.claim(door.tenant, outcomes)
+                    session = door.session.uuid if door.session is not None else None
+                    claims = await intake.claim(door.tenant, outcomes, session)
                     if connection.closed:
                         if claims is not None:
                             intake.released(claims)  # none of them was used
@@ -541,11 +542,7 @@ class ClientGateway:
                 dispatch(outcomes, door, answer, claims)
                 if unauthenticated and door.delay:
                     await self._answer_late(door)
-                if claims is not None and claims.won:
-                    # acks once the records are written: every replica then knows the tasks
-                    intake.after_write(answer.flush)
-                else:
-                    answer.flush()
+                answer.flush()
             elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             elif kind == WSMsgType.ERROR:

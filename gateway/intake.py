@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from msgspec import UNSET
@@ -93,13 +91,13 @@ class Intake:
                 task_type="imageInference",
                 task_uuid=task.taskUUID,
             )
-        upstream_uuid = None
+        claimed: TaskRecord | None = None
         if self.replication is not None:  # first: a task another holds spends no token
-            claimed = self._claimed(task)
-            if isinstance(claimed, ErrorItem):
-                self.metrics.errors.labels(claimed.code).inc()
-                return claimed
-            upstream_uuid = claimed
+            found = self._claimed(task)
+            if isinstance(found, ErrorItem):
+                self.metrics.errors.labels(found.code).inc()
+                return found
+            claimed = found
         policy = self.checked.get(tenant)  # None for a tenant without limits: nothing more
         price = 0.0
         if policy is not None:
@@ -112,7 +110,7 @@ class Intake:
         if refused is not None:
             self.metrics.errors.labels(refused.code).inc()
             return refused
-        record = self.registry.register(tenant, task, subscriber, upstream_uuid)
+        record = self.registry.register(tenant, task, subscriber, claimed)
         if not isinstance(record, TaskRecord):
             self.metrics.errors.labels(record.code).inc()
             return record
@@ -123,9 +121,12 @@ class Intake:
         self.pool.submit(record)
         return record
 
-    async def claim(self, tenant: str | None, outcomes: list[Outcome]) -> FrameClaims | None:
+    async def claim(
+        self, tenant: str | None, outcomes: list[Outcome], session: str | None = None
+    ) -> FrameClaims | None:
         """Shared store: claim a frame's tasks before its dispatch (gateway.replication). The
-        sender is the door's tenant, or the one the frame's own authentication names."""
+        sender is the door's tenant, or the one the frame's own authentication names;
+        ``session``, the client session its sync tasks stream to."""
         replication = self.replication
         if replication is None:
             return None
@@ -136,7 +137,11 @@ class Intake:
             return None
         registry = self.registry
         claims = await replication.claim(
-            tenant, outcomes, lambda task_uuid: registry.lookup(tenant, task_uuid) is not None
+            tenant,
+            outcomes,
+            lambda task_uuid: registry.lookup(tenant, task_uuid) is not None,
+            session=session,
+            created=registry.now(),
         )
         policy = self.checked.get(tenant)
         if policy is not None and policy.rate is not None and claims.won:
@@ -149,27 +154,6 @@ class Intake:
                 claims.won.clear()
         return claims
 
-    def after_write(self, step: Callable[[], None]) -> None:
-        """Run ``step`` once what the registry holds now is in the shared store (at once
-        without one)."""
-        durable = self.registry.durable
-        if durable is None:
-            step()
-        else:
-            durable(step)
-
-    async def written(self) -> None:
-        """Until what the registry holds now is in the shared store."""
-        if self.registry.durable is not None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-            def written() -> None:
-                if not done.done():
-                    done.set_result(None)
-
-            self.registry.durable(written)
-            await done
-
     def released(self, claims: FrameClaims) -> None:
         """After the dispatch: the claims its refused tasks did not use go back."""
         if self.replication is not None:
@@ -178,14 +162,15 @@ class Intake:
                 claims, lambda upstream_uuid: store.by_upstream(upstream_uuid) is not None
             )
 
-    def _claimed(self, task: ImageTask) -> str | ErrorItem:
-        """The upstream UUID the frame's claim won for ``task``, or why it has none."""
+    def _claimed(self, task: ImageTask) -> TaskRecord | ErrorItem:
+        """The record the frame's claim won for ``task``, or why it has none."""
         frame = self.frame
         if frame is not None:
-            upstream_uuid = frame.won.get(task.taskUUID)
-            if upstream_uuid is not None:
-                return upstream_uuid
-            if task.taskUUID in frame.lost:
+            record = frame.won.get(task.taskUUID)
+            if record is not None and record.task is task:
+                return record
+            # another holds it, or the same taskUUID came earlier in this frame
+            if task.taskUUID in frame.lost or record is not None:
                 return error_item(
                     "conflictTaskUUID",
                     parameter="taskUUID",

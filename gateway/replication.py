@@ -4,22 +4,26 @@ records written behind it.
 The registry stays synchronous and in memory: it is each replica's cache of the tasks it runs,
 and the hot path never waits for Redis there. What replicas share goes through here:
 
-- **Claims, one round trip per frame.** Before a client frame is dispatched, its image tasks'
-  taskUUIDs are claimed for the sender's tenant in one call (``claim_many``): of every replica,
-  exactly one wins a (tenant, taskUUID), so ``conflictTaskUUID`` holds across replicas. A task
-  refused after its claim (a limit, a destination) gives the claim back once the frame is
-  dispatched. The same round trip brings the records that the frame's ``getResponse`` tasks ask
-  for when this replica does not run them. A Redis that does not answer: the frame's image tasks
-  get ``serviceUnavailable`` (nothing is accepted that other replicas could not see), and
-  ``/readyz`` says 503 until a call gets through again.
-- **Records, written behind.** Every change of a record (registered, sent, a result, final)
-  marks it dirty; one flush at a time writes every dirty record in one pipeline, as it is at
-  that moment, so a task's many changes in one loop turn cost one write. A task's frames to
-  its subscribers (its client, its webhooks) leave once the write of what they tell is done
+- **Claims, with the records.** Before a client frame is dispatched, its image tasks' records
+  are made and their taskUUIDs claimed for the sender's tenant: of every replica, exactly one
+  wins a (tenant, taskUUID), so ``conflictTaskUUID`` holds across replicas, and the claim won
+  writes the record whole and lists it as this replica's, in the same script. The claims of
+  every frame waiting in one loop turn go in one script (a few hundred share a round trip under
+  load). A task is so known to every replica before it is acked, with no write of its own. A
+  task refused after its claim (a limit, a destination) gives the claim and its record back
+  once the frame is dispatched. A frame's ``getResponse`` tasks about tasks other replicas run
+  load their records (a round trip of their own). A Redis that does not answer: the frame's
+  image tasks get ``serviceUnavailable`` (nothing is accepted that other replicas could not
+  see), and ``/readyz`` says 503 until the lease gets through again.
+- **Records, written behind.** A record is written again when a result comes and when it ends
+  (not when it is queued or sent: a replica taking it over asks the provider about every open
+  task). One flush at a time writes every dirty record in one script, as it is at that moment
+  and its state alone (what never changes went with the claim). A task's frames to its
+  subscribers (its client, its webhooks) leave once the write of what they tell is done
   (``after_write``): a replica that takes the task over knows every image its client was sent,
   and sends none twice. That costs each result one Redis round trip of latency; while Redis is
   away, frames leave after one failed try (the sockets that wait get their results; the store
-  catches up later). Open records are also listed under this replica's name, for a takeover.
+  catches up later).
 - **Bounds.** What waits to be written is bounded by ``max_pending`` records: open ones always
   stay (they are bounded by ``tasks.max_open``), finished ones past the bound are dropped
   oldest first and counted (``tenebra_store_writes_dropped_total``): while Redis is away that
@@ -60,7 +64,8 @@ class FrameClaims:
     """What one frame's tasks hold in the shared store, for its synchronous dispatch."""
 
     tenant: str
-    won: dict[str, str] = field(default_factory=dict)  # taskUUID -> the upstream UUID claimed
+    # taskUUID -> its record, claimed and written (gateway.tasks registers it as it is)
+    won: dict[str, TaskRecord] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)  # taskUUIDs another task holds already
     loaded: dict[str, TaskRecord] = field(default_factory=dict)  # getResponse: by taskUUID
     unavailable: str | None = None  # the store did not answer: why
@@ -89,8 +94,8 @@ class Replication:
         self._stored: set[str] = set()
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
-        # frames waiting for their claims: (tenant, [(taskUUID, upstream UUID)], the answer)
-        self._claims: list[tuple[str, list[tuple[str, str]], asyncio.Future[list[bool]]]] = []
+        # frames waiting for their claims: their new records, the answer
+        self._claims: list[tuple[list[TaskRecord], asyncio.Future[list[bool]]]] = []
         self._claiming: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
@@ -98,28 +103,46 @@ class Replication:
     # ------------------------------------------------------------------ claims
 
     async def claim(
-        self, tenant: str, outcomes: Iterable[Outcome], is_local: Callable[[str], bool]
+        self,
+        tenant: str,
+        outcomes: Iterable[Outcome],
+        is_local: Callable[[str], bool],
+        *,
+        session: str | None,
+        created: float,
     ) -> FrameClaims:
-        """Claim the frame's image tasks, and load the records of its getResponse tasks that
-        are not ``is_local`` (a round trip of their own: polls of other replicas' tasks are
-        few). The claims of every frame waiting in one loop turn go in one script."""
+        """Claim the frame's image tasks, each with its record (``session`` for a sync one), and
+        load the records of its getResponse tasks that are not ``is_local`` (a round trip of
+        their own: polls of other replicas' tasks are few). The claims of every frame waiting
+        in one loop turn go in one script, which writes the records of the claims won."""
         claims = FrameClaims(tenant)
-        wanted = [(o.taskUUID, self._new_uuid()) for o in outcomes if type(o) is ImageTask]
+        new_uuid = self._new_uuid
+        wanted = [
+            TaskRecord(
+                tenant=tenant,
+                task=o,
+                upstream_uuid=new_uuid(),
+                created=created,
+                session=session if o.deliveryMethod == "sync" else None,
+            )
+            for o in outcomes
+            if type(o) is ImageTask
+        ]
         polled = [
             o.taskUUID for o in outcomes if type(o) is GetResponse and not is_local(o.taskUUID)
         ]
         try:
             if wanted:
-                won = await self._claim_batched(tenant, wanted)
-                for (task_uuid, upstream_uuid), ok in zip(wanted, won, strict=True):
+                won = await self._claim_batched(wanted)
+                for record, ok in zip(wanted, won, strict=True):
                     if ok:
-                        claims.won[task_uuid] = upstream_uuid
-                    elif task_uuid not in claims.won:
-                        claims.lost.add(task_uuid)
+                        claims.won[record.task_uuid] = record
+                    elif record.task_uuid not in claims.won:
+                        claims.lost.add(record.task_uuid)
             for task_uuid in polled:
-                record = await self.shared.load(tenant, task_uuid)
-                if record is not None:
-                    claims.loaded[task_uuid] = record
+                loaded = await self.shared.load(tenant, task_uuid)
+                if loaded is not None:
+                    claims.loaded[task_uuid] = loaded
         except StoreUnavailable as exc:
             self._unhealthy(exc)
             if claims.won:
@@ -130,9 +153,9 @@ class Replication:
         self.healthy = True
         return claims
 
-    async def _claim_batched(self, tenant: str, wanted: list[tuple[str, str]]) -> list[bool]:
+    async def _claim_batched(self, records: list[TaskRecord]) -> list[bool]:
         future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._claims.append((tenant, wanted, future))
+        self._claims.append((records, future))
         if self._claiming is None:
             self._claiming = asyncio.get_running_loop().create_task(self._claim_all())
         return await future
@@ -144,27 +167,29 @@ class Replication:
             while self._claims:
                 await asyncio.sleep(0)  # the frames read in this loop turn join
                 batch, self._claims = self._claims, []
-                items = [(t, task, up) for t, wanted, _ in batch for task, up in wanted]
+                records = [record for wanted, _ in batch for record in wanted]
                 try:
-                    won = await self.shared.claim_batch(items)
-                except StoreUnavailable as exc:
-                    for _, _, future in batch:
+                    won = await self.shared.create_batch(records, self.replica)
+                except Exception as exc:  # Redis away, or a bug: every frame hears, none hangs
+                    if not isinstance(exc, StoreUnavailable):
+                        log.exception("claims failed")
+                        exc = StoreUnavailable(repr(exc))
+                    for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                except Exception as exc:  # a bug: every frame waiting hears of it, none hangs
-                    log.exception("claims failed")
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(StoreUnavailable(repr(exc)))
-                    continue
+                for record, ok in zip(records, won, strict=True):
+                    if ok:  # written whole: its next writes carry its state alone
+                        self._stored.add(record.upstream_uuid)
                 start = 0
-                for tenant, wanted, future in batch:
+                for wanted, future in batch:
                     mine = won[start : start + len(wanted)]
                     start += len(wanted)
                     if future.cancelled():  # its socket closed meanwhile: give back what it won
-                        frame = FrameClaims(tenant)
-                        frame.won = {t: u for (t, u), ok in zip(wanted, mine, strict=True) if ok}
+                        frame = FrameClaims(wanted[0].tenant)
+                        frame.won = {
+                            r.task_uuid: r for r, ok in zip(wanted, mine, strict=True) if ok
+                        }
                         self.release_unused(frame, lambda _: False)
                     else:
                         future.set_result(mine)
@@ -172,15 +197,18 @@ class Replication:
             self._claiming = None
 
     def release_unused(self, claims: FrameClaims, used: Callable[[str], bool]) -> None:
-        """After the dispatch: claims of tasks that were refused are given back."""
-        unused = [(t, u) for t, u in claims.won.items() if not used(u)]
+        """After the dispatch: claims of tasks that were refused are given back, with the
+        records they wrote."""
+        unused = [(t, r.upstream_uuid) for t, r in claims.won.items() if not used(r.upstream_uuid)]
+        for _, upstream_uuid in unused:
+            self._stored.discard(upstream_uuid)
         if unused:
             self._spawn(self._release(claims.tenant, unused))
 
     async def _release(self, tenant: str, unused: list[tuple[str, str]]) -> None:
         try:
             for task_uuid, upstream_uuid in unused:
-                await self.shared.release(tenant, task_uuid, upstream_uuid)
+                await self.shared.release(tenant, task_uuid, upstream_uuid, self.replica)
         except StoreUnavailable as exc:  # the claims lapse with open_ttl
             self._unhealthy(exc)
             return

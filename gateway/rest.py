@@ -133,8 +133,6 @@ class RestEndpoint:
         answer = Answer()
         claims = await self.intake.claim(tenant, outcomes)
         self.dispatch(outcomes, door, answer, claims)
-        if claims is not None and claims.won:  # every replica knows the tasks before the ack
-            await self.intake.written()
         data, errors = answer.data, answer.errors
         if door.waiting:
             await self._wait(door.waiting)

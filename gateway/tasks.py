@@ -37,6 +37,7 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     S.EXPIRED: frozenset(),
 }
 FINAL = frozenset({S.DONE, S.FAILED, S.EXPIRED})
+WRITTEN = FINAL | {S.PARTIAL}  # the states a shared store is told of (gateway.replication)
 # Only a task the provider was sent can hear from it: an item about any other (one still
 # waiting at the gateway, whose upstream UUID a provider could guess) is a stray.
 AT_PROVIDER = frozenset({S.SUBMITTED, S.PARTIAL})
@@ -101,9 +102,10 @@ class TaskRegistry:
         if state not in TRANSITIONS[record.state]:
             raise IllegalTransition(f"{record.task_uuid}: {record.state} -> {state}")
         record.state = state
-        # not for a send: a replica taking the task over asks the provider about every open
-        # task it finds, sent or not (gateway.takeover), so a write per send would buy nothing
-        if self.changed is not None and state is not S.SUBMITTED:
+        # a result or the end: the claim wrote the record as it came, and a replica taking the
+        # task over asks the provider about every open task, sent or not (gateway.takeover),
+        # so a write per queueing or send would buy nothing
+        if self.changed is not None and state in WRITTEN:
             self.changed(record)
         if state in FINAL:
             record.finished = self._clock()
@@ -119,10 +121,10 @@ class TaskRegistry:
         tenant: str,
         task: ImageTask,
         subscriber: Subscriber | None,
-        upstream_uuid: str | None = None,
+        claimed: TaskRecord | None = None,
     ) -> TaskRecord | ErrorItem:
-        """A new task of ``tenant``, or the error that refuses it (conflict, capacity); under
-        ``upstream_uuid`` when the shared store claimed the task under it."""
+        """A new task of ``tenant``, or the error that refuses it (conflict, capacity); the
+        record ``claimed`` with it in the shared store, where there is one."""
         if self.store.get(tenant, task.taskUUID) is not None:
             return error_item(
                 "conflictTaskUUID",
@@ -138,17 +140,12 @@ class TaskRegistry:
                 task_type="imageInference",
                 task_uuid=task.taskUUID,
             )
-        record = TaskRecord(
-            tenant=tenant,
-            task=task,
-            upstream_uuid=upstream_uuid or self.new_uuid(),
-            created=self._clock(),
+        record = claimed or TaskRecord(
+            tenant=tenant, task=task, upstream_uuid=self.new_uuid(), created=self._clock()
         )
         self.store.add(record)
         if subscriber is not None:
             self._subscribers[record.upstream_uuid] = [subscriber]
-        if self.changed is not None:
-            self.changed(record)
         return record
 
     def adopt(self, record: TaskRecord, subscribers: list[Subscriber]) -> bool:

@@ -379,13 +379,15 @@ async def _serve_worker(
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGTERM, on_signal)
         loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants, load)
+    if gateway.cluster is not None:  # taken over by another replica: restarted anew
+        gateway.cluster.on_fenced.append(stop.set)
     watch = asyncio.create_task(_watch_supervisor(supervisor, stop.set))
     ready.send(gateway.url)
     ready.close()
     await stop.wait()
     watch.cancel()
     await gateway.stop()
-    return 0
+    return 1 if gateway.fenced.is_set() else 0
 
 
 async def _watch_supervisor(supervisor: int, stop: Callable[[], None]) -> None:

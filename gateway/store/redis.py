@@ -40,20 +40,36 @@ __all__ = ["RedisSharedTasks", "Write"]
 
 DAY = 86_400.0
 
-# ARGV[1]: TTL (ms); ARGV[2]: [[claim key, upstream UUID], ...]. 1 for each claim won, else 0.
+# ARGV[1]: TTL (ms), ARGV[2]: the record keys' prefix, ARGV[3]: the replica's open list ('' for
+# none), ARGV[4]: [[claim key, upstream UUID, static, state], ...] packed, the record parts
+# optional: a claim won with them writes its record whole at once, listed as open. 1 for each
+# claim won, else 0.
 _CLAIM = """
-local ttl, won = ARGV[1], {}
-for i, claim in ipairs(cmsgpack.unpack(ARGV[2])) do
-  if redis.call('SET', claim[1], claim[2], 'NX', 'PX', ttl) then won[i] = 1 else won[i] = 0 end
+local ttl, prefix, index, won, listed = ARGV[1], ARGV[2], ARGV[3], {}, false
+for i, claim in ipairs(cmsgpack.unpack(ARGV[4])) do
+  if redis.call('SET', claim[1], claim[2], 'NX', 'PX', ttl) then
+    won[i] = 1
+    if claim[3] ~= nil then
+      local record = prefix .. claim[2]
+      redis.call('HSET', record, 'static', claim[3], 'state', claim[4], 'claim', claim[1])
+      redis.call('PEXPIRE', record, ttl)
+      if index ~= '' then redis.call('SADD', index, claim[2]); listed = true end
+    end
+  else
+    won[i] = 0
+  end
 end
+if listed then redis.call('PEXPIRE', index, ttl) end
 return won
 """
 
-# KEYS[1]: claim, KEYS[2]: record, KEYS[3]: finished; ARGV[1]: upstream UUID.
+# KEYS[1]: claim, KEYS[2]: record, KEYS[3]: finished, KEYS[4]: the replica's open list (or
+# any key, unused); ARGV[1]: upstream UUID.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('SREM', KEYS[4], ARGV[1])
 end
 return 0
 """
@@ -231,19 +247,50 @@ class RedisSharedTasks:
 
     async def claim_batch(self, claims: Sequence[tuple[str, str, str]]) -> list[bool]:
         """``claim`` for each (tenant, taskUUID, upstream UUID), of any tenants, in order, in one
-        round trip (the claims of every frame that arrived in one loop turn)."""
+        round trip."""
         if not claims:
             return []
         packed = self._pack([(self.claim_key(t, task), up) for t, task, up in claims])
-        args: list[EncodableT] = [self._open_ttl_ms, packed]
+        args: list[EncodableT] = [self._open_ttl_ms, self._records, "", packed]
         won = await self._call(lambda: self._claim(args=args))
         return [bool(w) for w in won]
 
-    async def release(self, tenant: str, task_uuid: str, upstream_uuid: str) -> None:
+    async def create_batch(self, records: Sequence[TaskRecord], replica: str) -> list[bool]:
+        """Claim each record's (tenant, taskUUID) and, where won, write the record whole and
+        list it as ``replica``'s: in one round trip, a loop turn's new tasks of every frame.
+        A task is then known to every replica before it is dispatched, with no write of its
+        own; a claim lost writes nothing."""
+        if not records:
+            return []
+        static, state = self._parts.static, self._parts.state
+        packed = [_array(len(records))]
+        for record in records:
+            packed += (
+                _ARRAY_4,
+                _str(self.claim_key(record.tenant, record.task_uuid).encode()),
+                _str(record.upstream_uuid.encode()),
+                _str(static(record)),
+                _str(state(record)),
+            )
+        args: list[EncodableT] = [
+            self._open_ttl_ms,
+            self._records,
+            self.open_key(replica),
+            b"".join(packed),
+        ]
+        won = await self._call(lambda: self._claim(args=args))
+        return [bool(w) for w in won]
+
+    async def release(
+        self, tenant: str, task_uuid: str, upstream_uuid: str, replica: str | None = None
+    ) -> None:
+        """Give back a claim still held for ``upstream_uuid``, with its record (and its place
+        in ``replica``'s open list)."""
         keys = [
             self.claim_key(tenant, task_uuid),
             self.record_key(upstream_uuid),
             self._finished_key,
+            self.open_key(replica if replica is not None else ""),
         ]
         await self._call(lambda: self._release(keys=keys, args=[upstream_uuid]))
 

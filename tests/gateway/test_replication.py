@@ -260,3 +260,25 @@ async def test_a_session_that_comes_back_to_its_first_replica_gets_its_frames_th
     assert await back.auth(ALPHA, session) == session
     await _images(back, 4, seen, 10000 * MS)
     assert len(set(seen)) == len(seen) == 4
+
+
+async def test_a_fenced_replica_stops_without_failing_the_tasks_another_took(
+    provider: LocalProvider, pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """Taken over while alive (it lost Redis longer than its lease): its tasks are the other's
+    now, so it stops at once, fails none of them, and writes nothing more under its name."""
+    a, b = pair
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 1500})
+    on_a = await connect(http, a.url)
+    await on_a.auth(ALPHA)
+    body = task(deliveryMethod="async")
+    await on_a.send(body)
+    await on_a.recv()
+    record = a.registry.lookup("alpha", body["taskUUID"])
+    a.cluster._fenced_now()  # as its next renewal would find it
+    assert a.fenced.is_set()
+    async with asyncio.timeout(5000 * MS):
+        await a.stop()
+    assert record.open  # not failed: the other replica answers for it
+    await asyncio.sleep(200 * MS)
+    assert (await b.replication.load("alpha", body["taskUUID"])).open
