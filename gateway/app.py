@@ -28,6 +28,7 @@ from gateway.admission import TenantLimits
 from gateway.clients import ClientGateway
 from gateway.cluster import Cluster, default_replica_name
 from gateway.config import Config, ConfigError
+from gateway.console import install as install_console
 from gateway.delivery.deliveries import Deliveries
 from gateway.delivery.egress import EgressGuard
 from gateway.delivery.jobs import RedisJobs
@@ -250,6 +251,7 @@ class Gateway:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        install_console(app, self)  # GET /console, /playground and theirs (gateway/console/)
         await self.pool.start()
         # aiohttp arms its keep-alive timer at accept: a connection that never completes a
         # request (a half-sent request line, dripping headers) is closed when it fires

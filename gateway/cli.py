@@ -266,6 +266,9 @@ async def _serve(args: argparse.Namespace) -> int:
     if gateway.provider is not None:
         cost = "catalogue prices" if config.provider.local_cost else "no cost"
         print(f"tenebra: local provider: synthetic images, {cost}", flush=True)
+    # the browser's way in (gateway/console/): the playground takes the demo key printed above
+    base = gateway.url.replace("ws://", "http://", 1).removesuffix("/v1")
+    print(f"tenebra: playground {base}/playground, console {base}/console", flush=True)
     await stop.wait()
     await gateway.stop()
     return 1 if gateway.fenced.is_set() else 0  # fenced: a supervisor starts it anew

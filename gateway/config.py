@@ -27,6 +27,7 @@ from msgspec import Meta
 __all__ = [
     "OTHER_VARIABLES",
     "RUNWARE_URL",
+    "AdminSettings",
     "Config",
     "ConfigError",
     "DeliverySettings",
@@ -48,6 +49,7 @@ RUNWARE_URL = "wss://ws-api.runware.ai/v1"
 OTHER_VARIABLES = frozenset(
     {
         "TENEBRA_DEMO_KEY",  # Config.demo_key; also `tenebra generate --key`'s default
+        "TENEBRA_ADMIN_KEY",  # one more of admin.keys (the console's, gateway/console/)
         "TENEBRA_PROVIDER_KEY",  # `tenebra provider`: the key it accepts
         "TENEBRA_PROVIDER_CONTROL_KEY",  # `tenebra provider`: guards /control/*
         "TENEBRA_TESTS_TIME_FACTOR",  # the test suite's time factor (tests/timing.py)
@@ -182,12 +184,22 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True):
     webhook_envelope: bool = False  # {"data": [item]} instead of the flat item
 
 
+class AdminSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Who may open ``/console`` on every tenant (gateway/console/); a tenant's key opens it on
+    its own tenant. Keys are hashed at start, like tenants' keys."""
+
+    keys: list[str] = msgspec.field(default_factory=list)
+    key_sha256: list[Sha256Hex] = msgspec.field(default_factory=list)
+    max_viewers: Count = 64  # console pages open at once; past it the upgrade gets 503
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     provider: ProviderSettings = msgspec.field(default_factory=ProviderSettings)
     tasks: TaskSettings = msgspec.field(default_factory=TaskSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     tenants: dict[str, Tenant] = msgspec.field(default_factory=dict)
     demo_key: str | None = None  # a key of tenant "demo", printed at start
 
@@ -209,6 +221,7 @@ _SECTIONS = {
     "tasks": TaskSettings,
     "delivery": DeliverySettings,
     "store": StoreSettings,
+    "admin": AdminSettings,
 }
 
 
@@ -256,6 +269,9 @@ def load_config(
         raw.setdefault("provider", {})["api_key"] = env["RUNWARE_API_KEY"]
     if "TENEBRA_DEMO_KEY" in env:
         raw["demo_key"] = env["TENEBRA_DEMO_KEY"]
+    if env.get("TENEBRA_ADMIN_KEY"):
+        admin = raw.setdefault("admin", {})
+        admin["keys"] = [*admin.get("keys", []), env["TENEBRA_ADMIN_KEY"]]
     for setting, value in (overrides or {}).items():
         if value is not None:
             *sections, name = setting.split(".")
@@ -309,6 +325,13 @@ def _check(config: Config) -> None:
             if digest in seen:
                 raise ConfigError(f"tenants.{name}.{field}: key also belongs to {seen[digest]}")
             seen[digest] = name
+    # an admin key that is also a tenant's would open the console on everything to that tenant
+    admin = [hashlib.sha256(key.encode()).hexdigest() for key in config.admin.keys]
+    if config.demo_key:
+        seen[hashlib.sha256(config.demo_key.encode()).hexdigest()] = "demo"
+    for digest in admin + [h.lower() for h in config.admin.key_sha256]:
+        if digest in seen:
+            raise ConfigError(f"admin: a key also belongs to tenant {seen[digest]}")
 
 
 def _check_store_url(url: str | None) -> None:
