@@ -6,7 +6,7 @@ BIN        := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck unit redis-server bench bench-smoke clean
+.PHONY: run test lint typecheck unit redis-server chromium bench bench-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
-unit: $(TEST_STAMP) redis-server
+unit: $(TEST_STAMP) redis-server chromium
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # The Redis store's tests start a real redis-server (tests/gateway/store/conftest.py): installed
@@ -48,6 +48,22 @@ redis-server:
 	  else \
 	    echo "redis-server: not on PATH and not installable here (root and apt-get needed);" \
 	      "the Redis store tests will skip"; \
+	  fi; }
+
+# The console's browser tests (tests/gateway/console/) drive a headless Chromium: the OS package,
+# installed here where it is missing, as root with apt-get (Debian), with a font for its pages.
+# Playwright launches it by its path: no browser is downloaded at run time. Where it cannot be
+# installed, those tests skip and say why; the build goes on.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get) for the console's browser tests"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; } \
+	      || echo "chromium: apt-get failed; the browser tests will skip"; \
+	  else \
+	    echo "chromium: not on PATH and not installable here (root and apt-get needed);" \
+	      "the browser tests will skip"; \
 	  fi; }
 
 test: lint typecheck unit bench-smoke
