@@ -74,9 +74,16 @@ bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.harness
 
 # A regression check for CI's 2 cores (under a minute): every path and scenario completes with
-# zero errors and the report is written. Ratios are read by people, not asserted.
+# zero errors and the report is written, the ceiling's against the echo provider included.
+# Ratios and targets are read by people, not asserted.
 bench-smoke: $(TEST_STAMP)
 	$(BIN)/python -m bench.harness --smoke
+
+# Issue 14 alone: the ceiling (echo provider, the process under test pinned to its own core),
+# then a py-spy profile of tenebra at it (both written to bench/results/).
+bench-ceiling: $(TEST_STAMP)
+	$(BIN)/python -m bench.harness --only ceiling
+	$(BIN)/python -m bench.profile --ceiling
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -17,6 +17,13 @@ saturation load through tenebra on its memory store and on a Redis store (a real
 the harness starts, its CPU counted with the gateway's), and through one gateway and two on
 that Redis (the load generator's connections spread over both); skipped, saying why, where
 redis-server is not installed.
+Issue 14, the ceiling (``--only ceiling``): the same paths against the echo provider
+(bench/echo.py, which answers at once), so that what tops out is the process in the middle, not
+the provider; tenebra with one provider link and with two; saturation R=1 and R=4, and fixed
+offered rates with the latency each path adds over direct in the same turn. Where two cores or
+more are ours, the process under test (the relay, tenebra; the echo provider when direct) runs
+alone on the first, the load generator and the provider on the second; figures are the
+medians of the ``--repeat`` turns, figure by figure.
 Figures vary from machine to machine: read the ratios, which come from one run on one machine.
 """
 
@@ -37,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +66,45 @@ class Scenario:
     rate: float = 0.0  # 0: saturation
 
 
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPUs the process under test gets, and which everything else does (the load
+    generator and the provider): apart, the two never take turns on one core, and the CPU
+    figures of the process under test are its own."""
+
+    measured: frozenset[int]
+    others: frozenset[int]
+
+    def describe(self) -> str:
+        return (
+            f"the process under test (relay, tenebra; the echo provider when direct) alone on "
+            f"cpu {cpus_text(self.measured)}; load generator and provider on cpu "
+            f"{cpus_text(self.others)}"
+        )
+
+
+def cpus_text(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def pinning(available: set[int] | frozenset[int]) -> Pinning | None:
+    """The first available CPU for the process under test, the second for the rest; None
+    (nothing pinned) with fewer than two: one core shared is what the figures then say."""
+    if len(available) < 2:
+        return None
+    first, second, *_ = sorted(available)
+    return Pinning(frozenset({first}), frozenset({second}))
+
+
+def pinning_line(pin: Pinning | None, available: int) -> str:
+    if pin is None:
+        return (
+            f"pinning: none ({available} CPU available to the harness: every process shares "
+            "it, so the figures include the load generator's and the provider's turns)"
+        )
+    return f"pinning: {pin.describe()}"
+
+
 @dataclass
 class Plan:
     load: list[Scenario]
@@ -71,6 +117,8 @@ class Plan:
     admission: Scenario  # through tenebra: the demo tenant, then ten tenants with limits
     store: Scenario  # through tenebra: the memory store, then a Redis store
     replicas: Scenario  # one gateway on Redis, then two (the connections spread over both)
+    ceiling: list[Scenario]  # against the echo provider, pinned, every path of CEILING_PATHS
+    ceiling_fresh: bool  # fresh servers per scenario; else one set per path for them all
 
 
 FULL = Plan(
@@ -88,6 +136,14 @@ FULL = Plan(
     admission=Scenario("admission: 10 tenants with limits vs none, M=200 W=8, 1 result", 200, 100),
     store=Scenario("store: Redis vs memory, M=200 W=8, 1 result", 200, 100),
     replicas=Scenario("replicas: two gateways vs one on Redis, M=200 W=8, 1 result", 200, 100),
+    ceiling=[
+        Scenario("ceiling: saturation M=200 W=8 R=1", 200, 500),
+        Scenario("ceiling: saturation M=200 W=8 R=4", 200, 200, results=4),
+        Scenario("ceiling: 2,000 tasks/s M=200 R=1", 200, 30, rate=2_000),
+        Scenario("ceiling: 10,000 tasks/s M=200 R=1", 200, 150, rate=10_000),
+        Scenario("ceiling: 20,000 tasks/s M=200 R=1", 200, 300, rate=20_000),
+    ],
+    ceiling_fresh=True,
 )
 SMOKE = Plan(
     load=[Scenario("smoke M=20 W=4 R=2", 20, 20, window=4, results=2)],
@@ -100,6 +156,16 @@ SMOKE = Plan(
     admission=Scenario("admission: 10 tenants with limits vs none, M=20 W=4, 1 result", 20, 100, 4),
     store=Scenario("store: Redis vs memory, M=20 W=4, 1 result", 20, 50, 4),
     replicas=Scenario("replicas: two gateways vs one on Redis, M=20 W=4, 1 result", 20, 50, 4),
+    # every ceiling scenario, small, against one set of servers per path (starting tenebra
+    # takes longer than these loads)
+    ceiling=[
+        Scenario("ceiling: saturation M=20 W=8 R=1", 20, 50),
+        Scenario("ceiling: saturation M=20 W=8 R=4", 20, 20, results=4),
+        Scenario("ceiling: 2,000 tasks/s M=20 R=1", 20, 5, rate=2_000),
+        Scenario("ceiling: 10,000 tasks/s M=20 R=1", 20, 20, rate=10_000),
+        Scenario("ceiling: 20,000 tasks/s M=20 R=1", 20, 40, rate=20_000),
+    ],
+    ceiling_fresh=False,
 )
 
 
@@ -115,21 +181,37 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def spawn(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """Start a server; its first line on stdout ends with the URL it listens on."""
+def on_cpus(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """What a child runs before it starts, to be bound to ``cpus`` from its first instruction
+    (its threads, started later, inherit it); None: not bound."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def spawn(
+    *argv: str, env: dict[str, str] | None = None, cpus: frozenset[int] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a server (on ``cpus`` if given); its first line on stdout ends with the URL it
+    listens on."""
     process = subprocess.Popen(
         [PY, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {})},
+        preexec_fn=on_cpus(cpus),  # the harness runs no threads
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = process.stdout.readline()
-        if "ws://" in line:
-            return process, line.rsplit(" ", 1)[1].strip()
+        if not line and process.poll() is not None:  # at once, not after the deadline
+            raise RuntimeError(f"{argv} exited with status {process.returncode} as it started")
+        # the URL is the last word of its line (a JSON log line may hold one too, inside)
+        word = line.rsplit(" ", 1)[-1].strip()
+        if word.startswith("ws://"):
+            return process, word
     process.kill()
     raise RuntimeError(f"{argv} did not start")
 
@@ -153,6 +235,8 @@ class Servers:
     urls: tuple[str, ...] = ()  # several gateways' (``url`` first), taken in turn per connection
     also: tuple[subprocess.Popen[str], ...] = ()  # the other gateways, measured with the first
     redis: subprocess.Popen[str] | None = None  # the gateways' store, measured with them
+    load_cpus: frozenset[int] | None = None  # where the load generator runs (None: anywhere)
+    links: int = 1  # tenebra's provider links
 
     def scrape(self) -> dict[str, float]:
         """The gateway's /metrics, unlabelled and labelled lines alike, by their full name."""
@@ -264,31 +348,47 @@ def servers(
     tenants: int = 0,
     store: bool = False,
     gateways: int = 1,
+    echo: bool = False,
+    links: int = 1,
+    pin: Pinning | None = None,
 ) -> Iterator[Servers]:
     """``path``'s servers; for tenebra, ``tenants`` > 0 runs it with that many tenants with
     limits (a config file) instead of the demo tenant; ``store`` starts a redis-server and runs
     the gateway on it; ``gateways`` > 1 runs that many (``store`` only), each a replica of its
-    own, with one provider."""
+    own, with one provider. ``echo``: the echo provider instead of the local one; ``links``:
+    tenebra's provider links; ``pin``: the process under test on its CPUs, the provider and
+    the load generator on the others."""
     if gateways > 1 and not store:
         raise ValueError("several gateways share their state through a store")
-    # room for every image at once: the provider stands for one that is never the limit
-    provider, provider_url = spawn(
-        "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast",
-        "--max-queued", "1000000",
-    )  # fmt: skip
+    measured_cpus = pin.measured if pin else None
+    other_cpus = pin.others if pin else None
+    if echo:
+        provider, provider_url = spawn(
+            "-m", "bench.echo", "--port", "0", "--key", "pk",
+            cpus=measured_cpus if path == "direct" else other_cpus,
+        )  # fmt: skip
+    else:
+        # room for every image at once: the provider stands for one that is never the limit
+        provider, provider_url = spawn(
+            "-m", "gateway.cli", "provider", "--port", "0", "--key", "pk", "--fast",
+            "--max-queued", "1000000", cpus=other_cpus,
+        )  # fmt: skip
     server = None
     try:
         if path == "direct":
-            yield Servers(provider_url, "pk", provider, provider)
+            yield Servers(provider_url, "pk", provider, provider, load_cpus=other_cpus)
             return
         if path == "relay":
             server, url = spawn(
-                "-m", "bench.relay", "--provider-url", provider_url, "--provider-key", "pk"
-            )
-            yield Servers(url, "any", server, provider)
+                "-m", "bench.relay", "--provider-url", provider_url, "--provider-key", "pk",
+                cpus=measured_cpus,
+            )  # fmt: skip
+            yield Servers(url, "any", server, provider, load_cpus=other_cpus)
             return
         # every load client comes from 127.0.0.1, hundreds of handshakes at once: not hostile
         env = {"TENEBRA_SERVER_MAX_UNAUTHENTICATED_PER_ADDRESS": "1000000", **(env or {})}
+        if links != 1:
+            env["TENEBRA_PROVIDER_LINKS"] = str(links)
         keys: tuple[str, ...] = ("dk",)
         with (
             tempfile.TemporaryDirectory(prefix="tenebra-bench-") as folder,
@@ -312,7 +412,7 @@ def servers(
                 gateway, url = spawn(
                     "-m", "gateway.cli", "serve", "--port", "0", *who,
                     "--provider-url", provider_url, "--provider-key", "pk",
-                    "--log-level", "info", env={**env, **replica},
+                    "--log-level", "info", env={**env, **replica}, cpus=measured_cpus,
                 )  # fmt: skip
                 running.callback(stop, gateway)  # the gateways stop before their redis-server
                 started.append(gateway)
@@ -321,7 +421,10 @@ def servers(
                 wait_ready(url)  # the provider link authenticates (and the store answers)
             time.sleep(0.2)
             (url, *_), (first, *others) = urls, started
-            yield Servers(url, keys[0], first, provider, keys, tuple(urls), tuple(others), redis)
+            yield Servers(
+                url, keys[0], first, provider, keys, tuple(urls), tuple(others), redis,
+                load_cpus=other_cpus, links=links,
+            )  # fmt: skip
     finally:
         if server is not None:
             stop(server)
@@ -343,7 +446,41 @@ def load(at: Servers, s: Scenario, tasks: int | None = None) -> dict[str, Any]:
         "--window", str(s.window), "--results", str(s.results), "--rate", str(s.rate),
         "--seconds", "300",
     )  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=360, check=True).stdout
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=360, check=True,
+        preexec_fn=on_cpus(at.load_cpus),  # the harness runs no threads
+    ).stdout  # fmt: skip
+    figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return figures
+
+
+def load_gated(at: Servers, s: Scenario, between: Callable[[], None]) -> dict[str, Any]:
+    """``s`` against ``at`` with ``--barrier``: every connection authenticates, ``between``
+    runs (the CPU readings before), then the timed phase starts; the load generator's
+    figures."""
+    argv = load_command(
+        at,
+        "--connections", str(s.connections), "--tasks", str(s.tasks),
+        "--window", str(s.window), "--results", str(s.results), "--rate", str(s.rate),
+        "--seconds", "300", "--barrier",
+    )  # fmt: skip
+    process = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        preexec_fn=on_cpus(at.load_cpus),  # the harness runs no threads
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        ready = process.stdout.readline()
+        if '"ready"' not in ready:
+            raise RuntimeError(f"the load generator did not get its connections in: {ready!r}")
+        between()
+        out, _ = process.communicate("go\n", timeout=360)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, argv, out)
     figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return figures
 
@@ -353,19 +490,39 @@ def run_path(path: str, s: Scenario, tenants: int = 0) -> dict[str, Any]:
         return measure(at, s, path, tenants)
 
 
-def measure(at: Servers, s: Scenario, path: str, tenants: int = 0) -> dict[str, Any]:
-    """A warm-up, then ``s`` against ``at``: the load generator's figures, and the CPU each
-    process took during the run per 1000 tasks. ``cpu_ms_per_1000`` is what is measured:
-    every gateway's and their redis-server's (the relay's, the provider's when direct)."""
+def measure(
+    at: Servers,
+    s: Scenario,
+    path: str,
+    tenants: int = 0,
+    warm: bool = True,
+    gated: bool = False,
+) -> dict[str, Any]:
+    """A warm-up (unless not ``warm``), then ``s`` against ``at``: the load generator's
+    figures, and the CPU each process took during the run per 1000 tasks (ms per 1000 tasks
+    is µs per task). ``cpu_ms_per_1000`` is what is measured: every gateway's and their
+    redis-server's (the relay's, the provider's when direct). ``gated``: every connection is
+    in before the clock starts and the CPU is first read (the ceiling's figures are of tasks
+    alone); else the handshakes are part of the run, as the older scenarios were measured."""
     gateways = (at.measured, *at.also)
     redis = (at.redis,) if at.redis else ()
-    load(at, s, max(2, s.tasks // 10))  # warm-up
-    before = [cpu_seconds(p.pid) for p in (*gateways, *redis, at.provider)]
-    figures = load(at, s)
+    if warm:
+        load(at, s, max(2, s.tasks // 10))  # warm-up
+    before: list[float] = []
+
+    def read_before() -> None:
+        before.extend(cpu_seconds(p.pid) for p in (*gateways, *redis, at.provider))
+
+    if gated:
+        figures = load_gated(at, s, read_before)
+    else:
+        read_before()
+        figures = load(at, s)
     after = [cpu_seconds(p.pid) for p in (*gateways, *redis, at.provider)]
     took = [b - a for a, b in zip(before, after, strict=True)]
     done = max(1, figures["tasks"])
     per_1000 = 1e6 / done
+    elapsed = max(figures["elapsed"], 1e-9)
     gateway_cpu = sum(took[: len(gateways)])
     redis_cpu = sum(took[len(gateways) : len(gateways) + len(redis)])
     figures.update(
@@ -383,6 +540,17 @@ def measure(at: Servers, s: Scenario, path: str, tenants: int = 0) -> dict[str, 
         gateways=len(gateways),
         expected=s.connections * s.tasks,
         tenants=tenants,
+        results_per_s=round(done * s.results / figures["elapsed"]),
+        links=at.links,
+        # how busy the cores were: a path at saturation whose process under test is well
+        # under 100% was held back (by the load side's core, or by waiting), and its
+        # throughput is then a lower bound of its ceiling
+        core_pct=round(gateway_cpu * 100 / elapsed),
+        load_side_pct=round(
+            (figures.get("cpu_s", 0.0) + (0.0 if at.provider is at.measured else took[-1]))
+            * 100
+            / elapsed
+        ),
     )
     return figures
 
@@ -452,6 +620,51 @@ def run_replicas(s: Scenario, repeat: int) -> tuple[list[dict[str, Any]], list[d
     """Issue 13: one gateway on a Redis store, then two on one (distinct replicas, one prefix,
     one provider), the load generator's connections taking their URLs in turn."""
     return run_turns(s, repeat, ((report.ONE, True, 1), (report.TWO, True, 2)))
+
+
+def ceiling_server_args(path: str) -> dict[str, Any]:
+    """A ceiling path's servers: the echo provider, and tenebra's provider links."""
+    return {"echo": True, "links": 2 if path == report.TWO_LINKS else 1}
+
+
+def run_ceiling(
+    scenarios: list[Scenario], repeat: int, fresh: bool, pin: Pinning | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Issue 14: every path of ``report.CEILING_PATHS`` under each scenario, against the echo
+    provider, pinned as ``pin`` says. The paths take turns ``repeat`` times, a scenario's
+    paths one after another in each turn (the latency added over direct is read from one
+    turn's neighbours, not from runs minutes apart); ``fresh``:
+    new servers per path and scenario, else one set per path for every scenario (the smoke:
+    starting tenebra takes longer than its loads). Figures are medians over the turns, each
+    figure its own."""
+    every: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def record(s: Scenario, path: str, figures: dict[str, Any]) -> None:
+        figures["path"] = path
+        every.setdefault((s.name, path), []).append(figures)
+        print(f"{s.name} / {path}: {figures['tasks_per_s']:,} tasks/s, "
+              f"{figures['gateway_cpu_ms_per_1000']} CPU µs per task, "
+              f"p99 {figures['p99_ms']} ms", flush=True)  # fmt: skip
+
+    for _ in range(repeat):
+        if fresh:
+            for s in scenarios:
+                for path in report.CEILING_PATHS:
+                    kind = "tenebra" if path.startswith("tenebra") else path
+                    with servers(kind, pin=pin, **ceiling_server_args(path)) as at:
+                        record(s, path, measure(at, s, path, gated=True))
+            continue
+        for path in report.CEILING_PATHS:
+            kind = "tenebra" if path.startswith("tenebra") else path
+            with servers(kind, pin=pin, **ceiling_server_args(path)) as at:
+                for i, s in enumerate(scenarios):
+                    record(s, path, measure(at, s, path, warm=i == 0, gated=True))
+    chosen = [
+        report.median_figures(every[(s.name, path)])
+        for s in scenarios
+        for path in report.CEILING_PATHS
+    ]
+    return chosen, [r for runs in every.values() for r in runs]
 
 
 def run_idle(count: int) -> dict[str, Any]:
@@ -601,6 +814,17 @@ def main(argv: list[str] | None = None) -> int:
         chosen, all_runs = run(scenario, repeat)
         into += chosen
         every += all_runs
+    ceiling: list[dict[str, Any]] = []
+    ceiling_scenarios = [s for s in plan.ceiling if args.only in s.name]
+    available = os.sched_getaffinity(0)
+    pin = pinning(available)
+    ceiling_notes: list[str] = []
+    if ceiling_scenarios:
+        ceiling_notes.append(pinning_line(pin, len(available)))
+        print(ceiling_notes[0], flush=True)
+        ceiling, all_runs = run_ceiling(ceiling_scenarios, repeat, plan.ceiling_fresh, pin)
+        every += all_runs
+        ceiling_notes += report.ceiling_lines(ceiling, repeat)
     idle = [run_idle(n) for n in plan.idle if args.only in "idle"]
     soak = run_soak(plan.soak_tasks, plan.soak_warmup) if args.only in "soak" else None
     stall = (
@@ -614,22 +838,25 @@ def main(argv: list[str] | None = None) -> int:
     notes = (
         report.ratios(runs) + report.admission_lines(admission)
         + report.store_lines(store) + report.replica_lines(replicas) + skipped
-        + report.memory_lines(idle, soak) + report.stall_lines(stall)
+        + report.memory_lines(idle, soak) + report.stall_lines(stall) + ceiling_notes
     )  # fmt: skip
     record = {
         "plan": asdict(plan), "repeat": repeat, "runs": runs, "every_run": every,
         "admission": admission, "store": store, "replicas": replicas, "skipped": skipped,
-        "idle": idle, "soak": soak, "stall": stall, "notes": notes,
+        "idle": idle, "soak": soak, "stall": stall, "notes": notes, "ceiling": ceiling,
+        "pinning": {"measured": sorted(pin.measured), "others": sorted(pin.others)}
+        if pin and ceiling_scenarios else None,
         "cpu_spread": {
             f"{r['scenario']} / {r['path']}": statistics.pstdev(
                 [x["cpu_ms_per_1000"] for x in every
                  if (x["scenario"], x["path"]) == (r["scenario"], r["path"])]
-            ) for r in runs + admission + store + replicas
+            ) for r in runs + admission + store + replicas + ceiling
         },
     }  # fmt: skip
     (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(record, indent=2))
     tables = [report.table(group) for group in (runs, admission) if group]
     tables += [report.store_table(group) for group in (store, replicas) if group]
+    tables += [report.ceiling_table(ceiling)] if ceiling else []
     markdown = "\n\n".join([*tables, "\n".join(f"- {n}" for n in notes)]) + "\n"
     (RESULTS / f"bench-{stamp}.md").write_text(markdown)
     if runs:

@@ -14,6 +14,10 @@ answers. Prints one JSON object: tasks, result frames, errors, elapsed, latencie
     --heavy N        N more connections that send ``--heavy-rate`` tasks/s each, numberResults 4;
                      with ``--stalled`` they never read: the others' latency is what is measured
     --idle           only connect and authenticate, print {"ready": M}, hold for ``--seconds``
+    --barrier        connect and authenticate every connection first, print {"ready": M}, and
+                     start the timed phase (the clock, the sending) when a line arrives on
+                     stdin: what is timed and measured is then tasks alone, not the handshakes
+                     (the harness reads the CPU of the process under test in between)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import sys
@@ -45,21 +50,37 @@ class _Frame(msgspec.Struct):
 frame_of = msgspec.json.Decoder(_Frame)
 
 
-def task(results: int) -> tuple[str, bytes]:
-    task_uuid = str(uuid.uuid4())
-    body = msgspec.json.encode(
-        [
+# taskUUIDs: random per process (a gateway keeps records for an hour, and every run must be
+# new to it), then a counter. Valid v4 UUIDs, as tenebra validates them, at a tenth of the cost
+# of uuid4(): the load generator shares a core with the provider in the ceiling scenarios, and
+# what it spends there is what the process under test cannot be pushed to.
+_random = uuid.uuid4().hex
+_UUID_PREFIX = f"{_random[:8]}-{_random[8:12]}-4{_random[13:16]}-8{_random[17:20]}-"
+_uuid_counter = itertools.count()
+_task_tails: dict[int, bytes] = {}
+
+
+def _tail(results: int) -> bytes:
+    """Everything of a task after its taskUUID, encoded once per ``results``."""
+    tail = _task_tails.get(results)
+    if tail is None:
+        rest = msgspec.json.encode(
             {
-                "taskType": "imageInference",
-                "taskUUID": task_uuid,
                 "model": "exactly:photo@extreme-contrast",
                 "positivePrompt": "a boxer under a hard spotlight",
                 "width": 1024,
                 "height": 1024,
                 "numberResults": results,
             }
-        ]
-    )
+        )
+        tail = _task_tails[results] = b'",' + rest[1:] + b"]"
+    return tail
+
+
+def task(results: int) -> tuple[str, bytes]:
+    """A fresh imageInference task, as a frame of one (SDKs send one task per frame)."""
+    task_uuid = f"{_UUID_PREFIX}{next(_uuid_counter):012x}"
+    body = b'[{"taskType":"imageInference","taskUUID":"' + task_uuid.encode() + _tail(results)
     return task_uuid, body
 
 
@@ -75,18 +96,36 @@ def url_of(args: argparse.Namespace, index: int) -> str:
     return urls[index % len(urls)]
 
 
+class Gate:
+    """Every connection authenticated before any sends (``--barrier``)."""
+
+    def __init__(self, connections: int) -> None:
+        self.waiting = connections
+        self.all_in = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def arrive(self) -> None:
+        self.waiting -= 1
+        if self.waiting <= 0:
+            self.all_in.set()
+        await self.go.wait()
+
+
 async def connection(
     http: aiohttp.ClientSession,
     args: argparse.Namespace,
     stats: dict[str, object],
     rate: float,
     index: int = 0,
+    gate: Gate | None = None,
 ) -> None:
     latencies: list[float] = stats["latencies"]  # type: ignore[assignment]
     async with http.ws_connect(url_of(args, index), max_msg_size=0) as ws:
         auth = [{"taskType": "authentication", "apiKey": key_of(args, index)}]
         await ws.send_str(json.dumps(auth))
         await ws.receive()
+        if gate is not None:
+            await gate.arrive()
         started: dict[str, float] = {}
         remaining: dict[str, int] = {}
         sent = 0
@@ -99,7 +138,7 @@ async def connection(
             started[task_uuid] = time.perf_counter()
             remaining[task_uuid] = args.results
             sent += 1
-            await ws.send_str(body.decode())
+            await ws.send_frame(body, aiohttp.WSMsgType.TEXT)
 
         async def reader() -> None:
             nonlocal finished
@@ -130,7 +169,13 @@ async def connection(
                 await send_one()
         else:
             interval = 1.0 / rate
-            next_at = time.perf_counter()
+            # each connection a phase of its own, spread evenly over one interval: in step
+            # (as --barrier releases them), M connections would offer M tasks at once every
+            # interval, bursts rather than the rate, and the latency measured would be theirs
+            next_at = time.perf_counter() + interval * (index % args.connections) / max(
+                1, args.connections
+            )
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             while sent < args.tasks:
                 await send_one()
                 next_at += interval
@@ -223,21 +268,36 @@ async def main(args: argparse.Namespace) -> None:
             return
         stop_heavy = asyncio.Event()
         heavies = [asyncio.create_task(heavy(args, stop_heavy)) for _ in range(args.heavy)]
+        gate = Gate(args.connections) if args.barrier and args.connections else None
+        running = asyncio.gather(
+            *(
+                connection(http, args, stats, per_connection_rate, i, gate)
+                for i in range(args.connections)
+            )
+        )
+        if gate is not None:
+            arrived = asyncio.ensure_future(gate.all_in.wait())
+            await asyncio.wait(
+                (arrived, running), timeout=args.seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            if running.done():
+                running.result()  # a connection failed before every one was in: say why
+            if not arrived.done():
+                arrived.cancel()
+                running.cancel()
+                raise TimeoutError(f"not every connection authenticated in {args.seconds} s")
+            print(json.dumps({"ready": args.connections}), flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            gate.go.set()
         started = time.perf_counter()
+        cpu_started = time.process_time()
         try:
             if not args.connections:  # heavy connections alone, for ``--seconds``
                 await asyncio.sleep(args.seconds)
-            await asyncio.wait_for(
-                asyncio.gather(
-                    *(
-                        connection(http, args, stats, per_connection_rate, i)
-                        for i in range(args.connections)
-                    )
-                ),
-                args.seconds,
-            )
+            await asyncio.wait_for(running, args.seconds)
         finally:
             elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
             stop_heavy.set()
             for heavy_task in heavies:
                 heavy_task.cancel()
@@ -256,6 +316,7 @@ async def main(args: argparse.Namespace) -> None:
         "frames": stats["frames"],
         "errors": stats["errors"],
         "elapsed": round(elapsed, 3),
+        "cpu_s": round(cpu, 3),  # the load generator's own, over the same time
         "p50_ms": q(0.50), "p99_ms": q(0.99), "p999_ms": q(0.999),
     }))  # fmt: skip
 
@@ -278,4 +339,5 @@ if __name__ == "__main__":
     parser.add_argument("--heavy-rate", type=float, default=100.0, help="tasks/s each")
     parser.add_argument("--stalled", action="store_true", help="the heavy ones never read")
     parser.add_argument("--idle", action="store_true")
+    parser.add_argument("--barrier", action="store_true", help="start on a line on stdin")
     sys.exit(uvloop.run(main(parser.parse_args())))

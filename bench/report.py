@@ -14,6 +14,24 @@ MEMORY = "tenebra, memory store"
 REDIS = "tenebra, Redis store"
 ONE = "1 gateway, Redis store"
 TWO = "2 gateways, one Redis store"
+# issue 14: the ceiling's paths, against the echo provider; tenebra's targets are read on its
+# default, one provider link
+TWO_LINKS = "tenebra, 2 links"
+CEILING_PATHS = ("direct", "relay", "tenebra", TWO_LINKS)
+# the issue's targets
+CEILING_THROUGHPUT = 0.85  # tenebra / relay, at least
+CEILING_CPU = 1.2  # tenebra / relay CPU per task, at most
+CEILING_P99_ADDED_MS = 2.0  # over direct at 10,000 tasks/s offered, at most
+CEILING_P99_RATE = 10_000.0
+CEILING_R4 = 2.0  # R=4 / R=1 CPU per task, at most
+# what a ceiling run's medians are taken of, figure by figure
+MEDIAN_FIGURES = (
+    "tasks_per_s", "frames_per_s", "results_per_s", "p50_ms", "p99_ms", "p999_ms",
+    "cpu_ms_per_1000", "gateway_cpu_ms_per_1000", "provider_cpu_ms_per_1000", "rss_mib",
+    "elapsed", "core_pct", "load_side_pct",
+)  # fmt: skip
+# below this share of its core at saturation, a path was held back by the load side
+CEILING_BUSY_PCT = 90
 
 
 def times(cpu: float, of: float) -> str:
@@ -172,6 +190,138 @@ def stall_lines(stall: dict[str, Any] | None) -> list[str]:
         f"({with_stalled['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x, target 1.2x); slow "
         f"clients cut: {stall['cut']:.0f}"
     ]
+
+
+def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One line for several turns of a path under a scenario: each of ``MEDIAN_FIGURES`` the
+    median of its own over the turns (the middle one of an odd count, the mean of the middle
+    two of an even one), errors summed and tasks the fewest (so that neither hides), the rest
+    from the first turn."""
+    import statistics
+
+    line = dict(runs[0])
+    for key in MEDIAN_FIGURES:
+        value = statistics.median(r[key] for r in runs)
+        line[key] = round(value, 3) if isinstance(value, float) else value
+    line["errors"] = sum(r["errors"] for r in runs)
+    line["tasks"] = min(r["tasks"] for r in runs)
+    line["turns"] = len(runs)
+    return line
+
+
+def _added(run: dict[str, Any], direct: dict[str, Any] | None, key: str) -> str:
+    return f"{run[key] - direct[key]:+.2f}" if direct and run["path"] != "direct" else "-"
+
+
+def ceiling_table(runs: list[dict[str, Any]]) -> str:
+    """The ceiling's runs: what each path reached, the latency it added over direct in the
+    same run, and the CPU of the process under test (the echo provider's when direct)."""
+    by = {(r["scenario"], r["path"]): r for r in runs}
+    lines = [
+        "| scenario | path | tasks/s | results/s | frames/s | p50 / p99 / p99.9 ms | added over "
+        "direct p50 / p99 / p99.9 ms | CPU µs per task | core busy %: under test / load side "
+        "| RSS MiB | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        direct = by.get((run["scenario"], "direct"))
+        added = " / ".join(_added(run, direct, k) for k in ("p50_ms", "p99_ms", "p999_ms"))
+        cpu = run["gateway_cpu_ms_per_1000"]
+        cpu_text = f"(echo) {cpu}" if run["path"] == "direct" else f"{cpu}"
+        lines.append(
+            f"| {run['scenario']} | {run['path']} | {run['tasks_per_s']:,} | "
+            f"{run['results_per_s']:,} | {run['frames_per_s']:,} | {run['p50_ms']} / "
+            f"{run['p99_ms']} / {run['p999_ms']} | {added} | {cpu_text} | "
+            f"{run.get('core_pct', '-')} / {run.get('load_side_pct', '-')} | {run['rss_mib']} | "
+            f"{run['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(value: float, of: float) -> float | None:
+    return value / of if of else None
+
+
+def _against(ratio: float | None, target: float, at_most: bool) -> str:
+    """ "1.31x (target at most 1.2x: missed)"; a run too short for a CPU tick has no ratio."""
+    bound = "at most" if at_most else "at least"
+    if ratio is None:
+        return f"n/a, too few CPU ticks (target {bound} {target}x)"
+    return f"{ratio:.2f}x (target {bound} {target}x: {verdict(ratio, target, at_most)})"
+
+
+def _held_back(run: dict[str, Any]) -> bool:
+    return bool(run["path"] != "direct" and run.get("core_pct", 100) < CEILING_BUSY_PCT)
+
+
+def busy_line(run: dict[str, Any]) -> str:
+    """Why a path at saturation kept its core under ``CEILING_BUSY_PCT`` % busy: its tasks/s
+    are then a lower bound of its ceiling, not the ceiling."""
+    side = run["load_side_pct"]
+    why = (
+        "the load side's core was full"
+        if side >= CEILING_BUSY_PCT
+        else "not the load side either: waits, or other processes on its core"
+    )
+    return (
+        f"{run['scenario']}: {run['path']} kept its core {run['core_pct']}% busy, the load side "
+        f"{side}% ({why}): its tasks/s are a lower bound of its ceiling"
+    )
+
+
+def ceiling_lines(runs: list[dict[str, Any]], turns: int = 1) -> list[str]:
+    """Issue 14's targets, each with "met" or "missed", from the medians of one run: at
+    saturation, tenebra / relay throughput and CPU per task (and with two provider links, for
+    reading), R=4 / R=1 CPU per task; at each fixed rate, the p99 added over direct (the
+    target at 10,000 tasks/s)."""
+    by = {(r["scenario"], r["path"]): r for r in runs}
+    scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
+    notes = [f"ceiling: medians of {turns} interleaved turn(s) per path, figure by figure"]
+    saturation: dict[int, dict[str, Any]] = {}
+    for s in scenarios:
+        relay, direct = by.get((s, "relay")), by.get((s, "direct"))
+        first = next(r for r in runs if r["scenario"] == s)
+        for path in ("tenebra", TWO_LINKS):
+            gateway = by.get((s, path))
+            if gateway is None:
+                continue
+            if not first["rate"] and relay:
+                throughput = gateway["tasks_per_s"] / relay["tasks_per_s"]
+                cpu = _ratio(gateway["gateway_cpu_ms_per_1000"], relay["gateway_cpu_ms_per_1000"])
+                notes.append(
+                    f"{s}: {path} / relay throughput = "
+                    f"{_against(throughput, CEILING_THROUGHPUT, False)}; CPU per task = "
+                    f"{_against(cpu, CEILING_CPU, True)} ({gateway['tasks_per_s']:,} vs "
+                    f"{relay['tasks_per_s']:,} tasks/s, {gateway['gateway_cpu_ms_per_1000']} "
+                    f"vs {relay['gateway_cpu_ms_per_1000']} µs per task)"
+                )
+            if first["rate"] and direct:
+                added = gateway["p99_ms"] - direct["p99_ms"]
+                relay_added = f"{relay['p99_ms'] - direct['p99_ms']:+.2f}" if relay else "n/a"
+                target = (
+                    f" (target at most +{CEILING_P99_ADDED_MS} ms: "
+                    f"{verdict(added, CEILING_P99_ADDED_MS, True)})"
+                    if first["rate"] == CEILING_P99_RATE and path == "tenebra"
+                    else ""
+                )
+                notes.append(
+                    f"{s}: {path} adds {added:+.2f} ms p99 over direct{target}; the relay "
+                    f"{relay_added} ms; {path} at {gateway['tasks_per_s']:,} tasks/s using "
+                    f"{gateway['gateway_cpu_ms_per_1000']} CPU µs per task"
+                )
+        gateway = by.get((s, "tenebra"))
+        if gateway and not first["rate"]:
+            saturation.setdefault(first["results"], gateway)
+        if not first["rate"]:
+            notes += [busy_line(r) for r in runs if r["scenario"] == s and _held_back(r)]
+    if 1 in saturation and 4 in saturation:
+        one, four = saturation[1], saturation[4]
+        ratio = _ratio(four["gateway_cpu_ms_per_1000"], one["gateway_cpu_ms_per_1000"])
+        notes.append(
+            f"ceiling: tenebra's CPU per task at R=4 / R=1 = {_against(ratio, CEILING_R4, True)} "
+            f"({four['gateway_cpu_ms_per_1000']} vs {one['gateway_cpu_ms_per_1000']} µs)"
+        )
+    return notes
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
