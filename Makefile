@@ -6,7 +6,7 @@ BIN        := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck unit redis-server chromium bench bench-smoke clean
+.PHONY: run test lint typecheck unit redis-server chromium bench bench-smoke bench-ceiling clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
