@@ -278,6 +278,7 @@ def ceiling_lines(runs: list[dict[str, Any]], turns: int = 1) -> list[str]:
     scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
     notes = [f"ceiling: medians of {turns} interleaved turn(s) per path, figure by figure"]
     saturation: dict[int, dict[str, Any]] = {}
+    relay_saturation: dict[int, dict[str, Any]] = {}
     for s in scenarios:
         relay, direct = by.get((s, "relay")), by.get((s, "direct"))
         first = next(r for r in runs if r["scenario"] == s)
@@ -312,14 +313,23 @@ def ceiling_lines(runs: list[dict[str, Any]], turns: int = 1) -> list[str]:
         gateway = by.get((s, "tenebra"))
         if gateway and not first["rate"]:
             saturation.setdefault(first["results"], gateway)
+        if relay and not first["rate"]:
+            relay_saturation.setdefault(first["results"], relay)
         if not first["rate"]:
             notes += [busy_line(r) for r in runs if r["scenario"] == s and _held_back(r)]
     if 1 in saturation and 4 in saturation:
         one, four = saturation[1], saturation[4]
         ratio = _ratio(four["gateway_cpu_ms_per_1000"], one["gateway_cpu_ms_per_1000"])
+        relay_own = ""
+        if 1 in relay_saturation and 4 in relay_saturation:
+            own = _ratio(
+                relay_saturation[4]["gateway_cpu_ms_per_1000"],
+                relay_saturation[1]["gateway_cpu_ms_per_1000"],
+            )
+            relay_own = f"; the relay's own {own:.2f}x" if own is not None else ""
         notes.append(
             f"ceiling: tenebra's CPU per task at R=4 / R=1 = {_against(ratio, CEILING_R4, True)} "
-            f"({four['gateway_cpu_ms_per_1000']} vs {one['gateway_cpu_ms_per_1000']} µs)"
+            f"({four['gateway_cpu_ms_per_1000']} vs {one['gateway_cpu_ms_per_1000']} µs{relay_own})"
         )
     return notes
 
