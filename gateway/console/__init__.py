@@ -23,7 +23,12 @@ CONSOLE_KEY = web.AppKey("console", Console)
 def install(app: web.Application, gateway: Gateway) -> Console:
     """The console's routes on ``app``; its producer runs while the app does (started with
     the server, stopped, its viewers closed, when the server shuts down)."""
-    console = Console(gateway, max_viewers=gateway.config.admin.max_viewers)
+    console = Console(
+        gateway,
+        max_viewers=gateway.config.admin.max_viewers,
+        clock=gateway.clock,  # the registry's: tasks' times are on it
+        wall_clock=gateway.wall_clock,
+    )
     console.usage_today = _usage_today(gateway)
     ConsoleWeb(gateway, console).routes(app)
     app[CONSOLE_KEY] = console

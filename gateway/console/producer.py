@@ -65,6 +65,7 @@ class _Ended:
     )
 
     def __init__(self, record: TaskRecord, latency: float, ended: float) -> None:
+        """``ended`` on the registry's clock: made wall time once per frame, not per task."""
         self.task_uuid = record.task_uuid
         self.tenant = record.tenant
         self.state = str(record.state)
@@ -84,13 +85,13 @@ class _Ended:
         self.error = record.error.code if record.error is not None else None
         self.deliveries = record.deliveries
 
-    def view(self) -> dict[str, Any]:
+    def view(self, to_wall: float) -> dict[str, Any]:
         return {
             "taskUUID": self.task_uuid,
             "tenant": self.tenant,
             "state": self.state,
             "latency": round(self.latency, 3),
-            "ended": self.ended,
+            "ended": round(self.ended + to_wall, 3),
             "images": self.images,
             "requested": self.requested,
             "cost": round(self.cost, 6),
@@ -169,8 +170,10 @@ class Console:
     def task_ended(self, record: TaskRecord) -> None:
         """``registry.on_final``: the only work the console adds per task."""
         finished = record.finished
-        latency = finished - record.created if finished is not None else 0.0
-        ended = _Ended(record, latency, self._wall())
+        if finished is None:  # never: on_final runs once the record is finished
+            finished = record.created
+        latency = finished - record.created
+        ended = _Ended(record, latency, finished)
         total = self.all
         total.recent.append(ended)
         total.sample.add(latency)
@@ -311,6 +314,7 @@ class Console:
         admin = scope == ADMIN
         watch = self.all if admin else self.tenants.get(scope)
         point = watch.series.last() if watch is not None else None
+        to_wall = self._wall() - self._clock()  # the registry's clock to wall time
         frame: dict[str, Any] = {
             "type": "tick",
             "t": self._wall(),
@@ -318,7 +322,7 @@ class Console:
             "point": point,
             "links": self._links(full=admin),
             "tenants": self._tenant_rows(None if admin else [scope]),
-            "tasks": [ended.view() for ended in reversed(watch.recent)] if watch else [],
+            "tasks": [ended.view(to_wall) for ended in reversed(watch.recent)] if watch else [],
             "errors": self._errors() if admin else dict(watch.errors) if watch else {},
             "viewers": self._count if admin else None,
             "dropped": self.dropped if admin else None,

@@ -110,9 +110,12 @@
       let d = "";
       shown.forEach((p, k) => {
         if (p[i] === null) return;
-        const joined = k > 0 && shown[k - 1][i] !== null;
+        // a second in which no task ended has no latency: the line bridges it where asked
+        const before = options.bridge ? shown.slice(0, k).some((q) => q[i] !== null) : k > 0 && shown[k - 1][i] !== null;
+        const joined = before;
         d += (joined ? "L" : "M") + x(p[0]).toFixed(1) + " " + y(p[i]).toFixed(1);
-        const alone = !joined && (k === shown.length - 1 || shown[k + 1][i] === null);
+        const after = options.bridge ? shown.slice(k + 1).some((q) => q[i] !== null) : k < shown.length - 1 && shown[k + 1][i] !== null;
+        const alone = !joined && !after;
         if (alone) svg.append(make("circle", { cx: x(p[0]), cy: y(p[i]), r: 2.5, class: options.classes[n] + " dot" }));
       });
       if (options.area) {
@@ -156,7 +159,7 @@
     $("latency-now").textContent = last && last[2] !== null
       ? `p50 ${tenebra.seconds(last[2])} · p99 ${tenebra.seconds(last[3])}` : "";
     plot($("plot-rate"), [1], { min: 1, classes: ["rate"], area: true, format: (v) => v.toFixed(v < 10 ? 1 : 0) });
-    plot($("plot-latency"), [2, 3], { min: 0.1, classes: ["p50", "p99"], format: (v) => v.toFixed(v < 1 ? 2 : 1) });
+    plot($("plot-latency"), [2, 3], { min: 0.1, classes: ["p50", "p99"], bridge: true, format: (v) => v.toFixed(v < 1 ? 2 : 1) });
 
     const admin = frame.scope === "admin";
     table($("links"), admin
