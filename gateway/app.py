@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admission import TenantLimits
+from gateway.audit import Audit
 from gateway.clients import ClientGateway
 from gateway.cluster import Cluster, default_replica_name
 from gateway.config import Config, ConfigError
@@ -46,7 +47,9 @@ from gateway.store.memory import MemoryTaskStore
 from gateway.store.redis import RedisSharedTasks
 from gateway.takeover import Takeover
 from gateway.tasks import TaskRegistry
+from gateway.telemetry import Telemetry, from_env
 from gateway.tenants import Revoked, TenantTable, forget_plain_keys
+from gateway.usage import Usage, UsageEndpoint, admin_digests
 from protocol.errors import error_item
 from protocol.models import Catalogue, default_catalogue
 
@@ -70,13 +73,16 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        """``telemetry``: tracing as given (tests); None: as the ``OTEL_*`` variables ask."""
         self.config = config
         self.reuse_port = reuse_port  # SO_REUSEPORT: serve --workers N share one port
         self.catalogue = catalogue or default_catalogue()
         self.clock = clock
         self.wall_clock = wall_clock
         self.tenants = TenantTable.from_config(config)  # swapped whole by reload_tenants
+        self.admin_keys = admin_digests(config)  # GET /v1/usage of every tenant
         forget_plain_keys(config)
         self.metrics = Metrics()
         self.store = MemoryTaskStore(
@@ -118,6 +124,16 @@ class Gateway:
             lease=config.store.lease,
             on_outcome=self._delivery_outcome,
         )
+        # issue 15: the audit trail, the usage ledger, traces (gateway/audit.py, usage.py,
+        # telemetry.py): hooks on what happens anyway; when off, no hook at all
+        self.audit = Audit.from_logging(config.server.audit)
+        self.usage = Usage(wall_clock=wall_clock, redis=self.redis)
+        self.registry.on_final.append(self.usage.add)
+        if self.audit is not None:
+            self.registry.on_final.append(self.audit.task)
+        self.telemetry = telemetry if telemetry is not None else from_env()
+        if self.telemetry is not None:
+            self.telemetry.install(self.registry, self.deliveries)
         self.intake: Intake | None = None
         self.clients: ClientGateway | None = None
         self._runner: web.AppRunner | None = None
@@ -158,6 +174,8 @@ class Gateway:
         record = self.registry.lookup(tenant, task_uuid)
         if record is not None and self.replication is not None:
             self.replication.changed(record)
+        if self.audit is not None and delivery.state != "pending":
+            self.audit.delivery(tenant, task_uuid, delivery)
 
     @property
     def url(self) -> str:
@@ -223,6 +241,12 @@ class Gateway:
             quotas=quotas,
             replication=self.replication,
         )
+        intake.audit, intake.telemetry = self.audit, self.telemetry
+        if self.audit is not None:
+            audit = self.audit
+            self.pool.on_limit = lambda record, limit, code: audit.limit(
+                record.tenant, limit, code, record.key_id, record.task_uuid
+            )
         self.clients = ClientGateway(self.config.server, intake, self.metrics, clock=self.clock)
         if self.redis is not None and self.cluster is not None:
             self.clients.roaming = Roaming(
@@ -248,6 +272,16 @@ class Gateway:
         app.router.add_get("/", self.clients.handle)
         app.router.add_post("/v1", rest.handle)
         app.router.add_get("/v1/tasks/{task_uuid}", rest.task_view)
+        usage = UsageEndpoint(
+            self.usage,
+            intake.tenant_of,
+            self.admin_keys,
+            self.clients.throttle,
+            self.clients.addresses,
+            self.audit,
+        )
+        app.router.add_get("/v1/usage", usage.handle)
+        self.usage.start()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -373,6 +407,11 @@ class Gateway:
         self.fenced.set()
 
     async def _close(self) -> None:
+        await self.usage.close()  # its last figures, before the connection goes
+        if self.audit is not None:
+            self.audit.flush()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
         if self.redis is not None:
             await self.redis.close()
         if self._runner is not None:

@@ -31,6 +31,7 @@ import itertools
 import math
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from gateway.audit import key_id
 from gateway.config import ServerSettings
 from gateway.dispatch import Answer, Dispatch
 from gateway.intake import Intake
@@ -139,6 +141,8 @@ class ClientConnection:
         self.unauthenticated = True  # counted in the throttle until it authenticates or closes
         self.tenant: str | None = None  # once authenticated, counted in the tenant's connections
         self.key_digest: bytes | None = None  # the SHA-256 of the key it authenticated with
+        self.key_id: str | None = None  # its key id (gateway.audit), on its tasks' records
+        self.trace: Any = None  # while tracing: the upgrade request's trace context, if any
         self.closing: asyncio.Task[None] | None = None  # a close the gateway decided on
 
     def send(self, frame: bytes) -> bool:
@@ -437,6 +441,8 @@ class ClientGateway:
         )
         connection.guard_reads(self.settings.max_unauthenticated_frame_bytes)
         connection.address = self.address_of(request)
+        if self.intake.telemetry is not None:  # its tasks continue the upgrade's trace
+            connection.trace = self.intake.telemetry.extract(request.headers)
         request[_CONNECTION] = connection
         self.connections.add(connection)
         self.metrics.client_connections.inc()
@@ -504,6 +510,7 @@ class ClientGateway:
     async def _read(self, connection: ClientConnection, door: SocketDoor) -> None:
         ws, decode, dispatch = connection.ws, self.intake.decode, self.dispatch
         intake = self.intake
+        telemetry = intake.telemetry
         shared = intake.replication is not None
         loop = asyncio.get_running_loop()
         unauthenticated_limit = self.settings.max_unauthenticated_frame_bytes
@@ -513,6 +520,7 @@ class ClientGateway:
                 return
             kind = message.type
             if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                received = time.time_ns() if telemetry is not None else 0
                 data = message.data if isinstance(message.data, bytes) else message.data.encode()
                 unauthenticated = door.session is None
                 if unauthenticated:
@@ -539,6 +547,9 @@ class ClientGateway:
                         if claims is not None:
                             intake.released(claims)  # none of them was used
                         return
+                intake.key_id = connection.key_id  # its tasks' records carry it
+                if telemetry is not None:
+                    intake.frame_trace = telemetry.frame(connection.trace, received)
                 dispatch(outcomes, door, answer, claims)
                 if unauthenticated and door.delay:
                     await self._answer_late(door)
@@ -589,9 +600,15 @@ class ClientGateway:
         tenant = self.intake.tenant_of(auth.apiKey)
         if tenant is None:
             door.delay = throttle.failed(address)  # from here on, what the frame answers waits
+            if self.intake.audit is not None:
+                refused_for = throttle.refused(address)
+                self.intake.audit.auth_failed(address, "invalidApiKey", "websocket", refused_for)
             self._refuse(door, "invalidApiKey", None, "apiKey")
             return
         throttle.succeeded(address)
+        digest = hash_key(auth.apiKey)
+        # the rest of this frame's tasks are this key's (and a connection limit's line names it)
+        key = self.intake.key_id = key_id(digest)
         limited = self.intake.connect(tenant)  # counted by the intake
         if limited is not None:
             door.send(encode_errors([limited]))
@@ -610,7 +627,7 @@ class ClientGateway:
         elif session.connection is not None and session.connection is not connection:
             session.detach(session.connection, now)  # the newest socket wins
         door.session, door.tenant = session, tenant
-        connection.tenant, connection.key_digest = tenant, hash_key(auth.apiKey)
+        connection.tenant, connection.key_digest, connection.key_id = tenant, digest, key
         connection.unauthenticated = False
         throttle.close_unauthenticated(address)
         connection.session = session

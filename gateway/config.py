@@ -87,6 +87,7 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True):
     get_response_rate: Annotated[float, Meta(gt=0)] = 50.0  # per connection and second
     get_response_burst: Count = 256  # past rate and burst: rateLimitExceeded for that poll
     metrics_token: str | None = None  # GET /metrics then wants "Authorization: Bearer <it>"
+    audit: bool = True  # an info line per finished task, failed authentication, limit hit
     # Hostile clients, per client address (gateway/throttle.py):
     auth_failure_delay: Seconds = 0.1  # a failed authentication's answer waits, doubling ...
     auth_failure_delay_max: Seconds = 5.0  # ... up to this

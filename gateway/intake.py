@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from msgspec import UNSET
 
+from gateway.audit import Audit, quota_limit
 from gateway.delivery.egress import EgressGuard
 from gateway.metrics import Metrics
 from gateway.pool import UpstreamPool
@@ -19,6 +20,9 @@ from protocol.codec import Outcome, decode_client_frame
 from protocol.errors import error_item
 from protocol.frames import Authentication, ErrorItem, GetResponse, ImageTask, TaskAck
 from protocol.models import Catalogue
+
+if TYPE_CHECKING:
+    from gateway.telemetry import FrameTrace, Telemetry
 
 __all__ = ["Intake"]
 
@@ -52,6 +56,13 @@ class Intake:
         self.replication = replication  # None: one replica, nothing shared
         # the claims of the frame being dispatched (set around a synchronous dispatch only)
         self.frame: FrameClaims | None = None
+        # who sent the frame being dispatched, set by its door before each (synchronous)
+        # dispatch: the key id its tasks' records carry (gateway.audit.key_id), and while
+        # tracing, the frame's trace context
+        self.key_id: str | None = None
+        self.frame_trace: FrameTrace | None = None
+        self.audit: Audit | None = None  # limit hits, when the audit is on
+        self.telemetry: Telemetry | None = None  # when tracing
 
     def tenant_of(self, api_key: str) -> str | None:
         return self.tenants.tenant_of(api_key)
@@ -67,6 +78,8 @@ class Intake:
         refused = self.quotas.connect(tenant, self.tenants.policies.get(tenant))
         if refused is not None:
             self.metrics.errors.labels(refused.code).inc()
+            if self.audit is not None:
+                self.audit.limit(tenant, "tenant_max_connections", refused.code, self.key_id)
         return refused
 
     def disconnect(self, tenant: str) -> None:
@@ -104,6 +117,9 @@ class Intake:
             checked = self.quotas.check(policy, task)
             if isinstance(checked, ErrorItem):
                 self.metrics.errors.labels(checked.code).inc()
+                if self.audit is not None:
+                    limit = quota_limit(checked)
+                    self.audit.limit(tenant, limit, checked.code, self.key_id, task.taskUUID)
                 return checked
             price = checked
         refused = self._refused_destination(task)
@@ -114,6 +130,9 @@ class Intake:
         if not isinstance(record, TaskRecord):
             self.metrics.errors.labels(record.code).inc()
             return record
+        record.key_id = self.key_id
+        if self.telemetry is not None:
+            self.telemetry.begin(record, self.frame_trace)
         if price:  # held until the task ends (registry.on_final releases it)
             self.quotas.ledger.hold(record, price)
         if isinstance(task.webhookURL, str) or isinstance(task.uploadEndpoint, str):

@@ -6,14 +6,36 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
+from typing import TextIO
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["LogOutput", "configure_logging", "log_output"]
+
+
+@dataclass(frozen=True, slots=True)
+class LogOutput:
+    """Where and how lines go, for writers that skip structlog's processors (gateway.audit):
+    JSON lines of the same shape on the same stream, or None before configure_logging."""
+
+    json: bool
+    level: int
+    stream: TextIO
+
+
+_output: LogOutput | None = None
+
+
+def log_output() -> LogOutput | None:
+    return _output
 
 
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
+    global _output
     json = not sys.stderr.isatty() if json is None else json
+    number = logging.getLevelNamesMapping()[level.upper()]
+    _output = LogOutput(json, number, sys.stderr)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
@@ -25,9 +47,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )

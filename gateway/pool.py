@@ -77,6 +77,8 @@ class UpstreamPool:
         self._closing: set[asyncio.Task[None]] = set()
         self.admitted: Counter[str] = Counter()  # by tenant: plain numbers, read at scrape
         self.refused_by_limit: Counter[tuple[str, str]] = Counter()  # (tenant, limit)
+        # a queue bound refused a task: (its record, the limit, the code answered); the audit's
+        self.on_limit: Callable[[TaskRecord, str, str], None] | None = None
         registry.on_final.append(self._settled)
         metrics.registry.register(_AdmissionFigures(self))
 
@@ -158,6 +160,8 @@ class UpstreamPool:
             limit = "tenant_max_queued" if full.tenant_limit else "provider_max_queued"
             self.refused_by_limit[record.tenant, limit] += 1
             code = "rateLimitExceeded" if full.tenant_limit or self.ready else "serviceUnavailable"
+            if self.on_limit is not None:
+                self.on_limit(record, limit, code)
             self._fail(record, code, f"The task cannot wait: {full}. Retry with backoff.")
             return
         self.registry.move(record, TaskState.QUEUED)

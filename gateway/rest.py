@@ -22,12 +22,14 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.audit import key_id
 from gateway.clients import too_many_failures
 from gateway.dispatch import Answer, Dispatch
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.quotas import TokenBucket
 from gateway.store.base import TaskRecord
+from gateway.tenants import hash_key
 from gateway.throttle import AuthThrottle, ClientAddresses
 from protocol.codec import encode
 from protocol.errors import error_item, http_status
@@ -97,6 +99,8 @@ class RestEndpoint:
         self.keyless_body_bytes = keyless_body_bytes
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        telemetry = self.intake.telemetry
+        received = time.time_ns() if telemetry is not None else 0
         address = self._admitted_address(request)
         key = _bearer(request)
         tenant = None if key is None else self.intake.tenant_of(key)
@@ -132,6 +136,10 @@ class RestEndpoint:
         door = _RequestDoor(self.intake, tenant, polls)
         answer = Answer()
         claims = await self.intake.claim(tenant, outcomes)
+        assert key is not None  # a tenant was found by it
+        self.intake.key_id = key_id(hash_key(key))  # its tasks' records carry it
+        if telemetry is not None:  # its tasks continue the request's trace
+            self.intake.frame_trace = telemetry.frame(telemetry.extract(request.headers), received)
         self.dispatch(outcomes, door, answer, claims)
         data, errors = answer.data, answer.errors
         if door.waiting:
@@ -221,7 +229,11 @@ class RestEndpoint:
         request's own wait: nothing else is held up)."""
         code = "missingApiKey" if key is None else "invalidApiKey"
         if key is not None:
-            await asyncio.sleep(self.throttle.failed(address))
+            delay = self.throttle.failed(address)
+            if self.intake.audit is not None:
+                refused_for = self.throttle.refused(address)
+                self.intake.audit.auth_failed(address, code, "rest", refused_for)
+            await asyncio.sleep(delay)
         self.metrics.errors.labels(code).inc()
         item = error_item(code, parameter="apiKey", task_type="authentication")
         return self._answer([], [item], None)

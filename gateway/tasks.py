@@ -92,6 +92,8 @@ class TaskRegistry:
         # (gateway.replication): a replica that takes the task over knows every image its
         # client was sent, and sends none twice
         self.durable: Callable[[Callable[[], None]], None] | None = None
+        # every move, set only while tracing (gateway.telemetry): None costs one test per move
+        self.moved: Callable[[TaskRecord, TaskState], None] | None = None
 
     def now(self) -> float:
         return self._clock()
@@ -102,6 +104,8 @@ class TaskRegistry:
         if state not in TRANSITIONS[record.state]:
             raise IllegalTransition(f"{record.task_uuid}: {record.state} -> {state}")
         record.state = state
+        if self.moved is not None:
+            self.moved(record, state)
         # a result or the end: the claim wrote the record as it came, and a replica taking the
         # task over asks the provider about every open task, sent or not (gateway.takeover),
         # so a write per queueing or send would buy nothing
@@ -188,6 +192,7 @@ class TaskRegistry:
         task = record.task
         if result.cost is not None:
             self._metrics.tasks.spent(record.tenant, result.cost)
+            record.cost += result.cost  # kept apart: the result keeps it only with includeCost
         # the client's own taskUUID back in; cost only where the client asked for it
         result = msgspec.structs.replace(
             result,

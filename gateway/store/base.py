@@ -58,6 +58,14 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     # the client session its sync results stream to: where a replica that takes the task over
     # sends them (gateway.roaming)
     session: str | None = None
+    # who sent it: the first 12 hex digits of its key's SHA-256 (gateway.audit.key_id), never
+    # the key; for the audit line and the usage ledger per key
+    key_id: str | None = None
+    # the provider's cost of its results so far (USD), whether or not the client asked to see it
+    cost: float = 0.0
+    # the W3C traceparent of its trace, only while tracing (gateway.telemetry): the spans of its
+    # deliveries join it, here or on the replica that takes it over
+    trace: str | None = None
 
     @property
     def task_uuid(self) -> str:

@@ -74,6 +74,11 @@ class _State(msgspec.Struct, array_like=True, gc=False):
     results: list[ImageResult]
     error: ErrorItem | None
     deliveries: list[Delivery]
+    # set after the claim wrote the static part (gateway.intake), so written with the state;
+    # defaults: a record written by an older version still reads
+    key_id: str | None = None
+    cost: float = 0.0
+    trace: str | None = None
 
 
 class RecordParts:
@@ -92,7 +97,7 @@ class RecordParts:
         return self._encode(
             _State(
                 r.state, r.finished, r.link, r.window_epoch, r.sends, r.results, r.error,
-                r.deliveries,
+                r.deliveries, r.key_id, r.cost, r.trace,
             )
         )  # fmt: skip
 
@@ -102,7 +107,7 @@ class RecordParts:
             tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
             session=a.session, state=b.state, finished=b.finished, link=b.link,
             window_epoch=b.window_epoch, sends=b.sends, results=b.results, error=b.error,
-            deliveries=b.deliveries,
+            deliveries=b.deliveries, key_id=b.key_id, cost=b.cost, trace=b.trace,
         )  # fmt: skip
 
 
