@@ -641,7 +641,11 @@ def run_ceiling(
 
     def record(s: Scenario, path: str, figures: dict[str, Any]) -> None:
         figures["path"] = path
-        every.setdefault((s.name, path), []).append(figures)
+        runs = every.setdefault((s.name, path), [])
+        runs.append(figures)
+        direct = every.get((s.name, "direct"), [])
+        if path != "direct" and len(direct) == len(runs):  # this turn's direct run
+            report.add_latency_over(figures, direct[-1])
         print(f"{s.name} / {path}: {figures['tasks_per_s']:,} tasks/s, "
               f"{figures['gateway_cpu_ms_per_1000']} CPU µs per task, "
               f"p99 {figures['p99_ms']} ms", flush=True)  # fmt: skip
@@ -824,6 +828,11 @@ def main(argv: list[str] | None = None) -> int:
         print(ceiling_notes[0], flush=True)
         ceiling, all_runs = run_ceiling(ceiling_scenarios, repeat, plan.ceiling_fresh, pin)
         every += all_runs
+        if args.smoke:
+            ceiling_notes.append(
+                "ceiling (smoke): runs of a few hundred tasks and a few CPU ticks each: they show "
+                "that every path completes, and their ratios and verdicts mean nothing"
+            )
         ceiling_notes += report.ceiling_lines(ceiling, repeat)
     idle = [run_idle(n) for n in plan.idle if args.only in "idle"]
     soak = run_soak(plan.soak_tasks, plan.soak_warmup) if args.only in "soak" else None

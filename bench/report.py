@@ -28,8 +28,9 @@ CEILING_R4 = 2.0  # R=4 / R=1 CPU per task, at most
 MEDIAN_FIGURES = (
     "tasks_per_s", "frames_per_s", "results_per_s", "p50_ms", "p99_ms", "p999_ms",
     "cpu_ms_per_1000", "gateway_cpu_ms_per_1000", "provider_cpu_ms_per_1000", "rss_mib",
-    "elapsed", "core_pct", "load_side_pct",
+    "elapsed", "core_pct", "load_side_pct", "added_p50_ms", "added_p99_ms", "added_p999_ms",
 )  # fmt: skip
+LATENCIES = ("p50_ms", "p99_ms", "p999_ms")
 # below this share of its core at saturation, a path was held back by the load side
 CEILING_BUSY_PCT = 90
 
@@ -192,6 +193,14 @@ def stall_lines(stall: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def add_latency_over(run: dict[str, Any], direct: dict[str, Any]) -> None:
+    """The latency ``run`` added over ``direct``, its neighbour in the same turn: medians of
+    these differences, not differences of medians (a noisy direct turn then moves one
+    difference, not every path's)."""
+    for key in LATENCIES:
+        run[f"added_{key}"] = round(run[key] - direct[key], 3)
+
+
 def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One line for several turns of a path under a scenario: each of ``MEDIAN_FIGURES`` the
     median of its own over the turns (the middle one of an odd count, the mean of the middle
@@ -201,6 +210,8 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     line = dict(runs[0])
     for key in MEDIAN_FIGURES:
+        if any(key not in r for r in runs):
+            continue  # direct has no latency added over itself
         value = statistics.median(r[key] for r in runs)
         line[key] = round(value, 3) if isinstance(value, float) else value
     line["errors"] = sum(r["errors"] for r in runs)
@@ -209,8 +220,20 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return line
 
 
+def added(run: dict[str, Any], direct: dict[str, Any] | None, key: str) -> float | None:
+    """The latency ``key`` that ``run`` added over direct: the median of each turn's
+    difference where the harness measured them, else the difference of the two figures."""
+    if run["path"] == "direct":
+        return None
+    if f"added_{key}" in run:
+        value: float = run[f"added_{key}"]
+        return value
+    return run[key] - direct[key] if direct else None
+
+
 def _added(run: dict[str, Any], direct: dict[str, Any] | None, key: str) -> str:
-    return f"{run[key] - direct[key]:+.2f}" if direct and run["path"] != "direct" else "-"
+    value = added(run, direct, key)
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def ceiling_table(runs: list[dict[str, Any]]) -> str:
@@ -251,7 +274,12 @@ def _against(ratio: float | None, target: float, at_most: bool) -> str:
 
 
 def _held_back(run: dict[str, Any]) -> bool:
-    return bool(run["path"] != "direct" and run.get("core_pct", 100) < CEILING_BUSY_PCT)
+    # no CPU tick at all (a smoke run) says nothing about how busy the core was
+    return bool(
+        run["path"] != "direct"
+        and run["gateway_cpu_ms_per_1000"]
+        and run.get("core_pct", 100) < CEILING_BUSY_PCT
+    )
 
 
 def busy_line(run: dict[str, Any]) -> str:
@@ -296,17 +324,18 @@ def ceiling_lines(runs: list[dict[str, Any]], turns: int = 1) -> list[str]:
                     f"{relay['tasks_per_s']:,} tasks/s, {gateway['gateway_cpu_ms_per_1000']} "
                     f"vs {relay['gateway_cpu_ms_per_1000']} µs per task)"
                 )
-            if first["rate"] and direct:
-                added = gateway["p99_ms"] - direct["p99_ms"]
-                relay_added = f"{relay['p99_ms'] - direct['p99_ms']:+.2f}" if relay else "n/a"
+            over = added(gateway, direct, "p99_ms")
+            if first["rate"] and over is not None:
+                relay_over = added(relay, direct, "p99_ms") if relay else None
+                relay_added = "n/a" if relay_over is None else f"{relay_over:+.2f}"
                 target = (
                     f" (target at most +{CEILING_P99_ADDED_MS} ms: "
-                    f"{verdict(added, CEILING_P99_ADDED_MS, True)})"
+                    f"{verdict(over, CEILING_P99_ADDED_MS, True)})"
                     if first["rate"] == CEILING_P99_RATE and path == "tenebra"
                     else ""
                 )
                 notes.append(
-                    f"{s}: {path} adds {added:+.2f} ms p99 over direct{target}; the relay "
+                    f"{s}: {path} adds {over:+.2f} ms p99 over direct{target}; the relay "
                     f"{relay_added} ms; {path} at {gateway['tasks_per_s']:,} tasks/s using "
                     f"{gateway['gateway_cpu_ms_per_1000']} CPU µs per task"
                 )
@@ -326,7 +355,7 @@ def ceiling_lines(runs: list[dict[str, Any]], turns: int = 1) -> list[str]:
                 relay_saturation[4]["gateway_cpu_ms_per_1000"],
                 relay_saturation[1]["gateway_cpu_ms_per_1000"],
             )
-            relay_own = f"; the relay's own {own:.2f}x" if own is not None else ""
+            relay_own = f"; the relay's own {own:.2f}x" if own else ""
         notes.append(
             f"ceiling: tenebra's CPU per task at R=4 / R=1 = {_against(ratio, CEILING_R4, True)} "
             f"({four['gateway_cpu_ms_per_1000']} vs {one['gateway_cpu_ms_per_1000']} µs{relay_own})"

@@ -125,3 +125,21 @@ def test_load_generator_tasks_are_valid_and_new_every_time() -> None:
     assert isinstance(decoded, ImageInference)
     assert decoded.taskUUID == first and decoded.numberResults == 4
     assert json.loads(body)[0]["taskType"] == "imageInference"
+
+
+def test_latency_added_is_the_median_of_each_turns_difference() -> None:
+    """A noisy direct turn moves one difference, not the figure: with direct's p99 of
+    4, 0.5, 4 ms and tenebra's 4, 3, 5 ms, the differences are 0, 2.5, 1 (median 1), where the
+    difference of the medians would say 0."""
+    directs = [run(AT10K, "direct", 10_000, 10.0, p99, rate=10_000) for p99 in (4.0, 0.5, 4.0)]
+    turns = [run(AT10K, "tenebra", 10_000, 30.0, p99, rate=10_000) for p99 in (4.0, 3.0, 5.0)]
+    for turn, direct in zip(turns, directs, strict=True):
+        report.add_latency_over(turn, direct)
+    line = report.median_figures(turns)
+    assert line["added_p99_ms"] == 1.0 and line["p99_ms"] == 4.0
+    direct_line = report.median_figures(directs)
+    assert "added_p99_ms" not in direct_line
+    [_, note] = report.ceiling_lines([direct_line, line])
+    assert "tenebra adds +1.00 ms p99 over direct (target at most +2.0 ms: met)" in note
+    rows = report.ceiling_table([direct_line, line]).splitlines()[2:]
+    assert "| +0.25 / +1.00 / +2.00 |" in rows[1]
