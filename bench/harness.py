@@ -872,7 +872,11 @@ def main(argv: list[str] | None = None) -> int:
         report.plot(runs, RESULTS / f"bench-{stamp}.png")
     print(markdown)
 
-    failures = [f"{r['scenario']} / {r['path']}" for r in every if r["errors"]]
+    failures = [
+        f"{r['scenario']} / {r['path']} ({r['errors']} errors: {r.get('error_codes', '?')})"
+        for r in every
+        if r["errors"]
+    ]
     failures += [f"{r['scenario']} / {r['path']}" for r in every if r["tasks"] != r["expected"]]
     failures += [f"idle {r['connections']}" for r in idle if r["ready"] != r["connections"]]
     if soak and (soak["errors"] or soak["in_flight"] or soak["records"]):

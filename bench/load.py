@@ -40,6 +40,7 @@ import uvloop
 
 class _Item(msgspec.Struct):
     taskUUID: str | None = None
+    code: str | None = None  # an error item's: counted per code, to say what went wrong
 
 
 class _Frame(msgspec.Struct):
@@ -120,6 +121,7 @@ async def connection(
     gate: Gate | None = None,
 ) -> None:
     latencies: list[float] = stats["latencies"]  # type: ignore[assignment]
+    codes: dict[str, int] = stats["codes"]  # type: ignore[assignment]
     async with http.ws_connect(url_of(args, index), max_msg_size=0) as ws:
         auth = [{"taskType": "authentication", "apiKey": key_of(args, index)}]
         await ws.send_str(json.dumps(auth))
@@ -147,6 +149,7 @@ async def connection(
                 stats["frames"] += 1  # type: ignore[operator]
                 for item in frame.errors:
                     stats["errors"] += 1  # type: ignore[operator]
+                    codes[item.code or "?"] = codes.get(item.code or "?", 0) + 1
                     remaining[item.taskUUID or ""] = 0
                     finished += 1
                 for item in frame.data:
@@ -259,7 +262,7 @@ async def hold_idle(http: aiohttp.ClientSession, args: argparse.Namespace) -> No
 
 
 async def main(args: argparse.Namespace) -> None:
-    stats: dict[str, object] = {"frames": 0, "errors": 0, "latencies": []}
+    stats: dict[str, object] = {"frames": 0, "errors": 0, "latencies": [], "codes": {}}
     per_connection_rate = args.rate / args.connections if args.rate and args.connections else 0.0
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -315,6 +318,7 @@ async def main(args: argparse.Namespace) -> None:
         "tasks": len(latencies),
         "frames": stats["frames"],
         "errors": stats["errors"],
+        "error_codes": stats["codes"],
         "elapsed": round(elapsed, 3),
         "cpu_s": round(cpu, 3),  # the load generator's own, over the same time
         "p50_ms": q(0.50), "p99_ms": q(0.99), "p999_ms": q(0.999),
