@@ -6,7 +6,7 @@ it keeps may grow with traffic, uptime or the number of viewers. Three shapes co
 - :class:`Series`: the last ``capacity`` one-second points (tasks/s, p50, p99), in preallocated
   arrays written round and round.
 - :class:`LatencySample`: at most ``capacity`` latencies of the current second, a uniform
-  reservoir sample (Vitter's algorithm R) of however many tasks ended in it, from which the
+  reservoir sample (Vitter's algorithm L) of however many tasks ended in it, from which the
   second's percentiles are read.
 - :class:`Mailbox`: a viewer's queue of frames to send. It never waits and never grows: a frame
   that finds it full is refused, and the producer drops that viewer (a viewer that cannot take
@@ -20,8 +20,12 @@ import math
 import random
 from array import array
 from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 __all__ = ["LatencySample", "Mailbox", "Series", "percentile"]
+
+T = TypeVar("T")
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -31,9 +35,13 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 class LatencySample:
-    """A bounded uniform sample of the latencies seen since the last :meth:`take`."""
+    """A bounded uniform sample of the latencies seen since the last :meth:`take`.
 
-    __slots__ = ("_rng", "_values", "capacity", "seen")
+    Vitter's algorithm L: once the sample is full, the index of the next value kept is drawn
+    ahead (a geometric skip), so the values skipped cost nothing, not even a random draw:
+    :meth:`extend` reads the latency of the few items it keeps, not of every item."""
+
+    __slots__ = ("_next", "_rng", "_values", "_w", "capacity", "seen")
 
     def __init__(self, capacity: int = 512, rng: random.Random | None = None) -> None:
         if capacity < 1:
@@ -42,18 +50,51 @@ class LatencySample:
         self._values: list[float] = []
         self.seen = 0  # every latency offered this second, sampled or not: the tasks/s figure
         self._rng = rng or random.Random()
+        self._w = 1.0
+        self._next = 0  # once full: the index (among those seen) of the next value kept
+
+    def _skip(self) -> None:
+        """Algorithm L's step: the next index kept, and the weight after it."""
+        rand = self._rng.random
+        self._next += int(math.log(rand() or 1e-300) / math.log1p(-self._w)) + 1
+        self._w *= math.exp(math.log(rand() or 1e-300) / self.capacity)
+
+    def _full(self) -> None:
+        self._w = math.exp(math.log(self._rng.random() or 1e-300) / self.capacity)
+        self._next = self.capacity - 1
+        self._skip()
 
     def add(self, latency: float) -> None:
-        self.seen += 1
+        index = self.seen
+        self.seen = index + 1
         values = self._values
         if len(values) < self.capacity:
             values.append(latency)
+            if len(values) == self.capacity:
+                self._full()
+        elif index == self._next:
+            values[int(self._rng.random() * self.capacity)] = latency
+            self._skip()
+
+    def extend(self, items: Sequence[T], latency: Callable[[T], float]) -> None:
+        """:meth:`add` of ``latency(item)`` for each item, in order; ``latency`` is called
+        only for the items the sample keeps."""
+        base = self.seen
+        end = base + len(items)
+        self.seen = end
+        values, capacity = self._values, self.capacity
+        index = base
+        while len(values) < capacity and index < end:
+            values.append(latency(items[index - base]))
+            index += 1
+            if len(values) == capacity:
+                self._full()
+        if len(values) < capacity:
             return
-        # algorithm R: the n-th value replaces a random slot with probability capacity / n,
-        # so every value seen so far is kept with the same probability
-        slot = self._rng.randrange(self.seen)
-        if slot < self.capacity:
-            values[slot] = latency
+        rand = self._rng.random
+        while self._next < end:
+            values[int(rand() * capacity)] = latency(items[self._next - base])
+            self._skip()
 
     def __len__(self) -> int:
         return len(self._values)
