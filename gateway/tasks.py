@@ -21,7 +21,7 @@ from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord, TaskState, TaskStore
 from protocol.codec import decode_image_result, encode_data, encode_errors
 from protocol.errors import error_item
-from protocol.frames import ErrorItem, ImageTask, ProcessingItem
+from protocol.frames import ErrorItem, ImageResult, ImageTask, ProcessingItem
 
 __all__ = ["TRANSITIONS", "IllegalTransition", "Subscriber", "TaskRegistry", "upstream_uuids"]
 
@@ -187,21 +187,33 @@ class TaskRegistry:
             result = decode_image_result(item)
         except msgspec.DecodeError:
             return  # not an image (an ack of a task sent before a reconnect): nothing to relay
-        if record.results and any(r.imageUUID == result.imageUUID for r in record.results):
+        self._image(record, result)
+
+    def on_image(self, upstream_uuid: str, result: ImageResult) -> None:
+        """:meth:`on_result` of an item the link decoded as an image already (one decode per
+        item, not two); ``result`` is the registry's from here on, changed in place."""
+        record = self.store.by_upstream(upstream_uuid)
+        if record is None or record.state not in AT_PROVIDER:
+            self._metrics.stray_items.inc()  # a task we forgot, not yet sent, or ended
+            return
+        self._image(record, result)
+
+    def _image(self, record: TaskRecord, result: ImageResult) -> None:
+        results = record.results
+        if results and any(r.imageUUID == result.imageUUID for r in results):
             return  # delivered again after a resume: exactly once means once
         task = record.task
-        if result.cost is not None:
-            self._metrics.tasks.spent(record.tenant, result.cost)
-            record.cost += result.cost  # kept apart: the result keeps it only with includeCost
-        # the client's own taskUUID back in; cost only where the client asked for it
-        result = msgspec.structs.replace(
-            result,
-            taskUUID=task.taskUUID,
-            cost=result.cost if task.includeCost else None,
-        )
-        record.results.append(result)
+        cost = result.cost
+        if cost is not None:
+            self._metrics.tasks.spent(record.tenant, cost)
+            record.cost += cost  # kept apart: the result keeps it only with includeCost
+            if not task.includeCost:
+                result.cost = None
+        # the client's own taskUUID back in (the result is freshly decoded: nobody else has it)
+        result.taskUUID = task.taskUUID
+        results.append(result)
         frame = encode_data([result])
-        state = S.DONE if len(record.results) >= task.numberResults else S.PARTIAL
+        state = S.DONE if len(results) >= task.numberResults else S.PARTIAL
         if self.durable is None:
             for subscriber in self._subscribers.get(record.upstream_uuid, ()):
                 subscriber.deliver(record, frame)

@@ -35,6 +35,7 @@ from gateway.tasks import TaskRegistry
 from protocol.codec import (
     decode_auth_reply,
     decode_error_item,
+    decode_image_result,
     decode_route,
     decode_server_frame,
     encode_tasks,
@@ -374,6 +375,15 @@ class UpstreamLink:
                 self._dropped("unroutable item", traceback=True)
 
     def _route_data(self, raw: msgspec.Raw) -> None:
+        try:  # nearly every item is an image: decoded once, as one
+            image = decode_image_result(raw)
+        except msgspec.DecodeError:
+            pass
+        else:
+            if image.taskType != "ping":
+                self.recovery.heard(image.taskUUID)
+                self.registry.on_image(image.taskUUID, image)
+                return
         route = decode_route(raw)
         if route.taskType == "ping":
             pong = self._pongs.pop(route.taskUUID or "", None)
