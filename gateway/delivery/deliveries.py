@@ -17,8 +17,18 @@ it and acked at its final outcome. One killed mid-retries leaves its jobs pendin
 them a lease later and goes on from the recorded attempts and next attempt time, with the same
 ``webhook-id`` and body, signed with its own copy of the tenant's secret: at least once. Redis
 unreachable when a delivery starts costs only durability (it runs in memory;
-``tenebra_delivery_not_durable_total``). ``on_outcome`` reports every attempt, since the replica
-that runs a job may not hold its task record.
+``tenebra_delivery_not_durable_total``). So does Redis restarting empty under a running job:
+its replica runs it on in memory (``Hold.FORGOTTEN`` in jobs.py), counted there too, and logged.
+A job's hash in Redis expires a while after its last write (``job_ttl`` in ``__init__``).
+``on_outcome`` reports every attempt, since the replica that runs a job may not hold its task
+record.
+
+Nothing here dies silently: an attempt that raises what no receiver causes (a bug, a job from
+another version) fails the job at once, logged with its traceback, instead of killing its task
+and leaving the job to be claimed and crash again, a lease later, for ever; the keeper logs what
+it did not expect and goes on after a bounded backoff. Memory: every job held is in
+``Holds.entries`` (at most ``max_jobs``); per-host semaphores exist only while a delivery to that
+host runs.
 """
 
 from __future__ import annotations
@@ -26,12 +36,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import itertools
 import random
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -65,6 +75,15 @@ __all__ = ["Deliveries", "OnOutcome", "read_capped", "sign"]
 
 log = structlog.get_logger("tenebra.delivery")
 
+
+def _stop_if_cancelled() -> None:
+    """After a Redis call: the client may swallow a cancellation that lands inside it (seen
+    with redis-py), and a task that goes on after ``cancel()`` makes ``close`` wait for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 #: called with (tenant, client taskUUID, delivery) after every attempt and at the final outcome
 OnOutcome = Callable[[str, str, Delivery], None]
 
@@ -97,18 +116,25 @@ class Deliveries:
         self.metrics = metrics
         self.tenants = tenants
         self.on_outcome = on_outcome
+        # Twice the longest a job can take from its creation (each attempt an upload's fetch
+        # and PUT, each backoff its longest), for the leases lost to takeovers and the time in
+        # Redis before a claim, and ten leases more: a hash never expires while its job could
+        # still be tried, and every progress write starts it again.
+        job_ttl = 2 * settings.attempts * (2 * settings.timeout + settings.backoff_max) + 10 * lease
         self.holds = Holds(
             jobs or MemoryJobs(),
             replica=replica,
             lease=lease,
             max_jobs=max_jobs,
             claim_batch=claim_batch,
+            ttl=job_ttl,
+            on_forgotten=self._forgotten,
         )
         self._rng = rng or random.Random()
         self._wall_clock = wall_clock
-        self._hosts: defaultdict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(settings.per_host)
-        )
+        # host -> (its semaphore, deliveries using it): dropped at zero, else one per host ever
+        # delivered to, for the life of the process
+        self._hosts: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._by_id: dict[str, asyncio.Task[None]] = {}
         self._keeper: asyncio.Task[None] | None = None
@@ -226,6 +252,9 @@ class Deliveries:
                     if entry == "":
                         return
                 await self._attempts(job, delivery, entry)
+            except Exception:
+                # a task's exception is only seen when it is collected: log it now
+                log.exception("delivery job failed unexpectedly")
             finally:
                 if entry:  # not "": a job held elsewhere keeps its hold here, if it is ours
                     self.holds.release(job.id)
@@ -237,7 +266,9 @@ class Deliveries:
         is not to run here (see Holds.add)."""
         try:
             entry = await self.holds.add(job)
+            _stop_if_cancelled()
         except StoreUnavailable as exc:
+            _stop_if_cancelled()
             self.metrics.delivery_not_durable.inc()
             if not self._outage:
                 self._outage = True
@@ -250,7 +281,10 @@ class Deliveries:
 
     async def _attempts(self, job: DeliveryJob, delivery: Delivery, entry: str | None) -> None:
         settings = self.settings
-        host = urlsplit(job.url).hostname or ""
+        try:
+            host = urlsplit(job.url).hostname or ""
+        except ValueError:
+            host = ""  # refused below by the guard, as any URL it cannot read
         delays = full_jitter(settings.backoff_initial, settings.backoff_max, self._rng)
         # a continued job backs off from where it was, not from the first ceiling
         delays = itertools.islice(delays, job.attempts, None)
@@ -266,7 +300,7 @@ class Deliveries:
             try:
                 if refusal := self.guard.refusal_for_url(job.url):
                     raise Final(f"egress refused: {refusal}")
-                async with self._hosts[host]:
+                async with self._host(host):
                     if job.kind == "upload":
                         if image is None:
                             image = await self._image_bytes(job)
@@ -281,6 +315,12 @@ class Deliveries:
                 job.last_status, job.last_error = None, reason(exc)
                 if refused(exc):
                     break  # the guard's answer will not change: no retries towards it
+            except Exception as exc:
+                # not the receiver's doing, and not something a retry mends: a bug, or a job
+                # this version cannot perform
+                log.exception("delivery attempt failed unexpectedly")
+                job.last_status, job.last_error = None, f"internal error: {type(exc).__name__}"
+                break
             else:
                 job.last_status = status
                 if 200 <= status < 300:
@@ -302,8 +342,11 @@ class Deliveries:
 
     async def _progress(self, job: DeliveryJob, delivery: Delivery, entry: str | None) -> bool:
         """Recorded (in Redis when durable), then reported; False when the job is not ours."""
-        if entry is not None and not await self.holds.progress(entry, job):
-            return False
+        if entry is not None:
+            held = await self.holds.progress(entry, job)
+            _stop_if_cancelled()
+            if not held:
+                return False
         self._report(job, delivery, "pending")
         return True
 
@@ -328,6 +371,24 @@ class Deliveries:
             return
         await self.holds.finish(entry, job)
 
+    def _forgotten(self, delivery_id: str) -> None:
+        self.metrics.delivery_not_durable.inc()
+
+    @contextlib.asynccontextmanager
+    async def _host(self, host: str) -> AsyncIterator[None]:
+        """At most ``per_host`` requests to ``host`` at a time."""
+        semaphore, users = self._hosts.get(host) or (asyncio.Semaphore(self.settings.per_host), 0)
+        self._hosts[host] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._hosts[host]
+            if users == 1:
+                del self._hosts[host]
+            else:
+                self._hosts[host] = (semaphore, users - 1)
+
     def _report(self, job: DeliveryJob, delivery: Delivery, state: Any) -> None:
         delivery.state, delivery.attempts = state, job.attempts
         delivery.last_status, delivery.last_error = job.last_status, job.last_error
@@ -340,15 +401,29 @@ class Deliveries:
     # ------------------------------------------------------------------ the keeper
 
     async def _keep(self) -> None:
-        """Every third of the lease: see Holds.keep. Redis failing only delays it (bounded
-        backoff, never longer than a period)."""
+        """Every third of the lease: see Holds.keep. Neither Redis failing nor anything else
+        stops it (a keeper that died would leave every job here to be taken over and run twice):
+        it is delayed by a bounded backoff, never longer than a period more."""
         period = self.holds.lease / 3
         failures = full_jitter(period / 4, period, self._rng)
         down = False
         while True:
             try:
                 taken, claimed = await self.holds.keep(self._claiming)
-            except Exception as exc:  # a keeper that died would leave every job to be stolen
+                _stop_if_cancelled()
+                for delivery_id in taken:
+                    if run := self._by_id.get(delivery_id):
+                        log.info("delivery taken over by another replica", delivery=delivery_id)
+                        run.cancel()
+                for entry, job in claimed:
+                    try:
+                        self._start_claimed(entry, job)
+                    except Exception:
+                        # one job must not leave the others of this claim held and never run
+                        log.exception("delivery claimed but not started", delivery=job.id)
+                        self.holds.release(job.id)  # back to the claimers, a lease later
+            except Exception as exc:
+                _stop_if_cancelled()
                 if not isinstance(exc, StoreUnavailable):
                     log.exception("delivery jobs: keeping failed")
                 elif not down:
@@ -359,23 +434,24 @@ class Deliveries:
             if down:
                 log.info("delivery jobs: redis answers again")
                 down, failures = False, full_jitter(period / 4, period, self._rng)
-            for delivery_id in taken:
-                if run := self._by_id.get(delivery_id):
-                    log.info("delivery taken over by another replica", delivery=delivery_id)
-                    run.cancel()
-            for entry, job in claimed:
-                log.info("delivery claimed", delivery=job.id, attempts=job.attempts)
-                delivery = Delivery(
-                    id=job.id,
-                    kind=job.kind,
-                    target=display(job.url),
-                    image_uuid=job.image_uuid,
-                    attempts=job.attempts,
-                    last_status=job.last_status,
-                    last_error=job.last_error,
-                )
-                self._spawn(job, delivery, entry)
             await asyncio.sleep(period)
+
+    def _start_claimed(self, entry: str, job: DeliveryJob) -> None:
+        log.info("delivery claimed", delivery=job.id, attempts=job.attempts)
+        try:
+            target = display(job.url)
+        except ValueError:
+            target = "(not a URL)"  # its attempt fails it: see _attempts
+        delivery = Delivery(
+            id=job.id,
+            kind=job.kind,
+            target=target,
+            image_uuid=job.image_uuid,
+            attempts=job.attempts,
+            last_status=job.last_status,
+            last_error=job.last_error,
+        )
+        self._spawn(job, delivery, entry)
 
     # ------------------------------------------------------------------ HTTP
 

@@ -23,13 +23,28 @@ Two backends:
     its final outcome, owned by the replica that runs it.
   - ``{prefix}:delivery:{id}``    hash: ``job`` (the job as created, MessagePack), ``entry`` (its
     stream entry id), ``progress`` (attempts, next time, last status and error, MessagePack;
-    written after each attempt that is not the last).
+    written after each attempt that is not the last). It expires ``ttl`` after its creation and
+    again after each progress write, ``ttl`` being longer than a job can still be tried (see
+    ``Deliveries``): a hash whose stream entry was lost (a failover that lost writes) does not
+    stay forever. A job left unclaimed in the stream for longer (every replica full for that
+    long) is dropped, with a warning, by the claimer that finds its hash gone.
+    Once the job ends, the hash is replaced by a tombstone (field ``done``) for ``linger`` (ten
+    leases): what tells a holder that lagged (a pause, a partition) that another replica finished
+    its job, as opposed to Redis having lost it.
 
   The owner keeps its entries' idle time below the lease (``refresh``, an ownership-checked
   ``XCLAIM ... JUSTID`` to itself); another replica ``XAUTOCLAIM``s entries idle longer than the
   lease and continues them from their progress. The final outcome ``XACK``s and deletes the entry
-  and its hash in one step. Steps that must be atomic are Lua scripts that touch keys they compute
-  (a single Redis or a primary with replicas, not Redis Cluster), as the task store's.
+  and leaves the tombstone in one step. Steps that must be atomic are Lua scripts that touch keys
+  they compute (a single Redis or a primary with replicas, not Redis Cluster), as the task store's.
+
+  What a refresh finds of an entry (:class:`Hold`): pending for this replica: OURS; pending for
+  another: TAKEN; in no pending list, its hash a tombstone or another entry's job: TAKEN (finished
+  elsewhere, or the delivery is a job again); in no pending list and no hash naming another
+  entry: FORGOTTEN, Redis lost it (restarted empty, as without persistence). Nobody else has a
+  forgotten job, so its holder runs it on in memory, no longer durable (as a job created while
+  Redis is unavailable), rather than dropping it: even once a later job has recreated the stream
+  and its group, which is why a group without the entry is not enough to say TAKEN.
 """
 
 from __future__ import annotations
@@ -91,9 +106,8 @@ class Hold(enum.Enum):
 
     OURS = "ours"  # refreshed: nobody else takes it for another lease
     TAKEN = "taken"  # another replica claimed it, or finished it: stop running it here
-    FORGOTTEN = (
-        "forgotten"  # Redis lost its data (a restart without persistence): run on, in memory
-    )
+    # Redis lost it (a restart without persistence): nobody else has it, so run on, in memory
+    FORGOTTEN = "forgotten"
 
 
 class DeliveryJobs(Protocol):
@@ -103,18 +117,20 @@ class DeliveryJobs(Protocol):
     @property
     def durable(self) -> bool: ...
 
-    async def add(self, job: DeliveryJob, consumer: str) -> str | None:
-        """Keep a new job, held by ``consumer``; its entry, or None when a job with this delivery
-        id already exists (someone runs it)."""
+    async def add(self, job: DeliveryJob, consumer: str, ttl: float) -> str | None:
+        """Keep a new job, held by ``consumer``, for ``ttl`` seconds; its entry, or None when a
+        job with this delivery id already exists (someone runs it)."""
 
-    async def progress(self, entry: str, job: DeliveryJob, consumer: str) -> bool:
-        """Record ``job``'s progress and refresh its hold; False when it is no longer ours."""
+    async def progress(self, entry: str, job: DeliveryJob, consumer: str, ttl: float) -> Hold:
+        """Record ``job``'s progress (kept ``ttl`` seconds more) and refresh its hold; not
+        recorded unless OURS."""
 
-    async def finish(self, entry: str, job: DeliveryJob) -> None:
-        """The final outcome: the job is gone for every replica."""
+    async def finish(self, entry: str, job: DeliveryJob, linger: float) -> None:
+        """The final outcome: the job is gone for every replica; a holder that asks within
+        ``linger`` seconds hears TAKEN."""
 
-    async def refresh(self, entries: Sequence[str], consumer: str) -> list[Hold]:
-        """Keep ``entries`` held by ``consumer``: one answer per entry, in order."""
+    async def refresh(self, held: Sequence[tuple[str, str]], consumer: str) -> list[Hold]:
+        """Keep ``held`` (delivery id, entry) held by ``consumer``: one answer each, in order."""
 
     async def claim(
         self, consumer: str, min_idle: float, count: int
@@ -128,17 +144,17 @@ class MemoryJobs:
 
     durable = False
 
-    async def add(self, job: DeliveryJob, consumer: str) -> str | None:
+    async def add(self, job: DeliveryJob, consumer: str, ttl: float) -> str | None:
         return job.id
 
-    async def progress(self, entry: str, job: DeliveryJob, consumer: str) -> bool:
-        return True
+    async def progress(self, entry: str, job: DeliveryJob, consumer: str, ttl: float) -> Hold:
+        return Hold.OURS
 
-    async def finish(self, entry: str, job: DeliveryJob) -> None:
+    async def finish(self, entry: str, job: DeliveryJob, linger: float) -> None:
         pass
 
-    async def refresh(self, entries: Sequence[str], consumer: str) -> list[Hold]:
-        return [Hold.OURS] * len(entries)
+    async def refresh(self, held: Sequence[tuple[str, str]], consumer: str) -> list[Hold]:
+        return [Hold.OURS] * len(held)
 
     async def claim(
         self, consumer: str, min_idle: float, count: int
@@ -146,60 +162,82 @@ class MemoryJobs:
         return []
 
 
-# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, consumer, job, delivery id.
+# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, consumer, job, delivery id, ttl (ms).
 # FORCE puts the new entry straight into the consumer's PEL: nobody reads the stream with
-# XREADGROUP, so an entry that never reached a PEL would never be claimed.
+# XREADGROUP, so an entry that never reached a PEL would never be claimed. A tombstone does not
+# stop a new job with its delivery id: that job was asked for again after the last one ended.
 _ADD = """
 redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+if redis.call('HEXISTS', KEYS[2], 'job') == 1 then return false end
 local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[4])
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE', 'JUSTID')
+redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'job', ARGV[3], 'entry', entry)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return entry
 """
 
-# The shared part of _PROGRESS and _REFRESH: 1 refreshed, 0 not ours, -1 no group.
+# The shared part of _PROGRESS and _REFRESH: 1 refreshed, 0 taken, -1 forgotten (see the
+# module's text). Not pending, with no hash or a hash of this entry: no replica can take it
+# from here (nothing pending to claim), so it is forgotten, not taken.
 _HOLD = """
-local function hold(stream, group, consumer, entry)
+local function hold(stream, group, consumer, entry, key)
   local pending = redis.pcall('XPENDING', stream, group, entry, entry, 1)
-  if pending.err then return -1 end
-  if #pending == 0 or pending[1][2] ~= consumer then return 0 end
-  redis.call('XCLAIM', stream, group, consumer, 0, entry, 'JUSTID')
-  return 1
+  if not pending.err and #pending > 0 then
+    if pending[1][2] ~= consumer then return 0 end
+    redis.call('XCLAIM', stream, group, consumer, 0, entry, 'JUSTID')
+    return 1
+  end
+  if redis.call('EXISTS', key) == 1 and redis.call('HGET', key, 'entry') ~= entry then
+    return 0
+  end
+  return -1
 end
 """
 
-# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, consumer, entry, progress.
+# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, consumer, entry, progress, ttl (ms).
 _PROGRESS = (
     _HOLD
     + """
-local held = hold(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
-if held == 1 then redis.call('HSET', KEYS[2], 'progress', ARGV[4]) end
+local held = hold(KEYS[1], ARGV[1], ARGV[2], ARGV[3], KEYS[2])
+if held == 1 then
+  redis.call('HSET', KEYS[2], 'progress', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
 return held
 """
 )
 
-# KEYS[1]: stream; ARGV: group, consumer, entries...
+# KEYS[1]: stream; ARGV: group, consumer, the hashes' key prefix, (delivery id, entry)...
 _REFRESH = (
     _HOLD
     + """
 local held = {}
-for i = 3, #ARGV do held[i - 2] = hold(KEYS[1], ARGV[1], ARGV[2], ARGV[i]) end
+for i = 4, #ARGV, 2 do
+  table.insert(held, hold(KEYS[1], ARGV[1], ARGV[2], ARGV[i + 1], ARGV[3] .. ARGV[i]))
+end
 return held
 """
 )
 
-# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, entry.
+# KEYS[1]: stream, KEYS[2]: the job's hash; ARGV: group, entry, linger (ms). A hash of another
+# entry is a later job with this delivery id: left alone.
 _FINISH = """
 redis.pcall('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2])
+local owner = redis.call('HGET', KEYS[2], 'entry')
+if owner == false or owner == ARGV[2] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'done', '1')
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
 return 0
 """
 
 # KEYS[1]: stream; ARGV: group, consumer, min idle (ms), cursor, count, the hashes' key prefix.
-# Returns {next cursor, {entry, delivery id, job, progress or ''}...}. An entry whose hash is gone
-# was finished between two steps of its owner: acked and deleted here. A consumer that holds
+# Returns {next cursor, {entry, delivery id, job, progress or ''}..., {expired delivery id...}}.
+# An entry whose hash is a tombstone was finished between two steps of its owner; one whose hash
+# is gone expired (or Redis lost it): both acked and deleted here. A consumer that holds
 # nothing and was silent for ten leases is deleted: every restart names a new replica, and the
 # group's list of consumers would grow with each (deleting one that holds nothing loses nothing).
 _CLAIM = """
@@ -213,7 +251,7 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 local found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
                          'COUNT', ARGV[5])
-local jobs = {}
+local jobs, expired = {}, {}
 for _, item in ipairs(found[2]) do
   if type(item) == 'table' and type(item[2]) == 'table' then
     local key = ARGV[6] .. item[2][2]
@@ -221,12 +259,13 @@ for _, item in ipairs(found[2]) do
     if job then
       table.insert(jobs, {item[1], item[2][2], job, redis.call('HGET', key, 'progress') or ''})
     else
+      if redis.call('EXISTS', key) == 0 then table.insert(expired, item[2][2]) end
       redis.call('XACK', KEYS[1], ARGV[1], item[1])
       redis.call('XDEL', KEYS[1], item[1])
     end
   end
 end
-return {found[1], jobs}
+return {found[1], jobs, expired}
 """
 
 _CODES = {1: Hold.OURS, 0: Hold.TAKEN, -1: Hold.FORGOTTEN}
@@ -238,6 +277,10 @@ def _text(value: bytes | str) -> str:
 
 def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 class RedisJobs:
@@ -267,36 +310,43 @@ class RedisJobs:
     def stream(self) -> str:
         return self._stream
 
-    async def add(self, job: DeliveryJob, consumer: str) -> str | None:
+    async def add(self, job: DeliveryJob, consumer: str, ttl: float) -> str | None:
         keys = [self._stream, self.job_key(job.id)]
-        args = [GROUP, consumer, self._encoder.encode(job), job.id]
+        args = [GROUP, consumer, self._encoder.encode(job), job.id, _ms(ttl)]
         entry = await self._call(lambda: self._add(keys=keys, args=args))
         return None if entry is None else _text(entry)
 
-    async def progress(self, entry: str, job: DeliveryJob, consumer: str) -> bool:
+    async def progress(self, entry: str, job: DeliveryJob, consumer: str, ttl: float) -> Hold:
         keys = [self._stream, self.job_key(job.id)]
-        args = [GROUP, consumer, entry, self._encoder.encode(job.progress)]
+        args = [GROUP, consumer, entry, self._encoder.encode(job.progress), _ms(ttl)]
         held = await self._call(lambda: self._progress_script(keys=keys, args=args))
-        return bool(held != 0)  # forgotten by Redis: run on, in memory
+        return _CODES[int(held)]
 
-    async def finish(self, entry: str, job: DeliveryJob) -> None:
+    async def finish(self, entry: str, job: DeliveryJob, linger: float) -> None:
         keys = [self._stream, self.job_key(job.id)]
-        await self._call(lambda: self._finish(keys=keys, args=[GROUP, entry]))
+        await self._call(lambda: self._finish(keys=keys, args=[GROUP, entry, _ms(linger)]))
 
-    async def refresh(self, entries: Sequence[str], consumer: str) -> list[Hold]:
+    async def refresh(self, held: Sequence[tuple[str, str]], consumer: str) -> list[Hold]:
         holds: list[Hold] = []
-        for start in range(0, len(entries), REFRESH_BATCH):
-            args = [GROUP, consumer, *entries[start : start + REFRESH_BATCH]]
-            held = await self._call(partial(self._refresh, keys=[self._stream], args=args))
-            holds += [_CODES[int(code)] for code in held]
+        for start in range(0, len(held), REFRESH_BATCH):
+            pairs = [part for pair in held[start : start + REFRESH_BATCH] for part in pair]
+            args = [GROUP, consumer, self._hashes, *pairs]
+            codes = await self._call(partial(self._refresh, keys=[self._stream], args=args))
+            holds += [_CODES[int(code)] for code in codes]
         return holds
 
     async def claim(
         self, consumer: str, min_idle: float, count: int
     ) -> list[tuple[str, DeliveryJob]]:
-        args = [GROUP, consumer, max(1, round(min_idle * 1000)), self._cursor, count, self._hashes]
-        cursor, found = await self._call(lambda: self._claim(keys=[self._stream], args=args))
+        args = [GROUP, consumer, _ms(min_idle), self._cursor, count, self._hashes]
+        cursor, found, expired = await self._call(
+            lambda: self._claim(keys=[self._stream], args=args)
+        )
         self._cursor = _text(cursor)
+        for delivery_id in expired:
+            # its hash outlived any run of the job: nobody had room for it for that long, or
+            # Redis lost the hash but not the entry
+            log.warning("delivery job expired before a replica ran it", delivery=_text(delivery_id))
         claimed = []
         for entry, delivery_id, job, progress in found:
             try:
@@ -305,7 +355,8 @@ class RedisJobs:
                 # else claimed again and again by every replica, and never deliverable
                 log.error("delivery job does not decode: dropped", delivery=_text(delivery_id))
                 keys = [self._stream, self.job_key(_text(delivery_id))]
-                await self._call(partial(self._finish, keys=keys, args=[GROUP, entry]))
+                args = [GROUP, entry, _ms(10 * min_idle)]  # ten leases, as Holds.linger
+                await self._call(partial(self._finish, keys=keys, args=args))
         return claimed
 
     def _decode(self, entry: Any, job: Any, progress: Any) -> tuple[str, DeliveryJob]:

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from gateway.config import DeliverySettings, Tenant
 from gateway.delivery.deliveries import Deliveries
 from gateway.delivery.egress import EgressGuard
-from gateway.delivery.jobs import DeliveryJobs, RedisJobs
+from gateway.delivery.jobs import DeliveryJob, DeliveryJobs, RedisJobs
 from gateway.metrics import Metrics
 from gateway.store.base import Delivery, TaskRecord
 from gateway.store.connection import RedisConnection
@@ -202,6 +202,13 @@ def with_result(target: TaskRecord, receiver: Receiver) -> TaskRecord:
         )
     )
     return target
+
+
+def a_job(delivery_id: str, url: str) -> DeliveryJob:
+    """A webhook job as another replica made it."""
+    return DeliveryJob(
+        kind="webhook", id=delivery_id, tenant="alpha", task_uuid="t", upstream_uuid="u", url=url
+    )
 
 
 async def stream_state(redis_url: str, replica: Replica) -> tuple[int, int]:
@@ -414,12 +421,12 @@ async def test_an_ack_redis_missed_is_retried_and_the_job_is_not_redone(
     finish = jobs.finish
     failed = 0
 
-    async def unavailable_once(entry: str, job: Any) -> None:
+    async def unavailable_once(entry: str, job: Any, linger: float) -> None:
         nonlocal failed
         if not failed:
             failed += 1
             raise StoreUnavailable("redis: a blip")
-        await finish(entry, job)
+        await finish(entry, job, linger)
 
     jobs.finish = unavailable_once  # type: ignore[method-assign]
     b = await replicas("b")
@@ -431,3 +438,167 @@ async def test_an_ack_redis_missed_is_retried_and_the_job_is_not_redone(
     assert await stream_state(redis_url, a) == (0, 0)
     await asyncio.sleep(2 * LEASE)
     assert b.outcomes == [] and len(receiver.requests) == 1
+
+
+# --------------------------------------------------------------------------- Redis lost it
+
+
+async def test_a_job_redis_forgot_under_its_holder_still_delivers_in_memory(
+    replicas: MakeReplica, receiver: Receiver, redis_url: str
+) -> None:
+    receiver.script = [500]  # the first job's first attempt; 200 after: the receiver recovers
+    backoff = 4 * LEASE  # several refreshes between the attempts
+    a = await replicas("a", backoff_initial=backoff, backoff_max=backoff)
+    first = with_result(record(webhookURL=f"{receiver.url}/first"), receiver)
+    a.deliveries.deliver(first, b"")
+    await until(lambda: len(a.outcomes) == 1)
+    [delivery] = first.deliveries
+    assert a.conn is not None
+    # Redis restarted without persistence, and a new job recreated the stream and its group
+    # before A's next refresh (in one transaction, so that no refresh comes in between, as it
+    # may in production); then a new job through A
+    async with a.conn.client.pipeline(transaction=True) as pipe:
+        pipe.flushdb()
+        pipe.xgroup_create(a.conn.key("deliveries"), "deliveries", "0", mkstream=True)
+        await pipe.execute()
+    second = with_result(record(webhookURL=f"{receiver.url}/second"), receiver)
+    with capture_logs() as logs:
+        a.deliveries.deliver(second, b"")
+        await until(lambda: first.deliveries[0].state != "pending", within=backoff + 3000 * MS)
+        await until(lambda: second.deliveries[0].state != "pending")
+    assert (delivery.state, delivery.attempts) == ("delivered", 2)
+    assert second.deliveries[0].state == "delivered"
+    assert [(p, h["webhook-id"]) for _, p, h, _ in receiver.requests if p == "/first"] == [
+        ("/first", delivery.id)
+    ] * 2
+    assert [e["delivery"] for e in logs if e["event"].startswith("delivery forgotten")] == [
+        delivery.id
+    ]
+    assert a.metrics.registry.get_sample_value("tenebra_delivery_not_durable_total") == 1
+    await until(lambda: a.deliveries.pending == 0)
+    assert await stream_state(redis_url, a) == (0, 0)  # the second acked; nothing of the first
+    assert a.deliveries.holds.entries == {} and a.deliveries.holds.unacked == {}
+
+
+async def test_a_job_another_replica_finished_stops_here(
+    replicas: MakeReplica, receiver: Receiver, redis_url: str
+) -> None:
+    """Taken, not forgotten: its entry is in no pending list, but its tombstone says why."""
+    receiver.script = [500]
+    a = await replicas("a", backoff_initial=10 * LEASE, backoff_max=10 * LEASE)
+    sent = with_result(record(webhookURL=f"{receiver.url}/hook"), receiver)
+    a.deliveries.deliver(sent, b"")
+    await until(lambda: len(a.outcomes) == 1)
+    [(delivery_id, entry)] = a.deliveries.holds.entries.items()
+    jobs = a.deliveries.holds.jobs
+    assert isinstance(jobs, RedisJobs) and a.conn is not None
+    # as a replica that claimed it while A was silent, and delivered it, does
+    elsewhere = RedisJobs(a.conn)
+    await elsewhere.finish(entry, a_job(delivery_id, f"{receiver.url}/hook"), 10 * LEASE)
+    await until(lambda: a.deliveries.pending == 0, within=3000 * MS)  # A's next refresh
+    assert len(receiver.requests) == 1 and len(a.outcomes) == 1
+    assert a.metrics.registry.get_sample_value("tenebra_delivery_not_durable_total") == 0
+    assert await stream_state(redis_url, a) == (0, 0)
+
+
+async def test_a_jobs_hash_expires_but_not_before_it_could_still_be_tried(
+    replicas: MakeReplica, receiver: Receiver, redis_url: str
+) -> None:
+    receiver.script = [500]
+    backoff = 4 * LEASE
+    a = await replicas("a", backoff_initial=backoff, backoff_max=backoff, attempts=3)
+    sent = with_result(record(webhookURL=f"{receiver.url}/hook"), receiver)
+    a.deliveries.deliver(sent, b"")
+    await until(lambda: len(a.deliveries.holds.entries) == 1)
+    [delivery_id] = a.deliveries.holds.entries
+    jobs = a.deliveries.holds.jobs
+    assert isinstance(jobs, RedisJobs) and a.conn is not None
+    key = jobs.job_key(delivery_id)
+    settings = a.deliveries.settings
+    # the longest the job can still take: every attempt, every backoff at its ceiling
+    longest = settings.attempts * (settings.timeout + settings.backoff_max)
+    ttl = await a.conn.client.pttl(key)
+    assert 2 * longest * 1000 < ttl < 3600 * 1000  # expires: not -1
+    await until(lambda: len(a.outcomes) == 1)  # the progress write starts it again
+    assert await a.conn.client.hexists(key, "progress")
+    assert await a.conn.client.pttl(key) > 2 * longest * 1000
+    await until(lambda: sent.deliveries[0].state == "delivered", within=backoff + 3000 * MS)
+    # a tombstone now, for ten leases: what tells a lagging holder the job ended elsewhere
+    assert await a.conn.client.hgetall(key) in ({b"done": b"1"}, {"done": "1"})
+    assert 0 < await a.conn.client.pttl(key) <= 10 * LEASE * 1000
+    assert await stream_state(redis_url, a) == (0, 0)
+
+
+# --------------------------------------------------------------------------- nothing dies silently
+
+
+async def test_jobs_that_cannot_run_fail_logged_and_the_keeper_goes_on(
+    replicas: MakeReplica, receiver: Receiver, redis_url: str
+) -> None:
+    """Jobs from another version, claimed: one with a URL that does not parse (which the keeper
+    shows), one that raises in its attempt. Each fails, with a traceback logged for the second,
+    and is acked: not a keeper that dies, nor a job claimed and crashing again every lease."""
+    a = await replicas("a")
+    assert a.conn is not None
+    dead = RedisJobs(a.conn)
+    unparsed = a_job("msg_unparsed", "http://[::1/hook")
+    raising = msgspec.structs.replace(
+        a_job("msg_raising", f"{receiver.url}/put"),
+        kind="upload",
+        image_base64=base64.b64encode(IMAGE).decode(),
+        content_type="image/png\r\nX-Injected: 1",  # aiohttp refuses it: ValueError
+    )
+    with capture_logs() as logs:
+        for job in (unparsed, raising):
+            assert await dead.add(job, "dead", 60.0) is not None
+        await until(lambda: a.last("msg_unparsed") and a.last("msg_raising"), within=3000 * MS)
+        await until(lambda: a.deliveries.pending == 0)
+    outcomes = [a.last("msg_unparsed"), a.last("msg_raising")]
+    assert [(d.state, d.attempts, d.last_error) for d in outcomes if d] == [
+        ("failed", 1, "egress refused: the URL does not parse"),
+        ("failed", 1, "internal error: ValueError"),
+    ]
+    [logged] = [e for e in logs if e["event"] == "delivery attempt failed unexpectedly"]
+    assert logged["log_level"] == "error" and logged["exc_info"] is True
+    assert await stream_state(redis_url, a) == (0, 0)
+    assert receiver.requests == []
+    keeper = a.deliveries._keeper
+    assert keeper is not None and not keeper.done()
+    # and the keeper still claims
+    await dead.add(a_job("msg_later", f"{receiver.url}/later"), "dead", 60.0)
+    await until(lambda: [d.state for d in a.outcomes if d.id == "msg_later"] == ["delivered"],
+                within=3000 * MS)  # fmt: skip
+
+
+async def test_the_keeper_survives_what_it_did_not_expect(replicas: MakeReplica) -> None:
+    a = await replicas("a")
+    keep = a.deliveries.holds.keep
+    calls = 0
+
+    async def broken_twice(claiming: bool) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError("a bug")
+        return await keep(claiming)
+
+    a.deliveries.holds.keep = broken_twice  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        await until(lambda: calls >= 4, within=3000 * MS)
+    failed = [e for e in logs if e["event"] == "delivery jobs: keeping failed"]
+    assert len(failed) == 2 and all(e["exc_info"] is True for e in failed)
+    keeper = a.deliveries._keeper
+    assert keeper is not None and not keeper.done()
+
+
+async def test_per_host_semaphores_do_not_outlive_their_deliveries(
+    replicas: MakeReplica, receiver: Receiver
+) -> None:
+    receiver.script = [500]
+    a = await replicas("a", durable=False)
+    sent = [with_result(record(webhookURL=f"{receiver.url}/hook"), receiver) for _ in range(3)]
+    for one in sent:
+        a.deliveries.deliver(one, b"")
+    await until(lambda: all(s.deliveries[0].state == "delivered" for s in sent))
+    await until(lambda: a.deliveries.pending == 0)
+    assert a.deliveries._hosts == {}  # else one semaphore per host ever delivered to
