@@ -72,6 +72,8 @@ bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.protocol_codec
 	$(BIN)/python -m bench.render
 	$(BIN)/python -m bench.harness
+	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.audit
 
 # A regression check for CI's 2 cores (under a minute): every path and scenario completes with
 # zero errors and the report is written, the ceiling's against the echo provider included.
