@@ -80,6 +80,8 @@ bench: $(TEST_STAMP)
 # Ratios and targets are read by people, not asserted.
 bench-smoke: $(TEST_STAMP)
 	$(BIN)/python -m bench.harness --smoke
+	$(BIN)/python -m bench.console --smoke
+	$(BIN)/python -m bench.audit --smoke
 
 # Issue 14 alone: the ceiling (echo provider, the process under test pinned to its own core),
 # then a py-spy profile of tenebra at it (both written to bench/results/).
