@@ -14,7 +14,7 @@ from gateway.quotas import TenantQuotas
 from gateway.replication import FrameClaims, Replication
 from gateway.store.base import TaskRecord
 from gateway.store.shared import StoreUnavailable
-from gateway.tasks import Subscriber, TaskRegistry
+from gateway.tasks import Subscriber, TaskRegistry, conflict
 from gateway.tenants import TenantTable
 from protocol.codec import Outcome, decode_client_frame
 from protocol.errors import error_item
@@ -190,13 +190,7 @@ class Intake:
                 return record
             # another holds it, or the same taskUUID came earlier in this frame
             if task.taskUUID in frame.lost or record is not None:
-                return error_item(
-                    "conflictTaskUUID",
-                    parameter="taskUUID",
-                    type="string",
-                    task_type="imageInference",
-                    task_uuid=task.taskUUID,
-                )
+                return conflict(task.taskUUID)
         reason = frame.unavailable if frame is not None else None
         return error_item(
             "serviceUnavailable",

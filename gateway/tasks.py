@@ -10,6 +10,7 @@ ever sees the gateway's own UUID for a task, so two tenants' identical taskUUIDs
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import Callable
@@ -23,7 +24,14 @@ from protocol.codec import decode_image_result, encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageResult, ImageTask, ProcessingItem
 
-__all__ = ["TRANSITIONS", "IllegalTransition", "Subscriber", "TaskRegistry", "upstream_uuids"]
+__all__ = [
+    "TRANSITIONS",
+    "IllegalTransition",
+    "Subscriber",
+    "TaskRegistry",
+    "conflict",
+    "upstream_uuids",
+]
 
 S = TaskState
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
@@ -50,6 +58,17 @@ def upstream_uuids() -> Callable[[], str]:
     prefix = str(uuid.uuid4())[:24]  # 8-4-4-4- with the version and variant nibbles
     sequence = itertools.count()
     return lambda: f"{prefix}{next(sequence):012x}"
+
+
+def conflict(task_uuid: str) -> ErrorItem:
+    """The tenant has a task of this taskUUID already (on this replica or another)."""
+    return error_item(
+        "conflictTaskUUID",
+        parameter="taskUUID",
+        type="string",
+        task_type="imageInference",
+        task_uuid=task_uuid,
+    )
 
 
 def _deliver(subscribers: list[Subscriber], record: TaskRecord, frame: bytes) -> None:
@@ -86,6 +105,11 @@ class TaskRegistry:
         self.new_uuid = new_uuid or upstream_uuids()
         self._subscribers: dict[str, list[Subscriber]] = {}
         self.on_final: list[Callable[[TaskRecord], None]] = []  # e.g. the link's in-flight count
+        # what need not run per task at once (the audit's lines, the usage ledger): the records
+        # finished in one loop turn, in the order they finished, once at the end of that turn
+        # (call_soon) or at flush_final (the gateway's stop flushes before its audit and usage)
+        self.on_final_batch: list[Callable[[list[TaskRecord]], None]] = []
+        self._finished: list[TaskRecord] = []
         # every change of a record (registered, moved, a result): the shared store's write
         self.changed: Callable[[TaskRecord], None] | None = None
         # with a shared store, a task's frames leave once the write of what they tell is done
@@ -117,8 +141,29 @@ class TaskRegistry:
             self._metrics.tasks.ended(state, record.finished - record.created)
             for hook in self.on_final:
                 hook(record)
+            if self.on_final_batch:
+                self._batch(record)
             for subscriber in self._subscribers.pop(record.upstream_uuid, ()):
                 subscriber.settled(record)
+
+    def _batch(self, record: TaskRecord) -> None:
+        finished = self._finished
+        if not finished:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush_final)
+            except RuntimeError:  # no loop (a script, a unit test): at once
+                for hook in self.on_final_batch:
+                    hook([record])
+                return
+        finished.append(record)
+
+    def flush_final(self) -> None:
+        """The batch hooks on the records finished since the last call (idempotent)."""
+        finished = self._finished
+        if finished:
+            self._finished = []
+            for hook in self.on_final_batch:
+                hook(finished)
 
     def register(
         self,
@@ -130,13 +175,7 @@ class TaskRegistry:
         """A new task of ``tenant``, or the error that refuses it (conflict, capacity); the
         record ``claimed`` with it in the shared store, where there is one."""
         if self.store.get(tenant, task.taskUUID) is not None:
-            return error_item(
-                "conflictTaskUUID",
-                parameter="taskUUID",
-                type="string",
-                task_type="imageInference",
-                task_uuid=task.taskUUID,
-            )
+            return conflict(task.taskUUID)
         if self.store.open_count >= self.max_open:
             return error_item(
                 "rateLimitExceeded",
