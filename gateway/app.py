@@ -128,9 +128,9 @@ class Gateway:
         # telemetry.py): hooks on what happens anyway; when off, no hook at all
         self.audit = Audit.from_logging(config.server.audit)
         self.usage = Usage(wall_clock=wall_clock, redis=self.redis)
-        self.registry.on_final.append(self.usage.add)
+        self.registry.on_final_batch.append(self.usage.add_many)
         if self.audit is not None:
-            self.registry.on_final.append(self.audit.task)
+            self.registry.on_final_batch.append(self.audit.tasks)
         self.telemetry = telemetry if telemetry is not None else from_env()
         if self.telemetry is not None:
             self.telemetry.install(self.registry, self.deliveries)
@@ -407,6 +407,7 @@ class Gateway:
         self.fenced.set()
 
     async def _close(self) -> None:
+        self.registry.flush_final()  # the last turn's records, before the audit and usage flush
         await self.usage.close()  # its last figures, before the connection goes
         if self.audit is not None:
             self.audit.flush()

@@ -199,6 +199,53 @@ class Audit:
 
     # ------------------------------------------------------------------ the lines
 
+    def tasks(self, records: list[TaskRecord]) -> None:
+        """``registry.on_final_batch``: :meth:`task` for each (one timestamp for the batch:
+        they ended in the same loop turn)."""
+        if self.write is None:
+            for record in records:
+                self.task(record)
+            return
+        stamp = self._stamp()
+        line = _TaskLine
+        lines = []
+        for record in records:
+            finished = record.finished if record.finished is not None else record.created
+            error = record.error
+            deliveries = record.deliveries
+            lines.append(
+                line(
+                    event="task finished",
+                    audit="task",
+                    tenant=record.tenant,
+                    key_id=record.key_id,
+                    taskUUID=record.task.taskUUID,
+                    state=record.state,
+                    images=len(record.results),
+                    cost=record.cost,
+                    latency_ms=round((finished - record.created) * 1000.0, 1),
+                    deliveries=_deliveries(deliveries) if deliveries else None,
+                    error=error.code if error is not None else None,
+                    level="info",
+                    timestamp=stamp,
+                )
+            )
+        self._emit_many(lines)
+
+    def _emit_many(self, lines: list[Any]) -> None:
+        if not lines or self.write is None:
+            return
+        pending = self._pending
+        if not pending:
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+            except RuntimeError:  # no loop (a script): written at once
+                self.write(self._encode_lines(lines))
+                return
+        pending.extend(lines)
+        if len(pending) >= FLUSH_LINES:
+            self.flush()  # the timer flushes what comes after, or nothing
+
     def task(self, record: TaskRecord) -> None:
         """``registry.on_final``: the task's line, its deliveries as they stand at its end
         (each one's outcome is a ``delivery`` line of its own)."""

@@ -136,6 +136,26 @@ class Usage:
         entry.images += len(record.results)
         entry.tasks += 1
 
+    def add_many(self, records: list[TaskRecord]) -> None:
+        """``registry.on_final_batch``: :meth:`add` for each, the day and the map read once."""
+        day = int(self._wall_clock() // DAY)
+        pairs = self._days.get(day)
+        if pairs is None:
+            pairs = self._new_day(day)
+        get = pairs.get
+        for record in records:
+            pair = (record.tenant, record.key_id or NO_KEY)
+            entry = get(pair)
+            if entry is None:
+                if len(pairs) >= self.max_pairs:  # bounded: further keys counted together
+                    pair = (record.tenant, OTHER_KEY)
+                    entry = get(pair)
+                if entry is None:
+                    entry = pairs[pair] = _Entry()
+            entry.spend += record.cost
+            entry.images += len(record.results)
+            entry.tasks += 1
+
     def _new_day(self, day: int) -> dict[tuple[str, str], _Entry]:
         oldest = day - self.days_kept + 1
         for old in [d for d in self._days if d < oldest]:

@@ -234,4 +234,5 @@ async def test_audit_off_adds_no_hook(provider: LocalProvider) -> None:
         assert gateway.audit is None
         assert gateway.intake is not None and gateway.intake.audit is None
         assert gateway.pool is not None and gateway.pool.on_limit is None
-        assert all(getattr(h, "__self__", None) is not Audit for h in gateway.registry.on_final)
+        hooks = [*gateway.registry.on_final, *gateway.registry.on_final_batch]
+        assert all(getattr(h, "__self__", None) is not Audit for h in hooks)
