@@ -63,6 +63,7 @@ class UpstreamPool:
         self.queue: FairQueue[TaskRecord] = FairQueue(settings.max_queued, limits)
         self._out: set[str] = set()  # upstream UUIDs taken from the queue and not back or final
         self._retries: dict[str, Iterator[float]] = {}  # backoff of tasks the provider refused
+        self._pump_due = False  # a _pump is scheduled for the end of this loop turn
         self._down_since: float | None = registry.now()  # no link ready since
         self.links: list[UpstreamLink] = []
         # links that carry a dead replica's provider sessions until their tasks settle: by
@@ -253,8 +254,16 @@ class UpstreamPool:
                 link.window.succeeded()
         elif index is not None and index in self.adopted:
             self._adopted_settled(self.adopted[index], record)
-        if len(self.queue):
-            self._pump()
+        if len(self.queue) and not self._pump_due:
+            # the room the tasks finished in this loop turn freed, used once at its end (a
+            # pump per finished task walked the links each time); a task submitted meanwhile
+            # pumps at once, as always
+            self._pump_due = True
+            asyncio.get_running_loop().call_soon(self._pump_deferred)
+
+    def _pump_deferred(self) -> None:
+        self._pump_due = False
+        self._pump()
 
     # ------------------------------------------------------------------ links and deadlines
 
