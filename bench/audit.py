@@ -5,7 +5,8 @@
     python -m bench.audit --lines      # one audit line, in process: structlog's chain vs ours
 
 The same saturation load through tenebra (the harness's servers and load generator, CPU from
-/proc) in three variants that take turns ``--repeat`` times, the run with the median CPU per
+/proc; the echo provider, and pinned as the ceiling runs: tenebra alone on one core where there
+are two) in four variants that take turns ``--repeat`` times, the run with the median CPU per
 task of each standing:
 
 - ``audit off``: ``TENEBRA_SERVER_AUDIT=false``, no tracing;
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -33,7 +35,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from bench.harness import Scenario, measure, median_cpu, servers
+from bench.harness import Scenario, measure, median_cpu, pinning, pinning_line, servers
 
 FULL = Scenario("audit: M=200 W=8, 1 result", 200, 100)
 SMOKE = Scenario("audit smoke: M=20 W=4, 1 result", 20, 50, window=4)
@@ -99,11 +101,17 @@ def variants(sink: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def run(s: Scenario, repeat: int) -> dict[str, Any]:
+    # as the ceiling runs (bench.harness): the echo provider, so that tenebra saturates, and
+    # tenebra alone on one core; unpinned against the local provider, the turns varied more
+    # than the audit costs
+    available = os.sched_getaffinity(0)
+    pin = pinning(available)
+    print(pinning_line(pin, len(available)), flush=True)
     with otlp_sink() as sink:
         every: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants(sink)}
         for _ in range(repeat):
             for name, env in variants(sink):
-                with servers("tenebra", env=env) as at:
+                with servers("tenebra", env=env, pin=pin, echo=True) as at:
                     figures = measure(at, s, name)
                 every[name].append(figures)
                 print(
