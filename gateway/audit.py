@@ -180,16 +180,7 @@ class Audit:
             del fields["level"], fields["timestamp"]
             log.info(fields.pop("event"), **{k: v for k, v in fields.items() if v is not None})
             return
-        pending = self._pending
-        if not pending:
-            try:
-                asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
-            except RuntimeError:  # no loop (a script): written at once
-                self.write(self._encode_lines([line]))
-                return
-        pending.append(line)
-        if len(pending) >= FLUSH_LINES:
-            self.flush()  # the timer flushes what comes after, or nothing
+        self._emit_many([line])
 
     def flush(self) -> None:
         """The lines waiting, in one write (also called as the gateway stops)."""
@@ -207,30 +198,7 @@ class Audit:
                 self.task(record)
             return
         stamp = self._stamp()
-        line = _TaskLine
-        lines = []
-        for record in records:
-            finished = record.finished if record.finished is not None else record.created
-            error = record.error
-            deliveries = record.deliveries
-            lines.append(
-                line(
-                    event="task finished",
-                    audit="task",
-                    tenant=record.tenant,
-                    key_id=record.key_id,
-                    taskUUID=record.task.taskUUID,
-                    state=record.state,
-                    images=len(record.results),
-                    cost=record.cost,
-                    latency_ms=round((finished - record.created) * 1000.0, 1),
-                    deliveries=_deliveries(deliveries) if deliveries else None,
-                    error=error.code if error is not None else None,
-                    level="info",
-                    timestamp=stamp,
-                )
-            )
-        self._emit_many(lines)
+        self._emit_many([_task_line(record, stamp) for record in records])
 
     def _emit_many(self, lines: list[Any]) -> None:
         if not lines or self.write is None:
@@ -247,27 +215,8 @@ class Audit:
             self.flush()  # the timer flushes what comes after, or nothing
 
     def task(self, record: TaskRecord) -> None:
-        """``registry.on_final``: the task's line, its deliveries as they stand at its end
-        (each one's outcome is a ``delivery`` line of its own)."""
-        finished = record.finished if record.finished is not None else record.created
-        error = record.error
-        self._emit(
-            _TaskLine(
-                event="task finished",
-                audit="task",
-                tenant=record.tenant,
-                key_id=record.key_id,
-                taskUUID=record.task.taskUUID,
-                state=record.state,
-                images=len(record.results),
-                cost=record.cost,
-                latency_ms=round((finished - record.created) * 1000.0, 1),
-                deliveries=_deliveries(record.deliveries) if record.deliveries else None,
-                error=error.code if error is not None else None,
-                level="info",
-                timestamp=self._stamp(),
-            )
-        )
+        """``registry.on_final``: the task's line."""
+        self._emit(_task_line(record, self._stamp()))
 
     def auth_failed(
         self, address: str, reason: str, door: str, refused_for: float | None = None
@@ -358,3 +307,26 @@ def _line_writer(stream: TextIO) -> Callable[[bytes], object]:
         raw.flush()
 
     return write
+
+
+def _task_line(record: TaskRecord, stamp: str) -> _TaskLine:
+    """A finished task's line: its deliveries as they stand at its end (each one's outcome is a
+    ``delivery`` line of its own)."""
+    finished = record.finished if record.finished is not None else record.created
+    error = record.error
+    deliveries = record.deliveries
+    return _TaskLine(
+        event="task finished",
+        audit="task",
+        tenant=record.tenant,
+        key_id=record.key_id,
+        taskUUID=record.task.taskUUID,
+        state=record.state,
+        images=len(record.results),
+        cost=record.cost,
+        latency_ms=round((finished - record.created) * 1000.0, 1),
+        deliveries=_deliveries(deliveries) if deliveries else None,
+        error=error.code if error is not None else None,
+        level="info",
+        timestamp=stamp,
+    )
