@@ -230,14 +230,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await gateway.start()
     except ModuleNotFoundError as exc:  # raised before start() opens anything: nothing to stop
-        if exc.name not in PROVIDER_EXTRA_MODULES:
-            raise
-        print(
-            f"tenebra serve: no provider key, and {PROVIDER_EXTRA_MISSING}"
-            " (or set RUNWARE_API_KEY to use Runware)",
-            file=sys.stderr,
-        )
-        return 2
+        return no_local_provider(exc)
     raise_open_files_limit()
     # What start-up made lives as long as the process: out of the collector's sight. A frame's
     # objects die young by reference counting, so young collections can be rarer.
@@ -307,6 +300,19 @@ def _run(coroutine: Any) -> int:
     except ImportError:
         return asyncio.run(coroutine)  # type: ignore[no-any-return]
     return uvloop.run(coroutine)  # type: ignore[no-any-return]
+
+
+def no_local_provider(exc: ModuleNotFoundError) -> int:
+    """``tenebra serve`` without a provider key needs the local provider: exit 2 saying how to
+    get it (or to use Runware); any other missing module is a bug, raised again."""
+    if exc.name not in PROVIDER_EXTRA_MODULES:
+        raise exc
+    print(
+        f"tenebra serve: no provider key, and {PROVIDER_EXTRA_MISSING}"
+        " (or set RUNWARE_API_KEY to use Runware)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

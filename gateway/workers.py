@@ -228,7 +228,7 @@ def _describe_exit(worker: _Worker) -> str:
 
 async def serve_workers(args: argparse.Namespace, count: int) -> int:
     """The supervisor's life: checks, the shared provider, the workers, the stop."""
-    from gateway.cli import PROVIDER_EXTRA_MISSING, PROVIDER_EXTRA_MODULES, serve_config
+    from gateway.cli import no_local_provider, serve_config
     from gateway.config import ConfigError
     from gateway.log import configure_logging
 
@@ -262,14 +262,7 @@ async def serve_workers(args: argparse.Namespace, count: int) -> int:
         try:
             provider, key = await _start_local_provider(config)
         except ModuleNotFoundError as exc:
-            if exc.name not in PROVIDER_EXTRA_MODULES:
-                raise
-            print(
-                f"tenebra serve: no provider key, and {PROVIDER_EXTRA_MISSING}"
-                " (or set RUNWARE_API_KEY to use Runware)",
-                file=sys.stderr,
-            )
-            return 2
+            return no_local_provider(exc)
         worker_args.provider_url, worker_args.provider_key = provider.url, key
     supervisor = Supervisor(
         worker_args,
