@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from prometheus_client import Counter
@@ -329,8 +330,8 @@ class Replication:
             log.warning("shared store unavailable", error=str(exc))
         self.healthy = False
 
-    def _spawn(self, step: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(step)  # type: ignore[arg-type]
+    def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(step)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
