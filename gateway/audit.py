@@ -280,7 +280,7 @@ class Audit:
         )
 
 
-def _deliveries(deliveries: list[Delivery]) -> dict[str, dict[str, int]]:
+def _deliveries(deliveries: tuple[Delivery, ...]) -> dict[str, dict[str, int]]:
     """``{"webhook": {"delivered": 1, "pending": 1}}``: by kind, then state."""
     summary: dict[str, dict[str, int]] = {}
     for delivery in deliveries:

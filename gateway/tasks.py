@@ -250,7 +250,7 @@ class TaskRegistry:
                 result.cost = None
         # the client's own taskUUID back in (the result is freshly decoded: nobody else has it)
         result.taskUUID = task.taskUUID
-        results.append(result)
+        record.results = results = (*results, result)
         frame = encode_data([result])
         state = S.DONE if len(results) >= task.numberResults else S.PARTIAL
         if self.durable is None:

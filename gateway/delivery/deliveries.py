@@ -230,7 +230,7 @@ class Deliveries:
             **what,
         )
         delivery = Delivery(id=job.id, kind=kind, target=display(url), image_uuid=image_uuid)
-        record.deliveries.append(delivery)
+        record.deliveries = (*record.deliveries, delivery)
         self._spawn(job, delivery, None)
 
     def _spawn(self, job: DeliveryJob, delivery: Delivery, entry: str | None) -> None:

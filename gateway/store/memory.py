@@ -10,17 +10,24 @@ from gateway.store.base import TaskRecord
 __all__ = ["MemoryTaskStore"]
 
 
+def _key(tenant: str, task_uuid: str) -> str:
+    """A string, not a (tenant, taskUUID) tuple: a tuple is a GC-tracked object, and one per
+    retained record kept the collector running (see TaskRecord.results). The taskUUID is last
+    and has no NUL (it is a validated UUID), so no two pairs meet."""
+    return f"{tenant}\x00{task_uuid}"
+
+
 class MemoryTaskStore:
     def __init__(self, *, retention: float, max_finished: int = 1_000_000) -> None:
         self.retention = retention
         self.max_finished = max_finished
-        self._by_key: dict[tuple[str, str], TaskRecord] = {}
+        self._by_key: dict[str, TaskRecord] = {}  # by _key(tenant, taskUUID)
         self._by_upstream: dict[str, TaskRecord] = {}
         self._open: dict[str, TaskRecord] = {}
         self._finished: OrderedDict[str, TaskRecord] = OrderedDict()  # in order of finishing
 
     def add(self, record: TaskRecord) -> bool:
-        key = (record.tenant, record.task_uuid)
+        key = _key(record.tenant, record.task_uuid)
         if key in self._by_key:
             return False
         self._by_key[key] = record
@@ -29,7 +36,7 @@ class MemoryTaskStore:
         return True
 
     def get(self, tenant: str, task_uuid: str) -> TaskRecord | None:
-        return self._by_key.get((tenant, task_uuid))
+        return self._by_key.get(_key(tenant, task_uuid))
 
     def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
         return self._by_upstream.get(upstream_uuid)
@@ -53,7 +60,7 @@ class MemoryTaskStore:
         return gone
 
     def _forget(self, record: TaskRecord) -> None:
-        self._by_key.pop((record.tenant, record.task_uuid), None)
+        self._by_key.pop(_key(record.tenant, record.task_uuid), None)
         self._by_upstream.pop(record.upstream_uuid, None)
 
     def open_records(self) -> list[TaskRecord]:

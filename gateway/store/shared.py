@@ -17,8 +17,8 @@ The contract:
   claim and finish does not hold the taskUUID forever); ``release`` gives back a claim whose
   task was refused before it started.
 - **save** writes a record (msgspec bytes: a copy, never the caller's object); **load** finds
-  it by (tenant, taskUUID), **by_upstream** by the gateway's own UUID. A claim without a saved
-  record loads as None.
+  it by (tenant, taskUUID). A claim without a saved record loads as None. (There is no read by
+  upstream UUID: the gateway never needs one, and Redis would need an index for it.)
 - **finish** writes the final record and starts its retention: ``retention`` seconds later it is
   gone (claim included, so the taskUUID can be used again). At most ``max_retained`` finished
   records are kept: past that bound the earliest finished is forgotten first.
@@ -71,9 +71,9 @@ class _State(msgspec.Struct, array_like=True, gc=False):
     link: int | None
     window_epoch: int
     sends: int
-    results: list[ImageResult]
+    results: tuple[ImageResult, ...]
     error: ErrorItem | None
-    deliveries: list[Delivery]
+    deliveries: tuple[Delivery, ...]
     # set after the claim wrote the static part (gateway.intake), so written with the state;
     # defaults: a record written by an older version still reads
     key_id: str | None = None
@@ -83,12 +83,23 @@ class _State(msgspec.Struct, array_like=True, gc=False):
 
 class RecordParts:
     """A record as two MessagePack arrays: what never changes, written once, and its state,
-    written at each change (store/redis.py)."""
+    written at each change (store/redis.py). A record with no state written yet is as it was
+    received (``fresh``): a claim writes its static part alone."""
 
     def __init__(self) -> None:
         self._encode = msgspec.msgpack.Encoder().encode
         self._static = msgspec.msgpack.Decoder(_Static)
         self._state = msgspec.msgpack.Decoder(_State)
+
+    @staticmethod
+    def fresh(r: TaskRecord) -> bool:
+        """Whether ``r``'s state is what a record without a state reads as (``join``): every
+        state field at the record's default."""
+        return (
+            r.state is TaskState.RECEIVED and r.finished is None and r.link is None
+            and not r.window_epoch and not r.sends and not r.results and r.error is None
+            and not r.deliveries and r.key_id is None and not r.cost and r.trace is None
+        )  # fmt: skip
 
     def static(self, r: TaskRecord) -> bytes:
         return self._encode(_Static(r.tenant, r.task, r.upstream_uuid, r.created, r.session))
@@ -101,8 +112,15 @@ class RecordParts:
             )
         )  # fmt: skip
 
-    def join(self, static: bytes, state: bytes) -> TaskRecord:
-        a, b = self._static.decode(static), self._state.decode(state)
+    def join(self, static: bytes, state: bytes | None) -> TaskRecord:
+        """The record of its two parts; with no state, as it was received (``fresh``)."""
+        a = self._static.decode(static)
+        if state is None:
+            return TaskRecord(
+                tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
+                session=a.session,
+            )  # fmt: skip
+        b = self._state.decode(state)
         return TaskRecord(
             tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
             session=a.session, state=b.state, finished=b.finished, link=b.link,
@@ -132,8 +150,6 @@ class SharedTasks(Protocol):
         """Write an open record (its claim is the caller's to have won first)."""
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None: ...
-
-    async def by_upstream(self, upstream_uuid: str) -> TaskRecord | None: ...
 
     async def finish(self, record: TaskRecord, retention: float) -> None:
         """Write the final record; it and its claim are gone ``retention`` seconds later (at

@@ -86,12 +86,12 @@ def test_a_task_line_has_every_field_and_is_one_json_line(lines: Lines) -> None:
         state=TaskState.DONE,
         key_id="0123456789ab",
         cost=0.1 + 0.2,
-        results=[ImageResult(taskType="imageInference", taskUUID="t", imageUUID="i")],
-        deliveries=[
+        results=(ImageResult(taskType="imageInference", taskUUID="t", imageUUID="i"),),
+        deliveries=(
             Delivery(id="a", kind="webhook", target="x", state="delivered"),
             Delivery(id="b", kind="webhook", target="x"),
             Delivery(id="c", kind="upload", target="y", state="failed"),
-        ],
+        ),
     )
     audit.task(record)
     assert lines == [

@@ -104,7 +104,7 @@ async def settled_deliveries(gateway: Gateway, tenant: str, task_uuid: str, n: i
     assert record is not None
     await until(lambda: len(record.deliveries) == n and all(
         d.state != "pending" for d in record.deliveries))  # fmt: skip
-    return record.deliveries
+    return list(record.deliveries)
 
 
 # --------------------------------------------------------------------------- webhooks

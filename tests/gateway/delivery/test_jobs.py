@@ -193,13 +193,13 @@ def record(**task: Any) -> TaskRecord:
 
 
 def with_result(target: TaskRecord, receiver: Receiver) -> TaskRecord:
-    target.results.append(
+    target.results = (
         ImageResult(
             taskType="imageInference",
             taskUUID=target.task_uuid,
             imageUUID=str(uuid.uuid4()),
             imageURL=f"{receiver.url}/image.png",
-        )
+        ),
     )
     return target
 

@@ -127,7 +127,7 @@ async def test_a_record_round_trips_with_results_and_deliveries(replica: Replica
     assert await a.claim(r.tenant, r.task_uuid, r.upstream_uuid)
     assert await b.load(r.tenant, r.task_uuid) is None  # claimed, not yet saved
     r.state, r.link, r.window_epoch, r.sends = TaskState.PARTIAL, 1, 7, 2
-    r.results.append(
+    r.results = (
         ImageResult(
             taskType="imageInference",
             taskUUID=r.task_uuid,
@@ -135,10 +135,10 @@ async def test_a_record_round_trips_with_results_and_deliveries(replica: Replica
             imageURL="http://127.0.0.1:9/i.png",
             seed=42,
             cost=0.0013,
-        )
+        ),
     )
-    r.deliveries.append(
-        Delivery(id="msg_1", kind="webhook", target="http://127.0.0.1:9/hook", attempts=2)
+    r.deliveries = (
+        Delivery(id="msg_1", kind="webhook", target="http://127.0.0.1:9/hook", attempts=2),
     )
     r.error = ErrorItem(code="timeoutProvider", message="late", taskUUID=r.task_uuid)
     await a.save(r)
