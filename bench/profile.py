@@ -5,6 +5,7 @@ load generator saturates it, then the samples are summed per function.
     python -m bench.profile --results 4 --tasks 150 --rate 1000
     python -m bench.profile --tenants 10           # the harness's ten tenants with limits
     python -m bench.profile --ceiling              # issue 14: at its ceiling (below)
+    python -m bench.profile --store                # issue 13: on a Redis store (a redis-server)
 
 ``--ceiling``: tenebra against the echo provider (bench/echo.py, which answers at once) at
 saturation, M=200, W=8, R=1, pinned as the harness's ceiling group pins it (tenebra alone on
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ceiling", action="store_true",
         help="against the echo provider, pinned, at saturation (M=200 W=8 R=1, 500 tasks each)",
     )  # fmt: skip
+    parser.add_argument(
+        "--store", action="store_true", help="on a Redis store (the harness starts redis-server)"
+    )
     args = parser.parse_args(argv)
     top = args.top or (25 if args.ceiling else 30)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     pin = pinning(available) if args.ceiling else None
     with (
         tempfile.TemporaryDirectory() as scratch,
-        servers("tenebra", tenants=args.tenants, echo=args.ceiling, pin=pin) as at,
+        servers(
+            "tenebra", tenants=args.tenants, echo=args.ceiling, pin=pin, store=args.store
+        ) as at,
     ):
         raw = Path(scratch) / "samples.txt"
         load(at, scenario, max(2, args.tasks // 10))  # warm-up
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(raw, top)
     elapsed = max(figures["elapsed"], 1e-9)
     head = [
-        f"tenebra, {'against the echo provider' if args.ceiling else 'against the local provider'}"
+        f"tenebra{' on a Redis store' if args.store else ''}, "
+        f"{'against the echo provider' if args.ceiling else 'against the local provider'}"
         f": M={args.connections} W={args.window} R={args.results}"
         + (f", {args.rate:,.0f} tasks/s offered" if args.rate else ", saturation"),
         f"{figures['tasks']:,} tasks in {figures['elapsed']} s = "
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(head) + summary + "\n"
     RESULTS.mkdir(exist_ok=True)
-    name = "profile-ceiling" if args.ceiling else "profile"
+    name = "profile" + ("-ceiling" if args.ceiling else "") + ("-store" if args.store else "")
     target = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     target.write_text(text)
     print(text, end="")

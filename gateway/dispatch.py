@@ -41,8 +41,8 @@ class Answer:
 
     def flush(self) -> None:
         """Data first, then errors, never in one frame (SDK 1.8 drops the data of such a frame)."""
-        if self._send is None:
-            return
+        if self._send is None or not (self.data or self.errors):
+            return  # most frames (sync tasks) answer nothing now: their results come later
         for frame in encode_answer(self.data, self.errors):
             self._send(frame)
         self.data.clear()
