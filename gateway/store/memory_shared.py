@@ -62,9 +62,9 @@ class MemorySharedTasks:
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
         upstream_uuid = self._claims.get((tenant, task_uuid))
-        return None if upstream_uuid is None else await self.by_upstream(upstream_uuid)
+        return None if upstream_uuid is None else self._record(upstream_uuid)
 
-    async def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
+    def _record(self, upstream_uuid: str) -> TaskRecord | None:
         if self._expired(upstream_uuid):
             self._forget(upstream_uuid)
             return None

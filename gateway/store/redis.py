@@ -3,22 +3,37 @@
 Keys, under one prefix (``tenebra`` unless told; tenant and taskUUID escaped so that a ':' in a
 tenant's name cannot make two tenants' keys meet):
 
-- ``{prefix}:task:{tenant}:{taskUUID}``  string, the upstream UUID: the claim (SET NX)
-- ``{prefix}:rec:{upstreamUUID}``        hash: ``static`` (what never changes: tenant, the task,
-  its UUIDs, when it came), ``state`` (what does: state, results, error, deliveries), both
-  MessagePack, and ``claim`` (the claim's key, so that a trimmed record takes its claim with it).
-  A record is written whole once, then its state alone: the task (prompt and all) is not sent
-  to Redis again at every change
-- ``{prefix}:finished``                  sorted set of upstream UUIDs by finish time (Redis's
+- ``{prefix}:task:{tenant}:{taskUUID}``  string: the claim, and the record's part that never
+  changes. A *tag* (one byte, the upstream UUID's length, then the upstream UUID) and the
+  static part (tenant, the task, its UUIDs, when it came; MessagePack). Written once with
+  ``SET NX``: one command claims the taskUUID and records the task. A bare claim (``claim``,
+  no record) is the tag alone
+- ``{prefix}:state:{upstreamUUID}``      string: what changes (state, results, error,
+  deliveries; MessagePack), written at each change after the claim. None yet reads as a task
+  just received: a claim writes no state
+- ``{prefix}:finished``                  sorted set of finished records by finish time (Redis's
   own clock, microseconds): the count bound ``max_retained`` trims it from the oldest
-- ``{prefix}:open:{replica}``            set of the upstream UUIDs a replica runs (its takeover)
+- ``{prefix}:open:{replica}``            set of the open records a replica runs (its takeover)
 
-An open record and its claim live at most ``open_ttl`` (a safety net: a replica that died with the
-task and was never taken over); a final write sets both to ``retention``. Steps that must be
-atomic are Lua scripts, and a batch (the claims of a loop turn, a flush's records) is one
-script with its items in one MessagePack argument (Redis's ``cmsgpack``): the client packs one
-argument, not four per record. Scripts touch keys they compute, so this is for a single Redis or
-a primary with replicas, not Redis Cluster. Redis 5 or later (scripts read ``TIME``).
+A member of the last two is a record's tag then its claim's key, so a takeover and a trim
+find both of a record's keys without a read. An open record lives at most ``open_ttl`` from
+its claim (a safety net: a replica that died with the task and was never taken over); a final
+write sets it to ``retention``. The trim deletes a claim only while it is still that record's:
+a taskUUID whose claim lapsed may have been claimed again by another task.
+
+Redis restarted empty (no persistence): finished tasks are gone for every replica but the one
+that ran them; an open task's next write finds its claim gone, and it is written whole again
+(claim, static part, state, open list), unless another task took its taskUUID meanwhile.
+Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a taskUUID
+that can be billed twice, a state evicted reads as a task just received.
+
+Steps that must be atomic are Lua scripts, and a batch (the claims of a loop turn, a flush's
+records) is one script with its items in one MessagePack argument (Redis's ``cmsgpack``): the
+client packs one argument, not several per record, and a batch's sets and sorted set take one
+command each (its members in chunks of ``_CHUNK``, under Lua's stack limit), not one per
+record: a task costs Redis three keyed commands (claim; state and claim expiry at its end).
+Scripts touch keys they compute, so this is for a single Redis or a primary with replicas,
+not Redis Cluster. Redis 5 or later (scripts read ``TIME``).
 
 Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
 or fails raises ``StoreUnavailable``.
@@ -40,114 +55,159 @@ __all__ = ["RedisSharedTasks", "Write"]
 
 DAY = 86_400.0
 
-# ARGV[1]: TTL (ms), ARGV[2]: the record keys' prefix, ARGV[3]: the replica's open list ('' for
-# none), ARGV[4]: [[claim key, upstream UUID, static, state], ...] packed, the record parts
-# optional: a claim won with them writes its record whole at once, listed as open. 1 for each
-# claim won, else 0.
+# Members per SADD, SREM or DEL, and ZADD arguments, per call: Lua's ``unpack`` fails past its
+# C stack (8,000 values in Redis's Lua 5.1)
+_CHUNK = 4000
+
+# ARGV[1]: open ttl (ms), ARGV[2]: the replica's open list ('' for none), ARGV[3]: the state
+# keys' prefix, ARGV[4]: [[claim key, tag .. static, state], ...] packed, the static part
+# absent for a bare claim, the state for a record as it was received. A string of '1' for each
+# claim won, else '0'.
 _CLAIM = """
-local ttl, prefix, index, won, listed = ARGV[1], ARGV[2], ARGV[3], {}, false
+local ttl, index, prefix, won, listed = ARGV[1], ARGV[2], ARGV[3], {}, {}
 for i, claim in ipairs(cmsgpack.unpack(ARGV[4])) do
-  if redis.call('SET', claim[1], claim[2], 'NX', 'PX', ttl) then
-    won[i] = 1
-    if claim[3] ~= nil then
-      local record = prefix .. claim[2]
-      redis.call('HSET', record, 'static', claim[3], 'state', claim[4], 'claim', claim[1])
-      redis.call('PEXPIRE', record, ttl)
-      if index ~= '' then redis.call('SADD', index, claim[2]); listed = true end
-    end
+  local key, value = claim[1], claim[2]
+  if redis.call('SET', key, value, 'NX', 'PX', ttl) then
+    won[i] = '1'
+    local n = string.byte(value) + 1
+    if claim[3] then redis.call('SET', prefix .. string.sub(value, 2, n), claim[3], 'PX', ttl) end
+    if index ~= '' and #value > n then listed[#listed + 1] = string.sub(value, 1, n) .. key end
   else
-    won[i] = 0
+    won[i] = '0'
   end
 end
-if listed then redis.call('PEXPIRE', index, ttl) end
-return won
+if #listed > 0 then
+  for i = 1, #listed, 4000 do
+    redis.call('SADD', index, unpack(listed, i, math.min(i + 3999, #listed)))
+  end
+  redis.call('PEXPIRE', index, ttl)
+end
+return table.concat(won)
 """
 
-# KEYS[1]: claim, KEYS[2]: record, KEYS[3]: finished, KEYS[4]: the replica's open list (or
-# any key, unused); ARGV[1]: upstream UUID.
+# KEYS[1]: claim, KEYS[2]: state, KEYS[3]: finished, KEYS[4]: the replica's open list (or any
+# key, unused); ARGV[1]: the record's tag.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held, tag = redis.call('GET', KEYS[1]), ARGV[1]
+if held and string.sub(held, 1, #tag) == tag then
   redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('SREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[3], tag .. KEYS[1])
+  redis.call('SREM', KEYS[4], tag .. KEYS[1])
 end
 return 0
 """
 
-# KEYS[1]: claim; ARGV[1]: the record keys' prefix. The record's {static, state}, or false.
+# KEYS[1]: claim; ARGV[1]: the state keys' prefix. {claim, state} ({claim} with no state yet),
+# or false for no claim or a bare one.
 _LOAD = """
-local upstream = redis.call('GET', KEYS[1])
-if not upstream then return false end
-return redis.call('HMGET', ARGV[1] .. upstream, 'static', 'state')
+local held = redis.call('GET', KEYS[1])
+if not held then return false end
+local n = string.byte(held) + 1
+if #held == n then return false end
+return {held, redis.call('GET', ARGV[1] .. string.sub(held, 2, n))}
 """
 
 # A flush. ARGV: retention (ms), max_retained, open ttl (ms), the replica's open list ('' for
-# none), the finished set, the record keys' prefix, then [[kind, upstream UUID, claim key,
-# state, static], ...] packed: kind o (open) or f (final); static only where the record is not
-# in Redis yet. Returns the upstream UUIDs of records whose state came without their static
-# part and that Redis does not have (it restarted empty): they are to be written whole again.
+# none), the finished set, the state keys' prefix, then [[kind, member, state, static], ...]
+# packed: kind o (open) or f (final); member the record's tag .. its claim key; static only
+# where the record is written whole (not in Redis yet, or not known to be). Returns the
+# upstream UUIDs of records written by their state alone whose claim Redis does not have (it
+# restarted empty): they are to be written whole again. A record written whole whose taskUUID
+# another task claimed meanwhile is written nowhere.
 _WRITE = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local retention, cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local index, finished, prefix = ARGV[4], ARGV[5], ARGV[6]
-local listed, ended, missing = false, false, {}
+local stamp = string.format('%d', now)
+local listed, unlisted, ended, gone, missing = {}, {}, {}, {}, {}
 for _, item in ipairs(cmsgpack.unpack(ARGV[7])) do
-  local kind, upstream, claim, state, static = item[1], item[2], item[3], item[4], item[5]
-  local record = prefix .. upstream
-  if static == nil and redis.call('EXISTS', record) == 0 then
-    missing[#missing + 1] = upstream
-  elseif kind == 'o' then
-    if static ~= nil then
-      redis.call('HSET', record, 'static', static, 'state', state, 'claim', claim)
-      redis.call('PEXPIRE', record, ttl)
-      -- a claim a Redis restarted empty lost comes back, unless another task took it
-      redis.call('SET', claim, upstream, 'NX', 'PX', ttl)
-      if index ~= '' then redis.call('SADD', index, upstream); listed = true end
-    else
-      redis.call('HSET', record, 'state', state)
-    end
-  else
-    if index ~= '' then redis.call('SREM', index, upstream) end
+  local final, member, state, static = item[1] == 'f', item[2], item[3], item[4]
+  local n = string.byte(member) + 1
+  local claim, upstream = string.sub(member, n + 1), string.sub(member, 2, n)
+  local expiry, ours = ttl, false
+  if final then expiry = ARGV[1] end
+  if final and retention <= 0 then
     local held = redis.call('GET', claim)
-    if retention <= 0 then
-      if held == upstream then redis.call('DEL', claim) end
-      redis.call('DEL', record)
-      redis.call('ZREM', finished, upstream)
-    else
-      if static ~= nil then
-        redis.call('HSET', record, 'static', static, 'state', state, 'claim', claim)
-      else
-        redis.call('HSET', record, 'state', state)
-      end
-      redis.call('PEXPIRE', record, retention)
-      if held == upstream then redis.call('PEXPIRE', claim, retention)
-      elseif not held then redis.call('SET', claim, upstream, 'PX', retention) end
-      redis.call('ZADD', finished, string.format('%d', now), upstream)
-      ended = true
+    if held and string.sub(held, 1, n) == string.sub(member, 1, n) then
+      redis.call('DEL', claim)
+    end
+    redis.call('DEL', prefix .. upstream)
+    gone[#gone + 1] = member
+  elseif static then
+    -- whole: its claim back where Redis lost it, or its own completed (a bare claim, a record
+    -- taken over), never another task's
+    local tag = string.sub(member, 1, n)
+    ours = redis.call('SET', claim, tag .. static, 'NX', 'PX', expiry)
+    if not ours then
+      ours = string.sub(redis.call('GET', claim), 1, n) == tag
+      if ours then redis.call('SET', claim, tag .. static, 'PX', expiry) end
+    end
+    if ours and not final and index ~= '' then listed[#listed + 1] = member end
+  elseif final then
+    ours = redis.call('PEXPIRE', claim, expiry) == 1
+    if not ours then missing[#missing + 1] = upstream end
+  else
+    ours = redis.call('EXISTS', claim) == 1
+    if not ours then missing[#missing + 1] = upstream end
+  end
+  if ours then
+    redis.call('SET', prefix .. upstream, state, 'PX', expiry)
+    if final then
+      unlisted[#unlisted + 1] = member
+      ended[#ended + 1] = stamp
+      ended[#ended + 1] = member
     end
   end
 end
-if listed then redis.call('PEXPIRE', index, ttl) end
-if ended then
+if index ~= '' then
+  for i = 1, #gone, 4000 do
+    redis.call('SREM', index, unpack(gone, i, math.min(i + 3999, #gone)))
+  end
+  for i = 1, #unlisted, 4000 do
+    redis.call('SREM', index, unpack(unlisted, i, math.min(i + 3999, #unlisted)))
+  end
+  for i = 1, #listed, 4000 do
+    redis.call('SADD', index, unpack(listed, i, math.min(i + 3999, #listed)))
+  end
+  if #listed > 0 then redis.call('PEXPIRE', index, ttl) end
+end
+for i = 1, #gone, 4000 do
+  redis.call('ZREM', finished, unpack(gone, i, math.min(i + 3999, #gone)))
+end
+if #ended > 0 then
+  for i = 1, #ended, 4000 do
+    redis.call('ZADD', finished, unpack(ended, i, math.min(i + 3999, #ended)))
+  end
   redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
   local over = redis.call('ZCARD', finished) - cap
   if over > 0 then
-    local gone = redis.call('ZPOPMIN', finished, over)
-    for i = 1, #gone, 2 do
-      local record = prefix .. gone[i]
-      local claim = redis.call('HGET', record, 'claim')
-      if claim and redis.call('GET', claim) == gone[i] then redis.call('DEL', claim) end
-      redis.call('DEL', record)
+    -- the earliest finished go, each claim only while it is still theirs
+    local popped, tags, claims = redis.call('ZPOPMIN', finished, over), {}, {}
+    for i = 1, #popped, 2 do
+      local member = popped[i]
+      local n = string.byte(member) + 1
+      tags[#tags + 1] = string.sub(member, 1, n)
+      claims[#claims + 1] = string.sub(member, n + 1)
+    end
+    for i = 1, #claims, 2000 do  -- two keys each to delete
+      local last = math.min(i + 1999, #claims)
+      local held, doomed = redis.call('MGET', unpack(claims, i, last)), {}
+      for j = i, last do
+        local tag, value = tags[j], held[j - i + 1]
+        doomed[#doomed + 1] = prefix .. string.sub(tag, 2)
+        if value and string.sub(value, 1, #tag) == tag then doomed[#doomed + 1] = claims[j] end
+      end
+      redis.call('DEL', unpack(doomed))
     end
   end
 end
 return missing
 """
 
-# MessagePack by hand for the write script's items: Redis's cmsgpack reads no bin type, so the
-# record parts (bytes) go as str, which it takes as the bytes they are
-_ARRAY_4, _ARRAY_5 = b"\x94", b"\x95"
+# MessagePack by hand for the scripts' items: Redis's cmsgpack reads no bin type, so the record
+# parts (bytes) go as str, which it takes as the bytes they are
+_ARRAY_2, _ARRAY_3, _ARRAY_4 = b"\x92", b"\x93", b"\x94"
 _OPEN, _FINAL = b"\xa1o", b"\xa1f"
 
 
@@ -170,6 +230,13 @@ def _array(size: int) -> bytes:
     return b"\xdd" + size.to_bytes(4, "big")
 
 
+def _tag(upstream_uuid: str) -> bytes:
+    """What a record's keys and members start with: the upstream UUID's length (one byte, so
+    the script finds where it ends), then the UUID."""
+    data = upstream_uuid.encode()
+    return bytes((len(data),)) + data
+
+
 def _bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data  # the client does not decode
 
@@ -190,10 +257,11 @@ class RedisSharedTasks:
         self._max_retained = max_retained
         self._open_ttl_ms = max(1, round(open_ttl * 1000))
         self._prefix = redis.prefix
-        self._records = f"{redis.prefix}:rec:"
+        self._claims = f"{redis.prefix}:task:"
+        self._states = f"{redis.prefix}:state:"
+        self._member = self.member
         self._finished_key = f"{redis.prefix}:finished"
         self._parts = RecordParts()
-        self._pack = msgspec.msgpack.Encoder().encode
         self._claim = redis.script(_CLAIM)
         self._release = redis.script(_RELEASE)
         self._load = redis.script(_LOAD)
@@ -229,14 +297,23 @@ class RedisSharedTasks:
         return self._max_retained
 
     def claim_key(self, tenant: str, task_uuid: str) -> str:
-        return f"{self._prefix}:task:{key_part(tenant)}:{key_part(task_uuid)}"
+        return f"{self._claims}{key_part(tenant)}:{key_part(task_uuid)}"
 
-    def record_key(self, upstream_uuid: str) -> str:
-        return self._records + upstream_uuid
+    def state_key(self, upstream_uuid: str) -> str:
+        return self._states + upstream_uuid
 
     def open_key(self, replica: str) -> str:
-        """The upstream UUIDs of the open records a replica runs: what a takeover finds."""
+        """The open records a replica runs (tag .. claim key): what a takeover finds."""
         return f"{self._prefix}:open:{key_part(replica)}"
+
+    def member(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bytes:
+        """A record's member of the finished set and of the open lists: its tag, then its
+        claim's key. (One string, made at once: the upstream UUID is ASCII, shorter than 128,
+        so its length is one byte in UTF-8.)"""
+        return (
+            f"{chr(len(upstream_uuid))}{upstream_uuid}{self._claims}"
+            f"{key_part(tenant)}:{key_part(task_uuid)}"
+        ).encode()
 
     async def claim(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bool:
         [won] = await self.claim_many(tenant, [(task_uuid, upstream_uuid)])
@@ -250,36 +327,38 @@ class RedisSharedTasks:
         round trip."""
         if not claims:
             return []
-        packed = self._pack([(self.claim_key(t, task), up) for t, task, up in claims])
-        args: list[EncodableT] = [self._open_ttl_ms, self._records, "", packed]
-        won = await self._call(lambda: self._claim(args=args))
-        return [bool(w) for w in won]
+        packed = [_array(len(claims))]
+        for tenant, task_uuid, upstream_uuid in claims:
+            packed += (
+                _ARRAY_2,
+                _str(self.claim_key(tenant, task_uuid).encode()),
+                _str(_tag(upstream_uuid)),
+            )
+        return await self._claimed(b"".join(packed), "")
 
     async def create_batch(self, records: Sequence[TaskRecord], replica: str) -> list[bool]:
         """Claim each record's (tenant, taskUUID) and, where won, write the record whole and
         list it as ``replica``'s: in one round trip, a loop turn's new tasks of every frame.
         A task is then known to every replica before it is dispatched, with no write of its
-        own; a claim lost writes nothing."""
+        own; a claim lost writes nothing. A record as it was received (the gateway's case)
+        writes no state: none reads as that."""
         if not records:
             return []
-        static, state = self._parts.static, self._parts.state
+        static, state, fresh = self._parts.static, self._parts.state, self._parts.fresh
         packed = [_array(len(records))]
         for record in records:
-            packed += (
-                _ARRAY_4,
-                _str(self.claim_key(record.tenant, record.task_uuid).encode()),
-                _str(record.upstream_uuid.encode()),
-                _str(static(record)),
-                _str(state(record)),
-            )
-        args: list[EncodableT] = [
-            self._open_ttl_ms,
-            self._records,
-            self.open_key(replica),
-            b"".join(packed),
-        ]
-        won = await self._call(lambda: self._claim(args=args))
-        return [bool(w) for w in won]
+            key = _str(self.claim_key(record.tenant, record.task_uuid).encode())
+            head = _str(_tag(record.upstream_uuid) + static(record))
+            if fresh(record):
+                packed += (_ARRAY_2, key, head)
+            else:
+                packed += (_ARRAY_3, key, head, _str(state(record)))
+        return await self._claimed(b"".join(packed), self.open_key(replica))
+
+    async def _claimed(self, packed: bytes, index: str) -> list[bool]:
+        args: list[EncodableT] = [self._open_ttl_ms, index, self._states, packed]
+        won = _bytes(await self._call(lambda: self._claim(args=args)))
+        return [w == 49 for w in won]  # b'1'
 
     async def release(
         self, tenant: str, task_uuid: str, upstream_uuid: str, replica: str | None = None
@@ -288,11 +367,12 @@ class RedisSharedTasks:
         in ``replica``'s open list)."""
         keys = [
             self.claim_key(tenant, task_uuid),
-            self.record_key(upstream_uuid),
+            self.state_key(upstream_uuid),
             self._finished_key,
             self.open_key(replica if replica is not None else ""),
         ]
-        await self._call(lambda: self._release(keys=keys, args=[upstream_uuid]))
+        tag = _tag(upstream_uuid)
+        await self._call(lambda: self._release(keys=keys, args=[tag]))
 
     async def save(self, record: TaskRecord) -> None:
         await self.write([Write(record, True, False)], retention=0.0)
@@ -307,15 +387,14 @@ class RedisSharedTasks:
         list of open records; the upstream UUIDs of those Redis lost, to be written whole."""
         if not writes:
             return []
-        static, state = self._parts.static, self._parts.state
+        static, state, member = self._parts.static, self._parts.state, self._member
         packed = [_array(len(writes))]
         for write in writes:
             record = write.record
             packed += (
-                _ARRAY_5 if write.whole else _ARRAY_4,
+                _ARRAY_4 if write.whole else _ARRAY_3,
                 _FINAL if write.final else _OPEN,
-                _str(record.upstream_uuid.encode()),
-                _str(self.claim_key(record.tenant, record.task_uuid).encode()),
+                _str(member(record.tenant, record.task_uuid, record.upstream_uuid)),
                 _str(state(record)),
             )
             if write.whole:
@@ -326,47 +405,54 @@ class RedisSharedTasks:
             self._open_ttl_ms,
             self.open_key(replica) if replica is not None else "",
             self._finished_key,
-            self._records,
+            self._states,
             b"".join(packed),
         ]
         missing = await self._call(lambda: self._write(args=args))
         return [_bytes(m).decode() for m in missing]
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
+        """One round trip: the claim, then the state of the record it names."""
         keys = [self.claim_key(tenant, task_uuid)]
-        parts = await self._call(lambda: self._load(keys=keys, args=[self._records]))
-        return self._joined(parts) if parts else None
-
-    async def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
-        key = self.record_key(upstream_uuid)
-        parts = await self._call(lambda: self._redis.client.hmget(key, ["static", "state"]))
-        return self._joined(parts)
-
-    def _joined(self, parts: Sequence[Any]) -> TaskRecord | None:
-        static, state = parts
-        if static is None or state is None:
+        parts = await self._call(lambda: self._load(keys=keys, args=[self._states]))
+        if not parts:
             return None
-        return self._parts.join(_bytes(static), _bytes(state))
+        return self._joined(_bytes(parts[0]), parts[1] if len(parts) > 1 else None)
+
+    def _joined(self, claim: bytes, state: bytes | str | None) -> TaskRecord:
+        """The record of a claim's value (tag, static part) and its state (None: not yet)."""
+        return self._parts.join(claim[claim[0] + 1 :], None if state is None else _bytes(state))
 
     async def open_records(self, replica: str) -> list[TaskRecord]:
         """The open records ``replica`` listed (a dead one's, for its takeover), read in one
-        pipeline."""
+        pipeline (not a script: a long list does not hold Redis up for the other replicas)."""
         client = self._redis.client
         members = await self._call(lambda: client.smembers(self.open_key(replica)))
-        upstreams = sorted(_bytes(m).decode() for m in members)
-        if not upstreams:
+        listed = []
+        for member in sorted(_bytes(m) for m in members):
+            n = member[0] + 1
+            listed.append((member[:n], member[n:], member[1:n]))  # tag, claim key, upstream
+        if not listed:
             return []
 
         async def read() -> Any:
             async with client.pipeline(transaction=False) as pipe:
-                for upstream in upstreams:
-                    pipe.hmget(self.record_key(upstream), ["static", "state"])
+                for _, claim, upstream in listed:
+                    pipe.get(claim)
+                    pipe.get(self._states.encode() + upstream)
                 return await pipe.execute()
 
+        replies = await self._call(read)
         records = []
-        for parts in await self._call(read):
-            record = self._joined(parts)
-            if record is not None and record.open:
+        for i, (tag, _, _) in enumerate(listed):
+            claim, state = replies[2 * i], replies[2 * i + 1]
+            if claim is None:  # finished meanwhile and gone, or lapsed
+                continue
+            claim = _bytes(claim)
+            if claim[: len(tag)] != tag or len(claim) == len(tag):
+                continue  # the taskUUID is another task's now
+            record = self._joined(claim, state)
+            if record.open:
                 records.append(record)
         return records
 

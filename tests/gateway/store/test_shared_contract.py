@@ -65,7 +65,6 @@ async def gone_within(store: SharedTasks, r: TaskRecord, seconds: float) -> floa
     start = time.monotonic()
     for _ in range(1000):
         if await store.load(r.tenant, r.task_uuid) is None:
-            assert await store.by_upstream(r.upstream_uuid) is None
             return time.monotonic() - start
         if time.monotonic() - start > seconds:
             break
@@ -144,13 +143,12 @@ async def test_a_record_round_trips_with_results_and_deliveries(replica: Replica
     await a.save(r)
     loaded = await b.load(r.tenant, r.task_uuid)
     assert loaded == r and loaded is not r
-    assert await b.by_upstream(r.upstream_uuid) == r
     assert await b.load("another-tenant", r.task_uuid) is None
-    assert await b.by_upstream(str(uuid.uuid4())) is None
+    assert await b.load(r.tenant, str(uuid.uuid4())) is None
     r.deliveries[0].state = "delivered"  # a save is a copy: the store does not see this ...
-    assert (await b.by_upstream(r.upstream_uuid)) != r
+    assert (await b.load(r.tenant, r.task_uuid)) != r
     await a.save(r)  # ... until saved again
-    assert (await b.by_upstream(r.upstream_uuid)) == r
+    assert (await b.load(r.tenant, r.task_uuid)) == r
 
 
 async def test_a_finished_record_is_kept_for_its_retention_then_gone(replica: Replica) -> None:
@@ -173,7 +171,6 @@ async def test_a_retention_of_zero_forgets_at_once(replica: Replica) -> None:
     await a.save(r)
     await a.finish(r, retention=0)
     assert await a.load(r.tenant, r.task_uuid) is None
-    assert await a.by_upstream(r.upstream_uuid) is None
     assert await a.claim(r.tenant, r.task_uuid, "a-new-task")
 
 
@@ -191,7 +188,6 @@ async def test_past_max_retained_the_earliest_finished_go_first(replica: Replica
         await (a, b)[n % 2].finish(r, retention=3600)  # both replicas count together
     for r in done[:2]:
         assert await b.load(r.tenant, r.task_uuid) is None
-        assert await b.by_upstream(r.upstream_uuid) is None
         assert await b.claim(r.tenant, r.task_uuid, "again")
     for r in done[2:]:
         assert await b.load(r.tenant, r.task_uuid) == r
@@ -208,16 +204,19 @@ async def test_redis_keys_carry_their_ttls(redis_url: str) -> None:
     try:
         assert await store.claim(r.tenant, r.task_uuid, r.upstream_uuid)
         await store.save(r)
-        claim, key = store.claim_key(r.tenant, r.task_uuid), store.record_key(r.upstream_uuid)
-        assert ":stu%3Adio:" in claim
-        client = store._redis.client
-        for name in (claim, key):  # an open task: the safety net
+        claim, state = store.claim_key(r.tenant, r.task_uuid), store.state_key(r.upstream_uuid)
+        assert claim == f"{prefix}:task:stu%3Adio:{r.task_uuid}"
+        assert state == f"{prefix}:state:{r.upstream_uuid}"
+        client = store.connection.client
+        for name in (claim, state):  # an open task: the safety net
             assert 55_000 < await client.pttl(name) <= 60_000
         await store.finish(r, retention=5)
-        for name in (claim, key):
+        for name in (claim, state):
             assert 0 < await client.pttl(name) <= 5_000
         # finished at Redis's time, to the microsecond (the trimming order across replicas)
-        score = await client.zscore(f"{prefix}:finished", r.upstream_uuid)
+        member = store.member(r.tenant, r.task_uuid, r.upstream_uuid)
+        assert member == bytes([36]) + r.upstream_uuid.encode() + claim.encode()
+        score = await client.zscore(f"{prefix}:finished", member)
         assert score is not None and score == int(score)
         assert abs(score / 1e6 - time.time()) < 60
     finally:
@@ -261,7 +260,6 @@ async def test_an_unreachable_redis_raises_within_the_deadline(server: str) -> N
         lambda: store.release(r.tenant, r.task_uuid, r.upstream_uuid),
         lambda: store.save(r),
         lambda: store.load(r.tenant, r.task_uuid),
-        lambda: store.by_upstream(r.upstream_uuid),
         lambda: store.finish(r, retention=10),
         lambda: store.ping(),
     ]

@@ -1,0 +1,173 @@
+"""The Redis task store's own layout (gateway/store/redis.py), past the shared contract: the batched
+claims and writes the gateway uses (gateway.replication), the per-replica open lists, what a
+Redis that lost its data leads to, and the count bound's trim of a batch. A real redis-server
+(tests/redis_server.py), one key prefix per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.store.base import TaskRecord, TaskState
+from gateway.store.redis import RedisSharedTasks, Write
+from protocol.frames import ImageResult
+from tests.gateway.store.test_shared_contract import record
+from tests.timing import MS
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisSharedTasks]:
+    shared = RedisSharedTasks.from_url(
+        redis_url, max_retained=1000, deadline=2000 * MS, prefix=f"test-{uuid.uuid4().hex}"
+    )
+    yield shared
+    await shared.close()
+
+
+def done(r: TaskRecord) -> TaskRecord:
+    r.state, r.finished = TaskState.DONE, 2.5
+    r.results = (
+        ImageResult(
+            taskType="imageInference",
+            taskUUID=r.task_uuid,
+            imageUUID=str(uuid.uuid4()),
+            imageURL="http://127.0.0.1:9/i.png",
+        ),
+    )
+    return r
+
+
+async def test_a_claim_records_the_task_as_received_and_lists_it(store: RedisSharedTasks) -> None:
+    records = [record("studio") for _ in range(3)]
+    assert await store.create_batch(records, "a") == [True] * 3
+    client = store.connection.client
+    for r in records:  # one key each: the claim is the record; no state until it changes
+        assert await client.exists(store.state_key(r.upstream_uuid)) == 0
+        assert await store.load(r.tenant, r.task_uuid) == r
+    assert sorted(await client.smembers(store.open_key("a"))) == sorted(
+        store.member(r.tenant, r.task_uuid, r.upstream_uuid) for r in records
+    )
+    taken = sorted(await store.open_records("a"), key=lambda r: r.created)
+    assert sorted(r.upstream_uuid for r in taken) == sorted(r.upstream_uuid for r in records)
+    # a claim another task won writes nothing and lists nothing
+    again = record("studio", records[0].task_uuid)
+    assert await store.create_batch([again, record("studio")], "b") == [False, True]
+    assert (await store.load(again.tenant, again.task_uuid)) == records[0]
+    assert len(await store.open_records("b")) == 1
+    # finished: off the open list, and the takeover of a list no one needs is gone
+    await store.write([Write(done(records[0]), False, True)], retention=60, replica="a")
+    assert len(await store.open_records("a")) == 2
+    await store.forget_open("a")
+    assert await store.open_records("a") == []
+
+
+async def test_a_record_not_as_received_is_claimed_with_its_state(store: RedisSharedTasks) -> None:
+    r = record("studio")
+    r.key_id, r.state = "0123456789ab", TaskState.QUEUED
+    assert await store.create_batch([r], "a") == [True]
+    assert await store.load(r.tenant, r.task_uuid) == r
+
+
+async def test_writes_of_state_alone_then_final(store: RedisSharedTasks) -> None:
+    r = record("studio")
+    assert await store.create_batch([r], "a") == [True]
+    r.state, r.link, r.sends = TaskState.PARTIAL, 0, 1
+    assert await store.write([Write(r, False, False)], retention=60, replica="a") == []
+    assert await store.load(r.tenant, r.task_uuid) == r
+    assert await store.write([Write(done(r), False, True)], retention=60, replica="a") == []
+    assert await store.load(r.tenant, r.task_uuid) == r
+    client = store.connection.client
+    for key in (store.claim_key(r.tenant, r.task_uuid), store.state_key(r.upstream_uuid)):
+        assert 0 < await client.pttl(key) <= 60_000
+    assert await store.open_records("a") == []
+
+
+async def test_writes_after_redis_lost_the_claims_say_so_and_the_whole_write_restores(
+    store: RedisSharedTasks,
+) -> None:
+    running, ending = record("studio"), record("studio")
+    assert await store.create_batch([running, ending], "a") == [True, True]
+    await store.connection.client.flushdb()  # a restart without persistence
+    running.state = TaskState.PARTIAL
+    writes = [Write(running, False, False), Write(done(ending), False, True)]
+    missing = await store.write(writes, retention=60, replica="a")
+    assert sorted(missing) == sorted([running.upstream_uuid, ending.upstream_uuid])
+    assert await store.load(running.tenant, running.task_uuid) is None
+    # written whole (gateway.replication does it at its next flush): claims and records back
+    writes = [Write(running, True, False), Write(ending, True, True)]
+    assert await store.write(writes, retention=60, replica="a") == []
+    assert await store.load(running.tenant, running.task_uuid) == running
+    assert await store.load(ending.tenant, ending.task_uuid) == ending
+    assert [r.upstream_uuid for r in await store.open_records("a")] == [running.upstream_uuid]
+    assert not await store.claim(running.tenant, running.task_uuid, "another")
+
+
+async def test_a_whole_write_never_takes_a_claim_another_task_holds(
+    store: RedisSharedTasks,
+) -> None:
+    mine = record("studio")
+    assert await store.create_batch([mine], "a") == [True]
+    await store.connection.client.flushdb()
+    theirs = record("studio", mine.task_uuid)  # the same taskUUID, claimed meanwhile
+    assert await store.create_batch([theirs], "b") == [True]
+    for final in (False, True):
+        writes = [Write(done(mine) if final else mine, True, final)]
+        assert await store.write(writes, retention=60, replica="a") == []  # nothing to redo
+        assert await store.load(mine.tenant, mine.task_uuid) == theirs
+    assert await store.open_records("a") == []
+    assert [r.upstream_uuid for r in await store.open_records("b")] == [theirs.upstream_uuid]
+    # nor does a final write of its state alone, nor a release
+    await store.write([Write(mine, False, True)], retention=60, replica="a")
+    await store.release(mine.tenant, mine.task_uuid, mine.upstream_uuid, "a")
+    assert await store.load(mine.tenant, mine.task_uuid) == theirs
+
+
+async def test_a_batch_past_the_count_bound_trims_the_earliest_in_one_flush(
+    redis_url: str,
+) -> None:
+    store = RedisSharedTasks.from_url(
+        redis_url, max_retained=3, deadline=2000 * MS, prefix=f"test-{uuid.uuid4().hex}"
+    )
+    try:
+        first = [record("studio") for _ in range(2)]
+        batch = [record("studio") for _ in range(4)]
+        assert await store.create_batch(first + batch, "a") == [True] * 6
+        await store.write([Write(done(r), False, True) for r in first], retention=60, replica="a")
+        # the first one's claim lapsed and another task took its taskUUID: the trim keeps it
+        client = store.connection.client
+        await client.delete(store.claim_key(first[0].tenant, first[0].task_uuid))
+        other = record("studio", first[0].task_uuid)
+        assert await store.create_batch([other], "b") == [True]
+        await store.write([Write(done(r), False, True) for r in batch], retention=60, replica="a")
+        assert await client.zcard(f"{store.connection.prefix}:finished") == 3
+        for r in first:  # the earliest finished, then one of the batch (finished at once)
+            assert await client.exists(store.state_key(r.upstream_uuid)) == 0
+        assert await store.load(other.tenant, other.task_uuid) == other
+        assert await store.load(first[1].tenant, first[1].task_uuid) is None
+        assert await store.claim(first[1].tenant, first[1].task_uuid, "free again")
+        kept = [r for r in batch if await store.load(r.tenant, r.task_uuid) == r]
+        assert len(kept) == 3
+    finally:
+        await store.close()
+
+
+async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisSharedTasks) -> None:
+    """Past Lua's stack (8,000 values): the members go to the sets in chunks."""
+    records = [record("studio") for _ in range(4100)]
+    assert await store.create_batch(records, "a") == [True] * len(records)
+    client = store.connection.client
+    assert await client.scard(store.open_key("a")) == len(records)
+    writes = [Write(done(r), False, True) for r in records]
+    assert await store.write(writes, retention=60, replica="a") == []
+    assert await client.scard(store.open_key("a")) == 0
+    # max_retained 1000: 3,100 went (finished at once: in the set's order), claims and states
+    assert await client.zcard(f"{store.connection.prefix}:finished") == 1000
+    prefix = store.connection.prefix
+    states = [k async for k in client.scan_iter(f"{prefix}:state:*", count=1000)]
+    claims = [k async for k in client.scan_iter(f"{prefix}:task:*", count=1000)]
+    assert len(states) == len(claims) == 1000
+    loaded = [await store.load(r.tenant, r.task_uuid) for r in records]
+    assert sum(1 for r, got in zip(records, loaded, strict=True) if got == r) == 1000
+    assert loaded.count(None) == 3100
