@@ -27,13 +27,30 @@ that ran them; an open task's next write finds its claim gone, and it is written
 Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a taskUUID
 that can be billed twice, a state evicted reads as a task just received.
 
-Steps that must be atomic are Lua scripts, and a batch (the claims of a loop turn, a flush's
-records) is one script with its items in one MessagePack argument (Redis's ``cmsgpack``): the
-client packs one argument, not several per record, and a batch's sets and sorted set take one
-command each (its members in chunks of ``_CHUNK``, under Lua's stack limit), not one per
-record: a task costs Redis three keyed commands (claim; state and claim expiry at its end).
-Scripts touch keys they compute, so this is for a single Redis or a primary with replicas,
-not Redis Cluster. Redis 5 or later (scripts read ``TIME``).
+How a batch goes (a loop turn's claims, a flush's records): one round trip, its commands
+packed by hand (RESP: a batch is hundreds of arguments, which redis-py's asyncio client would
+pack one by one in Python), and one command per batch for the sets and the sorted set:
+
+- claims: one ``SADD`` of the records' members to the open list, then one ``SET NX PX`` each
+  (claim and record at once), then the list's expiry. Each claim is atomic, the batch is not:
+  a replica that dies half way leaves members without their claim, which its takeover passes
+  by; a claim lost takes its member back (a second round trip, for conflicts only);
+- a record's state alone (every write but the first after a claim this replica did not make):
+  a ``SET PX`` of its state, then one script (``_CHECK``) for them all checks each claim is
+  there (``EXISTS`` open; ``PEXPIRE`` to the retention, final), lists the finished in one
+  ``ZADD`` and takes them off the open list in one ``SREM``, and trims past ``max_retained``
+  (a state whose claim Redis lost is one nobody reads, gone at its expiry);
+- what must read before it writes is a script: a record written whole (``_WRITE``), a final
+  write with a retention of 0, a release, a load.
+
+A task so costs Redis three keyed commands (its claim; its state and its claim's expiry when
+it ends) and a share of a batch's few. Plain commands, not one script per batch: a command
+inside a script, and every byte through Lua, costs Redis more than a command it parses (on the
+store benchmark, Redis 5.8 us a task against 8.5 with one script per batch), at the cost of a
+reply for the gateway to read per command. Scripts touch keys they compute, so this is for a
+single Redis or a primary with replicas, not Redis Cluster. Redis 5 or later (scripts read
+``TIME``). Keys of the previous layout (``{prefix}:rec:*``, claims holding an upstream UUID
+alone) are not read: replicas of both versions must not share a prefix.
 
 Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
 or fails raises ``StoreUnavailable``.
@@ -41,11 +58,12 @@ or fails raises ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from redis.typing import EncodableT
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
@@ -55,35 +73,8 @@ __all__ = ["RedisSharedTasks", "Write"]
 
 DAY = 86_400.0
 
-# Members per SADD, SREM or DEL, and ZADD arguments, per call: Lua's ``unpack`` fails past its
-# C stack (8,000 values in Redis's Lua 5.1)
-_CHUNK = 4000
-
-# ARGV[1]: open ttl (ms), ARGV[2]: the replica's open list ('' for none), ARGV[3]: the state
-# keys' prefix, ARGV[4]: [[claim key, tag .. static, state], ...] packed, the static part
-# absent for a bare claim, the state for a record as it was received. A string of '1' for each
-# claim won, else '0'.
-_CLAIM = """
-local ttl, index, prefix, won, listed = ARGV[1], ARGV[2], ARGV[3], {}, {}
-for i, claim in ipairs(cmsgpack.unpack(ARGV[4])) do
-  local key, value = claim[1], claim[2]
-  if redis.call('SET', key, value, 'NX', 'PX', ttl) then
-    won[i] = '1'
-    local n = string.byte(value) + 1
-    if claim[3] then redis.call('SET', prefix .. string.sub(value, 2, n), claim[3], 'PX', ttl) end
-    if index ~= '' and #value > n then listed[#listed + 1] = string.sub(value, 1, n) .. key end
-  else
-    won[i] = '0'
-  end
-end
-if #listed > 0 then
-  for i = 1, #listed, 4000 do
-    redis.call('SADD', index, unpack(listed, i, math.min(i + 3999, #listed)))
-  end
-  redis.call('PEXPIRE', index, ttl)
-end
-return table.concat(won)
-"""
+# Scripts hand a command at most 4,000 values of a table (SADD, SREM, ZADD, DEL): Lua's
+# ``unpack`` fails past its C stack (8,000 values in Redis's Lua 5.1).
 
 # KEYS[1]: claim, KEYS[2]: state, KEYS[3]: finished, KEYS[4]: the replica's open list (or any
 # key, unused); ARGV[1]: the record's tag.
@@ -107,134 +98,176 @@ if #held == n then return false end
 return {held, redis.call('GET', ARGV[1] .. string.sub(held, 2, n))}
 """
 
-# A flush. ARGV: retention (ms), max_retained, open ttl (ms), the replica's open list ('' for
-# none), the finished set, the state keys' prefix, then [[kind, member, state, static], ...]
-# packed: kind o (open) or f (final); member the record's tag .. its claim key; static only
-# where the record is written whole (not in Redis yet, or not known to be). Returns the
-# upstream UUIDs of records written by their state alone whose claim Redis does not have (it
-# restarted empty): they are to be written whole again. A record written whole whose taskUUID
-# another task claimed meanwhile is written nowhere.
-_WRITE = """
+# The end of a script that finished records: ``ended`` holds them as (score, member) pairs,
+# ``now`` is Redis's time (microseconds); ``finished``, ``retention`` (ms), ``cap`` and
+# ``prefix`` (the state keys') are the script's. The finished set takes them, drops what its
+# retention let go (those keys expired by themselves), and past ``cap`` pops the earliest
+# finished with their keys: each claim only while it is still theirs (a taskUUID whose claim
+# lapsed may have been claimed again by another task).
+_TRIM = """
+for i = 1, #ended, 4000 do
+  redis.call('ZADD', finished, unpack(ended, i, math.min(i + 3999, #ended)))
+end
+redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
+local over = redis.call('ZCARD', finished) - cap
+if over > 0 then
+  local popped, tags, claims = redis.call('ZPOPMIN', finished, over), {}, {}
+  for i = 1, #popped, 2 do
+    local member = popped[i]
+    local n = string.byte(member) + 1
+    tags[#tags + 1] = string.sub(member, 1, n)
+    claims[#claims + 1] = string.sub(member, n + 1)
+  end
+  for i = 1, #claims, 2000 do  -- two keys each to delete
+    local last = math.min(i + 1999, #claims)
+    local held, doomed = redis.call('MGET', unpack(claims, i, last)), {}
+    for j = i, last do
+      local tag, value = tags[j], held[j - i + 1]
+      doomed[#doomed + 1] = prefix .. string.sub(tag, 2)
+      if value and string.sub(value, 1, #tag) == tag then doomed[#doomed + 1] = claims[j] end
+    end
+    redis.call('DEL', unpack(doomed))
+  end
+end
+"""
+
+# The records of a flush written by their state alone (their SETs just before it): each one's
+# claim must be there (EXISTS, open; PEXPIRE to the retention, final), else Redis lost it
+# (restarted empty) and it is to be written whole again. Those finished go off the open list
+# and into the finished set. KEYS[1]: the finished set; ARGV: retention (ms), max_retained, the
+# replica's open list ('' for none), the state keys' prefix, the records' kinds (a string, one
+# letter each: o open, f final), then their members. A string: '1' for each claim there, '0'
+# for one Redis lost.
+_CHECK = (
+    """
+local finished, retention, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local index, prefix, kinds = ARGV[3], ARGV[4], ARGV[5]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local retention, cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local index, finished, prefix = ARGV[4], ARGV[5], ARGV[6]
-local stamp = string.format('%d', now)
-local listed, unlisted, ended, gone, missing = {}, {}, {}, {}, {}
-for _, item in ipairs(cmsgpack.unpack(ARGV[7])) do
-  local final, member, state, static = item[1] == 'f', item[2], item[3], item[4]
-  local n = string.byte(member) + 1
-  local claim, upstream = string.sub(member, n + 1), string.sub(member, 2, n)
-  local expiry, ours = ttl, false
-  if final then expiry = ARGV[1] end
-  if final and retention <= 0 then
-    local held = redis.call('GET', claim)
-    if held and string.sub(held, 1, n) == string.sub(member, 1, n) then
-      redis.call('DEL', claim)
-    end
-    redis.call('DEL', prefix .. upstream)
-    gone[#gone + 1] = member
-  elseif static then
-    -- whole: its claim back where Redis lost it, or its own completed (a bare claim, a record
-    -- taken over), never another task's
-    local tag = string.sub(member, 1, n)
-    ours = redis.call('SET', claim, tag .. static, 'NX', 'PX', expiry)
-    if not ours then
-      ours = string.sub(redis.call('GET', claim), 1, n) == tag
-      if ours then redis.call('SET', claim, tag .. static, 'PX', expiry) end
-    end
-    if ours and not final and index ~= '' then listed[#listed + 1] = member end
-  elseif final then
-    ours = redis.call('PEXPIRE', claim, expiry) == 1
-    if not ours then missing[#missing + 1] = upstream end
-  else
-    ours = redis.call('EXISTS', claim) == 1
-    if not ours then missing[#missing + 1] = upstream end
-  end
-  if ours then
-    redis.call('SET', prefix .. upstream, state, 'PX', expiry)
-    if final then
-      unlisted[#unlisted + 1] = member
+local stamp, found, ended, unlisted = string.format('%d', now), {}, {}, {}
+for i = 6, #ARGV do
+  local member = ARGV[i]
+  local claim = string.sub(member, string.byte(member) + 2)
+  if string.byte(kinds, i - 5) == 102 then  -- f
+    unlisted[#unlisted + 1] = member
+    if redis.call('PEXPIRE', claim, ARGV[1]) == 1 then
+      found[i - 5] = '1'
       ended[#ended + 1] = stamp
       ended[#ended + 1] = member
+    else
+      found[i - 5] = '0'
+    end
+  elseif redis.call('EXISTS', claim) == 1 then
+    found[i - 5] = '1'
+  else
+    found[i - 5] = '0'
+  end
+end
+if index ~= '' then
+  for i = 1, #unlisted, 4000 do
+    redis.call('SREM', index, unpack(unlisted, i, math.min(i + 3999, #unlisted)))
+  end
+end
+if #ended > 0 then
+"""
+    + _TRIM
+    + """
+end
+return table.concat(found)
+"""
+)
+
+# What a flush cannot write blind (``_CHECK`` takes the rest): records written whole (not in
+# Redis yet, or not known to be), and final records with a retention of 0, which are deleted.
+# KEYS[1]: the finished set; ARGV: retention (ms), max_retained, open ttl (ms), the replica's
+# open list ('' for none), the state keys' prefix, the records' kinds (a string, one letter
+# each: O/F whole, open/final; f final, its state alone), then for each record its member (tag
+# .. claim key), its state, and for one written whole its static part. Written whole, a record
+# takes its claim back where Redis lost it, or completes its own (a bare claim, a record taken
+# over), never another task's: then it is written nowhere.
+_WRITE = (
+    """
+local finished, retention, cap, ttl = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local index, prefix, kinds = ARGV[4], ARGV[5], ARGV[6]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local stamp, listed, unlisted, ended, gone = string.format('%d', now), {}, {}, {}, {}
+local i = 7
+for k = 1, #kinds do
+  local kind, member, state, static = string.byte(kinds, k), ARGV[i], ARGV[i + 1], nil
+  if kind == 102 then i = i + 2 else static = ARGV[i + 2]; i = i + 3 end  -- f: no static
+  local n = string.byte(member) + 1
+  local tag, claim = string.sub(member, 1, n), string.sub(member, n + 1)
+  local final = kind ~= 79  -- O
+  if final and retention <= 0 then
+    local held = redis.call('GET', claim)
+    if held and string.sub(held, 1, n) == tag then redis.call('DEL', claim) end
+    redis.call('DEL', prefix .. string.sub(tag, 2))
+    gone[#gone + 1] = member
+  else
+    local expiry = ttl
+    if final then expiry = ARGV[1] end
+    local ours = redis.call('SET', claim, tag .. static, 'NX', 'PX', expiry)
+    if not ours and string.sub(redis.call('GET', claim), 1, n) == tag then
+      ours = redis.call('SET', claim, tag .. static, 'PX', expiry)
+    end
+    if ours then
+      redis.call('SET', prefix .. string.sub(tag, 2), state, 'PX', expiry)
+      if final then
+        unlisted[#unlisted + 1] = member
+        ended[#ended + 1] = stamp
+        ended[#ended + 1] = member
+      else
+        listed[#listed + 1] = member
+      end
     end
   end
 end
 if index ~= '' then
-  for i = 1, #gone, 4000 do
-    redis.call('SREM', index, unpack(gone, i, math.min(i + 3999, #gone)))
+  for _, members in ipairs({gone, unlisted}) do
+    for j = 1, #members, 4000 do
+      redis.call('SREM', index, unpack(members, j, math.min(j + 3999, #members)))
+    end
   end
-  for i = 1, #unlisted, 4000 do
-    redis.call('SREM', index, unpack(unlisted, i, math.min(i + 3999, #unlisted)))
-  end
-  for i = 1, #listed, 4000 do
-    redis.call('SADD', index, unpack(listed, i, math.min(i + 3999, #listed)))
+  for j = 1, #listed, 4000 do
+    redis.call('SADD', index, unpack(listed, j, math.min(j + 3999, #listed)))
   end
   if #listed > 0 then redis.call('PEXPIRE', index, ttl) end
 end
-for i = 1, #gone, 4000 do
-  redis.call('ZREM', finished, unpack(gone, i, math.min(i + 3999, #gone)))
+for j = 1, #gone, 4000 do
+  redis.call('ZREM', finished, unpack(gone, j, math.min(j + 3999, #gone)))
 end
 if #ended > 0 then
-  for i = 1, #ended, 4000 do
-    redis.call('ZADD', finished, unpack(ended, i, math.min(i + 3999, #ended)))
-  end
-  redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
-  local over = redis.call('ZCARD', finished) - cap
-  if over > 0 then
-    -- the earliest finished go, each claim only while it is still theirs
-    local popped, tags, claims = redis.call('ZPOPMIN', finished, over), {}, {}
-    for i = 1, #popped, 2 do
-      local member = popped[i]
-      local n = string.byte(member) + 1
-      tags[#tags + 1] = string.sub(member, 1, n)
-      claims[#claims + 1] = string.sub(member, n + 1)
-    end
-    for i = 1, #claims, 2000 do  -- two keys each to delete
-      local last = math.min(i + 1999, #claims)
-      local held, doomed = redis.call('MGET', unpack(claims, i, last)), {}
-      for j = i, last do
-        local tag, value = tags[j], held[j - i + 1]
-        doomed[#doomed + 1] = prefix .. string.sub(tag, 2)
-        if value and string.sub(value, 1, #tag) == tag then doomed[#doomed + 1] = claims[j] end
-      end
-      redis.call('DEL', unpack(doomed))
-    end
-  end
-end
-return missing
 """
-
-# MessagePack by hand for the scripts' items: Redis's cmsgpack reads no bin type, so the record
-# parts (bytes) go as str, which it takes as the bytes they are
-_ARRAY_2, _ARRAY_3, _ARRAY_4 = b"\x92", b"\x93", b"\x94"
-_OPEN, _FINAL = b"\xa1o", b"\xa1f"
-
-
-def _str(data: bytes) -> bytes:
-    size = len(data)
-    if size < 32:
-        return bytes((0xA0 | size,)) + data
-    if size < 256:
-        return b"\xd9" + bytes((size,)) + data
-    if size < 65536:
-        return b"\xda" + size.to_bytes(2, "big") + data
-    return b"\xdb" + size.to_bytes(4, "big") + data
+    + _TRIM
+    + """
+end
+return 0
+"""
+)
+_CHECK_SOURCE, _WRITE_SOURCE = _CHECK.encode(), _WRITE.encode()
 
 
-def _array(size: int) -> bytes:
-    if size < 16:
-        return bytes((0x90 | size,))
-    if size < 65536:
-        return b"\xdc" + size.to_bytes(2, "big")
-    return b"\xdd" + size.to_bytes(4, "big")
+# Redis's own protocol (RESP) by hand: a batch's items are hundreds of arguments, which
+# redis-py's asyncio client would pack one by one in Python
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def _tag(upstream_uuid: str) -> bytes:
-    """What a record's keys and members start with: the upstream UUID's length (one byte, so
-    the script finds where it ends), then the UUID."""
+    """What a record's claim and members start with: the upstream UUID's length (one byte, so
+    a script finds where it ends), then the UUID."""
     data = upstream_uuid.encode()
-    return bytes((len(data),)) + data
+    return b"%c%b" % (len(data), data)
+
+
+def _command(*args: bytes) -> bytes:
+    return b"*%d\r\n%b" % (len(args), b"".join(map(_bulk, args)))
+
+
+def _variadic(name: bytes, fixed: Sequence[bytes], packed: Sequence[bytes]) -> list[bytes]:
+    """A command whose last arguments are packed already (``packed``)."""
+    return [b"*%d\r\n" % (1 + len(fixed) + len(packed)), *map(_bulk, (name, *fixed)), *packed]
 
 
 def _bytes(data: bytes | str) -> bytes:
@@ -259,13 +292,14 @@ class RedisSharedTasks:
         self._prefix = redis.prefix
         self._claims = f"{redis.prefix}:task:"
         self._states = f"{redis.prefix}:state:"
-        self._member = self.member
         self._finished_key = f"{redis.prefix}:finished"
+        self._tenants: dict[str, str] = {}  # tenant -> the start of its claim keys
         self._parts = RecordParts()
-        self._claim = redis.script(_CLAIM)
+        self._ttl_ms = b"%d" % self._open_ttl_ms
+        # the end of each claim's SET
+        self._claim_tail = b"$2\r\nNX\r\n$2\r\nPX\r\n" + _bulk(self._ttl_ms)
         self._release = redis.script(_RELEASE)
         self._load = redis.script(_LOAD)
-        self._write = redis.script(_WRITE)
 
     @classmethod
     def from_url(
@@ -299,21 +333,24 @@ class RedisSharedTasks:
     def claim_key(self, tenant: str, task_uuid: str) -> str:
         return f"{self._claims}{key_part(tenant)}:{key_part(task_uuid)}"
 
+    def _tenant(self, tenant: str) -> str:
+        """The start of a tenant's claim keys, kept: tenants are few (the configuration's)."""
+        if len(self._tenants) >= 10_000:
+            self._tenants.clear()
+        start = self._tenants[tenant] = f"{self._claims}{key_part(tenant)}:"
+        return start
+
     def state_key(self, upstream_uuid: str) -> str:
         return self._states + upstream_uuid
 
     def open_key(self, replica: str) -> str:
-        """The open records a replica runs (tag .. claim key): what a takeover finds."""
+        """The open records a replica runs (their members): what a takeover finds."""
         return f"{self._prefix}:open:{key_part(replica)}"
 
     def member(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bytes:
         """A record's member of the finished set and of the open lists: its tag, then its
-        claim's key. (One string, made at once: the upstream UUID is ASCII, shorter than 128,
-        so its length is one byte in UTF-8.)"""
-        return (
-            f"{chr(len(upstream_uuid))}{upstream_uuid}{self._claims}"
-            f"{key_part(tenant)}:{key_part(task_uuid)}"
-        ).encode()
+        claim's key."""
+        return _tag(upstream_uuid) + self.claim_key(tenant, task_uuid).encode()
 
     async def claim(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bool:
         [won] = await self.claim_many(tenant, [(task_uuid, upstream_uuid)])
@@ -324,41 +361,65 @@ class RedisSharedTasks:
 
     async def claim_batch(self, claims: Sequence[tuple[str, str, str]]) -> list[bool]:
         """``claim`` for each (tenant, taskUUID, upstream UUID), of any tenants, in order, in one
-        round trip."""
+        round trip: bare claims (their tag alone), no record."""
         if not claims:
             return []
-        packed = [_array(len(claims))]
-        for tenant, task_uuid, upstream_uuid in claims:
-            packed += (
-                _ARRAY_2,
-                _str(self.claim_key(tenant, task_uuid).encode()),
-                _str(_tag(upstream_uuid)),
-            )
-        return await self._claimed(b"".join(packed), "")
+        commands = [
+            _command(b"SET", self.claim_key(t, task).encode(), _tag(up), b"NX", b"PX", self._ttl_ms)
+            for t, task, up in claims
+        ]
+        return [answer is not None for answer in await self._exchange(commands, len(commands))]
 
     async def create_batch(self, records: Sequence[TaskRecord], replica: str) -> list[bool]:
         """Claim each record's (tenant, taskUUID) and, where won, write the record whole and
         list it as ``replica``'s: in one round trip, a loop turn's new tasks of every frame.
         A task is then known to every replica before it is dispatched, with no write of its
-        own; a claim lost writes nothing. A record as it was received (the gateway's case)
-        writes no state: none reads as that."""
+        own. A record as it was received (the gateway's case) writes no state: none reads as
+        that.
+
+        Plain commands, pipelined: one ``SADD`` of the records' members to the open list, one
+        ``SET NX PX`` each (claim and record at once), the list's expiry. Listed first, so that
+        a replica that dies half way leaves members without claims, which its takeover passes
+        by; a claim lost takes its member back (a second round trip, for conflicts only)."""
         if not records:
             return []
         static, state, fresh = self._parts.static, self._parts.state, self._parts.fresh
-        packed = [_array(len(records))]
+        tenants, states, tail = self._tenants, self._states, self._claim_tail
+        members: list[bytes] = []
+        sets: list[bytes] = []
+        extra: list[bytes] = []  # the states of records not as received
         for record in records:
-            key = _str(self.claim_key(record.tenant, record.task_uuid).encode())
-            head = _str(_tag(record.upstream_uuid) + static(record))
-            if fresh(record):
-                packed += (_ARRAY_2, key, head)
-            else:
-                packed += (_ARRAY_3, key, head, _str(state(record)))
-        return await self._claimed(b"".join(packed), self.open_key(replica))
-
-    async def _claimed(self, packed: bytes, index: str) -> list[bool]:
-        args: list[EncodableT] = [self._open_ttl_ms, index, self._states, packed]
-        won = _bytes(await self._call(lambda: self._claim(args=args)))
-        return [w == 49 for w in won]  # b'1'
+            upstream = record.upstream_uuid.encode()
+            tag = b"%c%b" % (len(upstream), upstream)
+            start = tenants.get(record.tenant) or self._tenant(record.tenant)
+            key = (start + key_part(record.task_uuid)).encode()
+            value = static(record)
+            members.append(b"$%d\r\n%b%b\r\n" % (len(tag) + len(key), tag, key))
+            sets.append(
+                b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b%b\r\n%b"
+                % (len(key), key, len(tag) + len(value), tag, value, tail)
+            )
+            if not fresh(record):
+                skey = (states + record.upstream_uuid).encode()
+                extra.append(_command(b"SET", skey, state(record), b"PX", self._ttl_ms))
+        index = self.open_key(replica).encode()
+        commands = [
+            *_variadic(b"SADD", [index], members),
+            *sets,
+            *extra,
+            _command(b"PEXPIRE", index, self._ttl_ms),
+        ]
+        answers = await self._exchange(commands, 2 + len(sets) + len(extra))
+        won = [answer is not None for answer in answers[1 : 1 + len(sets)]]
+        if not all(won):
+            lost = [m for m, ok in zip(members, won, strict=True) if not ok]
+            doomed = [
+                _command(b"DEL", (states + r.upstream_uuid).encode())
+                for r, ok in zip(records, won, strict=True)
+                if not ok and extra
+            ]
+            await self._exchange([*_variadic(b"SREM", [index], lost), *doomed], 1 + len(doomed))
+        return won
 
     async def release(
         self, tenant: str, task_uuid: str, upstream_uuid: str, replica: str | None = None
@@ -383,33 +444,106 @@ class RedisSharedTasks:
     async def write(
         self, writes: Sequence[Write], *, retention: float, replica: str | None = None
     ) -> list[str]:
-        """Many records (open or final, as each is) in one script, and with them ``replica``'s
-        list of open records; the upstream UUIDs of those Redis lost, to be written whole."""
+        """Many records (open or final, as each is) in one round trip, and with them
+        ``replica``'s list of open records; the upstream UUIDs of those Redis lost, to be
+        written whole.
+
+        A record's state alone (every write of the gateway's but the first after a claim it
+        did not make) is a plain ``SET`` of its state, pipelined; then one script (``_CHECK``)
+        checks their claims, keeps the finished ones for their retention and lists them as
+        finished. The others go through a script of their own (``_WRITE``): it reads before it
+        writes."""
         if not writes:
             return []
-        static, state, member = self._parts.static, self._parts.state, self._member
-        packed = [_array(len(writes))]
+        retention_ms = max(0, round(retention * 1000))
+        static, state, tenants, states = (
+            self._parts.static, self._parts.state, self._tenants, self._states
+        )  # fmt: skip
+        expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
+        commands: list[bytes] = []  # the states' SETs
+        members: list[bytes] = []  # of their records
+        checked: list[str] = []  # their upstream UUIDs
+        kinds = bytearray()
+        whole: list[bytes] = []  # the items of the records for _WRITE
+        whole_kinds = bytearray()
         for write in writes:
             record = write.record
-            packed += (
-                _ARRAY_4 if write.whole else _ARRAY_3,
-                _FINAL if write.final else _OPEN,
-                _str(member(record.tenant, record.task_uuid, record.upstream_uuid)),
-                _str(state(record)),
+            upstream = record.upstream_uuid
+            raw = upstream.encode()
+            start = tenants.get(record.tenant) or self._tenant(record.tenant)
+            key = (start + key_part(record.task_uuid)).encode()
+            member = b"$%d\r\n%c%b%b\r\n" % (len(raw) + 1 + len(key), len(raw), raw, key)
+            data = state(record)
+            if write.whole or (write.final and not retention_ms):
+                whole += (member, _bulk(data))
+                if write.whole:
+                    whole.append(_bulk(static(record)))
+                    whole_kinds.append(70 if write.final else 79)  # F, O
+                else:
+                    whole_kinds.append(102)  # f
+                continue
+            skey = (states + upstream).encode()
+            commands.append(
+                b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
+                % (len(skey), skey, len(data), data, expire if write.final else ttl)
             )
-            if write.whole:
-                packed.append(_str(static(record)))
-        args: list[EncodableT] = [
-            max(0, round(retention * 1000)),
-            self._max_retained,
-            self._open_ttl_ms,
-            self.open_key(replica) if replica is not None else "",
-            self._finished_key,
-            self._states,
-            b"".join(packed),
-        ]
-        missing = await self._call(lambda: self._write(args=args))
-        return [_bytes(m).decode() for m in missing]
+            members.append(member)
+            checked.append(upstream)
+            kinds.append(102 if write.final else 111)  # f, o
+        index = self.open_key(replica).encode() if replica is not None else b""
+        finished, cap = self._finished_key.encode(), b"%d" % self._max_retained
+        replies = len(commands)
+        if members:  # after the SETs: its trim deletes the states of the records it pops
+            fixed = [_CHECK_SOURCE, b"1", finished, b"%d" % retention_ms, cap, index,
+                     states.encode(), bytes(kinds)]  # fmt: skip
+            commands += _variadic(b"EVAL", fixed, members)
+            replies += 1
+        if whole:
+            fixed = [_WRITE_SOURCE, b"1", finished, b"%d" % retention_ms, cap, self._ttl_ms,
+                     index, states.encode(), bytes(whole_kinds)]  # fmt: skip
+            commands += _variadic(b"EVAL", fixed, whole)
+            replies += 1
+        answers = await self._exchange(commands, replies)
+        if not members:
+            return []
+        found = _bytes(answers[len(checked)])  # b'1' where the claim is there
+        return [upstream for upstream, ok in zip(checked, found, strict=True) if ok != 49]
+
+    async def _exchange(self, commands: list[bytes], replies: int) -> list[Any]:
+        """``commands`` (packed) in one write on a pooled connection, and their ``replies``:
+        one round trip within the connection's deadline. No argument goes through redis-py's
+        packer (a Python loop over each); scripts go by their source (``EVAL``: Redis keeps
+        them compiled by their hash), so a Redis that restarted needs no second try. An error
+        reply is raised once every reply is read: the connection goes back clean."""
+        data = b"".join(commands)
+        return await self._call(lambda: self._send(data, replies))
+
+    async def _send(self, data: bytes, replies: int) -> list[Any]:
+        pool = self._redis.client.connection_pool
+        for attempt in (1, 2):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.send_packed_command(data, check_health=False)
+                answers: list[Any] = []
+                read = connection.read_response
+                for _ in range(replies):
+                    try:  # no timer of its own: the call's deadline bounds them all
+                        answers.append(await read(timeout=math.inf))
+                    except ResponseError as exc:
+                        answers.append(exc)
+            except (ConnectionError, TimeoutError):
+                # a pooled connection a Redis restart closed (the failed read closed it too):
+                # once more on a new one, as the client's own calls do
+                if attempt == 2:
+                    raise
+                continue
+            finally:
+                await pool.release(connection)
+            for answer in answers:
+                if isinstance(answer, ResponseError):
+                    raise answer
+            return answers
+        raise AssertionError("unreachable")
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
         """One round trip: the claim, then the state of the record it names."""

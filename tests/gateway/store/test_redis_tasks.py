@@ -12,6 +12,7 @@ import pytest
 
 from gateway.store.base import TaskRecord, TaskState
 from gateway.store.redis import RedisSharedTasks, Write
+from gateway.store.shared import StoreUnavailable
 from protocol.frames import ImageResult
 from tests.gateway.store.test_shared_contract import record
 from tests.timing import MS
@@ -52,10 +53,15 @@ async def test_a_claim_records_the_task_as_received_and_lists_it(store: RedisSha
     taken = sorted(await store.open_records("a"), key=lambda r: r.created)
     assert sorted(r.upstream_uuid for r in taken) == sorted(r.upstream_uuid for r in records)
     # a claim another task won writes nothing and lists nothing
-    again = record("studio", records[0].task_uuid)
-    assert await store.create_batch([again, record("studio")], "b") == [False, True]
+    again, other = record("studio", records[0].task_uuid), record("studio")
+    assert await store.create_batch([again, other], "b") == [False, True]
     assert (await store.load(again.tenant, again.task_uuid)) == records[0]
-    assert len(await store.open_records("b")) == 1
+    assert await client.smembers(store.open_key("b")) == {
+        store.member(other.tenant, other.task_uuid, other.upstream_uuid)
+    }
+    # a member whose claim never came (a replica that died in its batch) is passed by
+    await client.sadd(store.open_key("b"), store.member("studio", "never", "up-never"))
+    assert [r.upstream_uuid for r in await store.open_records("b")] == [other.upstream_uuid]
     # finished: off the open list, and the takeover of a list no one needs is gone
     await store.write([Write(done(records[0]), False, True)], retention=60, replica="a")
     assert len(await store.open_records("a")) == 2
@@ -171,3 +177,23 @@ async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisShare
     loaded = [await store.load(r.tenant, r.task_uuid) for r in records]
     assert sum(1 for r, got in zip(records, loaded, strict=True) if got == r) == 1000
     assert loaded.count(None) == 3100
+
+
+async def test_an_error_reply_raises_and_leaves_the_connection_clean(redis_url: str) -> None:
+    """Replies are read to the last even past an error: the one pooled connection serves the
+    next batch right."""
+    store = RedisSharedTasks.from_url(
+        redis_url, max_retained=10, max_connections=1, prefix=f"test-{uuid.uuid4().hex}"
+    )
+    try:
+        client = store.connection.client
+        await client.set(store.open_key("broken"), "not a set")
+        with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+            await store.create_batch([record("studio")], "broken")
+        r = record("studio")
+        assert await store.create_batch([r], "a") == [True]
+        assert await store.load(r.tenant, r.task_uuid) == r
+        assert await store.write([Write(done(r), False, True)], retention=60, replica="a") == []
+        assert await store.load(r.tenant, r.task_uuid) == r
+    finally:
+        await store.close()
