@@ -6,7 +6,8 @@ BIN        := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck unit redis-server chromium bench bench-smoke bench-ceiling clean
+.PHONY: run test lint typecheck unit unit-compiled compiled redis-server chromium bench bench-smoke \
+        bench-ceiling clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,9 +67,45 @@ chromium:
 	      "the browser tests will skip"; \
 	  fi; }
 
-test: lint typecheck unit bench-smoke
+# The hot path compiled with mypyc (issue 14), into a copy of the sources: build/compiled/. The
+# sources stay pure Python (what `make run` and the unit tests run; no extension module can shadow
+# an edit). The benchmarks run tenebra from the copy (BENCH_COMPILED), and unit-compiled runs the
+# tests of the compiled modules against it. A module that defines msgspec Structs or dataclasses
+# stays Python (mypyc builds them as plain classes and loses their options). Where the copy cannot
+# be built (no C compiler), the benchmarks say they ran pure Python and the compiled tests skip.
+COMPILED_DIR     := build/compiled
+export BENCH_COMPILED := $(abspath $(COMPILED_DIR))
+COMPILED_MODULES := gateway/tasks.py gateway/store/memory.py gateway/dispatch.py gateway/pool.py \
+                    gateway/sessions.py gateway/clients.py gateway/upstream.py gateway/metrics.py \
+                    gateway/intake.py gateway/quotas.py protocol/codec.py protocol/validate.py
+COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/test_dispatch.py \
+                    tests/gateway/test_clients.py tests/gateway/test_sessions.py \
+                    tests/gateway/test_pool.py tests/gateway/test_upstream.py \
+                    tests/gateway/test_multiplexing.py tests/gateway/test_quotas.py \
+                    tests/gateway/test_metrics.py tests/gateway/store/test_memory.py \
+                    tests/gateway/test_recovery.py tests/gateway/test_resilience.py \
+                    tests/gateway/test_rest.py tests/gateway/test_sdk.py
+SOURCES          := $(shell find gateway protocol -name '*.py')
 
-bench: $(TEST_STAMP)
+$(COMPILED_DIR)/.compiled: $(TEST_STAMP) $(SOURCES)
+	rm -rf $(COMPILED_DIR) && mkdir -p $(COMPILED_DIR)
+	cp -r gateway protocol $(COMPILED_DIR)/
+	cd $(COMPILED_DIR) && { ../../$(BIN)/mypyc $(COMPILED_MODULES) >mypyc.log 2>&1 \
+	  && rm -rf build .mypy_cache && touch .compiled \
+	  || echo "mypyc could not build $(COMPILED_DIR) (see its mypyc.log): tenebra runs pure Python"; }
+
+compiled: $(COMPILED_DIR)/.compiled
+
+unit-compiled: compiled
+	@if [ -f $(COMPILED_DIR)/.compiled ]; then \
+	  rm -rf $(COMPILED_DIR)/tests && cp -r tests pyproject.toml $(COMPILED_DIR)/ \
+	  && cd $(COMPILED_DIR) && ../../$(BIN)/pytest -q -p no:cacheprovider $(COMPILED_TESTS); \
+	else echo "unit-compiled: skipped, $(COMPILED_DIR) was not built"; fi
+
+test: lint typecheck unit unit-compiled bench-smoke
+
+# The benchmarks measure tenebra as compiled (BENCH_COMPILED); the reports say which build ran.
+bench: $(TEST_STAMP) compiled
 	$(BIN)/python -m bench.protocol_codec
 	$(BIN)/python -m bench.render
 	$(BIN)/python -m bench.harness
@@ -78,16 +115,16 @@ bench: $(TEST_STAMP)
 # A regression check for CI's 2 cores (under a minute): every path and scenario completes with
 # zero errors and the report is written, the ceiling's against the echo provider included.
 # Ratios and targets are read by people, not asserted.
-bench-smoke: $(TEST_STAMP)
+bench-smoke: $(TEST_STAMP) compiled
 	$(BIN)/python -m bench.harness --smoke
 	$(BIN)/python -m bench.console --smoke
 	$(BIN)/python -m bench.audit --smoke
 
 # Issue 14 alone: the ceiling (echo provider, the process under test pinned to its own core),
 # then a py-spy profile of tenebra at it (both written to bench/results/).
-bench-ceiling: $(TEST_STAMP)
+bench-ceiling: $(TEST_STAMP) compiled
 	$(BIN)/python -m bench.harness --only ceiling
 	$(BIN)/python -m bench.profile --ceiling
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build

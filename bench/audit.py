@@ -35,7 +35,15 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from bench.harness import Scenario, measure, median_cpu, pinning, pinning_line, servers
+from bench.harness import (
+    Scenario,
+    build_line,
+    measure,
+    median_cpu,
+    pinning,
+    pinning_line,
+    servers,
+)
 
 FULL = Scenario("audit: M=200 W=8, 1 result", 200, 100)
 SMOKE = Scenario("audit smoke: M=20 W=4, 1 result", 20, 50, window=4)
@@ -107,6 +115,7 @@ def run(s: Scenario, repeat: int) -> dict[str, Any]:
     available = os.sched_getaffinity(0)
     pin = pinning(available)
     print(pinning_line(pin, len(available)), flush=True)
+    print(build_line(), flush=True)
     with otlp_sink() as sink:
         every: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants(sink)}
         for _ in range(repeat):

@@ -189,11 +189,32 @@ def on_cpus(cpus: frozenset[int] | None) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, cpus)
 
 
+def compiled_tree() -> Path | None:
+    """The mypyc-compiled copy of the sources (``make compiled``, named by BENCH_COMPILED)
+    tenebra runs from, if it was built; None: tenebra runs from the sources, pure Python."""
+    folder = os.environ.get("BENCH_COMPILED")
+    if not folder or not (Path(folder) / ".compiled").exists():
+        return None
+    return Path(folder)
+
+
+def build_line() -> str:
+    tree = compiled_tree()
+    if tree is None:
+        return "build: tenebra ran pure Python (`make compiled` builds the mypyc copy)"
+    built = [*tree.glob("gateway/**/*.so"), *tree.glob("protocol/**/*.so")]
+    modules = sorted(str(p.relative_to(tree)).split(".")[0].replace("/", ".") for p in built)
+    return f"build: tenebra ran mypyc-compiled ({len(modules)} modules: {', '.join(modules)})"
+
+
 def spawn(
-    *argv: str, env: dict[str, str] | None = None, cpus: frozenset[int] | None = None
+    *argv: str,
+    env: dict[str, str] | None = None,
+    cpus: frozenset[int] | None = None,
+    cwd: Path | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
-    """Start a server (on ``cpus`` if given); its first line on stdout ends with the URL it
-    listens on."""
+    """Start a server (on ``cpus`` if given; from ``cwd``, whose packages ``-m`` imports first);
+    its first line on stdout ends with the URL it listens on."""
     process = subprocess.Popen(
         [PY, *argv],
         stdout=subprocess.PIPE,
@@ -201,6 +222,7 @@ def spawn(
         text=True,
         env={**os.environ, **(env or {})},
         preexec_fn=on_cpus(cpus),  # the harness runs no threads
+        cwd=cwd,
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 60
@@ -413,6 +435,7 @@ def servers(
                     "-m", "gateway.cli", "serve", "--port", "0", *who,
                     "--provider-url", provider_url, "--provider-key", "pk",
                     "--log-level", "info", env={**env, **replica}, cpus=measured_cpus,
+                    cwd=compiled_tree(),
                 )  # fmt: skip
                 running.callback(stop, gateway)  # the gateways stop before their redis-server
                 started.append(gateway)
@@ -848,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         report.ratios(runs) + report.admission_lines(admission)
         + report.store_lines(store) + report.replica_lines(replicas) + skipped
         + report.memory_lines(idle, soak) + report.stall_lines(stall) + ceiling_notes
+        + [build_line()]
     )  # fmt: skip
     record = {
         "plan": asdict(plan), "repeat": repeat, "runs": runs, "every_run": every,

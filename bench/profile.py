@@ -29,7 +29,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.harness import RESULTS, Scenario, load, on_cpus, pinning, pinning_line, servers
+from bench.harness import (
+    RESULTS,
+    Scenario,
+    build_line,
+    load,
+    on_cpus,
+    pinning,
+    pinning_line,
+    servers,
+)
 
 
 def summarise(raw: Path, top: int) -> str:
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures['tasks'] / elapsed:,.0f} tasks/s; p50 {figures['p50_ms']} ms, "
         f"p99 {figures['p99_ms']} ms; errors {figures['errors']}",
         pinning_line(pin, len(available)) if args.ceiling else "pinning: none",
+        build_line(),
         "",
     ]
     text = "\n".join(head) + summary + "\n"

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+import gateway.dispatch
 from gateway.dispatch import Answer, Dispatch
 from gateway.metrics import Metrics
 from gateway.quotas import TokenBucket
@@ -21,6 +22,7 @@ from protocol.frames import (
     Ping,
     TaskAck,
 )
+from tests.compiled import pure_python_only
 
 
 def image_task(delivery: str = "sync") -> ImageTask:
@@ -56,6 +58,10 @@ class FakeIntake:
         if task_uuid.startswith("0"):
             return [], [error_item("taskNotFound", task_type="getResponse", task_uuid=task_uuid)]
         return [{"taskUUID": task_uuid, "status": "success"}], []
+
+
+# a duck-typed intake: Dispatch, compiled, accepts only the real one
+pytestmark = pure_python_only(gateway.dispatch)
 
 
 class FakeDoor:

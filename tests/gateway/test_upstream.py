@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import gateway.upstream
 from gateway.app import Gateway
 from gateway.config import ProviderSettings
 from gateway.store.base import TaskRecord, TaskState
@@ -21,6 +22,7 @@ from gateway.upstream import LinkState
 from protocol.codec import decode_client_frame
 from protocol.frames import ImageTask
 from protocol.models import default_catalogue
+from tests.compiled import pure_python_only
 from tests.gateway.conftest import ALPHA, Client, connect, fake_config, task, until
 from tests.gateway.fakes import FakeProvider
 from tests.timing import MS
@@ -111,6 +113,7 @@ async def test_an_item_for_a_task_not_yet_sent_is_dropped(
         await gateway.stop()
 
 
+@pure_python_only(gateway.upstream)  # patches a method of a link
 async def test_a_link_that_fails_unexpectedly_reconnects_and_close_does_not_raise(
     fake: FakeProvider, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
