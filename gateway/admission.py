@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["FairQueue", "QueueFull", "TenantLimits", "Window"]
 
@@ -66,10 +66,11 @@ class QueueFull(Exception):
         self.tenant_limit = tenant_limit
 
 
+# not generic: mypyc (make compiled) cannot build a generic dataclass; FairQueue[T] is
 @dataclass(eq=False)
-class _Tenant(Generic[T]):
+class _Tenant:
     limits: TenantLimits
-    waiting: deque[T] = field(default_factory=deque)
+    waiting: deque[Any] = field(default_factory=deque)
     in_flight: int = 0
     tag: float = 0.0  # virtual start time of its next task
 
@@ -84,7 +85,7 @@ class FairQueue(Generic[T]):
     ) -> None:
         self.max_total = max_total
         self._limits = limits
-        self._tenants: dict[str, _Tenant[T]] = {}
+        self._tenants: dict[str, _Tenant] = {}
         # tenants with tasks waiting, in the order they became active: ties go to the earlier
         self._active: dict[str, None] = {}
         self._vtime = 0.0
@@ -100,7 +101,7 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._total
 
-    def _tenant(self, name: str) -> _Tenant[T]:
+    def _tenant(self, name: str) -> _Tenant:
         tenant = self._tenants.get(name)
         if tenant is None:
             tenant = self._tenants[name] = _Tenant(self._limits(name))
@@ -142,7 +143,7 @@ class FairQueue(Generic[T]):
         tenant.waiting.appendleft(item)
         self._total += 1
 
-    def _enter(self, name: str, tenant: _Tenant[T]) -> None:
+    def _enter(self, name: str, tenant: _Tenant) -> None:
         if not tenant.waiting:
             self._active[name] = None
             tenant.tag = max(tenant.tag, self._vtime)
@@ -150,7 +151,7 @@ class FairQueue(Generic[T]):
     def pop(self) -> tuple[str, T] | None:
         """The next task to send, counted in flight for its tenant; None if nobody may go."""
         chosen: str | None = self._serving
-        best: _Tenant[T] | None = None
+        best: _Tenant | None = None
         tenants = self._tenants
         if chosen is not None and self._run < self.quantum and chosen in self._active:
             # the rest of the tenant's run: its tag still grows per task, so the others make

@@ -9,9 +9,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+import gateway.console.producer
 from gateway.config import ConfigError, load_config
 from gateway.console import CONSOLE_KEY, Console
 from gateway.console.producer import ADMIN
+from tests.compiled import pure_python_only
 from tests.gateway.conftest import ALPHA, BETA, Client, task
 from tests.gateway.console.conftest import ADMIN as ADMIN_KEY
 from tests.gateway.console.conftest import base_url
@@ -108,6 +110,7 @@ async def test_no_key_or_a_wrong_key_is_refused(
     assert console_of(gateway).viewer_count == 0
 
 
+@pure_python_only(gateway.console.producer)  # counts calls by patching the console
 async def test_one_producer_encodes_once_per_scope(
     gateway: Any, http: aiohttp.ClientSession
 ) -> None:
