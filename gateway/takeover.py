@@ -114,7 +114,3 @@ class Takeover:
         if isinstance(task.webhookURL, str) or isinstance(task.uploadEndpoint, str):
             subscribers.append(self.deliveries)
         return self.registry.adopt(record, subscribers)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
