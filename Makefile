@@ -78,8 +78,8 @@ export BENCH_COMPILED := $(abspath $(COMPILED_DIR))
 COMPILED_MODULES := gateway/tasks.py gateway/store/memory.py gateway/dispatch.py gateway/pool.py \
                     gateway/sessions.py gateway/clients.py gateway/upstream.py gateway/metrics.py \
                     gateway/intake.py gateway/quotas.py gateway/admission.py gateway/recovery.py \
-                    gateway/console/producer.py gateway/console/bounded.py protocol/codec.py \
-                    protocol/validate.py
+                    gateway/console/producer.py gateway/console/bounded.py gateway/audit.py \
+                    protocol/codec.py protocol/validate.py
 COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/test_dispatch.py \
                     tests/gateway/test_clients.py tests/gateway/test_sessions.py \
                     tests/gateway/test_pool.py tests/gateway/test_upstream.py \
@@ -88,7 +88,7 @@ COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/tes
                     tests/gateway/test_recovery.py tests/gateway/test_resilience.py \
                     tests/gateway/test_rest.py tests/gateway/test_sdk.py \
                     tests/gateway/test_admission.py tests/gateway/console/test_bounded.py \
-                    tests/gateway/console/test_console.py
+                    tests/gateway/console/test_console.py tests/gateway/test_audit.py
 SOURCES          := $(shell find gateway protocol -name '*.py')
 
 $(COMPILED_DIR)/.compiled: $(TEST_STAMP) $(SOURCES)

@@ -30,8 +30,9 @@ from typing import Any, BinaryIO, TextIO
 import msgspec
 import structlog
 
+from gateway.audit_lines import AuthLine, DeliveryLine, LimitLine, TaskLine
 from gateway.log import log_output
-from gateway.store.base import Delivery, TaskRecord, TaskState
+from gateway.store.base import Delivery, TaskRecord
 from protocol.frames import ErrorItem
 
 __all__ = ["Audit", "key_id", "quota_limit"]
@@ -66,60 +67,6 @@ def quota_limit(error: ErrorItem) -> str:
             "tenant_allow_webhooks" if error.parameter == "webhookURL" else "tenant_allow_uploads"
         )
     return code
-
-
-class _TaskLine(msgspec.Struct, omit_defaults=True, kw_only=True, gc=False):
-    event: str
-    audit: str
-    tenant: str
-    key_id: str | None
-    taskUUID: str
-    state: TaskState  # encoded as its value, without a Python-level .value per line
-    images: int
-    cost: float
-    latency_ms: float
-    deliveries: dict[str, dict[str, int]] | None = None
-    error: str | None = None
-    level: str  # no default: always written (omit_defaults)
-    timestamp: str
-
-
-class _AuthLine(msgspec.Struct, omit_defaults=True, kw_only=True, gc=False):
-    event: str
-    audit: str
-    address: str
-    reason: str
-    door: str
-    refused_for: float | None = None
-    level: str  # no default: always written (omit_defaults)
-    timestamp: str
-
-
-class _LimitLine(msgspec.Struct, omit_defaults=True, kw_only=True, gc=False):
-    event: str
-    audit: str
-    tenant: str
-    limit: str
-    code: str
-    key_id: str | None = None
-    taskUUID: str | None = None
-    level: str  # no default: always written (omit_defaults)
-    timestamp: str
-
-
-class _DeliveryLine(msgspec.Struct, omit_defaults=True, kw_only=True, gc=False):
-    event: str
-    audit: str
-    tenant: str
-    taskUUID: str
-    delivery: str
-    kind: str
-    state: str
-    attempts: int
-    last_status: int | None = None
-    last_error: str | None = None
-    level: str  # no default: always written (omit_defaults)
-    timestamp: str
 
 
 class _Stamps:
@@ -224,7 +171,7 @@ class Audit:
         """A key refused (``invalidApiKey``) or missing (``missingApiKey``); ``refused_for``:
         the address is refused that many seconds from this failure on."""
         self._emit(
-            _AuthLine(
+            AuthLine(
                 event="authentication failed",
                 audit="auth",
                 address=address,
@@ -247,7 +194,7 @@ class Audit:
         """A tenant's limit (``tenebra_tenant_refused``'s ``limit``) refused a task or a
         connection, with the code its client was answered."""
         self._emit(
-            _LimitLine(
+            LimitLine(
                 event="limit hit",
                 audit="limit",
                 tenant=tenant,
@@ -263,7 +210,7 @@ class Audit:
     def delivery(self, tenant: str, task_uuid: str, delivery: Delivery) -> None:
         """A webhook or upload reached its final outcome (``Deliveries.on_outcome``)."""
         self._emit(
-            _DeliveryLine(
+            DeliveryLine(
                 event="delivery finished",
                 audit="delivery",
                 tenant=tenant,
@@ -309,13 +256,13 @@ def _line_writer(stream: TextIO) -> Callable[[bytes], object]:
     return write
 
 
-def _task_line(record: TaskRecord, stamp: str) -> _TaskLine:
+def _task_line(record: TaskRecord, stamp: str) -> TaskLine:
     """A finished task's line: its deliveries as they stand at its end (each one's outcome is a
     ``delivery`` line of its own)."""
     finished = record.finished if record.finished is not None else record.created
     error = record.error
     deliveries = record.deliveries
-    return _TaskLine(
+    return TaskLine(
         event="task finished",
         audit="task",
         tenant=record.tenant,
