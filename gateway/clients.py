@@ -447,27 +447,38 @@ class ClientGateway:
         self.connections.add(connection)
         self.metrics.client_connections.inc()
         watchdog = IdleWatchdog(connection, self.settings)
+        failure: BaseException | None = None
         try:
             with structlog.contextvars.bound_contextvars(conn=connection.id):
                 await self._read(connection, SocketDoor(connection, self))
-        finally:
-            watchdog.cancel()
-            self.connections.discard(connection)
-            self.metrics.client_connections.dec()
-            drain = connection.drain
-            if drain is not None:
-                drain.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await drain
-            session = connection.session
-            if session is not None:
-                session.detach(connection, self._clock())
-                if self.roaming is not None and session.connection is None:
-                    self.roaming.detached(session)
-            if not ws.closed:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.close(), 1.0)
+        except BaseException as exc:  # raised again once the socket is cleaned up
+            failure = exc
+        # not in a finally: see UpstreamLink._connection (mypyc and awaits in handlers)
+        await self._cleaned_up(connection, watchdog, ws)
+        if failure is not None:
+            raise failure
         return ws
+
+    async def _cleaned_up(
+        self, connection: ClientConnection, watchdog: IdleWatchdog, ws: web.WebSocketResponse
+    ) -> None:
+        """What a socket held, given back as it ends (whatever ended it)."""
+        watchdog.cancel()
+        self.connections.discard(connection)
+        self.metrics.client_connections.dec()
+        drain = connection.drain
+        if drain is not None:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await drain
+        session = connection.session
+        if session is not None:
+            session.detach(connection, self._clock())
+            if self.roaming is not None and session.connection is None:
+                self.roaming.detached(session)
+        if not ws.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 1.0)
 
     def _release(self, request: web.Request) -> None:
         """The socket is gone (or never became one): what it held in the throttle's count of

@@ -215,6 +215,8 @@ class UpstreamLink:
             self.settings.connect_timeout,
         )
         self.connects += 1
+        parts: list[asyncio.Task[None]] = []
+        failure: BaseException | None = None
         try:
             self._set_state(LinkState.AUTHENTICATING)
             resumed = await self._authenticate(ws)
@@ -228,21 +230,26 @@ class UpstreamLink:
                 asyncio.create_task(self._watch_sends()),
                 asyncio.create_task(self._poll_orphans()),
             ]
-            try:
-                done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
-                for part in done:
-                    part.result()  # a failure of one part ends the connection with its reason
-            finally:
-                for part in parts:
-                    part.cancel()
-                await asyncio.gather(*parts, return_exceptions=True)
-        finally:
-            for pong in self._pongs.values():
-                pong.cancel()
-            self._pongs.clear()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), self.settings.send_timeout)
-            self._requeue_unsent()
+            done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
+            for part in done:
+                part.result()  # a failure of one part ends the connection with its reason
+        except BaseException as exc:  # raised again once the connection is cleaned up
+            failure = exc
+        # The clean-up awaits outside any handler, not in a finally: built with mypyc (make
+        # compiled), a coroutine that awaits while it handles an exception leaves that exception
+        # current for every other coroutine meanwhile (the Redis store's calls raised a failed
+        # link's ConnectionError).
+        for part in parts:
+            part.cancel()
+        await asyncio.gather(*parts, return_exceptions=True)
+        for pong in self._pongs.values():
+            pong.cancel()
+        self._pongs.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), self.settings.send_timeout)
+        self._requeue_unsent()
+        if failure is not None:
+            raise failure
 
     async def _authenticate(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
         """Authenticate, resuming the provider session if there is one; True if it resumed."""
