@@ -27,7 +27,7 @@ class MemoryTaskStore:
         self._finished: OrderedDict[str, TaskRecord] = OrderedDict()  # in order of finishing
 
     def add(self, record: TaskRecord) -> bool:
-        key = f"{record.tenant}\x00{record.task.taskUUID}"  # _key, inline: twice per task
+        key = _key(record.tenant, record.task.taskUUID)
         if key in self._by_key:
             return False
         self._by_key[key] = record
@@ -36,7 +36,7 @@ class MemoryTaskStore:
         return True
 
     def get(self, tenant: str, task_uuid: str) -> TaskRecord | None:
-        return self._by_key.get(f"{tenant}\x00{task_uuid}")  # _key, inline
+        return self._by_key.get(_key(tenant, task_uuid))
 
     def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
         return self._by_upstream.get(upstream_uuid)

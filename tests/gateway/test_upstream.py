@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import uuid
 
 import aiohttp
@@ -109,6 +110,34 @@ async def test_an_item_for_a_task_not_yet_sent_is_dropped(
         assert link.state == LinkState.READY
         await one_task_completes(gateway, http)
         assert gateway.metrics.stray_items._value.get() == 2
+    finally:
+        await gateway.stop()
+
+
+async def test_a_failed_link_leaves_no_exception_current_for_other_coroutines(
+    fake: FakeProvider,
+) -> None:
+    """The link cleans up after a failure (its parts, its socket) and reconnects. Built with
+    mypyc (make unit-compiled), awaiting that clean-up inside the exception's handler left the
+    link's ConnectionError current for every other coroutine: later Redis calls raised it."""
+    gateway = await started(fake)
+    try:
+        assert gateway.pool is not None
+        async with asyncio.timeout(5000 * MS):
+            await gateway.pool.wait_ready()
+        link = gateway.pool.links[0]
+        seen: list[object] = []
+        for _ in range(2):
+            connects = link.connects
+            await fake.drop()
+            async with asyncio.timeout(5000 * MS):  # through the clean-up and the reconnect
+                while link.connects == connects or link.state != LinkState.READY:
+                    seen.append(sys.exc_info()[1])
+                    await asyncio.sleep(1 * MS)
+            for _ in range(20):  # and after
+                seen.append(sys.exc_info()[1])
+                await asyncio.sleep(1 * MS)
+        assert seen and all(current is None for current in seen)
     finally:
         await gateway.stop()
 
