@@ -37,7 +37,8 @@ pack one by one in Python), and one command per batch for the sets and the sorte
   by; a claim lost takes its member back (a second round trip, for conflicts only);
 - a record's state alone (every write but the first after a claim this replica did not make):
   a ``SET PX`` of its state, then one script (``_CHECK``) for them all checks each claim is
-  there (``EXISTS`` open; ``PEXPIRE`` to the retention, final), lists the finished in one
+  there and still this record's (``GETRANGE`` of its tag; then ``PEXPIRE`` to the retention,
+  final), lists the finished in one
   ``ZADD`` and takes them off the open list in one ``SREM``, and trims past ``max_retained``
   (a state whose claim Redis lost is one nobody reads, gone at its expiry);
 - what must read before it writes is a script: a record written whole (``_WRITE``), a final
@@ -45,12 +46,13 @@ pack one by one in Python), and one command per batch for the sets and the sorte
 
 A task so costs Redis three keyed commands (its claim; its state and its claim's expiry when
 it ends) and a share of a batch's few. Plain commands, not one script per batch: a command
-inside a script, and every byte through Lua, costs Redis more than a command it parses (on the
-store benchmark, Redis 5.8 us a task against 8.5 with one script per batch), at the cost of a
-reply for the gateway to read per command. Scripts touch keys they compute, so this is for a
-single Redis or a primary with replicas, not Redis Cluster. Redis 5 or later (scripts read
-``TIME``). Keys of the previous layout (``{prefix}:rec:*``, claims holding an upstream UUID
-alone) are not read: replicas of both versions must not share a prefix.
+inside a script, and every byte through Lua, costs Redis more than a command it parses (in a
+side-by-side microbenchmark of claims and final writes, Redis 5.9 us a task against 8.5 with
+one script per batch), at the cost of a reply for the gateway to read per command. Scripts touch
+keys they compute, so this is for a single Redis or a primary with replicas, not Redis
+Cluster. Redis 5 or later (scripts read ``TIME``). Keys of the previous layout
+(``{prefix}:rec:*``, claims holding an upstream UUID alone) are not read: replicas of both
+versions must not share a prefix.
 
 Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
 or fails raises ``StoreUnavailable``.
@@ -58,6 +60,8 @@ or fails raises ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +71,7 @@ from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
-from gateway.store.shared import RecordParts
+from gateway.store.shared import RecordParts, StoreUnavailable
 
 __all__ = ["RedisSharedTasks", "Write"]
 
@@ -132,8 +136,8 @@ end
 """
 
 # The records of a flush written by their state alone (their SETs just before it): each one's
-# claim must be there (EXISTS, open; PEXPIRE to the retention, final), else Redis lost it
-# (restarted empty) and it is to be written whole again. Those finished go off the open list
+# claim must be there and still carry its tag (PEXPIRE to the retention, final), else Redis
+# lost it (restarted empty) and it is to be written whole again. Those finished go off the open list
 # and into the finished set. KEYS[1]: the finished set; ARGV: retention (ms), max_retained, the
 # replica's open list ('' for none), the state keys' prefix, the records' kinds (a string, one
 # letter each: o open, f final), then their members. A string: '1' for each claim there, '0'
@@ -147,17 +151,21 @@ local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local stamp, found, ended, unlisted = string.format('%d', now), {}, {}, {}
 for i = 6, #ARGV do
   local member = ARGV[i]
-  local claim = string.sub(member, string.byte(member) + 2)
+  local size = string.byte(member)
+  local claim = string.sub(member, size + 2)
+  -- the claim must still be this record's: after Redis lost it, another task may hold the
+  -- taskUUID now, and its claim is neither this record's to expire nor a sign this one is there
+  local ours = redis.call('GETRANGE', claim, 0, size) == string.sub(member, 1, size + 1)
   if string.byte(kinds, i - 5) == 102 then  -- f
     unlisted[#unlisted + 1] = member
-    if redis.call('PEXPIRE', claim, ARGV[1]) == 1 then
+    if ours and redis.call('PEXPIRE', claim, ARGV[1]) == 1 then
       found[i - 5] = '1'
       ended[#ended + 1] = stamp
       ended[#ended + 1] = member
     else
       found[i - 5] = '0'
     end
-  elseif redis.call('EXISTS', claim) == 1 then
+  elseif ours then
     found[i - 5] = '1'
   else
     found[i - 5] = '0'
@@ -418,7 +426,10 @@ class RedisSharedTasks:
                 for r, ok in zip(records, won, strict=True)
                 if not ok and extra
             ]
-            await self._exchange([*_variadic(b"SREM", [index], lost), *doomed], 1 + len(doomed))
+            # the claims won stand whatever becomes of this tidying: a lost claim's member left
+            # in the open list is passed by (its claim carries another tag), a state expires
+            with contextlib.suppress(StoreUnavailable):
+                await self._exchange([*_variadic(b"SREM", [index], lost), *doomed], 1 + len(doomed))
         return won
 
     async def release(
@@ -538,7 +549,9 @@ class RedisSharedTasks:
                     raise
                 continue
             finally:
-                await pool.release(connection)
+                # shielded: a deadline that fell here would leave the connection counted in
+                # use for good, and 32 of them would take the whole pool
+                await asyncio.shield(pool.release(connection))
             for answer in answers:
                 if isinstance(answer, ResponseError):
                     raise answer

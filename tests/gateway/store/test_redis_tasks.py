@@ -130,6 +130,50 @@ async def test_a_whole_write_never_takes_a_claim_another_task_holds(
     assert await store.load(mine.tenant, mine.task_uuid) == theirs
 
 
+async def test_a_write_of_state_alone_neither_shortens_nor_counts_another_tasks_claim(
+    store: RedisSharedTasks,
+) -> None:
+    """Redis lost A's claim and B took the taskUUID: A's state-alone writes see the claim is not
+    theirs (Redis lost theirs: written whole, which then writes nowhere) and leave B's expiry
+    alone; a final write of A must not cut B's open claim down to A's retention."""
+    mine = record("studio")
+    assert await store.create_batch([mine], "a") == [True]
+    client = store.connection.client
+    await client.delete(store.claim_key(mine.tenant, mine.task_uuid))  # as a restart lost it
+    theirs = record("studio", mine.task_uuid)
+    assert await store.create_batch([theirs], "b") == [True]
+    claim = store.claim_key(theirs.tenant, theirs.task_uuid)
+    before = await client.pttl(claim)
+    for final in (False, True):
+        write = Write(done(mine) if final else mine, False, final)
+        assert await store.write([write], retention=5, replica="a") == [mine.upstream_uuid]
+    assert await client.pttl(claim) > before - 5000  # not 5 s: still the open claim's expiry
+    assert await store.load(theirs.tenant, theirs.task_uuid) == theirs
+
+
+async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
+    store: RedisSharedTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's claims are in; only the second round trip (a lost claim's member off the
+    open list) fails: the claims won are still reported won, not dropped as unavailable."""
+    held = record("studio")
+    assert await store.create_batch([held], "a") == [True]
+    exchange, calls = store._exchange, 0
+
+    async def failing_second(commands: list[bytes], replies: int) -> list[object]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StoreUnavailable("redis: gone for the tidying")
+        return await exchange(commands, replies)
+
+    monkeypatch.setattr(store, "_exchange", failing_second)
+    fresh, again = record("studio"), record("studio", held.task_uuid)
+    assert await store.create_batch([fresh, again], "a") == [True, False]
+    assert calls == 2
+    assert await store.load(fresh.tenant, fresh.task_uuid) == fresh
+
+
 async def test_a_batch_past_the_count_bound_trims_the_earliest_in_one_flush(
     redis_url: str,
 ) -> None:
