@@ -52,8 +52,9 @@ _encode = msgspec.json.Encoder().encode
 class _Ended:
     """A finished task as the console shows it: a summary, not the record, so that the rings
     never keep a task's images (base64 data may be megabytes) alive past their retention.
-    ``deliveries`` is the record's own list: webhooks and uploads go on after the end, and
-    their attempts are read at each tick."""
+    Its deliveries are the record's, read at each tick while the registry keeps it (``view``'s
+    ``lookup``): webhooks and uploads go on after the end, and a task's last ones may even begin
+    after it (on a shared store, once its final write is done); then, as they were last seen."""
 
     __slots__ = (
         "cost",
@@ -93,7 +94,12 @@ class _Ended:
         self.error = record.error.code if record.error is not None else None
         self.deliveries = record.deliveries
 
-    def view(self, to_wall: float) -> dict[str, Any]:
+    def view(
+        self, to_wall: float, lookup: Callable[[str, str], TaskRecord | None]
+    ) -> dict[str, Any]:
+        record = lookup(self.tenant, self.task_uuid)
+        if record is not None:
+            self.deliveries = record.deliveries
         return {
             "taskUUID": self.task_uuid,
             "tenant": self.tenant,
@@ -359,6 +365,7 @@ class Console:
         watch = self.all if admin else self.tenants.get(scope)
         point = watch.series.last() if watch is not None else None
         to_wall = self._wall() - self._clock()  # the registry's clock to wall time
+        lookup = self.gateway.registry.lookup
         frame: dict[str, Any] = {
             "type": "tick",
             "t": self._wall(),
@@ -366,7 +373,9 @@ class Console:
             "point": point,
             "links": self._links(full=admin),
             "tenants": self._tenant_rows(None if admin else [scope]),
-            "tasks": [ended.view(to_wall) for ended in reversed(watch.recent)] if watch else [],
+            "tasks": [ended.view(to_wall, lookup) for ended in reversed(watch.recent)]
+            if watch
+            else [],
             "errors": self._errors() if admin else dict(watch.errors) if watch else {},
             "viewers": self._count if admin else None,
             "dropped": self.dropped if admin else None,
