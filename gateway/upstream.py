@@ -241,13 +241,16 @@ class UpstreamLink:
         # link's ConnectionError).
         for part in parts:
             part.cancel()
-        await asyncio.gather(*parts, return_exceptions=True)
         for pong in self._pongs.values():
             pong.cancel()
         self._pongs.clear()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(ws.close(), self.settings.send_timeout)
-        self._requeue_unsent()
+        self._requeue_unsent()  # before any await: a second cancel (a close under a deadline)
+        try:  # must not keep the outbox's tasks from their queue
+            await asyncio.gather(*parts, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), self.settings.send_timeout)
+        except asyncio.CancelledError as cancelled:
+            failure = cancelled
         if failure is not None:
             raise failure
 
