@@ -74,8 +74,9 @@ chromium:
 # (mypyc builds a subclass as a plain class and loses its options), and the Redis store's
 # (replication, store/redis.py, store/connection.py: little gain, and code that awaits while it
 # handles an exception, which mypyc leaves current for every other coroutine meanwhile; see
-# UpstreamLink._connection). Where the copy cannot be built (no C compiler), the benchmarks say
-# they ran pure Python and the compiled tests skip.
+# UpstreamLink._connection). The copy records a digest of the sources it was built from: the
+# benchmarks never run a copy built from other sources. Where there is no C compiler, the
+# benchmarks say they ran pure Python and the compiled tests skip; a mypyc error fails the build.
 COMPILED_DIR     := build/compiled
 export BENCH_COMPILED := $(abspath $(COMPILED_DIR))
 COMPILED_MODULES := gateway/tasks.py gateway/store/memory.py gateway/dispatch.py gateway/pool.py \
@@ -94,14 +95,20 @@ COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/tes
                     tests/gateway/console/test_console.py tests/gateway/test_audit.py \
                     tests/gateway/test_replication.py tests/gateway/store/test_shared_contract.py \
                     tests/gateway/store/test_redis_tasks.py
-SOURCES          := $(shell find gateway protocol -name '*.py')
+SOURCES          := $(shell find gateway protocol -type f -not -path '*/__pycache__/*')
 
 $(COMPILED_DIR)/.compiled: $(TEST_STAMP) $(SOURCES)
 	rm -rf $(COMPILED_DIR) && mkdir -p $(COMPILED_DIR)
 	cp -r gateway protocol $(COMPILED_DIR)/
-	cd $(COMPILED_DIR) && { ../../$(BIN)/mypyc $(COMPILED_MODULES) >mypyc.log 2>&1 \
-	  && rm -rf build .mypy_cache && touch .compiled \
-	  || echo "mypyc could not build $(COMPILED_DIR) (see its mypyc.log): tenebra runs pure Python"; }
+	@if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then \
+	  echo "mypyc: compiling $(words $(COMPILED_MODULES)) modules into $(COMPILED_DIR)"; \
+	  cd $(COMPILED_DIR) && { ../../$(BIN)/mypyc $(COMPILED_MODULES) >mypyc.log 2>&1 \
+	    || { tail -20 mypyc.log; echo "mypyc failed (whole log: $(COMPILED_DIR)/mypyc.log)"; \
+	         exit 1; }; } \
+	  && rm -rf build .mypy_cache \
+	  && PYTHONPATH=$(CURDIR) ../../$(BIN)/python -c \
+	     "from bench.harness import source_digest as d; print(d())" > .compiled; \
+	else echo "mypyc: no C compiler here: $(COMPILED_DIR) not built, tenebra runs pure Python"; fi
 
 compiled: $(COMPILED_DIR)/.compiled
 

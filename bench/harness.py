@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -52,6 +53,7 @@ from typing import Any
 from bench import report
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -189,11 +191,25 @@ def on_cpus(cpus: frozenset[int] | None) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, cpus)
 
 
+def source_digest(root: Path = ROOT) -> str:
+    """Of every file under gateway/ and protocol/ (not caches): what a compiled copy was built
+    from (``make compiled`` writes it into the copy's ``.compiled``)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for d in ("gateway", "protocol") for p in (root / d).rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def compiled_tree() -> Path | None:
     """The mypyc-compiled copy of the sources (``make compiled``, named by BENCH_COMPILED)
-    tenebra runs from, if it was built; None: tenebra runs from the sources, pure Python."""
+    tenebra runs from, if it was built from the sources as they are; None: tenebra runs from
+    the sources, pure Python (a stale copy is never run: ``build_line`` says why)."""
     folder = os.environ.get("BENCH_COMPILED")
-    if not folder or not (Path(folder) / ".compiled").exists():
+    if not folder:
+        return None
+    stamp = Path(folder) / ".compiled"
+    if not stamp.exists() or stamp.read_text().strip() != source_digest():
         return None
     return Path(folder)
 
@@ -201,7 +217,11 @@ def compiled_tree() -> Path | None:
 def build_line() -> str:
     tree = compiled_tree()
     if tree is None:
-        return "build: tenebra ran pure Python (`make compiled` builds the mypyc copy)"
+        folder = os.environ.get("BENCH_COMPILED")
+        why = "`make compiled` builds the mypyc copy"
+        if folder and (Path(folder) / ".compiled").exists():
+            why = f"{folder} was built from other sources: `make compiled` builds it again"
+        return f"build: tenebra ran pure Python ({why})"
     built = [*tree.glob("gateway/**/*.so"), *tree.glob("protocol/**/*.so")]
     modules = sorted(str(p.relative_to(tree)).split(".")[0].replace("/", ".") for p in built)
     return f"build: tenebra ran mypyc-compiled ({len(modules)} modules: {', '.join(modules)})"

@@ -7,8 +7,8 @@ and the hot path never waits for Redis there. What replicas share goes through h
 - **Claims, with the records.** Before a client frame is dispatched, its image tasks' records
   are made and their taskUUIDs claimed for the sender's tenant: of every replica, exactly one
   wins a (tenant, taskUUID), so ``conflictTaskUUID`` holds across replicas, and the claim won
-  writes the record whole and lists it as this replica's, in the same script. The claims of
-  every frame waiting in one loop turn go in one script (a few hundred share a round trip under
+  writes the record whole and lists it as this replica's, in the same round trip. The claims of
+  every frame waiting in one loop turn go in one batch (a few hundred share a round trip under
   load). A task is so known to every replica before it is acked, with no write of its own. A
   task refused after its claim (a limit, a destination) gives the claim and its record back
   once the frame is dispatched. A frame's ``getResponse`` tasks about tasks other replicas run
@@ -17,7 +17,7 @@ and the hot path never waits for Redis there. What replicas share goes through h
   see), and ``/readyz`` says 503 until the lease gets through again.
 - **Records, written behind.** A record is written again when a result comes and when it ends
   (not when it is queued or sent: a replica taking it over asks the provider about every open
-  task). One flush at a time writes every dirty record in one script, as it is at that moment
+  task). One flush at a time writes every dirty record in one round trip, as it is at that moment
   and its state alone (what never changes went with the claim). A task's frames to its
   subscribers (its client, its webhooks) leave once the write of what they tell is done
   (``after_write``): a replica that takes the task over knows every image its client was sent,
@@ -115,7 +115,7 @@ class Replication:
         """Claim the frame's image tasks, each with its record (``session`` for a sync one), and
         load the records of its getResponse tasks that are not ``is_local`` (a round trip of
         their own: polls of other replicas' tasks are few). The claims of every frame waiting
-        in one loop turn go in one script, which writes the records of the claims won."""
+        in one loop turn go in one batch, which writes the records of the claims won."""
         claims = FrameClaims(tenant)
         new_uuid = self._new_uuid
         wanted = [
@@ -162,7 +162,7 @@ class Replication:
         return await future
 
     async def _claim_all(self) -> None:
-        """One claim script at a time, for every frame that waits: under load a few hundred
+        """One claim batch at a time, for every frame that waits: under load a few hundred
         claims share a round trip instead of paying one each."""
         try:
             while self._claims:

@@ -60,10 +60,6 @@ class FakeIntake:
         return [{"taskUUID": task_uuid, "status": "success"}], []
 
 
-# a duck-typed intake: Dispatch, compiled, accepts only the real one
-pytestmark = pure_python_only(gateway.dispatch)
-
-
 class FakeDoor:
     def __init__(self, tenant: str | None = None, burst: int = 10) -> None:
         self.tenant = tenant
@@ -77,6 +73,10 @@ class FakeDoor:
     def submit_sync(self, tenant: str, task: ImageTask) -> ErrorItem | None:
         self.synced.append(task.taskUUID)
         return None
+
+
+# a duck-typed intake: Dispatch, compiled, accepts only the real one
+needs_python = pure_python_only(gateway.dispatch)
 
 
 def run(outcomes: list[Outcome], door: FakeDoor) -> tuple[list[bytes], Metrics]:
@@ -101,6 +101,7 @@ def counted(metrics: Metrics) -> dict[str, float]:
     }
 
 
+@needs_python
 def test_before_authentication_tasks_are_refused_and_counted_what_follows_it_goes_on() -> None:
     early, late = image_task(), image_task("async")
     door = FakeDoor()
@@ -115,6 +116,7 @@ def test_before_authentication_tasks_are_refused_and_counted_what_follows_it_goe
     assert counted(metrics) == {"missingApiKey": 1.0}
 
 
+@needs_python
 def test_sync_tasks_go_to_the_door_async_ones_are_acked() -> None:
     sync, later = image_task(), image_task("async")
     door = FakeDoor("alpha")
@@ -123,6 +125,7 @@ def test_sync_tasks_go_to_the_door_async_ones_are_acked() -> None:
     assert frames(sent) == [{"data": [{"taskType": "imageInference", "taskUUID": later.taskUUID}]}]
 
 
+@needs_python
 def test_decode_errors_are_answered_and_counted() -> None:
     bad = error_item("invalidJSON")
     sent, metrics = run([bad, bad], FakeDoor("alpha"))
@@ -130,6 +133,7 @@ def test_decode_errors_are_answered_and_counted() -> None:
     assert counted(metrics) == {"invalidJSON": 2.0}
 
 
+@needs_python
 def test_each_get_response_answer_is_a_frame_of_its_own_past_the_burst_refused() -> None:
     found = ["1" + str(uuid.uuid4())[1:] for _ in range(3)]  # the fake finds these
     missing = "0" + str(uuid.uuid4())[1:]  # and not this one, which the burst refuses anyway
