@@ -36,13 +36,13 @@ pack one by one in Python), and one command per batch for the sets and the sorte
   a replica that dies half way leaves members without their claim, which its takeover passes
   by; a claim lost takes its member back (a second round trip, for conflicts only);
 - a record's state alone (every write but the first after a claim this replica did not make):
-  a ``SET PX`` of its state, then one script (``_CHECK``) for them all checks each claim is
+  a ``SET PX`` of its state, then one script (``CHECK``) for them all checks each claim is
   there and still this record's (``GETRANGE`` of its tag; then ``PEXPIRE`` to the retention,
-  final), lists the finished in one
-  ``ZADD`` and takes them off the open list in one ``SREM``, and trims past ``max_retained``
-  (a state whose claim Redis lost is one nobody reads, gone at its expiry);
-- what must read before it writes is a script: a record written whole (``_WRITE``), a final
-  write with a retention of 0, a release, a load.
+  final), lists the finished in one ``ZADD`` and takes them off the open list in one
+  ``SREM``, and trims past ``max_retained`` (a state whose claim Redis lost is one nobody
+  reads, gone at its expiry);
+- what must read before it writes is a script: a record written whole (``WRITE``), a final
+  write with a retention of 0, a release, a load (the scripts: store/redis_scripts.py).
 
 A task so costs Redis three keyed commands (its claim; its state and its claim's expiry when
 it ends) and a share of a batch's few. Plain commands, not one script per batch: a command
@@ -71,189 +71,14 @@ from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
+from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, WRITE
 from gateway.store.shared import RecordParts, StoreUnavailable
 
 __all__ = ["RedisSharedTasks", "Write"]
 
 DAY = 86_400.0
 
-# Scripts hand a command at most 4,000 values of a table (SADD, SREM, ZADD, DEL): Lua's
-# ``unpack`` fails past its C stack (8,000 values in Redis's Lua 5.1).
-
-# KEYS[1]: claim, KEYS[2]: state, KEYS[3]: finished, KEYS[4]: the replica's open list (or any
-# key, unused); ARGV[1]: the record's tag.
-_RELEASE = """
-local held, tag = redis.call('GET', KEYS[1]), ARGV[1]
-if held and string.sub(held, 1, #tag) == tag then
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('ZREM', KEYS[3], tag .. KEYS[1])
-  redis.call('SREM', KEYS[4], tag .. KEYS[1])
-end
-return 0
-"""
-
-# KEYS[1]: claim; ARGV[1]: the state keys' prefix. {claim, state} ({claim} with no state yet),
-# or false for no claim or a bare one.
-_LOAD = """
-local held = redis.call('GET', KEYS[1])
-if not held then return false end
-local n = string.byte(held) + 1
-if #held == n then return false end
-return {held, redis.call('GET', ARGV[1] .. string.sub(held, 2, n))}
-"""
-
-# The end of a script that finished records: ``ended`` holds them as (score, member) pairs,
-# ``now`` is Redis's time (microseconds); ``finished``, ``retention`` (ms), ``cap`` and
-# ``prefix`` (the state keys') are the script's. The finished set takes them, drops what its
-# retention let go (those keys expired by themselves), and past ``cap`` pops the earliest
-# finished with their keys: each claim only while it is still theirs (a taskUUID whose claim
-# lapsed may have been claimed again by another task).
-_TRIM = """
-for i = 1, #ended, 4000 do
-  redis.call('ZADD', finished, unpack(ended, i, math.min(i + 3999, #ended)))
-end
-redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
-local over = redis.call('ZCARD', finished) - cap
-if over > 0 then
-  local popped, tags, claims = redis.call('ZPOPMIN', finished, over), {}, {}
-  for i = 1, #popped, 2 do
-    local member = popped[i]
-    local n = string.byte(member) + 1
-    tags[#tags + 1] = string.sub(member, 1, n)
-    claims[#claims + 1] = string.sub(member, n + 1)
-  end
-  for i = 1, #claims, 2000 do  -- two keys each to delete
-    local last = math.min(i + 1999, #claims)
-    local held, doomed = redis.call('MGET', unpack(claims, i, last)), {}
-    for j = i, last do
-      local tag, value = tags[j], held[j - i + 1]
-      doomed[#doomed + 1] = prefix .. string.sub(tag, 2)
-      if value and string.sub(value, 1, #tag) == tag then doomed[#doomed + 1] = claims[j] end
-    end
-    redis.call('DEL', unpack(doomed))
-  end
-end
-"""
-
-# The records of a flush written by their state alone (their SETs just before it): each one's
-# claim must be there and still carry its tag (PEXPIRE to the retention, final), else Redis
-# lost it (restarted empty) and it is to be written whole again. Those finished go off the open list
-# and into the finished set. KEYS[1]: the finished set; ARGV: retention (ms), max_retained, the
-# replica's open list ('' for none), the state keys' prefix, the records' kinds (a string, one
-# letter each: o open, f final), then their members. A string: '1' for each claim there, '0'
-# for one Redis lost.
-_CHECK = (
-    """
-local finished, retention, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local index, prefix, kinds = ARGV[3], ARGV[4], ARGV[5]
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local stamp, found, ended, unlisted = string.format('%d', now), {}, {}, {}
-for i = 6, #ARGV do
-  local member = ARGV[i]
-  local size = string.byte(member)
-  local claim = string.sub(member, size + 2)
-  -- the claim must still be this record's: after Redis lost it, another task may hold the
-  -- taskUUID now, and its claim is neither this record's to expire nor a sign this one is there
-  local ours = redis.call('GETRANGE', claim, 0, size) == string.sub(member, 1, size + 1)
-  if string.byte(kinds, i - 5) == 102 then  -- f
-    unlisted[#unlisted + 1] = member
-    if ours and redis.call('PEXPIRE', claim, ARGV[1]) == 1 then
-      found[i - 5] = '1'
-      ended[#ended + 1] = stamp
-      ended[#ended + 1] = member
-    else
-      found[i - 5] = '0'
-    end
-  elseif ours then
-    found[i - 5] = '1'
-  else
-    found[i - 5] = '0'
-  end
-end
-if index ~= '' then
-  for i = 1, #unlisted, 4000 do
-    redis.call('SREM', index, unpack(unlisted, i, math.min(i + 3999, #unlisted)))
-  end
-end
-if #ended > 0 then
-"""
-    + _TRIM
-    + """
-end
-return table.concat(found)
-"""
-)
-
-# What a flush cannot write blind (``_CHECK`` takes the rest): records written whole (not in
-# Redis yet, or not known to be), and final records with a retention of 0, which are deleted.
-# KEYS[1]: the finished set; ARGV: retention (ms), max_retained, open ttl (ms), the replica's
-# open list ('' for none), the state keys' prefix, the records' kinds (a string, one letter
-# each: O/F whole, open/final; f final, its state alone), then for each record its member (tag
-# .. claim key), its state, and for one written whole its static part. Written whole, a record
-# takes its claim back where Redis lost it, or completes its own (a bare claim, a record taken
-# over), never another task's: then it is written nowhere.
-_WRITE = (
-    """
-local finished, retention, cap, ttl = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local index, prefix, kinds = ARGV[4], ARGV[5], ARGV[6]
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local stamp, listed, unlisted, ended, gone = string.format('%d', now), {}, {}, {}, {}
-local i = 7
-for k = 1, #kinds do
-  local kind, member, state, static = string.byte(kinds, k), ARGV[i], ARGV[i + 1], nil
-  if kind == 102 then i = i + 2 else static = ARGV[i + 2]; i = i + 3 end  -- f: no static
-  local n = string.byte(member) + 1
-  local tag, claim = string.sub(member, 1, n), string.sub(member, n + 1)
-  local final = kind ~= 79  -- O
-  if final and retention <= 0 then
-    local held = redis.call('GET', claim)
-    if held and string.sub(held, 1, n) == tag then redis.call('DEL', claim) end
-    redis.call('DEL', prefix .. string.sub(tag, 2))
-    gone[#gone + 1] = member
-  else
-    local expiry = ttl
-    if final then expiry = ARGV[1] end
-    local ours = redis.call('SET', claim, tag .. static, 'NX', 'PX', expiry)
-    if not ours and string.sub(redis.call('GET', claim), 1, n) == tag then
-      ours = redis.call('SET', claim, tag .. static, 'PX', expiry)
-    end
-    if ours then
-      redis.call('SET', prefix .. string.sub(tag, 2), state, 'PX', expiry)
-      if final then
-        unlisted[#unlisted + 1] = member
-        ended[#ended + 1] = stamp
-        ended[#ended + 1] = member
-      else
-        listed[#listed + 1] = member
-      end
-    end
-  end
-end
-if index ~= '' then
-  for _, members in ipairs({gone, unlisted}) do
-    for j = 1, #members, 4000 do
-      redis.call('SREM', index, unpack(members, j, math.min(j + 3999, #members)))
-    end
-  end
-  for j = 1, #listed, 4000 do
-    redis.call('SADD', index, unpack(listed, j, math.min(j + 3999, #listed)))
-  end
-  if #listed > 0 then redis.call('PEXPIRE', index, ttl) end
-end
-for j = 1, #gone, 4000 do
-  redis.call('ZREM', finished, unpack(gone, j, math.min(j + 3999, #gone)))
-end
-if #ended > 0 then
-"""
-    + _TRIM
-    + """
-end
-return 0
-"""
-)
-_CHECK_SOURCE, _WRITE_SOURCE = _CHECK.encode(), _WRITE.encode()
+_CHECK_SOURCE, _WRITE_SOURCE = CHECK.encode(), WRITE.encode()
 
 
 # Redis's own protocol (RESP) by hand: a batch's items are hundreds of arguments, which
@@ -306,8 +131,8 @@ class RedisSharedTasks:
         self._ttl_ms = b"%d" % self._open_ttl_ms
         # the end of each claim's SET
         self._claim_tail = b"$2\r\nNX\r\n$2\r\nPX\r\n" + _bulk(self._ttl_ms)
-        self._release = redis.script(_RELEASE)
-        self._load = redis.script(_LOAD)
+        self._release = redis.script(RELEASE)
+        self._load = redis.script(LOAD)
 
     @classmethod
     def from_url(
@@ -460,9 +285,9 @@ class RedisSharedTasks:
         written whole.
 
         A record's state alone (every write of the gateway's but the first after a claim it
-        did not make) is a plain ``SET`` of its state, pipelined; then one script (``_CHECK``)
+        did not make) is a plain ``SET`` of its state, pipelined; then one script (``CHECK``)
         checks their claims, keeps the finished ones for their retention and lists them as
-        finished. The others go through a script of their own (``_WRITE``): it reads before it
+        finished. The others go through a script of their own (``WRITE``): it reads before it
         writes."""
         if not writes:
             return []
@@ -475,7 +300,7 @@ class RedisSharedTasks:
         members: list[bytes] = []  # of their records
         checked: list[str] = []  # their upstream UUIDs
         kinds = bytearray()
-        whole: list[bytes] = []  # the items of the records for _WRITE
+        whole: list[bytes] = []  # the items of the records for WRITE
         whole_kinds = bytearray()
         for write in writes:
             record = write.record
