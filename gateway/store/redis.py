@@ -221,12 +221,16 @@ class RedisSharedTasks:
         members: list[bytes] = []
         sets: list[bytes] = []
         extra: list[bytes] = []  # the states of records not as received
+        keys: list[bytes] = []
+        tags: list[bytes] = []
         for record in records:
             upstream = record.upstream_uuid.encode()
             tag = b"%c%b" % (len(upstream), upstream)
             start = tenants.get(record.tenant) or self._tenant(record.tenant)
             key = (start + key_part(record.task_uuid)).encode()
             value = static(record)
+            keys.append(key)
+            tags.append(tag)
             members.append(b"$%d\r\n%b%b\r\n" % (len(tag) + len(key), tag, key))
             sets.append(
                 b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b%b\r\n%b"
@@ -245,6 +249,8 @@ class RedisSharedTasks:
         answers = await self._exchange(commands, 2 + len(sets) + len(extra))
         won = [answer is not None for answer in answers[1 : 1 + len(sets)]]
         if not all(won):
+            await self._own_claims(won, keys, tags)
+        if not all(won):
             lost = [m for m, ok in zip(members, won, strict=True) if not ok]
             doomed = [
                 _command(b"DEL", (states + r.upstream_uuid).encode())
@@ -256,6 +262,19 @@ class RedisSharedTasks:
             with contextlib.suppress(StoreUnavailable):
                 await self._exchange([*_variadic(b"SREM", [index], lost), *doomed], 1 + len(doomed))
         return won
+
+    async def _own_claims(self, won: list[bool], keys: list[bytes], tags: list[bytes]) -> None:
+        """A claim that reads as lost may be this batch's own: Redis ran the batch, the
+        connection dropped before its replies came, and the batch went again (``_send``). A
+        claim carrying its record's tag is won (a round trip for conflicts only); unread, the
+        claims stay as they read."""
+        lost = [i for i, ok in enumerate(won) if not ok]
+        reads = [_command(b"GETRANGE", keys[i], b"0", b"%d" % (len(tags[i]) - 1)) for i in lost]
+        with contextlib.suppress(StoreUnavailable):
+            held = await self._exchange(reads, len(reads))
+            for i, value in zip(lost, held, strict=True):
+                if value is not None and _bytes(value) == tags[i]:
+                    won[i] = True
 
     async def release(
         self, tenant: str, task_uuid: str, upstream_uuid: str, replica: str | None = None

@@ -151,11 +151,26 @@ async def test_a_write_of_state_alone_neither_shortens_nor_counts_another_tasks_
     assert await store.load(theirs.tenant, theirs.task_uuid) == theirs
 
 
+async def test_a_batch_sent_again_after_a_dropped_reply_wins_its_own_claims(
+    store: RedisSharedTasks,
+) -> None:
+    """Redis ran the batch but the connection dropped before its replies, and ``_send`` sent it
+    again: its claims read as taken, by themselves. They are won (the client would otherwise be
+    told conflictTaskUUID about its own task, for ``open_ttl``); another task's are not."""
+    mine = record("studio")
+    assert await store.create_batch([mine], "a") == [True]
+    other = record("studio", mine.task_uuid)  # the same taskUUID, another task
+    assert await store.create_batch([mine, other], "a") == [True, False]
+    members = await store.connection.client.smembers(store.open_key("a"))
+    assert members == {store.member(mine.tenant, mine.task_uuid, mine.upstream_uuid)}
+
+
 async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
     store: RedisSharedTasks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The batch's claims are in; only the second round trip (a lost claim's member off the
-    open list) fails: the claims won are still reported won, not dropped as unavailable."""
+    """The batch's claims are in; the round trips after it (reading a lost claim's tag, taking
+    its member off the open list) fail: the claims won are still reported won, not dropped as
+    unavailable."""
     held = record("studio")
     assert await store.create_batch([held], "a") == [True]
     exchange, calls = store._exchange, 0
@@ -163,14 +178,14 @@ async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
     async def failing_second(commands: list[bytes], replies: int) -> list[object]:
         nonlocal calls
         calls += 1
-        if calls == 2:
-            raise StoreUnavailable("redis: gone for the tidying")
+        if calls > 1:
+            raise StoreUnavailable("redis: gone after the batch")
         return await exchange(commands, replies)
 
     monkeypatch.setattr(store, "_exchange", failing_second)
     fresh, again = record("studio"), record("studio", held.task_uuid)
     assert await store.create_batch([fresh, again], "a") == [True, False]
-    assert calls == 2
+    assert calls == 3
     assert await store.load(fresh.tenant, fresh.task_uuid) == fresh
 
 
