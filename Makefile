@@ -93,6 +93,7 @@ COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/tes
                     tests/gateway/test_rest.py tests/gateway/test_sdk.py \
                     tests/gateway/test_admission.py tests/gateway/console/test_bounded.py \
                     tests/gateway/console/test_console.py tests/gateway/test_audit.py \
+                    tests/gateway/console/test_producer.py \
                     tests/gateway/test_replication.py tests/gateway/store/test_shared_contract.py \
                     tests/gateway/store/test_redis_tasks.py
 SOURCES          := $(shell find gateway protocol -type f -not -path '*/__pycache__/*')
