@@ -5,14 +5,17 @@ cannot, the tests that need it skip and say why."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from bench import harness
+from bench.harness import free_port
 from tests.timing import MS
+
+__all__ = ["INSTALL_HINT", "answers_ping", "free_port", "redis_url", "start_redis", "stop_redis"]
 
 INSTALL_HINT = (
     "redis-server is not on PATH: `make test` installs it (apt-get install redis-server) when "
@@ -20,21 +23,8 @@ INSTALL_HINT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=100 * MS) as sock:
-            sock.settimeout(500 * MS)
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+    return harness.answers_ping(port, 100 * MS)
 
 
 def start_redis(binary: str) -> tuple[subprocess.Popen[bytes], int]:
