@@ -173,6 +173,12 @@ class RedisSharedTasks:
         start = self._tenants[tenant] = f"{self._claims}{key_part(tenant)}:"
         return start
 
+    def _claim_key(self, tenant: str, task_uuid: str) -> bytes:
+        """``claim_key``, as bytes, with the tenant's part kept: twice per task on the hot
+        path."""
+        start = self._tenants.get(tenant) or self._tenant(tenant)
+        return (start + key_part(task_uuid)).encode()
+
     def state_key(self, upstream_uuid: str) -> str:
         return self._states + upstream_uuid
 
@@ -183,7 +189,7 @@ class RedisSharedTasks:
     def member(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bytes:
         """A record's member of the finished set and of the open lists: its tag, then its
         claim's key."""
-        return _tag(upstream_uuid) + self.claim_key(tenant, task_uuid).encode()
+        return _tag(upstream_uuid) + self._claim_key(tenant, task_uuid)
 
     async def claim(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bool:
         [won] = await self.claim_many(tenant, [(task_uuid, upstream_uuid)])
@@ -217,21 +223,19 @@ class RedisSharedTasks:
         if not records:
             return []
         static, state, fresh = self._parts.static, self._parts.state, self._parts.fresh
-        tenants, states, tail = self._tenants, self._states, self._claim_tail
+        states, tail = self._states, self._claim_tail
         members: list[bytes] = []
         sets: list[bytes] = []
         extra: list[bytes] = []  # the states of records not as received
         keys: list[bytes] = []
         tags: list[bytes] = []
         for record in records:
-            upstream = record.upstream_uuid.encode()
-            tag = b"%c%b" % (len(upstream), upstream)
-            start = tenants.get(record.tenant) or self._tenant(record.tenant)
-            key = (start + key_part(record.task_uuid)).encode()
+            tag = _tag(record.upstream_uuid)
+            key = self._claim_key(record.tenant, record.task_uuid)
             value = static(record)
             keys.append(key)
             tags.append(tag)
-            members.append(b"$%d\r\n%b%b\r\n" % (len(tag) + len(key), tag, key))
+            members.append(_bulk(tag + key))
             sets.append(
                 b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b%b\r\n%b"
                 % (len(key), key, len(tag) + len(value), tag, value, tail)
@@ -311,9 +315,7 @@ class RedisSharedTasks:
         if not writes:
             return []
         retention_ms = max(0, round(retention * 1000))
-        static, state, tenants, states = (
-            self._parts.static, self._parts.state, self._tenants, self._states
-        )  # fmt: skip
+        static, state, states = self._parts.static, self._parts.state, self._states
         expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
         commands: list[bytes] = []  # the states' SETs
         members: list[bytes] = []  # of their records
@@ -324,10 +326,7 @@ class RedisSharedTasks:
         for write in writes:
             record = write.record
             upstream = record.upstream_uuid
-            raw = upstream.encode()
-            start = tenants.get(record.tenant) or self._tenant(record.tenant)
-            key = (start + key_part(record.task_uuid)).encode()
-            member = b"$%d\r\n%c%b%b\r\n" % (len(raw) + 1 + len(key), len(raw), raw, key)
+            member = _bulk(_tag(upstream) + self._claim_key(record.tenant, record.task_uuid))
             data = state(record)
             if write.whole or (write.final and not retention_ms):
                 whole += (member, _bulk(data))
