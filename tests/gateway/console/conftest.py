@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.gateway.conftest import ALPHA, BETA
-from tests.timing import MS
+from tests.gateway.conftest import ALPHA, BETA, running
 
 ADMIN = "admin-key-for-tests"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -51,19 +50,8 @@ def console_config(**tenants: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def console_gateway(config: Any | None = None) -> AsyncIterator[Any]:
-    import asyncio
-
-    from gateway.app import Gateway
-
-    instance = Gateway(config or console_config())
-    await instance.start()
-    try:
-        assert instance.pool is not None
-        async with asyncio.timeout(10000 * MS):
-            await instance.pool.wait_ready()
+    async with running(config or console_config()) as instance:
         yield instance
-    finally:
-        await instance.stop()
 
 
 @pytest.fixture
