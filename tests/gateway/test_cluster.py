@@ -128,6 +128,16 @@ async def _record(taken: list[tuple[str, str]], taker: str, dead: str) -> None:
     taken.append((taker, dead))
 
 
+async def started_pair(make: Make) -> tuple[Cluster, Cluster, list[tuple[str, str]]]:
+    """Replicas a and b, started; whom b takes over is noted in the list."""
+    a, b = make("a"), make("b")
+    taken: list[tuple[str, str]] = []
+    b.takeovers.append(functools.partial(_record, taken, "b"))
+    await a.start()
+    await b.start()
+    return a, b, taken
+
+
 async def test_a_dead_replica_is_taken_over_once(make: Make) -> None:
     a, b, c = make("a"), make("b"), make("c")
     taken: list[tuple[str, str]] = []
@@ -145,11 +155,7 @@ async def test_a_dead_replica_is_taken_over_once(make: Make) -> None:
 
 
 async def test_a_replica_that_stops_is_not_taken_over(make: Make) -> None:
-    a, b = make("a"), make("b")
-    taken: list[tuple[str, str]] = []
-    b.takeovers.append(functools.partial(_record, taken, "b"))
-    await a.start()
-    await b.start()
+    a, b, taken = await started_pair(make)
     await a.stop()
     await asyncio.sleep(4 * LEASE)
     assert taken == []
@@ -157,11 +163,7 @@ async def test_a_replica_that_stops_is_not_taken_over(make: Make) -> None:
 
 
 async def test_a_replica_that_stops_handing_over_is_taken_over(make: Make) -> None:
-    a, b = make("a"), make("b")
-    taken: list[tuple[str, str]] = []
-    b.takeovers.append(functools.partial(_record, taken, "b"))
-    await a.start()
-    await b.start()
+    a, b, taken = await started_pair(make)
     await asyncio.sleep(settled(b))
     await a.stop(hand_over=True)
     await until(lambda: taken == [("b", "a")], within=5000 * MS)
@@ -291,11 +293,7 @@ async def test_takeovers_run_one_at_a_time(make: Make) -> None:
 
 
 async def test_a_replica_whose_takeovers_are_paused_takes_nobody_over(make: Make) -> None:
-    a, b = make("a"), make("b")
-    taken: list[tuple[str, str]] = []
-    b.takeovers.append(functools.partial(_record, taken, "b"))
-    await a.start()
-    await b.start()
+    a, b, taken = await started_pair(make)
     await asyncio.sleep(settled(b))
     b.pause_takeovers()  # b begins to shut down
     await kill(a)
