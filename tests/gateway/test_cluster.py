@@ -128,6 +128,17 @@ async def _record(taken: list[tuple[str, str]], taker: str, dead: str) -> None:
     taken.append((taker, dead))
 
 
+async def started_watched(*replicas: Cluster) -> tuple[list[tuple[str, str]], list[str]]:
+    """``replicas`` started, each noting whom it takes over and whether it was fenced."""
+    taken: list[tuple[str, str]] = []
+    fenced: list[str] = []
+    for replica in replicas:
+        replica.takeovers.append(functools.partial(_record, taken, replica.name))
+        replica.on_fenced.append(functools.partial(fenced.append, replica.name))
+        await replica.start()
+    return taken, fenced
+
+
 async def started_pair(make: Make) -> tuple[Cluster, Cluster, list[tuple[str, str]]]:
     """Replicas a and b, started; whom b takes over is noted in the list."""
     a, b = make("a"), make("b")
@@ -179,12 +190,7 @@ async def test_an_outage_longer_than_the_lease_takes_nobody_over(
     await to_a.start()
     await to_b.start()
     a, b = make("a", to_a), make("b", to_b)
-    taken: list[tuple[str, str]] = []
-    fenced: list[str] = []
-    for replica in (a, b):
-        replica.takeovers.append(functools.partial(_record, taken, replica.name))
-        replica.on_fenced.append(functools.partial(fenced.append, replica.name))
-        await replica.start()
+    taken, fenced = await started_watched(a, b)
     await asyncio.sleep(settled(a))  # both could take over a dead replica now
     to_a.sever()
     to_b.sever()
@@ -210,12 +216,7 @@ async def test_a_replica_taken_over_while_alive_is_fenced(
     to_a = proxies()
     await to_a.start()
     a, b = make("a", to_a), make("b")
-    taken: list[tuple[str, str]] = []
-    fenced: list[str] = []
-    for replica in (a, b):
-        replica.takeovers.append(functools.partial(_record, taken, replica.name))
-        replica.on_fenced.append(functools.partial(fenced.append, replica.name))
-        await replica.start()
+    taken, fenced = await started_watched(a, b)
     await asyncio.sleep(settled(b))
     to_a.sever()
     await until(lambda: taken == [("b", "a")], within=5000 * MS)
