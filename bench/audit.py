@@ -153,6 +153,7 @@ def per_line(count: int = 20_000) -> dict[str, float]:
     import structlog
 
     from gateway.audit import Audit
+    from gateway.log import processors
     from gateway.store.base import TaskRecord, TaskState
     from protocol.codec import decode_client_frame
     from protocol.frames import ImageTask
@@ -173,14 +174,8 @@ def per_line(count: int = 20_000) -> dict[str, float]:
         state=TaskState.DONE, key_id="0123456789ab", cost=0.0128,
     )  # fmt: skip
     stream = io.StringIO()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+    structlog.configure(  # as gateway.log configures it, to a stream of its own
+        processors=processors(structlog.processors.JSONRenderer()),
         wrapper_class=structlog.make_filtering_bound_logger(20),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,

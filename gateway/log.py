@@ -11,7 +11,7 @@ from typing import TextIO
 
 import structlog
 
-__all__ = ["LogOutput", "configure_logging", "log_output"]
+__all__ = ["LogOutput", "configure_logging", "log_output", "processors"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,17 @@ def log_output() -> LogOutput | None:
     return _output
 
 
+def processors(renderer: structlog.typing.Processor) -> list[structlog.typing.Processor]:
+    """The gateway's structlog chain, ending in ``renderer`` (bench.audit measures it)."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     global _output
     json = not sys.stderr.isatty() if json is None else json
@@ -40,13 +51,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors(renderer),
         wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
