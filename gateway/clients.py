@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import math
 import socket
@@ -45,6 +46,7 @@ from gateway.dispatch import Answer, Dispatch
 from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.quotas import TokenBucket
+from gateway.replication import FrameClaims
 from gateway.roaming import Roaming
 from gateway.sessions import ClientSession, SessionTable
 from gateway.tenants import CLOSE_REVOKED, Revoked, hash_key
@@ -73,6 +75,9 @@ CLOSE_SLOW_CONSUMER = 4008
 # What a socket's user-space write buffer may hold (beyond the kernel's) before its frames wait
 # in the outbox for a drain.
 WRITE_BUFFER_HIGH_WATER = 64 * 1024
+# Shared store: frames of one socket read and waiting for their claims at most; past it the
+# socket is not read until they are dispatched (TCP pushes back on the client)
+MAX_CLAIMING_FRAMES = 64
 _HEADER_SHORT = struct.Struct("!BB").pack
 _HEADER_MEDIUM = struct.Struct("!BBH").pack
 _HEADER_LONG = struct.Struct("!BBQ").pack
@@ -144,6 +149,27 @@ class ClientConnection:
         self.key_id: str | None = None  # its key id (gateway.audit), on its tasks' records
         self.trace: Any = None  # while tracing: the upgrade request's trace context, if any
         self.closing: asyncio.Task[None] | None = None  # a close the gateway decided on
+        # shared store: frames read and waiting for their claims (Intake.claim_then), and the
+        # reader's wait for them to be dispatched
+        self.claiming = 0
+        self._settled: asyncio.Future[None] | None = None
+
+    def claimed(self) -> None:
+        """One of the frames waiting for their claims was dispatched (or given back)."""
+        self.claiming -= 1
+        settled = self._settled
+        if not self.claiming and settled is not None:
+            self._settled = None
+            if not settled.done():
+                settled.set_result(None)
+
+    async def claims_settled(self) -> None:
+        """Until every frame read before now that waits for its claims is dispatched: within
+        the store's deadline, which bounds every batch of claims."""
+        if self.claiming:
+            if self._settled is None:
+                self._settled = asyncio.get_running_loop().create_future()
+            await self._settled
 
     def send(self, frame: bytes) -> bool:
         """Queue a frame; False once the connection is closed or past its bound (the frame is
@@ -463,6 +489,7 @@ class ClientGateway:
         self, connection: ClientConnection, watchdog: IdleWatchdog, ws: web.WebSocketResponse
     ) -> None:
         """What a socket held, given back as it ends (whatever ended it)."""
+        await connection.claims_settled()  # its frames read are dispatched (or given back)
         watchdog.cancel()
         self.connections.discard(connection)
         self.metrics.client_connections.dec()
@@ -524,6 +551,7 @@ class ClientGateway:
         telemetry = intake.telemetry
         shared = intake.replication is not None
         loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # a claimed frame's dispatch logs as its socket's
         unauthenticated_limit = self.settings.max_unauthenticated_frame_bytes
         while not connection.closed:
             message = await ws.receive()
@@ -550,6 +578,19 @@ class ClientGateway:
                 answer = Answer(connection.send)
                 claims = None
                 if shared and outcomes:  # the frame's tasks claimed across replicas first
+                    held = door.session
+                    if held is not None and intake.claim_then(
+                        held.tenant,
+                        outcomes,
+                        held.uuid,
+                        self._when_claimed(context, connection, door, outcomes, answer, received),
+                        behind=connection.claiming > 0,
+                    ):
+                        connection.claiming += 1
+                        if connection.claiming >= MAX_CLAIMING_FRAMES:
+                            await connection.claims_settled()
+                        continue
+                    await connection.claims_settled()  # the frames read before it go first
                     if door.session is None:
                         await self._adopt(outcomes)
                     session = door.session.uuid if door.session is not None else None
@@ -570,6 +611,46 @@ class ClientGateway:
             elif kind == WSMsgType.ERROR:
                 log.info("client socket error", error=repr(ws.exception()))
                 return
+
+    def _when_claimed(
+        self,
+        context: contextvars.Context,
+        connection: ClientConnection,
+        door: SocketDoor,
+        outcomes: list[Any],
+        answer: Answer,
+        received: int,
+    ) -> Callable[[FrameClaims], None]:
+        """What dispatches a frame read while its claims are asked (Intake.claim_then), as
+        :meth:`_read` dispatches the others, once they are answered."""
+
+        def claimed(claims: FrameClaims) -> None:
+            context.run(self._claimed, connection, door, outcomes, answer, received, claims)
+
+        return claimed
+
+    def _claimed(
+        self,
+        connection: ClientConnection,
+        door: SocketDoor,
+        outcomes: list[Any],
+        answer: Answer,
+        received: int,
+        claims: FrameClaims,
+    ) -> None:
+        try:
+            intake = self.intake
+            if connection.closed:
+                intake.released(claims)  # none of them was used
+                return
+            intake.key_id = connection.key_id
+            telemetry = intake.telemetry
+            if telemetry is not None:
+                intake.frame_trace = telemetry.frame(connection.trace, received)
+            self.dispatch(outcomes, door, answer, claims)
+            answer.flush()
+        finally:
+            connection.claimed()
 
     async def _adopt(self, outcomes: list[Any]) -> None:
         """Shared store: a session another replica held is made this one's before the frame's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from msgspec import UNSET
@@ -172,6 +173,43 @@ class Intake:
                 claims.unavailable = str(exc)
                 claims.won.clear()
         return claims
+
+    def claim_then(
+        self,
+        tenant: str,
+        outcomes: list[Outcome],
+        session: str,
+        then: Callable[[FrameClaims], None],
+        *,
+        behind: bool,
+    ) -> bool:
+        """:meth:`claim` without a wait, for a frame of an authenticated socket, ``behind``
+        others of its socket still waiting for theirs: ``then`` gets its claims once they are
+        answered, after theirs (gateway.replication). False, and nothing done, for a frame that
+        needs more than its claims before its dispatch (an authentication, a poll of a task
+        another replica runs, a tenant whose rate is counted in the store: :meth:`claim` is
+        for those), and for one with nothing to claim and no frame ahead of it (dispatched at
+        once)."""
+        replication = self.replication
+        if replication is None:
+            return False
+        policy = self.checked.get(tenant)
+        if policy is not None and policy.rate is not None:
+            return False
+        lookup = self.registry.lookup
+        claiming = behind
+        for o in outcomes:
+            if type(o) is ImageTask:
+                claiming = True
+            elif type(o) is Authentication or (
+                type(o) is GetResponse and lookup(tenant, o.taskUUID) is None
+            ):
+                return False
+        if claiming:
+            replication.claim_then(
+                tenant, outcomes, then, session=session, created=self.registry.now()
+            )
+        return claiming
 
     def released(self, claims: FrameClaims) -> None:
         """After the dispatch: the claims its refused tasks did not use go back."""

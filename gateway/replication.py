@@ -55,6 +55,10 @@ __all__ = ["FrameClaims", "Replication", "links_key"]
 log = structlog.get_logger("tenebra.replication")
 
 
+# what a frame's claims hear of its batch: which of them were won, or why none was asked
+ClaimAnswer = Callable[[list[bool] | StoreUnavailable], None]
+
+
 def links_key(redis: RedisConnection, replica: str) -> str:
     """A replica's provider sessions: link index -> connectionSessionUUID (gateway.takeover)."""
     return redis.key("links", key_part(replica))
@@ -95,8 +99,8 @@ class Replication:
         self._stored: set[str] = set()
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
-        # frames waiting for their claims: their new records, the answer
-        self._claims: list[tuple[list[TaskRecord], asyncio.Future[list[bool]]]] = []
+        # frames waiting for their claims: their new records, who hears the answer
+        self._claims: list[tuple[list[TaskRecord], ClaimAnswer]] = []
         self._claiming: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
@@ -116,30 +120,28 @@ class Replication:
         load the records of its getResponse tasks that are not ``is_local`` (a round trip of
         their own: polls of other replicas' tasks are few). The claims of every frame waiting
         in one loop turn go in one batch, which writes the records of the claims won."""
-        claims = FrameClaims(tenant)
-        new_uuid = self._new_uuid
-        wanted = [
-            TaskRecord(
-                tenant=tenant,
-                task=o,
-                upstream_uuid=new_uuid(),
-                created=created,
-                session=session if o.deliveryMethod == "sync" else None,
-            )
-            for o in outcomes
-            if type(o) is ImageTask
-        ]
+        outcomes = list(outcomes)
+        wanted = self._wanted(tenant, outcomes, session, created)
         polled = [
             o.taskUUID for o in outcomes if type(o) is GetResponse and not is_local(o.taskUUID)
         ]
+        claims = FrameClaims(tenant)
+        if wanted:
+            future: asyncio.Future[list[bool] | StoreUnavailable] = (
+                asyncio.get_running_loop().create_future()
+            )
+
+            def answered(won: list[bool] | StoreUnavailable) -> None:
+                if not future.cancelled():
+                    future.set_result(won)
+                elif not isinstance(won, StoreUnavailable):  # its socket closed meanwhile
+                    self.release_unused(self._sorted(tenant, wanted, won), lambda _: False)
+
+            self._enqueue(wanted, answered)
+            claims = self._sorted(tenant, wanted, await future)
+            if claims.unavailable is not None:
+                return claims
         try:
-            if wanted:
-                won = await self._claim_batched(wanted)
-                for record, ok in zip(wanted, won, strict=True):
-                    if ok:
-                        claims.won[record.task_uuid] = record
-                    elif record.task_uuid not in claims.won:
-                        claims.lost.add(record.task_uuid)
             for task_uuid in polled:
                 loaded = await self.shared.load(tenant, task_uuid)
                 if loaded is not None:
@@ -151,19 +153,72 @@ class Replication:
                 claims.won.clear()
             claims.unavailable = str(exc)
             return claims
-        self.healthy = True
+        if polled:
+            self.healthy = True
         return claims
 
-    async def _claim_batched(self, records: list[TaskRecord]) -> list[bool]:
-        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._claims.append((records, future))
+    def claim_then(
+        self,
+        tenant: str,
+        outcomes: Iterable[Outcome],
+        then: Callable[[FrameClaims], None],
+        *,
+        session: str | None,
+        created: float,
+    ) -> None:
+        """``claim`` without a wait, for a frame with no getResponse to load: ``then`` gets its
+        claims once its batch is answered, the frames of every call in the order of the calls
+        (a frame with nothing to claim too). The socket that read the frame goes on reading
+        meanwhile: the frames it reads in one loop turn share one batch, their dispatch one
+        call, their answers one write."""
+        wanted = self._wanted(tenant, outcomes, session, created)
+        self._enqueue(wanted, lambda won: then(self._sorted(tenant, wanted, won)))
+
+    def _wanted(
+        self, tenant: str, outcomes: Iterable[Outcome], session: str | None, created: float
+    ) -> list[TaskRecord]:
+        """The records of a frame's image tasks, to be claimed."""
+        new_uuid = self._new_uuid
+        return [
+            TaskRecord(
+                tenant=tenant,
+                task=o,
+                upstream_uuid=new_uuid(),
+                created=created,
+                session=session if o.deliveryMethod == "sync" else None,
+            )
+            for o in outcomes
+            if type(o) is ImageTask
+        ]
+
+    def _sorted(
+        self, tenant: str, wanted: list[TaskRecord], won: list[bool] | StoreUnavailable
+    ) -> FrameClaims:
+        """A frame's claims as its batch answered them."""
+        claims = FrameClaims(tenant)
+        if isinstance(won, StoreUnavailable):
+            self._unhealthy(won)
+            claims.unavailable = str(won)
+            return claims
+        if wanted:
+            self.healthy = True
+        for record, ok in zip(wanted, won, strict=True):
+            if ok:
+                claims.won[record.task_uuid] = record
+            elif record.task_uuid not in claims.won:
+                claims.lost.add(record.task_uuid)
+        return claims
+
+    def _enqueue(self, records: list[TaskRecord], answered: ClaimAnswer) -> None:
+        self._claims.append((records, answered))
         if self._claiming is None:
             self._claiming = asyncio.get_running_loop().create_task(self._claim_all())
-        return await future
 
     async def _claim_all(self) -> None:
         """One claim batch at a time, for every frame that waits: under load a few hundred
-        claims share a round trip instead of paying one each."""
+        claims share a round trip instead of paying one each. Every frame hears, in order,
+        whatever becomes of its batch."""
+        batch: list[tuple[list[TaskRecord], ClaimAnswer]] = []
         try:
             while self._claims:
                 await asyncio.sleep(0)  # the frames read in this loop turn join
@@ -175,25 +230,25 @@ class Replication:
                     if not isinstance(exc, StoreUnavailable):
                         log.exception("claims failed")
                         exc = StoreUnavailable(repr(exc))
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    for _, answered in batch:
+                        _answer(answered, exc)
+                    batch = []
                     continue
                 for record, ok in zip(records, won, strict=True):
                     if ok:  # written whole: its next writes carry its state alone
                         self._stored.add(record.upstream_uuid)
                 start = 0
-                for wanted, future in batch:
-                    mine = won[start : start + len(wanted)]
-                    start += len(wanted)
-                    if future.cancelled():  # its socket closed meanwhile: give back what it won
-                        frame = FrameClaims(wanted[0].tenant)
-                        frame.won = {
-                            r.task_uuid: r for r, ok in zip(wanted, mine, strict=True) if ok
-                        }
-                        self.release_unused(frame, lambda _: False)
-                    else:
-                        future.set_result(mine)
+                for wanted, answered in batch:
+                    end = start + len(wanted)
+                    _answer(answered, won[start:end])
+                    start = end
+                batch = []
+        except asyncio.CancelledError:  # the gateway stops: no frame is left waiting
+            stopped = StoreUnavailable("the gateway is stopping")
+            for _, answered in [*batch, *self._claims]:
+                _answer(answered, stopped)
+            self._claims = []
+            raise
         finally:
             self._claiming = None
 
@@ -290,6 +345,8 @@ class Replication:
                     batch.update(self._dirty)
                     self._dirty = batch
                     _run(after)
+                    missing = None
+                if missing is None:  # not in the handler: see UpstreamLink._connection
                     await asyncio.sleep(next(delays))
                     continue
                 for write in writes:
@@ -334,6 +391,13 @@ class Replication:
         task = asyncio.get_running_loop().create_task(step)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _answer(answered: ClaimAnswer, won: list[bool] | StoreUnavailable) -> None:
+    try:
+        answered(won)
+    except Exception:  # one frame's bug must not keep the batch's other frames waiting
+        log.exception("a frame's claims could not be handed on")
 
 
 def _run(steps: list[Callable[[], None]]) -> None:

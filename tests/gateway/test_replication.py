@@ -282,3 +282,32 @@ async def test_a_fenced_replica_stops_without_failing_the_tasks_another_took(
     assert record.open  # not failed: the other replica answers for it
     await asyncio.sleep(200 * MS)
     assert (await b.replication.load("alpha", body["taskUUID"])).open
+
+
+async def test_frames_sent_back_to_back_are_answered_in_their_order(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """A socket's frames that wait for their claims together (Intake.claim_then) are dispatched
+    in the order they came, a frame that cannot wait with them (a getResponse of a task they
+    carry) after them, and a taskUUID twice among them is a conflict the second time."""
+    a, _ = pair
+    client = await connect(http, a.url)
+    await client.auth(ALPHA)
+    bodies = [task(deliveryMethod="async") for _ in range(12)]
+    sent: list[tuple[str, str]] = []
+    for i, body in enumerate(bodies):
+        await client.send(body)
+        sent.append(("ack", body["taskUUID"]))
+        if i % 3 == 2:
+            await client.send({"taskType": "getResponse", "taskUUID": body["taskUUID"]})
+            sent.append(("poll", body["taskUUID"]))
+    await client.send(bodies[0])
+    sent.append(("conflictTaskUUID", bodies[0]["taskUUID"]))
+    seen: list[tuple[str, str]] = []
+    while len(seen) < len(sent):
+        frame = await client.recv()
+        for item in frame.get("data", []):  # a poll's answer has a status, an ack none
+            seen.append(("poll" if "status" in item else "ack", item["taskUUID"]))
+        for error in frame.get("errors", []):
+            seen.append((error["code"], error["taskUUID"]))
+    assert seen == sent
