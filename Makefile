@@ -71,10 +71,9 @@ chromium:
 # sources stay pure Python (what `make run` and the unit tests run; no extension module can shadow
 # an edit). The benchmarks run tenebra from the copy (BENCH_COMPILED), and unit-compiled runs the
 # tests of the compiled modules against it. Not compiled: modules that define msgspec Structs
-# (mypyc builds a subclass as a plain class and loses its options), and the Redis store's
-# (replication, store/redis.py, store/connection.py: little gain, and code that awaits while it
-# handles an exception, which mypyc leaves current for every other coroutine meanwhile; see
-# UpstreamLink._connection). The copy records a digest of the sources it was built from: the
+# (mypyc builds a subclass as a plain class and loses its options). A compiled module never
+# awaits in an exception handler (mypyc leaves the exception current for every other coroutine
+# meanwhile; see UpstreamLink._connection). The copy records a digest of the sources it was built from: the
 # benchmarks never run a copy built from other sources. Where there is no C compiler, the
 # benchmarks say they ran pure Python and the compiled tests skip; a mypyc error fails the build.
 COMPILED_DIR     := build/compiled
@@ -83,6 +82,8 @@ COMPILED_MODULES := gateway/tasks.py gateway/store/memory.py gateway/dispatch.py
                     gateway/sessions.py gateway/clients.py gateway/upstream.py gateway/metrics.py \
                     gateway/intake.py gateway/quotas.py gateway/admission.py gateway/recovery.py \
                     gateway/console/producer.py gateway/console/bounded.py gateway/audit.py \
+                    gateway/replication.py gateway/store/redis.py gateway/store/connection.py \
+                    gateway/store/pipe.py \
                     protocol/codec.py protocol/validate.py
 COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/test_dispatch.py \
                     tests/gateway/test_clients.py tests/gateway/test_sessions.py \
@@ -95,7 +96,7 @@ COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/tes
                     tests/gateway/console/test_console.py tests/gateway/test_audit.py \
                     tests/gateway/console/test_producer.py \
                     tests/gateway/test_replication.py tests/gateway/store/test_shared_contract.py \
-                    tests/gateway/store/test_redis_tasks.py
+                    tests/gateway/store/test_redis_tasks.py tests/gateway/store/test_pipe.py
 SOURCES          := $(shell find gateway protocol -type f -not -path '*/__pycache__/*')
 
 $(COMPILED_DIR)/.compiled: $(TEST_STAMP) $(SOURCES)

@@ -1,8 +1,9 @@
 """The one Redis connection pool of a replica, and the deadline every call to it keeps.
 
 Everything replicas share (task claims and records, limits, deliveries, sessions, the replica
-registry) goes through one :class:`RedisConnection`: at most ``max_connections`` sockets, every
-wait and read within ``deadline``, and one ``asyncio.timeout`` around each call. A Redis that
+registry) goes through one :class:`RedisConnection`: at most ``max_connections`` pooled
+sockets, and one more for the task store's batches (``pipe``, store/pipe.py), every wait and
+read within ``deadline``, and one ``asyncio.timeout`` around each call. A Redis that
 refuses, stalls or fails raises :class:`StoreUnavailable`; the caller answers
 ``serviceUnavailable`` (or retries later), it never hangs. One retry, at once, covers a pooled
 connection that a Redis restart closed.
@@ -23,6 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.store.pipe import RedisPipe
 from gateway.store.shared import StoreUnavailable
 
 __all__ = ["RedisConnection", "key_part"]
@@ -36,8 +38,11 @@ def key_part(text: str) -> str:
 
 
 class RedisConnection:
-    def __init__(self, client: aioredis.Redis, *, deadline: float, prefix: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, pipe: RedisPipe, *, deadline: float, prefix: str
+    ) -> None:
         self.client = client
+        self.pipe = pipe  # the task store's batches (store/pipe.py)
         self.deadline = deadline
         self.prefix = prefix
 
@@ -55,7 +60,9 @@ class RedisConnection:
             retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
         )
-        return cls(aioredis.Redis(connection_pool=pool), deadline=deadline, prefix=prefix)
+        client = aioredis.Redis(connection_pool=pool)
+        pipe = RedisPipe(url, deadline=deadline)
+        return cls(client, pipe, deadline=deadline, prefix=prefix)
 
     def key(self, *parts: str) -> str:
         """``prefix:part:part``; parts from clients must have been through :func:`key_part`."""
@@ -79,4 +86,5 @@ class RedisConnection:
         await self.call(lambda: self.client.ping())
 
     async def close(self) -> None:
+        await self.pipe.close()
         await self.client.aclose(close_connection_pool=True)

@@ -27,7 +27,8 @@ that ran them; an open task's next write finds its claim gone, and it is written
 Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a taskUUID
 that can be billed twice, a state evicted reads as a task just received.
 
-How a batch goes (a loop turn's claims, a flush's records): one round trip, its commands
+How a batch goes (a loop turn's claims, a flush's records): one round trip on the store's
+pipelined connection (store/pipe.py: its replies parsed in C as they arrive), its commands
 packed by hand (RESP: a batch is hundreds of arguments, which redis-py's asyncio client would
 pack one by one in Python), and one command per batch for the sets and the sorted set:
 
@@ -60,14 +61,11 @@ or fails raises ``StoreUnavailable``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
-from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import ResponseError
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
@@ -107,13 +105,16 @@ def _bytes(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data  # the client does not decode
 
 
-class Write(msgspec.Struct, frozen=True, gc=False):
+class Write:
     """One record of a flush: whole (its static part too) the first time, else its state;
     final (its retention starts) or open."""
 
-    record: TaskRecord
-    whole: bool
-    final: bool
+    __slots__ = ("final", "record", "whole")
+
+    def __init__(self, record: TaskRecord, whole: bool, final: bool) -> None:
+        self.record = record
+        self.whole = whole
+        self.final = final
 
 
 class RedisSharedTasks:
@@ -364,42 +365,22 @@ class RedisSharedTasks:
         return [upstream for upstream, ok in zip(checked, found, strict=True) if ok != 49]
 
     async def _exchange(self, commands: list[bytes], replies: int) -> list[Any]:
-        """``commands`` (packed) in one write on a pooled connection, and their ``replies``:
-        one round trip within the connection's deadline. No argument goes through redis-py's
-        packer (a Python loop over each); scripts go by their source (``EVAL``: Redis keeps
-        them compiled by their hash), so a Redis that restarted needs no second try. An error
-        reply is raised once every reply is read: the connection goes back clean."""
+        """``commands`` (packed) in one write, and their ``replies``: one round trip on the
+        store's pipelined connection (store/pipe.py) within the connection's deadline. No
+        argument goes through redis-py's packer (a Python loop over each); scripts go by their
+        source (``EVAL``: Redis keeps them compiled by their hash), so a Redis that restarted
+        needs no second try. An error reply is raised once every reply is read."""
         data = b"".join(commands)
-        return await self._call(lambda: self._send(data, replies))
+        pipe = self._redis.pipe
 
-    async def _send(self, data: bytes, replies: int) -> list[Any]:
-        pool = self._redis.client.connection_pool
-        for attempt in (1, 2):
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                await connection.send_packed_command(data, check_health=False)
-                answers: list[Any] = []
-                read = connection.read_response
-                for _ in range(replies):
-                    try:  # no timer of its own: the call's deadline bounds them all
-                        answers.append(await read(timeout=math.inf))
-                    except ResponseError as exc:
-                        answers.append(exc)
-            except (ConnectionError, TimeoutError):
-                # a pooled connection a Redis restart closed (the failed read closed it too):
-                # once more on a new one, as the client's own calls do
-                if attempt == 2:
-                    raise
-                continue
-            finally:
-                # shielded: a deadline that fell here would leave the connection counted in
-                # use for good, and 32 of them would take the whole pool
-                await asyncio.shield(pool.release(connection))
+        async def exchange() -> list[Any]:
+            answers = await pipe.exchange(data, replies)
             for answer in answers:
                 if isinstance(answer, ResponseError):
                     raise answer
             return answers
-        raise AssertionError("unreachable")
+
+        return await self._call(exchange)
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
         """One round trip: the claim, then the state of the record it names."""

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import gateway.store.redis
 from gateway.store.base import TaskRecord, TaskState
 from gateway.store.redis import RedisSharedTasks, Write
 from gateway.store.shared import StoreUnavailable
 from protocol.frames import ImageResult
+from tests.compiled import pure_python_only
 from tests.gateway.store.test_shared_contract import record
 from tests.timing import MS
 
@@ -165,6 +167,7 @@ async def test_a_batch_sent_again_after_a_dropped_reply_wins_its_own_claims(
     assert members == {store.member(mine.tenant, mine.task_uuid, mine.upstream_uuid)}
 
 
+@pure_python_only(gateway.store.redis)
 async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
     store: RedisSharedTasks, monkeypatch: pytest.MonkeyPatch
 ) -> None:

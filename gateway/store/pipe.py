@@ -1,0 +1,169 @@
+"""One pipelined connection to Redis for the task store's batches (store/redis.py).
+
+A batch (a loop turn's claims, a flush's records) is hundreds of commands packed by hand and
+written at once; its replies come back as one stream of bytes. Read through redis-py's pooled
+connections, each reply cost a chain of coroutine calls in Python (a third of what the store
+cost the gateway per task); here the replies of every batch are parsed by hiredis, in C, as the
+bytes arrive (``data_received``), and a batch's caller wakes once, with all of them.
+
+Batches of concurrent callers (the claims and the flush) follow one another on the connection
+without waiting for each other: Redis answers in the order it reads, so each batch takes the
+next ``replies`` replies. A caller whose deadline passes (``RedisConnection.call``) closes the
+connection: the batches after it fail at once rather than wait behind a Redis that stalls,
+and the next batch connects again. A connection that drops fails the batches waiting on it
+(``ConnectionError``); whether Redis ran them is not known, which the store's callers allow
+for (a claim reads as its own when it carries its record's tag).
+
+Connects with the URL's address, TLS (``rediss://``), credentials and database, each step
+within the deadline. What redis-py's client does beyond that (RESP3, client-side caching,
+Sentinel) is not used by the store's batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
+
+__all__ = ["RedisPipe"]
+
+
+class _Replies(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(replyError=ResponseError)
+        # the batches written and not yet answered, in order: replies wanted, those read, waiter
+        self.waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        gets = self._reader.gets
+        waiting = self.waiting
+        while waiting:
+            wanted, answers, future = waiting[0]
+            while len(answers) < wanted:
+                reply = gets()
+                if reply is False:  # the rest of it is still on its way (RESP2 has no false)
+                    return
+                answers.append(reply)
+            waiting.popleft()
+            if not future.done():  # else its caller gave up: its replies are read all the same
+                future.set_result(answers)
+        if gets() is not False:  # a reply nobody asked for: the stream cannot be trusted
+            self.close(ConnectionError("redis sent a reply no command asked for"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(ConnectionError(f"redis closed the connection: {exc or 'end of stream'}"))
+
+    def close(self, reason: Exception) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
+        while self.waiting:
+            _, _, future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(reason)
+
+
+class RedisPipe:
+    def __init__(self, url: str, *, deadline: float) -> None:
+        self._options: dict[str, Any] = dict(parse_url(url))
+        self._deadline = deadline
+        self._replies: _Replies | None = None
+        self._connecting = asyncio.Lock()
+
+    async def exchange(self, data: bytes, replies: int) -> list[Any]:
+        """Write ``data`` (packed commands) and return their ``replies`` replies, error replies
+        as ``ResponseError`` in their place. A connection a Redis restart closed is replaced,
+        and the batch written on it once more (at most once)."""
+        for attempt in (1, 2):
+            protocol = self._replies
+            if protocol is None or protocol.lost:
+                protocol = await self._connect()
+            try:
+                return await self._write(protocol, data, replies)
+            except ConnectionError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _write(self, protocol: _Replies, data: bytes, replies: int) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if protocol.lost or protocol.transport is None:
+            raise ConnectionError("redis connection closed")
+        protocol.waiting.append((replies, [], future))
+        protocol.transport.write(data)
+        try:
+            return await future
+        except asyncio.CancelledError:  # a deadline: what follows must not wait behind it
+            protocol.close(ConnectionError("an earlier batch on the connection timed out"))
+            raise
+
+    async def _connect(self) -> _Replies:
+        async with self._connecting:  # one connection for every caller that finds none
+            protocol = self._replies
+            if protocol is not None and not protocol.lost:
+                return protocol
+            options = self._options
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self._deadline):
+                if "path" in options:
+                    _, protocol = await loop.create_unix_connection(_Replies, options["path"])
+                else:
+                    _, protocol = await loop.create_connection(
+                        _Replies,
+                        options.get("host", "localhost"),
+                        options.get("port", 6379),
+                        ssl=_tls(options),
+                    )
+                await self._hello(protocol, options)
+            self._replies = protocol
+            return protocol
+
+    async def _hello(self, protocol: _Replies, options: dict[str, Any]) -> None:
+        """Credentials and database, as the URL gives them."""
+        commands: list[list[bytes]] = []
+        password = options.get("password")
+        if password is not None:
+            username = options.get("username")
+            auth = [b"AUTH", *([username.encode()] if username else []), password.encode()]
+            commands.append(auth)
+        db = int(options.get("db", 0) or 0)
+        if db:
+            commands.append([b"SELECT", b"%d" % db])
+        if not commands:
+            return
+        data = b"".join(
+            b"*%d\r\n%b" % (len(c), b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in c))
+            for c in commands
+        )
+        for answer in await self._write(protocol, data, len(commands)):
+            if isinstance(answer, ResponseError):
+                protocol.close(ConnectionError("redis refused the connection's setup"))
+                raise AuthenticationError(str(answer))
+
+    async def close(self) -> None:
+        protocol, self._replies = self._replies, None
+        if protocol is not None:
+            protocol.close(ConnectionError("the store is closing"))
+
+
+def _tls(options: dict[str, Any]) -> ssl.SSLContext | None:
+    """``rediss://``: TLS, checking the server's certificate unless the URL says
+    ``ssl_cert_reqs=none``."""
+    if options.get("connection_class") is None or "SSL" not in options["connection_class"].__name__:
+        return None
+    context = ssl.create_default_context()
+    if str(options.get("ssl_cert_reqs", "required")).lower() == "none":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

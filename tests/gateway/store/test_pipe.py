@@ -1,0 +1,125 @@
+"""The task store's pipelined connection (gateway/store/pipe.py), against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError
+
+from gateway.store.connection import RedisConnection
+from gateway.store.pipe import RedisPipe
+from gateway.store.shared import StoreUnavailable
+from tests.timing import MS
+
+
+def packed(*command: str) -> bytes:
+    args = [a.encode() for a in command]
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+@pytest.fixture
+async def pipe(redis_url: str) -> AsyncIterator[RedisPipe]:
+    pipe = RedisPipe(redis_url, deadline=2000 * MS)
+    try:
+        yield pipe
+    finally:
+        await pipe.close()
+
+
+async def test_concurrent_batches_each_get_their_own_replies(pipe: RedisPipe) -> None:
+    key = f"test-{uuid.uuid4().hex}"
+
+    async def batch(n: int) -> list[Any]:
+        data = b"".join(packed("INCR", key) for _ in range(n)) + packed("ECHO", f"end {n}")
+        return await pipe.exchange(data, n + 1)
+
+    answers = await asyncio.gather(*(batch(n) for n in (3, 1, 50, 2)))
+    for n, replies in zip((3, 1, 50, 2), answers, strict=True):
+        assert len(replies) == n + 1 and replies[-1] == f"end {n}".encode()
+    counts = [c for replies in answers for c in replies[:-1]]
+    assert sorted(counts) == list(range(1, 57))  # every INCR once, each reply to its batch
+
+
+async def test_an_error_reply_takes_its_place_and_the_batch_goes_on(pipe: RedisPipe) -> None:
+    key = f"test-{uuid.uuid4().hex}"
+    data = packed("SET", key, "text") + packed("INCR", key) + packed("GET", key)
+    ok, error, value = await pipe.exchange(data, 3)
+    assert ok == b"OK" and isinstance(error, ResponseError) and value == b"text"
+
+
+async def test_a_dropped_connection_is_replaced_and_the_batch_goes_again(
+    pipe: RedisPipe, redis_url: str
+) -> None:
+    [mine] = await pipe.exchange(packed("CLIENT", "ID"), 1)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await admin.client_kill_filter(_id=str(mine)) == 1  # as a Redis restart would
+    finally:
+        await admin.aclose()
+    [again] = await pipe.exchange(packed("CLIENT", "ID"), 1)
+    assert again != mine
+
+
+async def test_a_batch_past_its_deadline_closes_the_connection_for_those_after_it(
+    redis_url: str,
+) -> None:
+    """Redis stalls (CLIENT PAUSE): the call's deadline raises StoreUnavailable, and once Redis
+    answers again the next batch goes on a new connection, not behind the stalled one."""
+    connection = RedisConnection.from_url(redis_url, deadline=50 * MS)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        pipe = connection.pipe
+        [before] = await pipe.exchange(packed("CLIENT", "ID"), 1)
+        await admin.client_pause(400, all=False)  # holds writes; PING and CLIENT ID are reads
+        key = f"test-{uuid.uuid4().hex}"
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            await connection.call(lambda: pipe.exchange(packed("SET", key, "1"), 1))
+        await admin.client_unpause()
+        [after] = await connection.call(lambda: pipe.exchange(packed("CLIENT", "ID"), 1))
+        assert after != before
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+        await connection.close()
+
+
+async def test_credentials_and_database_come_from_the_url(redis_url: str) -> None:
+    admin = aioredis.Redis.from_url(redis_url)
+    user, secret = f"piper-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    address = urlsplit(redis_url).netloc
+    await admin.acl_setuser(
+        user, enabled=True, passwords=[f"+{secret}"], keys=["*"], commands=["+@all"]
+    )
+    pipe = RedisPipe(f"redis://{user}:{secret}@{address}/5", deadline=2000 * MS)
+    wrong = RedisPipe(f"redis://{user}:not-{secret}@{address}/0", deadline=2000 * MS)
+    try:
+        key = f"test-{uuid.uuid4().hex}"
+        assert await pipe.exchange(packed("SET", key, "in five"), 1) == [b"OK"]
+        assert await admin.get(key) is None
+        assert await aioredis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5").get(key) == (
+            b"in five"
+        )
+        with pytest.raises(AuthenticationError):
+            await wrong.exchange(packed("PING"), 1)
+    finally:
+        await pipe.close()
+        await wrong.close()
+        await admin.acl_deluser(user)
+        await admin.aclose()
+
+
+async def test_a_reply_nobody_asked_for_closes_the_connection(pipe: RedisPipe) -> None:
+    """A batch that says it wants fewer replies than it gets (a bug) must not shift the replies
+    of the batches after it: once the stray reply is in, the connection is closed, and the next
+    batch has a new one."""
+    [before] = await pipe.exchange(packed("CLIENT", "ID"), 1)
+    assert await pipe.exchange(packed("PING") + packed("PING"), 1) == [b"PONG"]
+    await asyncio.sleep(100 * MS)  # the stray reply arrives
+    [after] = await pipe.exchange(packed("CLIENT", "ID"), 1)
+    assert isinstance(after, int) and after != before
