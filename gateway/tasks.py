@@ -174,9 +174,10 @@ class TaskRegistry:
     ) -> TaskRecord | ErrorItem:
         """A new task of ``tenant``, or the error that refuses it (conflict, capacity); the
         record ``claimed`` with it in the shared store, where there is one."""
-        if self.store.get(tenant, task.taskUUID) is not None:
-            return conflict(task.taskUUID)
-        if self.store.open_count >= self.max_open:
+        store = self.store
+        if store.open_count >= self.max_open:
+            if store.get(tenant, task.taskUUID) is not None:
+                return conflict(task.taskUUID)
             return error_item(
                 "rateLimitExceeded",
                 message=f"The gateway holds {self.max_open} open tasks. Retry with backoff.",
@@ -186,7 +187,8 @@ class TaskRegistry:
         record = claimed or TaskRecord(
             tenant=tenant, task=task, upstream_uuid=self.new_uuid(), created=self._clock()
         )
-        self.store.add(record)
+        if not store.add(record):  # the check for a conflict is the insert itself
+            return conflict(task.taskUUID)
         if subscriber is not None:
             self._subscribers[record.upstream_uuid] = [subscriber]
         return record

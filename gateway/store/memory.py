@@ -27,10 +27,10 @@ class MemoryTaskStore:
         self._finished: OrderedDict[str, TaskRecord] = OrderedDict()  # in order of finishing
 
     def add(self, record: TaskRecord) -> bool:
+        # one probe of the largest dict (every record kept), not a test and then an insert
         key = _key(record.tenant, record.task.taskUUID)
-        if key in self._by_key:
+        if self._by_key.setdefault(key, record) is not record:
             return False
-        self._by_key[key] = record
         self._by_upstream[record.upstream_uuid] = record
         self._open[record.upstream_uuid] = record
         return True
