@@ -377,7 +377,9 @@ class SocketDoor:
             if record.code == "conflictTaskUUID":
                 intake.rejoin(tenant, task, session)
             return record
-        if record.open:  # it may have failed already (a full queue): settled, not running
+        if (
+            record.finished is None
+        ):  # it may have failed already (a full queue): settled, not running
             session.open_tasks.add(record.upstream_uuid)
             record.session = session.uuid
         return None

@@ -274,7 +274,7 @@ class Intake:
         new socket gets the rest of its results too. This is what an SDK does after a dropped
         socket (send the same taskUUID again), and it ends with the results, not a 30 s poll."""
         record = self.registry.lookup(tenant, task.taskUUID)
-        if record is None or not record.open or record.task != task:
+        if record is None or record.finished is not None or record.task != task:
             return False
         self.registry.subscribe(record, subscriber)
         return True

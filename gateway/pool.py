@@ -185,7 +185,7 @@ class UpstreamPool:
             if taken is None:
                 return  # every tenant with tasks waiting is at its own max_in_flight
             tenant, record = taken
-            if not record.open:
+            if record.finished is not None:
                 queue.finished(tenant)
                 continue
             self._out.add(record.upstream_uuid)
@@ -228,7 +228,7 @@ class UpstreamPool:
 
     def _retry(self, record: TaskRecord) -> None:
         """Back to the front of its tenant's line, unless it ended or cannot go any more."""
-        if not record.open:
+        if record.finished is not None:
             return
         if self.refused:
             self._fail(record, "serviceUnavailable", KEY_REFUSED)
@@ -240,7 +240,7 @@ class UpstreamPool:
         self.registry.fail(
             record,
             error_item(code, message=message, task_type="imageInference",
-                       task_uuid=record.task_uuid),
+                       task_uuid=record.task.taskUUID),
         )  # fmt: skip
 
     def _settled(self, record: TaskRecord) -> None:
@@ -306,8 +306,10 @@ class UpstreamPool:
         horizon = self.registry.now() - deadline
         outage = down_since is not None and down_since <= horizon
         message = f"No provider link for {deadline:g} s. Retry with backoff."
-        for record in self.queue.expire(lambda r: not r.open or (outage and r.created <= horizon)):
-            if record.open:
+        for record in self.queue.expire(
+            lambda r: r.finished is not None or (outage and r.created <= horizon)
+        ):
+            if record.finished is None:
                 self._fail(record, "serviceUnavailable", message)
 
 

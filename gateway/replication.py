@@ -204,9 +204,9 @@ class Replication:
             self.healthy = True
         for record, ok in zip(wanted, won, strict=True):
             if ok:
-                claims.won[record.task_uuid] = record
-            elif record.task_uuid not in claims.won:
-                claims.lost.add(record.task_uuid)
+                claims.won[record.task.taskUUID] = record
+            elif record.task.taskUUID not in claims.won:
+                claims.lost.add(record.task.taskUUID)
         return claims
 
     def _enqueue(self, records: list[TaskRecord], answered: ClaimAnswer) -> None:
@@ -317,7 +317,7 @@ class Replication:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
     def _shed(self) -> None:
-        finished = [u for u, r in self._dirty.items() if not r.open]
+        finished = [u for u, r in self._dirty.items() if r.finished is not None]
         for upstream_uuid in finished[: len(self._dirty) - self.max_pending]:
             del self._dirty[upstream_uuid]
             self._stored.discard(upstream_uuid)
@@ -331,7 +331,9 @@ class Replication:
                 batch, self._dirty = self._dirty, {}
                 after, self._after = self._after, []
                 stored = self._stored
-                writes = [Write(r, u not in stored, not r.open) for u, r in batch.items()]
+                writes = [
+                    Write(r, u not in stored, r.finished is not None) for u, r in batch.items()
+                ]
                 try:
                     missing = await self.shared.write(
                         writes, retention=self.retention, replica=self.replica

@@ -126,7 +126,7 @@ class TaskRegistry:
 
     def move(self, record: TaskRecord, state: TaskState) -> None:
         if state not in TRANSITIONS[record.state]:
-            raise IllegalTransition(f"{record.task_uuid}: {record.state} -> {state}")
+            raise IllegalTransition(f"{record.task.taskUUID}: {record.state} -> {state}")
         record.state = state
         if self.moved is not None:
             self.moved(record, state)
@@ -205,7 +205,7 @@ class TaskRegistry:
         return True
 
     def subscribe(self, record: TaskRecord, subscriber: Subscriber) -> None:
-        if not record.open:
+        if record.finished is not None:
             subscriber.settled(record)
             return
         subscribers = self._subscribers.setdefault(record.upstream_uuid, [])
@@ -269,11 +269,11 @@ class TaskRegistry:
         if record is None or record.state not in AT_PROVIDER:
             self._metrics.stray_items.inc()
             return
-        self.fail(record, msgspec.structs.replace(error, taskUUID=record.task_uuid))
+        self.fail(record, msgspec.structs.replace(error, taskUUID=record.task.taskUUID))
 
     def fail(self, record: TaskRecord, error: ErrorItem) -> None:
         """End a task with ``error``, told to its subscribers."""
-        if record.open:
+        if record.finished is None:
             self._end(record, error, S.FAILED)
 
     def _end(self, record: TaskRecord, error: ErrorItem, state: TaskState) -> None:
@@ -300,9 +300,9 @@ class TaskRegistry:
         missing = record.task.numberResults - len(record.results)
         if record.error is not None:
             errors.append(msgspec.structs.replace(record.error, status="error"))
-        elif missing > 0 and record.open:
+        elif missing > 0 and record.finished is None:
             data.extend(
-                ProcessingItem(taskType="imageInference", taskUUID=record.task_uuid)
+                ProcessingItem(taskType="imageInference", taskUUID=record.task.taskUUID)
                 for _ in range(missing)
             )
         return data, errors
@@ -328,7 +328,7 @@ class TaskRegistry:
                 "timeoutProvider",
                 message=message,
                 task_type="imageInference",
-                task_uuid=record.task_uuid,
+                task_uuid=record.task.taskUUID,
             )
             self._end(record, error, S.EXPIRED)
         return len(late)

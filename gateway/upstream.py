@@ -306,7 +306,7 @@ class UpstreamLink:
         """The provider answered a recovery poll with taskNotFound: resend, fail, or ignore,
         as the recovery rules say."""
         record = self.registry.store.by_upstream(upstream_uuid)
-        if record is None or not record.open:
+        if record is None or record.finished is not None:
             return
         verdict = self.recovery.not_found(
             upstream_uuid, sends=record.sends, resend_queued=record in self.outbox
@@ -451,7 +451,7 @@ class UpstreamLink:
                 batch.append(self._polls.popleft())
             while self.outbox and len(batch) < limit:
                 record = self.outbox.popleft()
-                if not record.open:
+                if record.finished is not None:
                     continue  # failed while it waited (its deadline, a shutdown)
                 # handed to the provider from here on: after a failed send it is recovered by
                 # getResponse, and sent again only if the provider says it never arrived

@@ -70,6 +70,8 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     # deliveries join it, here or on the replica that takes it over
     trace: str | None = None
 
+    # the modules compiled with mypyc (the Makefile's COMPILED_MODULES) read ``task.taskUUID``
+    # and ``finished is None`` instead: a property is a call into Python from compiled code
     @property
     def task_uuid(self) -> str:
         return self.task.taskUUID

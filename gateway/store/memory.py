@@ -60,7 +60,7 @@ class MemoryTaskStore:
         return gone
 
     def _forget(self, record: TaskRecord) -> None:
-        self._by_key.pop(_key(record.tenant, record.task_uuid), None)
+        self._by_key.pop(_key(record.tenant, record.task.taskUUID), None)
         self._by_upstream.pop(record.upstream_uuid, None)
 
     def open_records(self) -> list[TaskRecord]:

@@ -232,7 +232,7 @@ class RedisSharedTasks:
         tags: list[bytes] = []
         for record in records:
             tag = _tag(record.upstream_uuid)
-            key = self._claim_key(record.tenant, record.task_uuid)
+            key = self._claim_key(record.tenant, record.task.taskUUID)
             value = static(record)
             keys.append(key)
             tags.append(tag)
@@ -327,7 +327,7 @@ class RedisSharedTasks:
         for write in writes:
             record = write.record
             upstream = record.upstream_uuid
-            member = _bulk(_tag(upstream) + self._claim_key(record.tenant, record.task_uuid))
+            member = _bulk(_tag(upstream) + self._claim_key(record.tenant, record.task.taskUUID))
             data = state(record)
             if write.whole or (write.final and not retention_ms):
                 whole += (member, _bulk(data))
@@ -423,7 +423,7 @@ class RedisSharedTasks:
             if claim[: len(tag)] != tag or len(claim) == len(tag):
                 continue  # the taskUUID is another task's now
             record = self._joined(claim, state)
-            if record.open:
+            if record.finished is None:
                 records.append(record)
         return records
 
