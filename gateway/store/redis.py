@@ -62,15 +62,17 @@ or fails raises ``StoreUnavailable``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 from redis.exceptions import ResponseError
 
-from gateway.store.base import TaskRecord
+from gateway.store.base import TaskRecord, TaskState
 from gateway.store.connection import RedisConnection, key_part
+from gateway.store.parts import StatePart, StaticPart
 from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, WRITE
-from gateway.store.shared import RecordParts, StoreUnavailable
+from gateway.store.shared import StoreUnavailable
 
 __all__ = ["RedisSharedTasks", "Write"]
 
@@ -115,6 +117,54 @@ class Write:
         self.record = record
         self.whole = whole
         self.final = final
+
+
+class RecordParts:
+    """A record as two MessagePack arrays: what never changes, written once, and its state,
+    written at each change (store/redis.py). A record with no state written yet is as it was
+    received (``fresh``): a claim writes its static part alone."""
+
+    def __init__(self) -> None:
+        self._encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
+        self._static = msgspec.msgpack.Decoder(StaticPart)
+        self._state = msgspec.msgpack.Decoder(StatePart)
+
+    @staticmethod
+    def fresh(r: TaskRecord) -> bool:
+        """Whether ``r``'s state is what a record without a state reads as (``join``): every
+        state field at the record's default."""
+        return (
+            r.state is TaskState.RECEIVED and r.finished is None and r.link is None
+            and not r.window_epoch and not r.sends and not r.results and r.error is None
+            and not r.deliveries and r.key_id is None and not r.cost and r.trace is None
+        )  # fmt: skip
+
+    def static(self, r: TaskRecord) -> bytes:
+        return self._encode(StaticPart(r.tenant, r.task, r.upstream_uuid, r.created, r.session))
+
+    def state(self, r: TaskRecord) -> bytes:
+        return self._encode(
+            StatePart(
+                r.state, r.finished, r.link, r.window_epoch, r.sends, r.results, r.error,
+                r.deliveries, r.key_id, r.cost, r.trace,
+            )
+        )  # fmt: skip
+
+    def join(self, static: bytes, state: bytes | None) -> TaskRecord:
+        """The record of its two parts; with no state, as it was received (``fresh``)."""
+        a = self._static.decode(static)
+        if state is None:
+            return TaskRecord(
+                tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
+                session=a.session,
+            )  # fmt: skip
+        b = self._state.decode(state)
+        return TaskRecord(
+            tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
+            session=a.session, state=b.state, finished=b.finished, link=b.link,
+            window_epoch=b.window_epoch, sends=b.sends, results=b.results, error=b.error,
+            deliveries=b.deliveries, key_id=b.key_id, cost=b.cost, trace=b.trace,
+        )  # fmt: skip
 
 
 class RedisSharedTasks:

@@ -33,10 +33,9 @@ from typing import Protocol
 
 import msgspec
 
-from gateway.store.base import Delivery, TaskRecord, TaskState
-from protocol.frames import ErrorItem, ImageResult, ImageTask
+from gateway.store.base import TaskRecord
 
-__all__ = ["RecordCodec", "RecordParts", "SharedTasks", "StoreUnavailable"]
+__all__ = ["RecordCodec", "SharedTasks", "StoreUnavailable"]
 
 
 class StoreUnavailable(Exception):
@@ -55,78 +54,6 @@ class RecordCodec:
 
     def decode(self, data: bytes) -> TaskRecord:
         return self._decoder.decode(data)
-
-
-class _Static(msgspec.Struct, array_like=True, gc=False):
-    tenant: str
-    task: ImageTask
-    upstream_uuid: str
-    created: float
-    session: str | None
-
-
-class _State(msgspec.Struct, array_like=True, gc=False):
-    state: TaskState
-    finished: float | None
-    link: int | None
-    window_epoch: int
-    sends: int
-    results: tuple[ImageResult, ...]
-    error: ErrorItem | None
-    deliveries: tuple[Delivery, ...]
-    # set after the claim wrote the static part (gateway.intake), so written with the state;
-    # defaults: a record written by an older version still reads
-    key_id: str | None = None
-    cost: float = 0.0
-    trace: str | None = None
-
-
-class RecordParts:
-    """A record as two MessagePack arrays: what never changes, written once, and its state,
-    written at each change (store/redis.py). A record with no state written yet is as it was
-    received (``fresh``): a claim writes its static part alone."""
-
-    def __init__(self) -> None:
-        self._encode = msgspec.msgpack.Encoder().encode
-        self._static = msgspec.msgpack.Decoder(_Static)
-        self._state = msgspec.msgpack.Decoder(_State)
-
-    @staticmethod
-    def fresh(r: TaskRecord) -> bool:
-        """Whether ``r``'s state is what a record without a state reads as (``join``): every
-        state field at the record's default."""
-        return (
-            r.state is TaskState.RECEIVED and r.finished is None and r.link is None
-            and not r.window_epoch and not r.sends and not r.results and r.error is None
-            and not r.deliveries and r.key_id is None and not r.cost and r.trace is None
-        )  # fmt: skip
-
-    def static(self, r: TaskRecord) -> bytes:
-        return self._encode(_Static(r.tenant, r.task, r.upstream_uuid, r.created, r.session))
-
-    def state(self, r: TaskRecord) -> bytes:
-        return self._encode(
-            _State(
-                r.state, r.finished, r.link, r.window_epoch, r.sends, r.results, r.error,
-                r.deliveries, r.key_id, r.cost, r.trace,
-            )
-        )  # fmt: skip
-
-    def join(self, static: bytes, state: bytes | None) -> TaskRecord:
-        """The record of its two parts; with no state, as it was received (``fresh``)."""
-        a = self._static.decode(static)
-        if state is None:
-            return TaskRecord(
-                tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
-                session=a.session,
-            )  # fmt: skip
-        b = self._state.decode(state)
-        return TaskRecord(
-            tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
-            session=a.session, state=b.state, finished=b.finished, link=b.link,
-            window_epoch=b.window_epoch, sends=b.sends, results=b.results, error=b.error,
-            deliveries=b.deliveries, key_id=b.key_id, cost=b.cost, trace=b.trace,
-        )  # fmt: skip
 
 
 class SharedTasks(Protocol):
