@@ -2,8 +2,8 @@
 
 Everything replicas share (task claims and records, limits, deliveries, sessions, the replica
 registry) goes through one :class:`RedisConnection`: at most ``max_connections`` pooled
-sockets, and one more for the task store's batches (``pipe``, store/pipe.py), every wait and
-read within ``deadline``, and one ``asyncio.timeout`` around each call. A Redis that
+sockets, and two more for the task store's batches (its claims, its writes: store/pipe.py),
+every wait and read within ``deadline``, and one ``asyncio.timeout`` around each call. A Redis that
 refuses, stalls or fails raises :class:`StoreUnavailable`; the caller answers
 ``serviceUnavailable`` (or retries later), it never hangs. One retry, at once, covers a pooled
 connection that a Redis restart closed.
@@ -38,11 +38,12 @@ def key_part(text: str) -> str:
 
 
 class RedisConnection:
-    def __init__(
-        self, client: aioredis.Redis, pipe: RedisPipe, *, deadline: float, prefix: str
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, url: str, *, deadline: float, prefix: str) -> None:
         self.client = client
-        self.pipe = pipe  # the task store's batches (store/pipe.py)
+        # the task store's batches (store/pipe.py): its claims on a connection of their own,
+        # so that a new task never waits behind a long flush of records
+        self.claims = RedisPipe(url, deadline=deadline)
+        self.writes = RedisPipe(url, deadline=deadline)
         self.deadline = deadline
         self.prefix = prefix
 
@@ -60,9 +61,7 @@ class RedisConnection:
             retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
         )
-        client = aioredis.Redis(connection_pool=pool)
-        pipe = RedisPipe(url, deadline=deadline)
-        return cls(client, pipe, deadline=deadline, prefix=prefix)
+        return cls(aioredis.Redis(connection_pool=pool), url, deadline=deadline, prefix=prefix)
 
     def key(self, *parts: str) -> str:
         """``prefix:part:part``; parts from clients must have been through :func:`key_part`."""
@@ -86,5 +85,6 @@ class RedisConnection:
         await self.call(lambda: self.client.ping())
 
     async def close(self) -> None:
-        await self.pipe.close()
+        await self.claims.close()
+        await self.writes.close()
         await self.client.aclose(close_connection_pool=True)

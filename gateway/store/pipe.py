@@ -27,7 +27,7 @@ from collections import deque
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
 __all__ = ["RedisPipe"]
@@ -80,19 +80,24 @@ class RedisPipe:
         self._deadline = deadline
         self._replies: _Replies | None = None
         self._connecting = asyncio.Lock()
+        self._closed = False
 
     async def exchange(self, data: bytes, replies: int) -> list[Any]:
         """Write ``data`` (packed commands) and return their ``replies`` replies, error replies
         as ``ResponseError`` in their place. A connection a Redis restart closed is replaced,
-        and the batch written on it once more (at most once)."""
+        and the batch written on it once more (at most once); not once the pipe is closed."""
+        if replies <= 0:
+            raise ValueError("a batch waits for at least one reply")
         for attempt in (1, 2):
+            if self._closed:
+                raise ConnectionError("the store is closing")
             protocol = self._replies
             if protocol is None or protocol.lost:
                 protocol = await self._connect()
             try:
                 return await self._write(protocol, data, replies)
             except ConnectionError:
-                if attempt == 2:
+                if attempt == 2 or self._closed:
                     raise
         raise AssertionError("unreachable")
 
@@ -126,6 +131,9 @@ class RedisPipe:
                         ssl=_tls(options),
                     )
                 await self._hello(protocol, options)
+            if self._closed:  # closed while this connected: it is not kept
+                protocol.close(ConnectionError("the store is closing"))
+                raise ConnectionError("the store is closing")
             self._replies = protocol
             return protocol
 
@@ -152,18 +160,20 @@ class RedisPipe:
                 raise AuthenticationError(str(answer))
 
     async def close(self) -> None:
+        """For good: the batches waiting fail, and no batch connects again."""
+        self._closed = True
         protocol, self._replies = self._replies, None
         if protocol is not None:
             protocol.close(ConnectionError("the store is closing"))
 
 
 def _tls(options: dict[str, Any]) -> ssl.SSLContext | None:
-    """``rediss://``: TLS, checking the server's certificate unless the URL says
-    ``ssl_cert_reqs=none``."""
-    if options.get("connection_class") is None or "SSL" not in options["connection_class"].__name__:
+    """``rediss://``: the TLS context redis-py builds for its own connections from the URL's
+    options (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_cert_reqs``, ``ssl_check_hostname`` ...),
+    so that the pooled connections and this one verify alike."""
+    kind = options.get("connection_class")
+    if kind is None or not issubclass(kind, SSLConnection):
         return None
-    context = ssl.create_default_context()
-    if str(options.get("ssl_cert_reqs", "required")).lower() == "none":
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    settings = {k: v for k, v in options.items() if k != "connection_class"}
+    context: ssl.SSLContext = kind(**settings).ssl_context.get()
     return context

@@ -71,12 +71,17 @@ from redis.exceptions import ResponseError
 from gateway.store.base import TaskRecord, TaskState
 from gateway.store.connection import RedisConnection, key_part
 from gateway.store.parts import StatePart, StaticPart
+from gateway.store.pipe import RedisPipe
 from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, WRITE
 from gateway.store.shared import StoreUnavailable
 
 __all__ = ["RedisSharedTasks", "Write"]
 
 DAY = 86_400.0
+# records per round trip of a flush or a takeover's read: the records dirty after a long outage
+# (up to ``max_pending``), a dead replica's open ones, go in pieces, each within the deadline,
+# not in one round trip that never can
+BATCH = 2_000
 
 _CHECK_SOURCE, _WRITE_SOURCE = CHECK.encode(), WRITE.encode()
 
@@ -258,7 +263,8 @@ class RedisSharedTasks:
             _command(b"SET", self.claim_key(t, task).encode(), _tag(up), b"NX", b"PX", self._ttl_ms)
             for t, task, up in claims
         ]
-        return [answer is not None for answer in await self._exchange(commands, len(commands))]
+        answers = await self._exchange(self._redis.claims, commands, len(commands))
+        return [answer is not None for answer in answers]
 
     async def create_batch(self, records: Sequence[TaskRecord], replica: str) -> list[bool]:
         """Claim each record's (tenant, taskUUID) and, where won, write the record whole and
@@ -301,7 +307,7 @@ class RedisSharedTasks:
             *extra,
             _command(b"PEXPIRE", index, self._ttl_ms),
         ]
-        answers = await self._exchange(commands, 2 + len(sets) + len(extra))
+        answers = await self._exchange(self._redis.claims, commands, 2 + len(sets) + len(extra))
         won = [answer is not None for answer in answers[1 : 1 + len(sets)]]
         if not all(won):
             await self._own_claims(won, keys, tags)
@@ -315,7 +321,8 @@ class RedisSharedTasks:
             # the claims won stand whatever becomes of this tidying: a lost claim's member left
             # in the open list is passed by (its claim carries another tag), a state expires
             with contextlib.suppress(StoreUnavailable):
-                await self._exchange([*_variadic(b"SREM", [index], lost), *doomed], 1 + len(doomed))
+                tidying = [*_variadic(b"SREM", [index], lost), *doomed]
+                await self._exchange(self._redis.claims, tidying, 1 + len(doomed))
         return won
 
     async def _own_claims(self, won: list[bool], keys: list[bytes], tags: list[bytes]) -> None:
@@ -326,7 +333,7 @@ class RedisSharedTasks:
         lost = [i for i, ok in enumerate(won) if not ok]
         reads = [_command(b"GETRANGE", keys[i], b"0", b"%d" % (len(tags[i]) - 1)) for i in lost]
         with contextlib.suppress(StoreUnavailable):
-            held = await self._exchange(reads, len(reads))
+            held = await self._exchange(self._redis.claims, reads, len(reads))
             for i, value in zip(lost, held, strict=True):
                 if value is not None and _bytes(value) == tags[i]:
                     won[i] = True
@@ -365,6 +372,12 @@ class RedisSharedTasks:
         writes."""
         if not writes:
             return []
+        if len(writes) > BATCH:  # a flush after an outage: in pieces, each in time
+            missing: list[str] = []
+            for start in range(0, len(writes), BATCH):
+                part = writes[start : start + BATCH]
+                missing += await self.write(part, retention=retention, replica=replica)
+            return missing
         retention_ms = max(0, round(retention * 1000))
         static, state, states = self._parts.static, self._parts.state, self._states
         expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
@@ -408,20 +421,19 @@ class RedisSharedTasks:
                      index, states.encode(), bytes(whole_kinds)]  # fmt: skip
             commands += _variadic(b"EVAL", fixed, whole)
             replies += 1
-        answers = await self._exchange(commands, replies)
+        answers = await self._exchange(self._redis.writes, commands, replies)
         if not members:
             return []
         found = _bytes(answers[len(checked)])  # b'1' where the claim is there
         return [upstream for upstream, ok in zip(checked, found, strict=True) if ok != 49]
 
-    async def _exchange(self, commands: list[bytes], replies: int) -> list[Any]:
-        """``commands`` (packed) in one write, and their ``replies``: one round trip on the
-        store's pipelined connection (store/pipe.py) within the connection's deadline. No
-        argument goes through redis-py's packer (a Python loop over each); scripts go by their
-        source (``EVAL``: Redis keeps them compiled by their hash), so a Redis that restarted
-        needs no second try. An error reply is raised once every reply is read."""
+    async def _exchange(self, pipe: RedisPipe, commands: list[bytes], replies: int) -> list[Any]:
+        """``commands`` (packed) in one write on one of the store's pipelined connections
+        (store/pipe.py), and their ``replies``: one round trip within the connection's deadline.
+        No argument goes through redis-py's packer (a Python loop over each); scripts go by
+        their source (``EVAL``: Redis keeps them compiled by their hash), so a Redis that
+        restarted needs no second try. An error reply is raised once every reply is read."""
         data = b"".join(commands)
-        pipe = self._redis.pipe
 
         async def exchange() -> list[Any]:
             answers = await pipe.exchange(data, replies)
@@ -445,8 +457,9 @@ class RedisSharedTasks:
         return self._parts.join(claim[claim[0] + 1 :], None if state is None else _bytes(state))
 
     async def open_records(self, replica: str) -> list[TaskRecord]:
-        """The open records ``replica`` listed (a dead one's, for its takeover), read in one
-        pipeline (not a script: a long list does not hold Redis up for the other replicas)."""
+        """The open records ``replica`` listed (a dead one's, for its takeover), read in
+        pipelined round trips (not a script: a long list does not hold Redis up for the other
+        replicas)."""
         client = self._redis.client
         members = await self._call(lambda: client.smembers(self.open_key(replica)))
         listed = []
@@ -456,14 +469,15 @@ class RedisSharedTasks:
         if not listed:
             return []
 
-        async def read() -> Any:
-            async with client.pipeline(transaction=False) as pipe:
-                for _, claim, upstream in listed:
-                    pipe.get(claim)
-                    pipe.get(self._states.encode() + upstream)
-                return await pipe.execute()
-
-        replies = await self._call(read)
+        states = self._states.encode()
+        replies: list[Any] = []
+        for start in range(0, len(listed), BATCH):
+            reads = [
+                command
+                for _, claim, upstream in listed[start : start + BATCH]
+                for command in (_command(b"GET", claim), _command(b"GET", states + upstream))
+            ]
+            replies += await self._exchange(self._redis.writes, reads, len(reads))
         records = []
         for i, (tag, _, _) in enumerate(listed):
             claim, state = replies[2 * i], replies[2 * i + 1]

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.asyncio.connection import parse_url
+from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
 from gateway.store.connection import RedisConnection
-from gateway.store.pipe import RedisPipe
+from gateway.store.pipe import RedisPipe, _tls
 from gateway.store.shared import StoreUnavailable
 from tests.timing import MS
 
@@ -74,7 +77,7 @@ async def test_a_batch_past_its_deadline_closes_the_connection_for_those_after_i
     connection = RedisConnection.from_url(redis_url, deadline=50 * MS)
     admin = aioredis.Redis.from_url(redis_url)
     try:
-        pipe = connection.pipe
+        pipe = connection.writes
         [before] = await pipe.exchange(packed("CLIENT", "ID"), 1)
         await admin.client_pause(400, all=False)  # holds writes; PING and CLIENT ID are reads
         key = f"test-{uuid.uuid4().hex}"
@@ -123,3 +126,59 @@ async def test_a_reply_nobody_asked_for_closes_the_connection(pipe: RedisPipe) -
     await asyncio.sleep(100 * MS)  # the stray reply arrives
     [after] = await pipe.exchange(packed("CLIENT", "ID"), 1)
     assert isinstance(after, int) and after != before
+
+
+async def test_a_closed_pipe_fails_what_waits_and_never_sends_it_again(redis_url: str) -> None:
+    """A batch in flight when the store closes fails; it is not written again on a new
+    connection (its INCR runs once), and nothing connects after the close."""
+    pipe = RedisPipe(redis_url, deadline=2000 * MS)
+    admin = aioredis.Redis.from_url(redis_url)
+    key = f"test-{uuid.uuid4().hex}"
+    try:
+        await pipe.exchange(packed("PING"), 1)  # connected
+        await admin.client_pause(300, all=False)  # the INCR waits in Redis
+        waiting = asyncio.ensure_future(pipe.exchange(packed("INCR", key), 1))
+        await asyncio.sleep(50 * MS)
+        await pipe.close()
+        with pytest.raises(ConnectionError):
+            await waiting
+        await admin.client_unpause()
+        await asyncio.sleep(100 * MS)
+        assert await admin.get(key) in (None, b"1")  # once at most: never again
+        with pytest.raises(ConnectionError):
+            await pipe.exchange(packed("PING"), 1)
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+
+
+async def test_claims_and_writes_go_on_connections_of_their_own(redis_url: str) -> None:
+    """A new task's claim never waits behind a long flush of records on one TCP stream."""
+    connection = RedisConnection.from_url(redis_url)
+    try:
+        [claims] = await connection.claims.exchange(packed("CLIENT", "ID"), 1)
+        [writes] = await connection.writes.exchange(packed("CLIENT", "ID"), 1)
+        assert claims != writes
+    finally:
+        await connection.close()
+
+
+def test_tls_takes_the_url_options_as_redis_py_does() -> None:
+    assert _tls(dict(parse_url("redis://h:6379/0"))) is None
+    strict = _tls(dict(parse_url("rediss://h:6379/0")))
+    assert strict is not None and strict.verify_mode == ssl.CERT_REQUIRED and strict.check_hostname
+    relaxed = _tls(dict(parse_url("rediss://h:6379/0?ssl_cert_reqs=none")))
+    assert relaxed is not None and relaxed.verify_mode == ssl.CERT_NONE
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    if not Path(bundle).exists():
+        pytest.skip(f"no CA bundle at {bundle} to load")
+    private = _tls(
+        dict(parse_url(f"rediss://h:6379/0?ssl_ca_certs={bundle}&ssl_check_hostname=false"))
+    )
+    assert private is not None and not private.check_hostname
+    assert private.cert_store_stats()["x509_ca"] > 0  # the URL's CA file, loaded
+
+
+async def test_a_batch_waits_for_a_reply(pipe: RedisPipe) -> None:
+    with pytest.raises(ValueError):
+        await pipe.exchange(packed("PING"), 0)

@@ -12,6 +12,7 @@ import pytest
 
 import gateway.store.redis
 from gateway.store.base import TaskRecord, TaskState
+from gateway.store.pipe import RedisPipe
 from gateway.store.redis import RedisSharedTasks, Write
 from gateway.store.shared import StoreUnavailable
 from protocol.frames import ImageResult
@@ -178,12 +179,12 @@ async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
     assert await store.create_batch([held], "a") == [True]
     exchange, calls = store._exchange, 0
 
-    async def failing_second(commands: list[bytes], replies: int) -> list[object]:
+    async def failing_second(pipe: RedisPipe, commands: list[bytes], replies: int) -> list[object]:
         nonlocal calls
         calls += 1
         if calls > 1:
             raise StoreUnavailable("redis: gone after the batch")
-        return await exchange(commands, replies)
+        return await exchange(pipe, commands, replies)
 
     monkeypatch.setattr(store, "_exchange", failing_second)
     fresh, again = record("studio"), record("studio", held.task_uuid)
