@@ -165,11 +165,13 @@ class ClientConnection:
 
     async def claims_settled(self) -> None:
         """Until every frame read before now that waits for its claims is dispatched: within
-        the store's deadline, which bounds every batch of claims."""
+        the store's deadline, which bounds every batch of claims. A waiter cancelled leaves the
+        future to the next (shielded)."""
         if self.claiming:
-            if self._settled is None:
-                self._settled = asyncio.get_running_loop().create_future()
-            await self._settled
+            settled = self._settled
+            if settled is None:
+                settled = self._settled = asyncio.get_running_loop().create_future()
+            await asyncio.shield(settled)
 
     def send(self, frame: bytes) -> bool:
         """Queue a frame; False once the connection is closed or past its bound (the frame is
@@ -491,7 +493,8 @@ class ClientGateway:
         self, connection: ClientConnection, watchdog: IdleWatchdog, ws: web.WebSocketResponse
     ) -> None:
         """What a socket held, given back as it ends (whatever ended it)."""
-        await connection.claims_settled()  # its frames read are dispatched (or given back)
+        with contextlib.suppress(asyncio.CancelledError):  # the rest must run, as for drain
+            await connection.claims_settled()  # its frames read are dispatched (or given back)
         watchdog.cancel()
         self.connections.discard(connection)
         self.metrics.client_connections.dec()
@@ -597,7 +600,7 @@ class ClientGateway:
                         await self._adopt(outcomes)
                     session = door.session.uuid if door.session is not None else None
                     claims = await intake.claim(door.tenant, outcomes, session)
-                    if connection.closed:
+                    if connection.closed or connection.closing is not None:
                         if claims is not None:
                             intake.released(claims)  # none of them was used
                         return
@@ -642,7 +645,7 @@ class ClientGateway:
     ) -> None:
         try:
             intake = self.intake
-            if connection.closed:
+            if connection.closed or connection.closing is not None:  # cut, or revoked
                 intake.released(claims)  # none of them was used
                 return
             intake.key_id = connection.key_id

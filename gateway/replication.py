@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -64,16 +63,19 @@ def links_key(redis: RedisConnection, replica: str) -> str:
     return redis.key("links", key_part(replica))
 
 
-@dataclass(slots=True)
 class FrameClaims:
-    """What one frame's tasks hold in the shared store, for its synchronous dispatch."""
+    """What one frame's tasks hold in the shared store, for its synchronous dispatch. (Not a
+    dataclass: mypyc leaves a dataclass's generated ``__init__`` in Python, a call per frame.)"""
 
-    tenant: str
-    # taskUUID -> its record, claimed and written (gateway.tasks registers it as it is)
-    won: dict[str, TaskRecord] = field(default_factory=dict)
-    lost: set[str] = field(default_factory=set)  # taskUUIDs another task holds already
-    loaded: dict[str, TaskRecord] = field(default_factory=dict)  # getResponse: by taskUUID
-    unavailable: str | None = None  # the store did not answer: why
+    __slots__ = ("loaded", "lost", "tenant", "unavailable", "won")
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        # taskUUID -> its record, claimed and written (gateway.tasks registers it as it is)
+        self.won: dict[str, TaskRecord] = {}
+        self.lost: set[str] = set()  # taskUUIDs another task holds already
+        self.loaded: dict[str, TaskRecord] = {}  # getResponse: by taskUUID
+        self.unavailable: str | None = None  # the store did not answer: why
 
 
 class Replication:
@@ -172,7 +174,17 @@ class Replication:
         meanwhile: the frames it reads in one loop turn share one batch, their dispatch one
         call, their answers one write."""
         wanted = self._wanted(tenant, outcomes, session, created)
-        self._enqueue(wanted, lambda won: then(self._sorted(tenant, wanted, won)))
+
+        def answered(won: list[bool] | StoreUnavailable) -> None:
+            try:
+                claims = self._sorted(tenant, wanted, won)
+            except Exception:  # a bug: the frame still hears (its socket counts on it)
+                log.exception("a frame's claims could not be sorted")
+                claims = FrameClaims(tenant)
+                claims.unavailable = "the gateway failed to read its claims"
+            then(claims)
+
+        self._enqueue(wanted, answered)
 
     def _wanted(
         self, tenant: str, outcomes: Iterable[Outcome], session: str | None, created: float
@@ -226,6 +238,8 @@ class Replication:
                 records = [record for wanted, _ in batch for record in wanted]
                 try:
                     won = await self.shared.create_batch(records, self.replica)
+                    if len(won) != len(records):
+                        raise AssertionError(f"{len(won)} answers to {len(records)} claims")
                 except Exception as exc:  # Redis away, or a bug: every frame hears, none hangs
                     if not isinstance(exc, StoreUnavailable):
                         log.exception("claims failed")

@@ -622,3 +622,20 @@ async def test_behind_a_trusted_proxy_failures_count_for_the_forwarded_address(
         headers = {"Authorization": "Bearer guess", **guesser}
         async with http.post(f"http://127.0.0.1:{gateway.port}/v1", json=[], headers=headers) as r:
             assert r.status == 429  # the REST door counts the same address
+
+
+async def test_a_cancelled_wait_for_queued_frames_leaves_the_next_waiter_its_answer() -> None:
+    """The reader cancelled while it waits for its frames' claims (a stop): the socket's clean
+    up still waits for them, and hears once the last is dispatched."""
+    connection, _ = connection_over(FakeTransport(), FakeSocket())
+    connection.claiming = 2
+    first = asyncio.ensure_future(connection.claims_settled())
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    cleanup = asyncio.ensure_future(connection.claims_settled())
+    await asyncio.sleep(0)
+    connection.claimed()
+    assert not cleanup.done()
+    connection.claimed()
+    await asyncio.wait_for(cleanup, 1000 * MS)

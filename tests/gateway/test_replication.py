@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +12,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from gateway.clients import MAX_CLAIMING_FRAMES
 from gateway.config import StoreSettings
 from gateway.provider.server import LocalProvider
 from tests.gateway.conftest import (
@@ -311,3 +314,65 @@ async def test_frames_sent_back_to_back_are_answered_in_their_order(
         for error in frame.get("errors", []):
             seen.append((error["code"], error["taskUUID"]))
     assert seen == sent
+
+
+async def test_a_stalled_redis_stops_reading_a_socket_past_its_bound_then_answers_in_order(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """While Redis holds writes (CLIENT PAUSE), a socket's frames queue for their claims up to
+    MAX_CLAIMING_FRAMES and no further (its reads stop: TCP pushes back); once Redis answers,
+    every frame is answered, in order."""
+    a, _ = pair
+    client = await connect(http, a.url)
+    await client.auth(ALPHA)
+    bodies = [task(deliveryMethod="async") for _ in range(MAX_CLAIMING_FRAMES + 16)]
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.client_pause(400, all=False)
+        for body in bodies:
+            await client.send(body)
+        [connection] = a.clients.connections
+        await until(lambda: connection.claiming == MAX_CLAIMING_FRAMES)
+        await asyncio.sleep(50 * MS)
+        assert connection.claiming == MAX_CLAIMING_FRAMES  # and not one frame more
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+    acked = [(await client.recv())["data"][0]["taskUUID"] for _ in bodies]
+    assert acked == [body["taskUUID"] for body in bodies]
+
+
+async def test_frames_waiting_when_their_key_is_revoked_give_their_claims_back(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """Frames a socket read before its key was revoked, still waiting for their claims, are not
+    run: their claims go back, and the tenant's taskUUIDs are free on the other replica."""
+    a, b = pair
+    client = await connect(http, a.url)
+    await client.auth(BETA)
+    bodies = [task(deliveryMethod="async") for _ in range(5)]
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.client_pause(300, all=False)
+        for body in bodies:
+            await client.send(body)
+        [connection] = a.clients.connections
+        await until(lambda: connection.claiming == len(bodies))
+        config = copy.deepcopy(a.config)
+        del config.tenants["beta"]
+        assert a.reload_tenants(lambda: config) is not None
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+    await until(lambda: connection.claiming == 0)
+    other = await connect(http, b.url)
+    await other.auth(BETA)
+    for body in bodies:  # each claim goes back in its own round trip, soon after
+        for _ in range(100):
+            await other.send(body)
+            frame = await other.recv()
+            if "data" in frame:
+                break
+            assert frame["errors"][0]["code"] == "conflictTaskUUID", frame
+            await asyncio.sleep(20 * MS)
+        assert frame["data"][0]["taskUUID"] == body["taskUUID"]
