@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ class Intake:
         self.deliveries = deliveries
         self.accepting = True  # False while the gateway drains for shutdown
         self.replication = replication  # None: one replica, nothing shared
+        if replication is not None:
+            replication.take_tokens = self._take_tokens
         # the claims of the frame being dispatched (set around a synchronous dispatch only)
         self.frame: FrameClaims | None = None
         # who sent the frame being dispatched, set by its door before each (synchronous)
@@ -185,17 +188,15 @@ class Intake:
     ) -> bool:
         """:meth:`claim` without a wait, for a frame of an authenticated socket, ``behind``
         others of its socket still waiting for theirs: ``then`` gets its claims once they are
-        answered, after theirs (gateway.replication). False, and nothing done, for a frame that
-        needs more than its claims before its dispatch (an authentication, a poll of a task
-        another replica runs, a tenant whose rate is counted in the store: :meth:`claim` is
-        for those), and for one with nothing to claim and no frame ahead of it (dispatched at
-        once)."""
+        answered, after theirs (gateway.replication); a tenant's rate tokens, where Redis counts
+        them, taken with the batch, one take per tenant. False, and nothing done, for a frame
+        that needs more than that before its dispatch (an authentication, a poll of a task
+        another replica runs: :meth:`claim` is for those), and for one with nothing to claim
+        and no frame ahead of it (dispatched at once)."""
         replication = self.replication
         if replication is None:
             return False
         policy = self.checked.get(tenant)
-        if policy is not None and policy.rate is not None:
-            return False
         lookup = self.registry.lookup
         claiming = behind
         for o in outcomes:
@@ -207,9 +208,38 @@ class Intake:
                 return False
         if claiming:
             replication.claim_then(
-                tenant, outcomes, then, session=session, created=self.registry.now()
+                tenant,
+                outcomes,
+                then,
+                session=session,
+                created=self.registry.now(),
+                rated=policy is not None and policy.rate is not None,
             )
         return claiming
+
+    async def _take_tokens(self, counts: dict[str, int]) -> dict[str, StoreUnavailable]:
+        """``Replication.take_tokens``: the rate tokens of a claim batch's frames, one take per
+        tenant, and every tenant's bucket set at once after the last (the frames' dispatch
+        follows with no await between); the tenants Redis did not answer for."""
+        quotas = self.quotas
+        takes = [
+            (tenant, policy, count)
+            for tenant, count in counts.items()
+            if (policy := self.checked.get(tenant)) is not None and policy.rate is not None
+        ]
+        grants = await asyncio.gather(
+            *(quotas.take(tenant, policy, count) for tenant, policy, count in takes),
+            return_exceptions=True,
+        )
+        refused: dict[str, StoreUnavailable] = {}
+        for (tenant, policy, _), grant in zip(takes, grants, strict=True):
+            if isinstance(grant, BaseException):
+                if not isinstance(grant, StoreUnavailable):
+                    raise grant
+                refused[tenant] = grant
+            elif grant is not None:
+                quotas.granted(tenant, policy, grant)
+        return refused
 
     def released(self, claims: FrameClaims) -> None:
         """After the dispatch: the claims its refused tasks did not use go back."""

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from gateway.admission import FairQueue
 from gateway.store.base import TaskRecord
-from gateway.store.limits import LocalFigures
+from gateway.store.limits import Grant, LocalFigures
 from gateway.tenants import TenantPolicy
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageTask
@@ -229,10 +229,21 @@ class TenantQuotas:
         the frame's tasks ``serviceUnavailable``). The checks must follow with no await in
         between; tokens a frame took and did not use (tasks refused for something else) are
         dropped at the tenant's next prepare, as a local bucket's are spent."""
+        grant = await self.take(tenant, policy, count)
+        if grant is not None:
+            self.granted(tenant, policy, grant)
+
+    async def take(self, tenant: str, policy: TenantPolicy, count: int) -> Grant | None:
+        """:meth:`prepare`'s tokens, not yet the tenant's (:meth:`granted`): None where no
+        shared bucket counts them. Raises ``StoreUnavailable``."""
         rate, shared = policy.rate, self.shared
         if rate is None or shared is None or count <= 0:
-            return
-        grant = await shared.take(tenant, count, rate, policy.burst)
+            return None
+        return await shared.take(tenant, count, rate, policy.burst)
+
+    def granted(self, tenant: str, policy: TenantPolicy, grant: Grant) -> None:
+        """The tokens the next checks of ``tenant`` use (taken by :meth:`take`)."""
+        rate = policy.rate if policy.rate is not None else 0.0
         self._state(tenant).bucket = GrantedTokens(rate, policy.burst, grant.tokens, grant.wait)
 
     def check(self, policy: TenantPolicy, task: ImageTask) -> ErrorItem | float:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import structlog
@@ -56,6 +56,7 @@ log = structlog.get_logger("tenebra.replication")
 
 # what a frame's claims hear of its batch: which of them were won, or why none was asked
 ClaimAnswer = Callable[[list[bool] | StoreUnavailable], None]
+TokenTake = Callable[[dict[str, int]], Awaitable[dict[str, StoreUnavailable]]]
 
 
 def links_key(redis: RedisConnection, replica: str) -> str:
@@ -101,8 +102,12 @@ class Replication:
         self._stored: set[str] = set()
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
-        # frames waiting for their claims: their new records, who hears the answer
-        self._claims: list[tuple[list[TaskRecord], ClaimAnswer]] = []
+        # frames waiting for their claims: their new records, who hears the answer, and the
+        # tenant whose rate tokens the claims won take (None: no shared rate)
+        self._claims: list[tuple[list[TaskRecord], ClaimAnswer, str | None]] = []
+        # the intake's: a batch's rate tokens, one take per tenant, every bucket set at once;
+        # the tenants Redis did not answer for
+        self.take_tokens: TokenTake | None = None
         self._claiming: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
@@ -139,7 +144,7 @@ class Replication:
                 elif not isinstance(won, StoreUnavailable):  # its socket closed meanwhile
                     self.release_unused(self._sorted(tenant, wanted, won), lambda _: False)
 
-            self._enqueue(wanted, answered)
+            self._enqueue(wanted, answered, None)
             claims = self._sorted(tenant, wanted, await future)
             if claims.unavailable is not None:
                 return claims
@@ -167,12 +172,14 @@ class Replication:
         *,
         session: str | None,
         created: float,
+        rated: bool = False,
     ) -> None:
         """``claim`` without a wait, for a frame with no getResponse to load: ``then`` gets its
         claims once its batch is answered, the frames of every call in the order of the calls
         (a frame with nothing to claim too). The socket that read the frame goes on reading
         meanwhile: the frames it reads in one loop turn share one batch, their dispatch one
-        call, their answers one write."""
+        call, their answers one write. ``rated``: the claims won take the tenant's rate tokens
+        first (``take_tokens``), one take for all of the tenant's frames in the batch."""
         wanted = self._wanted(tenant, outcomes, session, created)
 
         def answered(won: list[bool] | StoreUnavailable) -> None:
@@ -184,7 +191,7 @@ class Replication:
                 claims.unavailable = "the gateway failed to read its claims"
             then(claims)
 
-        self._enqueue(wanted, answered)
+        self._enqueue(wanted, answered, tenant if rated else None)
 
     def _wanted(
         self, tenant: str, outcomes: Iterable[Outcome], session: str | None, created: float
@@ -221,8 +228,8 @@ class Replication:
                 claims.lost.add(record.task.taskUUID)
         return claims
 
-    def _enqueue(self, records: list[TaskRecord], answered: ClaimAnswer) -> None:
-        self._claims.append((records, answered))
+    def _enqueue(self, records: list[TaskRecord], answered: ClaimAnswer, rated: str | None) -> None:
+        self._claims.append((records, answered, rated))
         if self._claiming is None:
             self._claiming = asyncio.get_running_loop().create_task(self._claim_all())
 
@@ -230,12 +237,12 @@ class Replication:
         """One claim batch at a time, for every frame that waits: under load a few hundred
         claims share a round trip instead of paying one each. Every frame hears, in order,
         whatever becomes of its batch."""
-        batch: list[tuple[list[TaskRecord], ClaimAnswer]] = []
+        batch: list[tuple[list[TaskRecord], ClaimAnswer, str | None]] = []
         try:
             while self._claims:
                 await asyncio.sleep(0)  # the frames read in this loop turn join
                 batch, self._claims = self._claims, []
-                records = [record for wanted, _ in batch for record in wanted]
+                records = [record for wanted, _, _ in batch for record in wanted]
                 try:
                     won = await self.shared.create_batch(records, self.replica)
                     if len(won) != len(records):
@@ -244,27 +251,62 @@ class Replication:
                     if not isinstance(exc, StoreUnavailable):
                         log.exception("claims failed")
                         exc = StoreUnavailable(repr(exc))
-                    for _, answered in batch:
+                    for _, answered, _ in batch:
                         _answer(answered, exc)
                     batch = []
                     continue
                 for record, ok in zip(records, won, strict=True):
                     if ok:  # written whole: its next writes carry its state alone
                         self._stored.add(record.upstream_uuid)
+                # then nothing awaits until every frame is answered: the buckets stand
+                try:
+                    refused = await self._tokens(batch, won)
+                except Exception as exc:  # a bug: the rated frames hear, the others go on
+                    log.exception("rate tokens failed")
+                    failure = StoreUnavailable(repr(exc))
+                    refused = {rated: failure for _, _, rated in batch if rated is not None}
                 start = 0
-                for wanted, answered in batch:
+                for wanted, answered, rated in batch:
                     end = start + len(wanted)
-                    _answer(answered, won[start:end])
+                    mine = won[start:end]
                     start = end
+                    failed = refused.get(rated) if rated is not None else None
+                    if failed is None:
+                        _answer(answered, mine)
+                    else:  # no tokens to be had: the frame's claims go back unused
+                        if wanted:
+                            self.release_unused(
+                                self._sorted(wanted[0].tenant, wanted, mine), lambda _: False
+                            )
+                        _answer(answered, failed)
                 batch = []
         except asyncio.CancelledError:  # the gateway stops: no frame is left waiting
             stopped = StoreUnavailable("the gateway is stopping")
-            for _, answered in [*batch, *self._claims]:
+            for _, answered, _ in [*batch, *self._claims]:
                 _answer(answered, stopped)
             self._claims = []
             raise
         finally:
             self._claiming = None
+
+    async def _tokens(
+        self, batch: list[tuple[list[TaskRecord], ClaimAnswer, str | None]], won: list[bool]
+    ) -> dict[str, StoreUnavailable]:
+        """The rate tokens of a batch's claims won, per tenant (``take_tokens``); the tenants
+        Redis did not answer for."""
+        take = self.take_tokens
+        counts: dict[str, int] = {}
+        start = 0
+        for wanted, _, rated in batch:
+            end = start + len(wanted)
+            if rated is not None:
+                count = won[start:end].count(True)
+                if count:
+                    counts[rated] = counts.get(rated, 0) + count
+            start = end
+        if take is None or not counts:
+            return {}
+        return await take(counts)
 
     def release_unused(self, claims: FrameClaims, used: Callable[[str], bool]) -> None:
         """After the dispatch: claims of tasks that were refused are given back, with the

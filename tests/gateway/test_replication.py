@@ -15,8 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.clients import MAX_CLAIMING_FRAMES
-from gateway.config import StoreSettings
+from gateway.config import StoreSettings, Tenant
 from gateway.provider.server import LocalProvider
+from gateway.store.shared import StoreUnavailable
 from tests.gateway.conftest import (
     ALPHA,
     BETA,
@@ -371,6 +372,71 @@ async def test_frames_waiting_when_their_key_is_revoked_give_their_claims_back(
         for _ in range(100):
             await other.send(body)
             frame = await other.recv()
+            if "data" in frame:
+                break
+            assert frame["errors"][0]["code"] == "conflictTaskUUID", frame
+            await asyncio.sleep(20 * MS)
+        assert frame["data"][0]["taskUUID"] == body["taskUUID"]
+
+
+async def test_a_rated_tenants_frames_take_their_tokens_with_their_claim_batch(
+    provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A tenant whose rate Redis counts: its frames sent back to back wait for their claims
+    together, the batch takes their tokens in one go, and they are answered in order, the
+    burst's worth accepted and the rest refused."""
+    config = shared_config(provider, redis_url, f"test-{uuid.uuid4().hex}", "a")
+    config.tenants["rated"] = Tenant(keys=["rated-key-123456"], rate=0.01, burst=5)
+    async with running(config) as a:
+        limits = a.intake.quotas.shared
+        take, takes = limits.take, []
+
+        async def counted(tenant: str, count: int, rate: float, burst: int) -> Any:
+            takes.append(count)
+            return await take(tenant, count, rate, burst)
+
+        limits.take = counted
+        client = await connect(http, a.url)
+        await client.auth("rated-key-123456")
+        bodies = [task(deliveryMethod="async") for _ in range(8)]
+        for body in bodies:
+            await client.send(body)
+        answers = []
+        for body in bodies:
+            frame = await client.recv()
+            [item] = frame.get("data", []) or frame["errors"]
+            assert item["taskUUID"] == body["taskUUID"]
+            answers.append(item.get("code", "ack"))
+        assert answers == ["ack"] * 5 + ["rateLimitExceeded"] * 3
+        assert sum(takes) == len(bodies) and len(takes) < len(bodies)  # a take per batch
+
+
+async def test_a_rated_frame_whose_tokens_redis_does_not_give_gets_service_unavailable(
+    provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Its claims won, its tokens not to be had (Redis did not answer that take): the frame's
+    tasks are answered serviceUnavailable and their claims go back, so that a retry of the same
+    taskUUIDs is accepted, not a conflict."""
+    config = shared_config(provider, redis_url, f"test-{uuid.uuid4().hex}", "a")
+    config.tenants["rated"] = Tenant(keys=["rated-key-123456"], rate=100.0, burst=100)
+    async with running(config) as a:
+        limits = a.intake.quotas.shared
+        take = limits.take
+
+        async def unavailable(tenant: str, count: int, rate: float, burst: int) -> Any:
+            raise StoreUnavailable("redis: the rate bucket did not answer")
+
+        limits.take = unavailable
+        client = await connect(http, a.url)
+        await client.auth("rated-key-123456")
+        body = task(deliveryMethod="async")
+        await client.send(body)
+        [error] = (await client.recv())["errors"]
+        assert error["code"] == "serviceUnavailable" and error["taskUUID"] == body["taskUUID"]
+        limits.take = take
+        for _ in range(100):  # the claim goes back in a round trip of its own, soon after
+            await client.send(body)
+            frame = await client.recv()
             if "data" in frame:
                 break
             assert frame["errors"][0]["code"] == "conflictTaskUUID", frame
