@@ -54,6 +54,10 @@ __all__ = ["FrameClaims", "Replication", "links_key"]
 log = structlog.get_logger("tenebra.replication")
 
 
+# claims per round trip at most (a frame's are never split): what piles up while Redis stalls
+# goes in several, each within the deadline
+CLAIM_BATCH = 2_000
+
 # what a frame's claims hear of its batch: which of them were won, or why none was asked
 ClaimAnswer = Callable[[list[bool] | StoreUnavailable], None]
 TokenTake = Callable[[dict[str, int]], Awaitable[dict[str, StoreUnavailable]]]
@@ -241,7 +245,7 @@ class Replication:
         try:
             while self._claims:
                 await asyncio.sleep(0)  # the frames read in this loop turn join
-                batch, self._claims = self._claims, []
+                batch = self._next_batch()
                 records = [record for wanted, _, _ in batch for record in wanted]
                 try:
                     won = await self.shared.create_batch(records, self.replica)
@@ -288,6 +292,19 @@ class Replication:
             raise
         finally:
             self._claiming = None
+
+    def _next_batch(self) -> list[tuple[list[TaskRecord], ClaimAnswer, str | None]]:
+        """The frames waiting, in order, up to about ``CLAIM_BATCH`` claims (never a frame
+        split): the claims that piled up while Redis stalled go in round trips each within
+        the deadline, the frames answered batch by batch."""
+        waiting, count = self._claims, 0
+        for end, (wanted, _, _) in enumerate(waiting, 1):
+            count += len(wanted)
+            if count >= CLAIM_BATCH:
+                self._claims = waiting[end:]
+                return waiting[:end]
+        self._claims = []
+        return waiting
 
     async def _tokens(
         self, batch: list[tuple[list[TaskRecord], ClaimAnswer, str | None]], won: list[bool]

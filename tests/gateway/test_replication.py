@@ -7,17 +7,21 @@ import asyncio
 import copy
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter
 
+import gateway.replication
 from gateway.clients import MAX_CLAIMING_FRAMES
 from gateway.config import StoreSettings, Tenant
 from gateway.provider.server import LocalProvider
+from gateway.replication import CLAIM_BATCH, Replication
 from gateway.store.shared import StoreUnavailable
+from tests.compiled import pure_python_only
 from tests.gateway.conftest import (
     ALPHA,
     BETA,
@@ -28,6 +32,7 @@ from tests.gateway.conftest import (
     task,
     until,
 )
+from tests.gateway.test_dispatch import image_task
 from tests.redis_server import free_port
 from tests.timing import MS
 
@@ -442,3 +447,40 @@ async def test_a_rated_frame_whose_tokens_redis_does_not_give_gets_service_unava
             assert frame["errors"][0]["code"] == "conflictTaskUUID", frame
             await asyncio.sleep(20 * MS)
         assert frame["data"][0]["taskUUID"] == body["taskUUID"]
+
+
+@pure_python_only(gateway.replication)
+async def test_claims_that_piled_up_go_in_bounded_batches_frames_whole_and_in_order() -> None:
+    """Frames that waited while Redis stalled: their claims go in round trips of about
+    CLAIM_BATCH each (a frame's never split), and every frame hears, in the order it came."""
+
+    class Shared:
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
+            self.sizes.append(len(records))
+            return [True] * len(records)
+
+    shared = Shared()
+    replication = Replication(
+        shared,  # type: ignore[arg-type]
+        "a",
+        retention=60.0,
+        max_pending=10,
+        new_uuid=lambda: str(uuid.uuid4()),
+        dropped=Counter("dropped", "dropped", registry=CollectorRegistry()),
+    )
+    heard: list[int] = []
+
+    def hear(n: int) -> Callable[[Any], None]:
+        return lambda claims: heard.append(n)
+
+    sizes = [700, 900, 1, 1500, 300, 2500, 10]
+    for n, size in enumerate(sizes):
+        frame = [image_task("async") for _ in range(size)]
+        replication.claim_then("t", frame, hear(n), session=None, created=0.0)
+    await until(lambda: len(heard) == len(sizes))
+    assert heard == list(range(len(sizes)))
+    assert CLAIM_BATCH == 2_000
+    assert shared.sizes == [3101, 2800, 10]  # each ends with the frame that reached 2,000
