@@ -54,6 +54,9 @@ __all__ = ["FrameClaims", "Replication", "links_key"]
 log = structlog.get_logger("tenebra.replication")
 
 
+# batches of claims whose answer was lost, given back at once at most (see _give_back)
+MAX_GIVING_BACK = 16
+
 # claims per round trip at most (a frame's are never split): what piles up while Redis stalls
 # goes in several, each within the deadline
 CLAIM_BATCH = 2_000
@@ -115,6 +118,7 @@ class Replication:
         self._claiming: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
+        self._giving_back = 0  # batches whose claims wait to be given back (_give_back)
 
     # ------------------------------------------------------------------ claims
 
@@ -257,6 +261,7 @@ class Replication:
                         exc = StoreUnavailable(repr(exc))
                     for _, answered, _ in batch:
                         _answer(answered, exc)
+                    self._give_back(records)
                     batch = []
                     continue
                 for record, ok in zip(records, won, strict=True):
@@ -324,6 +329,31 @@ class Replication:
         if take is None or not counts:
             return {}
         return await take(counts)
+
+    def _give_back(self, records: list[TaskRecord]) -> None:
+        """The claims of a batch whose answer was lost (a deadline, a dropped connection):
+        Redis may have made them, and their frames heard serviceUnavailable, so a client that
+        sends a taskUUID again must not find it taken by its own first try. Given back, each
+        only while it is still that record's, once the store's deadline has passed (at most
+        ``MAX_GIVING_BACK`` batches at a time; past that, or with Redis still away, they lapse
+        with ``open_ttl``)."""
+        if not records or self._giving_back >= MAX_GIVING_BACK:
+            return
+        by_tenant: dict[str, list[tuple[str, str]]] = {}
+        for record in records:
+            by_tenant.setdefault(record.tenant, []).append(
+                (record.task.taskUUID, record.upstream_uuid)
+            )
+        self._giving_back += 1
+        self._spawn(self._given_back(by_tenant))
+
+    async def _given_back(self, by_tenant: dict[str, list[tuple[str, str]]]) -> None:
+        try:
+            await asyncio.sleep(self.shared.deadline)
+            for tenant, claims in by_tenant.items():
+                await self._release(tenant, claims)
+        finally:
+            self._giving_back -= 1
 
     def release_unused(self, claims: FrameClaims, used: Callable[[str], bool]) -> None:
         """After the dispatch: claims of tasks that were refused are given back, with the

@@ -20,6 +20,7 @@ from gateway.clients import MAX_CLAIMING_FRAMES
 from gateway.config import StoreSettings, Tenant
 from gateway.provider.server import LocalProvider
 from gateway.replication import CLAIM_BATCH, Replication
+from gateway.store.redis import RedisSharedTasks
 from gateway.store.shared import StoreUnavailable
 from tests.compiled import pure_python_only
 from tests.gateway.conftest import (
@@ -484,3 +485,43 @@ async def test_claims_that_piled_up_go_in_bounded_batches_frames_whole_and_in_or
     assert heard == list(range(len(sizes)))
     assert CLAIM_BATCH == 2_000
     assert shared.sizes == [3101, 2800, 10]  # each ends with the frame that reached 2,000
+
+
+@pure_python_only(gateway.replication)
+async def test_claims_of_a_batch_whose_answer_was_lost_are_given_back(redis_url: str) -> None:
+    """Redis made the batch's claims, and its answer never came (a deadline): the frame heard
+    serviceUnavailable, so the claims go back once the deadline has passed; a client sending
+    the taskUUID again is then accepted, not told conflictTaskUUID by its own first try."""
+    store = RedisSharedTasks.from_url(
+        redis_url, max_retained=100, deadline=100 * MS, prefix=f"test-{uuid.uuid4().hex}"
+    )
+
+    class AnswerLost:
+        deadline = store.deadline
+
+        async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
+            await store.create_batch(records, replica)
+            raise StoreUnavailable("redis did not answer within 0.2 s")
+
+        async def release(self, *args: Any) -> None:
+            await store.release(*args)
+
+    replication = Replication(
+        AnswerLost(),  # type: ignore[arg-type]
+        "a",
+        retention=60.0,
+        max_pending=10,
+        new_uuid=lambda: str(uuid.uuid4()),
+        dropped=Counter("dropped", "dropped", registry=CollectorRegistry()),
+    )
+    try:
+        sent = image_task("async")
+        heard: list[Any] = []
+        replication.claim_then("t", [sent], heard.append, session=None, created=0.0)
+        await until(lambda: bool(heard))
+        assert heard[0].unavailable is not None
+        assert not await store.claim("t", sent.taskUUID, "the-retry")  # its first try holds it
+        await until(lambda: not replication._background)
+        assert await store.claim("t", sent.taskUUID, "the-retry")  # given back
+    finally:
+        await store.close()
