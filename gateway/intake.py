@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from msgspec import UNSET
 
 from gateway.audit import Audit, quota_limit
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from gateway.telemetry import FrameTrace, Telemetry
 
 __all__ = ["Intake"]
+
+log = structlog.get_logger("tenebra.intake")
 
 
 class Intake:
@@ -57,6 +60,7 @@ class Intake:
         self.accepting = True  # False while the gateway drains for shutdown
         self.replication = replication  # None: one replica, nothing shared
         if replication is not None:
+            replication.rated = self._rated
             replication.take_tokens = self._take_tokens
         # the claims of the frame being dispatched (set around a synchronous dispatch only)
         self.frame: FrameClaims | None = None
@@ -196,7 +200,6 @@ class Intake:
         replication = self.replication
         if replication is None:
             return False
-        policy = self.checked.get(tenant)
         lookup = self.registry.lookup
         claiming = behind
         for o in outcomes:
@@ -213,14 +216,20 @@ class Intake:
                 then,
                 session=session,
                 created=self.registry.now(),
-                rated=policy is not None and policy.rate is not None,
             )
         return claiming
 
+    def _rated(self, tenant: str) -> bool:
+        """``Replication.rated``: whether Redis counts ``tenant``'s rate (read at each batch:
+        a reload may have given or taken one while its frames waited)."""
+        policy = self.checked.get(tenant)
+        return policy is not None and policy.rate is not None and self.quotas.shared is not None
+
     async def _take_tokens(self, counts: dict[str, int]) -> dict[str, StoreUnavailable]:
         """``Replication.take_tokens``: the rate tokens of a claim batch's frames, one take per
-        tenant, and every tenant's bucket set at once after the last (the frames' dispatch
-        follows with no await between); the tenants Redis did not answer for."""
+        tenant, and every tenant's bucket set at once after the last, with the policy as it is
+        then (the frames' dispatch follows with no await between); the tenants Redis did not
+        answer for."""
         quotas = self.quotas
         takes = [
             (tenant, policy, count)
@@ -232,12 +241,16 @@ class Intake:
             return_exceptions=True,
         )
         refused: dict[str, StoreUnavailable] = {}
-        for (tenant, policy, _), grant in zip(takes, grants, strict=True):
+        for (tenant, _, _), grant in zip(takes, grants, strict=True):
             if isinstance(grant, BaseException):
-                if not isinstance(grant, StoreUnavailable):
-                    raise grant
+                if not isinstance(grant, StoreUnavailable):  # a bug: this tenant alone hears
+                    if not isinstance(grant, asyncio.CancelledError):
+                        log.error("rate tokens not taken", tenant=tenant, error=repr(grant))
+                    grant = StoreUnavailable(repr(grant))
                 refused[tenant] = grant
-            elif grant is not None:
+                continue
+            policy = self.checked.get(tenant)  # a reload during the take: as it is now
+            if grant is not None and policy is not None and policy.rate is not None:
                 quotas.granted(tenant, policy, grant)
         return refused
 

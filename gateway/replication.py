@@ -109,12 +109,18 @@ class Replication:
         self._stored: set[str] = set()
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
-        # frames waiting for their claims: their new records, who hears the answer, and the
-        # tenant whose rate tokens the claims won take (None: no shared rate)
+        # frames waiting for their claims: their new records, who hears the answer, and their
+        # tenant where the batch takes their rate tokens (None: the frame's own caller does)
         self._claims: list[tuple[list[TaskRecord], ClaimAnswer, str | None]] = []
-        # the intake's: a batch's rate tokens, one take per tenant, every bucket set at once;
-        # the tenants Redis did not answer for
+        # the intake's: whether a tenant's rate is counted in Redis (its frames wait for their
+        # tokens), and a batch's tokens, one take per tenant, every bucket set at once (the
+        # tenants Redis did not answer for)
+        self.rated: Callable[[str], bool] | None = None
         self.take_tokens: TokenTake | None = None
+        # the frames of rated tenants whose claims are answered, waiting for their tokens
+        self._rated_frames: list[tuple[str, list[TaskRecord], ClaimAnswer, list[bool]]] = []
+        self._taking: asyncio.Task[None] | None = None
+        self._staged: dict[str, int] = {}  # tenant -> its frames among them
         self._claiming: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
@@ -180,14 +186,14 @@ class Replication:
         *,
         session: str | None,
         created: float,
-        rated: bool = False,
     ) -> None:
         """``claim`` without a wait, for a frame with no getResponse to load: ``then`` gets its
         claims once its batch is answered, the frames of every call in the order of the calls
         (a frame with nothing to claim too). The socket that read the frame goes on reading
         meanwhile: the frames it reads in one loop turn share one batch, their dispatch one
-        call, their answers one write. ``rated``: the claims won take the tenant's rate tokens
-        first (``take_tokens``), one take for all of the tenant's frames in the batch."""
+        call, their answers one write. Where Redis counts the tenant's rate (``rated``), the
+        claims won take their tokens first, one take for all of the tenant's frames in the
+        batch (``take_tokens``)."""
         wanted = self._wanted(tenant, outcomes, session, created)
 
         def answered(won: list[bool] | StoreUnavailable) -> None:
@@ -199,7 +205,7 @@ class Replication:
                 claims.unavailable = "the gateway failed to read its claims"
             then(claims)
 
-        self._enqueue(wanted, answered, tenant if rated else None)
+        self._enqueue(wanted, answered, tenant)
 
     def _wanted(
         self, tenant: str, outcomes: Iterable[Outcome], session: str | None, created: float
@@ -267,27 +273,7 @@ class Replication:
                 for record, ok in zip(records, won, strict=True):
                     if ok:  # written whole: its next writes carry its state alone
                         self._stored.add(record.upstream_uuid)
-                # then nothing awaits until every frame is answered: the buckets stand
-                try:
-                    refused = await self._tokens(batch, won)
-                except Exception as exc:  # a bug: the rated frames hear, the others go on
-                    log.exception("rate tokens failed")
-                    failure = StoreUnavailable(repr(exc))
-                    refused = {rated: failure for _, _, rated in batch if rated is not None}
-                start = 0
-                for wanted, answered, rated in batch:
-                    end = start + len(wanted)
-                    mine = won[start:end]
-                    start = end
-                    failed = refused.get(rated) if rated is not None else None
-                    if failed is None:
-                        _answer(answered, mine)
-                    else:  # no tokens to be had: the frame's claims go back unused
-                        if wanted:
-                            self.release_unused(
-                                self._sorted(wanted[0].tenant, wanted, mine), lambda _: False
-                            )
-                        _answer(answered, failed)
+                self._answer_all(batch, won)
                 batch = []
         except asyncio.CancelledError:  # the gateway stops: no frame is left waiting
             stopped = StoreUnavailable("the gateway is stopping")
@@ -311,24 +297,75 @@ class Replication:
         self._claims = []
         return waiting
 
-    async def _tokens(
+    def _answer_all(
         self, batch: list[tuple[list[TaskRecord], ClaimAnswer, str | None]], won: list[bool]
-    ) -> dict[str, StoreUnavailable]:
-        """The rate tokens of a batch's claims won, per tenant (``take_tokens``); the tenants
-        Redis did not answer for."""
-        take = self.take_tokens
-        counts: dict[str, int] = {}
+    ) -> None:
+        """Every frame of a batch hears what it won, in order per tenant: the frames of a
+        tenant whose rate Redis counts once its tokens are taken (``_take_all``), the others at
+        once, so that no tenant, and no later batch, waits for another's take."""
+        rated = self.rated if self.take_tokens is not None else None
         start = 0
-        for wanted, _, rated in batch:
+        for wanted, answered, tenant in batch:
             end = start + len(wanted)
-            if rated is not None:
-                count = won[start:end].count(True)
-                if count:
-                    counts[rated] = counts.get(rated, 0) + count
+            mine = won[start:end]
             start = end
-        if take is None or not counts:
-            return {}
-        return await take(counts)
+            # a tenant with frames at the take already stays there (a reload took its rate
+            # away meanwhile): its frames stay in order
+            staged = self._staged
+            if tenant is not None and (tenant in staged or (rated is not None and rated(tenant))):
+                self._rated_frames.append((tenant, wanted, answered, mine))
+                staged[tenant] = staged.get(tenant, 0) + 1
+            else:
+                _answer(answered, mine)
+        if self._rated_frames and self._taking is None:
+            self._taking = asyncio.get_running_loop().create_task(self._take_all())
+
+    async def _take_all(self) -> None:
+        """The rate tokens of the frames waiting for them, one take per tenant for all of its
+        frames (those that queue while a take is out join the next), then the frames, in
+        order, with nothing awaited between the take and their dispatch."""
+        frames: list[tuple[str, list[TaskRecord], ClaimAnswer, list[bool]]] = []
+        try:
+            while self._rated_frames:
+                frames, self._rated_frames = self._rated_frames, []
+                counts: dict[str, int] = {}
+                for tenant, _, _, mine in frames:
+                    counts[tenant] = counts.get(tenant, 0) + mine.count(True)
+                take = self.take_tokens
+                try:
+                    assert take is not None
+                    refused = await take({t: n for t, n in counts.items() if n})
+                except Exception as exc:  # a bug: the rated frames hear, and no socket hangs
+                    log.exception("rate tokens failed")
+                    refused = dict.fromkeys(counts, StoreUnavailable(repr(exc)))
+                for tenant, wanted, answered, mine in frames:
+                    self._unstage(tenant)
+                    failed = refused.get(tenant)
+                    if failed is None or not any(mine):
+                        _answer(answered, mine)
+                        continue
+                    try:  # no tokens to be had: the frame's claims go back unused
+                        self.release_unused(self._sorted(tenant, wanted, mine), lambda _: False)
+                    except Exception:
+                        log.exception("claims not given back")
+                    _answer(answered, failed)
+                frames = []
+        except asyncio.CancelledError:  # the gateway stops: no frame is left waiting
+            stopped = StoreUnavailable("the gateway is stopping")
+            for _, _, answered, _ in [*frames, *self._rated_frames]:
+                _answer(answered, stopped)
+            self._rated_frames = []
+            self._staged.clear()
+            raise
+        finally:
+            self._taking = None
+
+    def _unstage(self, tenant: str) -> None:
+        left = self._staged.get(tenant, 0) - 1
+        if left > 0:
+            self._staged[tenant] = left
+        else:
+            self._staged.pop(tenant, None)
 
     def _give_back(self, records: list[TaskRecord]) -> None:
         """The claims of a batch whose answer was lost (a deadline, a dropped connection):

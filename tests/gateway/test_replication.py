@@ -417,17 +417,23 @@ async def test_a_rated_tenants_frames_take_their_tokens_with_their_claim_batch(
         assert sum(takes) == len(bodies) and len(takes) < len(bodies)  # a take per batch
 
 
+@pure_python_only(gateway.replication)
 async def test_a_rated_frame_whose_tokens_redis_does_not_give_gets_service_unavailable(
     provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
 ) -> None:
-    """Its claims won, its tokens not to be had (Redis did not answer that take): the frame's
-    tasks are answered serviceUnavailable and their claims go back, so that a retry of the same
-    taskUUIDs is accepted, not a conflict."""
+    """Its claims won in a batch, its tokens not to be had (Redis did not answer that take):
+    the frame's tasks are answered serviceUnavailable and their claims go back, so that a retry
+    of the same taskUUIDs is accepted, not a conflict."""
     config = shared_config(provider, redis_url, f"test-{uuid.uuid4().hex}", "a")
     config.tenants["rated"] = Tenant(keys=["rated-key-123456"], rate=100.0, burst=100)
     async with running(config) as a:
         limits = a.intake.quotas.shared
         take = limits.take
+
+        async def not_awaited(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the frame took the awaited path, not the batch's")
+
+        a.replication.claim = not_awaited
 
         async def unavailable(tenant: str, count: int, rate: float, burst: int) -> Any:
             raise StoreUnavailable("redis: the rate bucket did not answer")
@@ -525,3 +531,73 @@ async def test_claims_of_a_batch_whose_answer_was_lost_are_given_back(redis_url:
         assert await store.claim("t", sent.taskUUID, "the-retry")  # given back
     finally:
         await store.close()
+
+
+async def test_a_rated_tenants_slow_take_holds_up_no_other_tenant(
+    provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """While a rated tenant's take is out, the other tenants' frames, of its batch or of later
+    ones, are answered; only the rated tenant's wait for it."""
+    config = shared_config(provider, redis_url, f"test-{uuid.uuid4().hex}", "a")
+    config.tenants["rated"] = Tenant(keys=["rated-key-123456"], rate=100.0, burst=100)
+    async with running(config) as a:
+        limits = a.intake.quotas.shared
+        take, slow, taking = limits.take, asyncio.Event(), asyncio.Event()
+
+        async def slow_take(tenant: str, count: int, rate: float, burst: int) -> Any:
+            taking.set()
+            await slow.wait()
+            return await take(tenant, count, rate, burst)
+
+        limits.take = slow_take
+        rated, other = await connect(http, a.url), await connect(http, a.url)
+        await rated.auth("rated-key-123456")
+        await other.auth(ALPHA)
+        waits, goes = task(deliveryMethod="async"), task(deliveryMethod="async")
+        await rated.send(waits)
+        await asyncio.wait_for(taking.wait(), 5000 * MS)
+        await other.send(goes)  # a later batch
+        assert (await other.recv())["data"][0]["taskUUID"] == goes["taskUUID"]
+        slow.set()
+        assert (await rated.recv())["data"][0]["taskUUID"] == waits["taskUUID"]
+
+
+@pure_python_only(gateway.replication)
+async def test_a_tenants_frames_stay_in_order_when_a_reload_takes_its_rate_away() -> None:
+    """Frames of a tenant wait for their tokens; its rate goes (a reload) before the take is
+    answered: its next frames still wait behind them, not overtake them."""
+
+    class Shared:
+        async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
+            return [True] * len(records)
+
+    replication = Replication(
+        Shared(),  # type: ignore[arg-type]
+        "a",
+        retention=60.0,
+        max_pending=10,
+        new_uuid=lambda: str(uuid.uuid4()),
+        dropped=Counter("dropped", "dropped", registry=CollectorRegistry()),
+    )
+    rated, answered = {"t": True}, asyncio.Event()
+    replication.rated = rated.__getitem__
+
+    async def take(counts: dict[str, int]) -> dict[str, StoreUnavailable]:
+        await answered.wait()
+        return {}
+
+    replication.take_tokens = take
+    heard: list[int] = []
+
+    def hear(n: int) -> Callable[[Any], None]:
+        return lambda claims: heard.append(n)
+
+    replication.claim_then("t", [image_task("async")], hear(0), session=None, created=0.0)
+    await until(lambda: replication._taking is not None)
+    rated["t"] = False  # the reload
+    replication.claim_then("t", [image_task("async")], hear(1), session=None, created=0.0)
+    await asyncio.sleep(50 * MS)
+    assert heard == []
+    answered.set()
+    await until(lambda: len(heard) == 2)
+    assert heard == [0, 1]
