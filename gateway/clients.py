@@ -379,9 +379,8 @@ class SocketDoor:
             if record.code == "conflictTaskUUID":
                 intake.rejoin(tenant, task, session)
             return record
-        if (
-            record.finished is None
-        ):  # it may have failed already (a full queue): settled, not running
+        # it may have failed already (a full queue): settled, not running
+        if record.finished is None:
             session.open_tasks.add(record.upstream_uuid)
             record.session = session.uuid
         return None

@@ -125,9 +125,9 @@ class Write:
 
 
 class RecordParts:
-    """A record as two MessagePack arrays: what never changes, written once, and its state,
-    written at each change (store/redis.py). A record with no state written yet is as it was
-    received (``fresh``): a claim writes its static part alone."""
+    """A record as two MessagePack arrays (store/parts.py): what never changes, written once
+    with its claim, and its state, written at each change. A record with no state written yet
+    is as it was received (``fresh``): a claim writes its static part alone."""
 
     def __init__(self) -> None:
         self._encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
