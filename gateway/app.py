@@ -479,7 +479,8 @@ class Gateway:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.registry.expire(self.config.tasks.timeout)
+            refused = self.pool.was_refused if self.pool is not None else None
+            self.registry.expire(self.config.tasks.timeout, refused)
             self.registry.sweep()
             if self.clients is not None:
                 self.clients.sweep()

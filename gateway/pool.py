@@ -243,6 +243,10 @@ class UpstreamPool:
                        task_uuid=record.task.taskUUID),
         )  # fmt: skip
 
+    def was_refused(self, record: TaskRecord) -> bool:
+        """The provider refused the task at least once, and it waits or is out again since."""
+        return record.upstream_uuid in self._retries
+
     def _settled(self, record: TaskRecord) -> None:
         self._back(record)
         self._retries.pop(record.upstream_uuid, None)

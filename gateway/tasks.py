@@ -307,9 +307,11 @@ class TaskRegistry:
             )
         return data, errors
 
-    def expire(self, timeout: float) -> int:
+    def expire(self, timeout: float, refused: Callable[[TaskRecord], bool] | None = None) -> int:
         """Tasks with results still missing ``timeout`` after acceptance end as EXPIRED,
-        whether the provider has them or they still wait for its capacity at the gateway."""
+        whether the provider has them or they still wait for its capacity at the gateway.
+        ``refused``: whether the provider refused a task before (the pool's): one sent again
+        and out at the moment still waited for capacity, not for the provider to finish it."""
         horizon = self._clock() - timeout
         late = [
             r
@@ -317,7 +319,10 @@ class TaskRegistry:
             if r.created <= horizon and r.state in (S.QUEUED, S.SUBMITTED, S.PARTIAL)
         ]
         for record in late:
-            if record.state is S.QUEUED:
+            waited = record.state is S.QUEUED or (
+                record.state is S.SUBMITTED and refused is not None and refused(record)
+            )
+            if waited:
                 message = (
                     f"The task waited {timeout:g} s for provider capacity (the provider kept "
                     "refusing new work, or the queue ahead of it was long)."

@@ -220,3 +220,18 @@ def test_retained_records_leave_the_garbage_collector_nothing_to_walk(clock: Clo
     gc.collect()
     assert len(registry.store) == 2_050
     assert len(gc.get_objects()) - before < 100  # not one (or three) per record kept
+
+
+def test_a_task_out_again_after_a_refusal_expires_as_one_that_waited_for_capacity(
+    registry: TaskRegistry, clock: Clock
+) -> None:
+    """The provider refused it, and at the deadline it happens to be out again (the pool's
+    retry): it waited for capacity, it did not run too long."""
+    watcher = Subscriber()
+    record = registry.register("t", checked(), watcher)
+    assert isinstance(record, TaskRecord)
+    registry.move(record, S.SUBMITTED)
+    clock.advance(600)
+    assert registry.expire(600, refused=lambda r: r is record) == 1
+    [frame] = watcher.frames
+    assert "waited 600 s for provider capacity" in frame["errors"][0]["message"]
