@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import uuid
@@ -38,12 +39,44 @@ from tests.redis_server import free_port
 from tests.timing import MS
 
 
-def shared_config(provider: LocalProvider, url: str, prefix: str, replica: str) -> Any:
+def shared_config(
+    provider: LocalProvider,
+    url: str,
+    prefix: str,
+    replica: str,
+    *,
+    timeout: float = 300 * MS,
+    lease: float = 1000 * MS,
+) -> Any:
     config = gateway_config(provider)
     config.store = StoreSettings(
-        url=url, prefix=prefix, replica=replica, timeout=300 * MS, lease=1000 * MS
+        url=url, prefix=prefix, replica=replica, timeout=timeout, lease=lease
     )
     return config
+
+
+@pytest.fixture
+async def patient_pair(provider: LocalProvider, redis_url: str) -> AsyncIterator[tuple[Any, Any]]:
+    """A pair whose store deadline and lease outlast ``held_writes``: a Redis that holds
+    writes for a while is slow to them, not away."""
+    prefix, patient = f"test-{uuid.uuid4().hex}", {"timeout": 5000 * MS, "lease": 20000 * MS}
+    async with (
+        running(shared_config(provider, redis_url, prefix, "a", **patient)) as a,
+        running(shared_config(provider, redis_url, prefix, "b", **patient)) as b,
+    ):
+        yield a, b
+
+
+@contextlib.asynccontextmanager
+async def held_writes(redis_url: str) -> AsyncIterator[None]:
+    """Redis holds every write (CLIENT PAUSE WRITE) until the block ends (at most 5 s)."""
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.client_pause(round(5000 * MS * 1000), all=False)
+        yield
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
 
 
 @pytest.fixture
@@ -324,53 +357,43 @@ async def test_frames_sent_back_to_back_are_answered_in_their_order(
 
 
 async def test_a_stalled_redis_stops_reading_a_socket_past_its_bound_then_answers_in_order(
-    pair: tuple[Any, Any], http: aiohttp.ClientSession, redis_url: str
+    patient_pair: tuple[Any, Any], http: aiohttp.ClientSession, redis_url: str
 ) -> None:
     """While Redis holds writes (CLIENT PAUSE), a socket's frames queue for their claims up to
     MAX_CLAIMING_FRAMES and no further (its reads stop: TCP pushes back); once Redis answers,
     every frame is answered, in order."""
-    a, _ = pair
+    a, _ = patient_pair
     client = await connect(http, a.url)
     await client.auth(ALPHA)
     bodies = [task(deliveryMethod="async") for _ in range(MAX_CLAIMING_FRAMES + 16)]
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
-        await admin.client_pause(400, all=False)
+    async with held_writes(redis_url):
         for body in bodies:
             await client.send(body)
         [connection] = a.clients.connections
-        await until(lambda: connection.claiming == MAX_CLAIMING_FRAMES)
+        await until(lambda: connection.claiming == MAX_CLAIMING_FRAMES, within=4000 * MS)
         await asyncio.sleep(50 * MS)
         assert connection.claiming == MAX_CLAIMING_FRAMES  # and not one frame more
-    finally:
-        await admin.client_unpause()
-        await admin.aclose()
     acked = [(await client.recv())["data"][0]["taskUUID"] for _ in bodies]
     assert acked == [body["taskUUID"] for body in bodies]
 
 
 async def test_frames_waiting_when_their_key_is_revoked_give_their_claims_back(
-    pair: tuple[Any, Any], http: aiohttp.ClientSession, redis_url: str
+    patient_pair: tuple[Any, Any], http: aiohttp.ClientSession, redis_url: str
 ) -> None:
     """Frames a socket read before its key was revoked, still waiting for their claims, are not
     run: their claims go back, and the tenant's taskUUIDs are free on the other replica."""
-    a, b = pair
+    a, b = patient_pair
     client = await connect(http, a.url)
     await client.auth(BETA)
     bodies = [task(deliveryMethod="async") for _ in range(5)]
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
-        await admin.client_pause(300, all=False)
+    async with held_writes(redis_url):
         for body in bodies:
             await client.send(body)
         [connection] = a.clients.connections
-        await until(lambda: connection.claiming == len(bodies))
+        await until(lambda: connection.claiming == len(bodies), within=4000 * MS)
         config = copy.deepcopy(a.config)
         del config.tenants["beta"]
         assert a.reload_tenants(lambda: config) is not None
-    finally:
-        await admin.client_unpause()
-        await admin.aclose()
     await until(lambda: connection.claiming == 0)
     other = await connect(http, b.url)
     await other.auth(BETA)
