@@ -79,7 +79,7 @@ async def test_a_batch_past_its_deadline_closes_the_connection_for_those_after_i
     try:
         pipe = connection.writes
         [before] = await pipe.exchange(packed("CLIENT", "ID"), 1)
-        await admin.client_pause(400, all=False)  # holds writes; PING and CLIENT ID are reads
+        await admin.client_pause(round(5000 * MS * 1000), all=False)  # writes held: not reads
         key = f"test-{uuid.uuid4().hex}"
         with pytest.raises(StoreUnavailable, match="did not answer"):
             await connection.call(lambda: pipe.exchange(packed("SET", key, "1"), 1))
@@ -136,7 +136,7 @@ async def test_a_closed_pipe_fails_what_waits_and_never_sends_it_again(redis_url
     key = f"test-{uuid.uuid4().hex}"
     try:
         await pipe.exchange(packed("PING"), 1)  # connected
-        await admin.client_pause(300, all=False)  # the INCR waits in Redis
+        await admin.client_pause(round(5000 * MS * 1000), all=False)  # the INCR waits
         waiting = asyncio.ensure_future(pipe.exchange(packed("INCR", key), 1))
         await asyncio.sleep(50 * MS)
         await pipe.close()
