@@ -89,6 +89,48 @@ async def pair(provider: LocalProvider, redis_url: str) -> AsyncIterator[tuple[A
         yield a, b
 
 
+async def accepted_once_given_back(client: Any, body: dict[str, Any]) -> None:
+    """``body`` sent again until accepted: its taskUUID's claim goes back in a round trip of its
+    own, soon after; until then it is a conflict, nothing else."""
+    for _ in range(100):
+        await client.send(body)
+        frame = await client.recv()
+        if "data" in frame:
+            break
+        assert frame["errors"][0]["code"] == "conflictTaskUUID", frame
+        await asyncio.sleep(20 * MS)
+    assert frame["data"][0]["taskUUID"] == body["taskUUID"]
+
+
+class AllWon:
+    """A shared store stand-in whose claims are all won; the size of each batch it was asked."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
+        self.sizes.append(len(records))
+        return [True] * len(records)
+
+
+def replication_over(shared: Any) -> Replication:
+    """Replica "a"'s replication over a stand-in store (pure Python only: a compiled class
+    takes no duck-typed store)."""
+    return Replication(
+        shared,
+        "a",
+        retention=60.0,
+        max_pending=10,
+        new_uuid=lambda: str(uuid.uuid4()),
+        dropped=Counter("dropped", "dropped", registry=CollectorRegistry()),
+    )
+
+
+def hearing(heard: list[int], n: int) -> Callable[[Any], None]:
+    """A frame's callback: its number, appended to ``heard`` once its claims are answered."""
+    return lambda claims: heard.append(n)
+
+
 async def test_get_response_on_b_answers_a_task_sent_on_a(
     pair: tuple[Any, Any], http: aiohttp.ClientSession
 ) -> None:
@@ -398,14 +440,7 @@ async def test_frames_waiting_when_their_key_is_revoked_give_their_claims_back(
     other = await connect(http, b.url)
     await other.auth(BETA)
     for body in bodies:  # each claim goes back in its own round trip, soon after
-        for _ in range(100):
-            await other.send(body)
-            frame = await other.recv()
-            if "data" in frame:
-                break
-            assert frame["errors"][0]["code"] == "conflictTaskUUID", frame
-            await asyncio.sleep(20 * MS)
-        assert frame["data"][0]["taskUUID"] == body["taskUUID"]
+        await accepted_once_given_back(other, body)
 
 
 async def test_a_rated_tenants_frames_take_their_tokens_with_their_claim_batch(
@@ -469,14 +504,7 @@ async def test_a_rated_frame_whose_tokens_redis_does_not_give_gets_service_unava
         [error] = (await client.recv())["errors"]
         assert error["code"] == "serviceUnavailable" and error["taskUUID"] == body["taskUUID"]
         limits.take = take
-        for _ in range(100):  # the claim goes back in a round trip of its own, soon after
-            await client.send(body)
-            frame = await client.recv()
-            if "data" in frame:
-                break
-            assert frame["errors"][0]["code"] == "conflictTaskUUID", frame
-            await asyncio.sleep(20 * MS)
-        assert frame["data"][0]["taskUUID"] == body["taskUUID"]
+        await accepted_once_given_back(client, body)
 
 
 @pure_python_only(gateway.replication)
@@ -484,32 +512,13 @@ async def test_claims_that_piled_up_go_in_bounded_batches_frames_whole_and_in_or
     """Frames that waited while Redis stalled: their claims go in round trips of about
     CLAIM_BATCH each (a frame's never split), and every frame hears, in the order it came."""
 
-    class Shared:
-        def __init__(self) -> None:
-            self.sizes: list[int] = []
-
-        async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
-            self.sizes.append(len(records))
-            return [True] * len(records)
-
-    shared = Shared()
-    replication = Replication(
-        shared,  # type: ignore[arg-type]
-        "a",
-        retention=60.0,
-        max_pending=10,
-        new_uuid=lambda: str(uuid.uuid4()),
-        dropped=Counter("dropped", "dropped", registry=CollectorRegistry()),
-    )
+    shared = AllWon()
+    replication = replication_over(shared)
     heard: list[int] = []
-
-    def hear(n: int) -> Callable[[Any], None]:
-        return lambda claims: heard.append(n)
-
     sizes = [700, 900, 1, 1500, 300, 2500, 10]
     for n, size in enumerate(sizes):
         frame = [image_task("async") for _ in range(size)]
-        replication.claim_then("t", frame, hear(n), session=None, created=0.0)
+        replication.claim_then("t", frame, hearing(heard, n), session=None, created=0.0)
     await until(lambda: len(heard) == len(sizes))
     assert heard == list(range(len(sizes)))
     assert CLAIM_BATCH == 2_000
@@ -535,14 +544,7 @@ async def test_claims_of_a_batch_whose_answer_was_lost_are_given_back(redis_url:
         async def release(self, *args: Any) -> None:
             await store.release(*args)
 
-    replication = Replication(
-        AnswerLost(),  # type: ignore[arg-type]
-        "a",
-        retention=60.0,
-        max_pending=10,
-        new_uuid=lambda: str(uuid.uuid4()),
-        dropped=Counter("dropped", "dropped", registry=CollectorRegistry()),
-    )
+    replication = replication_over(AnswerLost())
     try:
         sent = image_task("async")
         heard: list[Any] = []
@@ -590,18 +592,7 @@ async def test_a_tenants_frames_stay_in_order_when_a_reload_takes_its_rate_away(
     """Frames of a tenant wait for their tokens; its rate goes (a reload) before the take is
     answered: its next frames still wait behind them, not overtake them."""
 
-    class Shared:
-        async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
-            return [True] * len(records)
-
-    replication = Replication(
-        Shared(),  # type: ignore[arg-type]
-        "a",
-        retention=60.0,
-        max_pending=10,
-        new_uuid=lambda: str(uuid.uuid4()),
-        dropped=Counter("dropped", "dropped", registry=CollectorRegistry()),
-    )
+    replication = replication_over(AllWon())
     rated, answered = {"t": True}, asyncio.Event()
     replication.rated = rated.__getitem__
 
@@ -611,14 +602,10 @@ async def test_a_tenants_frames_stay_in_order_when_a_reload_takes_its_rate_away(
 
     replication.take_tokens = take
     heard: list[int] = []
-
-    def hear(n: int) -> Callable[[Any], None]:
-        return lambda claims: heard.append(n)
-
-    replication.claim_then("t", [image_task("async")], hear(0), session=None, created=0.0)
+    replication.claim_then("t", [image_task("async")], hearing(heard, 0), session=None, created=0.0)
     await until(lambda: replication._taking is not None)
     rated["t"] = False  # the reload
-    replication.claim_then("t", [image_task("async")], hear(1), session=None, created=0.0)
+    replication.claim_then("t", [image_task("async")], hearing(heard, 1), session=None, created=0.0)
     await asyncio.sleep(50 * MS)
     assert heard == []
     answered.set()
