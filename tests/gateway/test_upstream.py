@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import gateway.upstream
 from gateway.app import Gateway
 from gateway.config import ProviderSettings
+from gateway.pool import UpstreamPool
 from gateway.store.base import TaskRecord, TaskState
 from gateway.upstream import LinkState
 from protocol.codec import decode_client_frame
@@ -33,6 +34,14 @@ async def started(fake: FakeProvider) -> Gateway:
     gateway = Gateway(fake_config(fake))
     await gateway.start()
     return gateway
+
+
+async def ready(gateway: Gateway) -> UpstreamPool:
+    """The gateway's pool, once a provider link is ready."""
+    assert gateway.pool is not None
+    async with asyncio.timeout(5000 * MS):
+        await gateway.pool.wait_ready()
+    return gateway.pool
 
 
 async def one_task_completes(gateway: Gateway, http: aiohttp.ClientSession) -> None:
@@ -72,9 +81,7 @@ async def test_a_malformed_authentication_reply_is_survived(
     fake.auth_answers.extend([reply, reply])
     gateway = await started(fake)
     try:
-        assert gateway.pool is not None
-        async with asyncio.timeout(5000 * MS):
-            await gateway.pool.wait_ready()  # the link came back once the provider behaved
+        await ready(gateway)  # the link came back once the provider behaved
         assert fake.connections >= 3
         assert failures(gateway) >= 2
         await one_task_completes(gateway, http)
@@ -89,9 +96,7 @@ async def test_an_item_for_a_task_not_yet_sent_is_dropped(
     (received or queued, never sent) must not move it, nor kill the link."""
     gateway = await started(fake)
     try:
-        assert gateway.pool is not None
-        async with asyncio.timeout(5000 * MS):
-            await gateway.pool.wait_ready()
+        pool = await ready(gateway)
         (checked,) = decode_client_frame(json.dumps([task()]), gateway.catalogue)
         assert isinstance(checked, ImageTask)
         record = gateway.registry.register("alpha", checked, None)
@@ -103,7 +108,7 @@ async def test_an_item_for_a_task_not_yet_sent_is_dropped(
             "imageURL": "http://127.0.0.1:9/x.jpg",
         }
         error = {"code": "providerError", "message": "?", "taskUUID": record.upstream_uuid}
-        link = gateway.pool.links[0]
+        link = pool.links[0]
         link._route(json.dumps({"data": [stray]}).encode())
         link._route(json.dumps({"errors": [error]}).encode())
         assert record.state == TaskState.RECEIVED and record.open
@@ -122,10 +127,7 @@ async def test_a_failed_link_leaves_no_exception_current_for_other_coroutines(
     link's ConnectionError current for every other coroutine: later Redis calls raised it."""
     gateway = await started(fake)
     try:
-        assert gateway.pool is not None
-        async with asyncio.timeout(5000 * MS):
-            await gateway.pool.wait_ready()
-        link = gateway.pool.links[0]
+        link = (await ready(gateway)).links[0]
         seen: list[object] = []
         for _ in range(2):
             connects = link.connects
@@ -150,10 +152,7 @@ async def test_a_link_that_fails_unexpectedly_reconnects_and_close_does_not_rais
     reconnect with backoff; close() at shutdown does not re-raise it."""
     gateway = await started(fake)
     try:
-        assert gateway.pool is not None
-        async with asyncio.timeout(5000 * MS):
-            await gateway.pool.wait_ready()
-        link = gateway.pool.links[0]
+        link = (await ready(gateway)).links[0]
         calls = 0
         original = link._recover
 
