@@ -257,9 +257,9 @@ class Intake:
     def released(self, claims: FrameClaims) -> None:
         """After the dispatch: the claims its refused tasks did not use go back."""
         if self.replication is not None:
-            store = self.registry.store
+            store, tenant = self.registry.store, claims.tenant
             self.replication.release_unused(
-                claims, lambda upstream_uuid: store.by_upstream(upstream_uuid) is not None
+                claims, lambda record: store.get(tenant, record.task.taskUUID) is record
             )
 
     def _claimed(self, task: ImageTask) -> TaskRecord | ErrorItem:

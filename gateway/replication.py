@@ -392,10 +392,10 @@ class Replication:
         finally:
             self._giving_back -= 1
 
-    def release_unused(self, claims: FrameClaims, used: Callable[[str], bool]) -> None:
+    def release_unused(self, claims: FrameClaims, used: Callable[[TaskRecord], bool]) -> None:
         """After the dispatch: claims of tasks that were refused are given back, with the
         records they wrote."""
-        unused = [(t, r.upstream_uuid) for t, r in claims.won.items() if not used(r.upstream_uuid)]
+        unused = [(t, r.upstream_uuid) for t, r in claims.won.items() if not used(r)]
         for _, upstream_uuid in unused:
             self._stored.discard(upstream_uuid)
         if unused:

@@ -105,7 +105,7 @@ class Takeover:
     def _adopt(self, record: TaskRecord) -> bool:
         """Register a dead replica's record here with whoever waits for its frames; False if
         this replica has it already (a takeover done again)."""
-        if self.registry.store.by_upstream(record.upstream_uuid) is not None:
+        if self.registry.store.get(record.tenant, record.task.taskUUID) is not None:
             return False
         subscribers = []
         if record.session is not None and self.roaming is not None:

@@ -82,14 +82,17 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
 
 
 class TaskStore(Protocol):
-    """Records by (tenant, taskUUID) and by upstream UUID, for a bounded retention window."""
+    """Records by (tenant, taskUUID) for a bounded retention window, the open ones by upstream
+    UUID too."""
 
     def add(self, record: TaskRecord) -> bool:
         """Keep a new record; False when the tenant already has this taskUUID."""
 
     def get(self, tenant: str, task_uuid: str) -> TaskRecord | None: ...
 
-    def by_upstream(self, upstream_uuid: str) -> TaskRecord | None: ...
+    def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
+        """The open record sent upstream as ``upstream_uuid``; a finished one is found by
+        (tenant, taskUUID) only: what the provider says of a task that ended is stray."""
 
     def finish(self, record: TaskRecord) -> None:
         """The record reached a final state: start its retention clock."""

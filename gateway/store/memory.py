@@ -3,7 +3,7 @@ kept for the retention window and at most ``max_finished`` of them (oldest forgo
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 
 from gateway.store.base import TaskRecord
 
@@ -18,20 +18,24 @@ def _key(tenant: str, task_uuid: str) -> str:
 
 
 class MemoryTaskStore:
+    """One dict holds every record kept (up to ``tasks.max_retained``, 200,000): at that size
+    each probe is a cache miss or two, so a task costs two probes of it (its add and its
+    forgetting), not seven. Open records are also in a dict of their own, small and hot, which
+    is all ``by_upstream`` needs; the finished ones wait for their sweep in a queue."""
+
     def __init__(self, *, retention: float, max_finished: int = 1_000_000) -> None:
         self.retention = retention
         self.max_finished = max_finished
         self._by_key: dict[str, TaskRecord] = {}  # by _key(tenant, taskUUID)
-        self._by_upstream: dict[str, TaskRecord] = {}
-        self._open: dict[str, TaskRecord] = {}
-        self._finished: OrderedDict[str, TaskRecord] = OrderedDict()  # in order of finishing
+        self._open: dict[str, TaskRecord] = {}  # by upstream UUID
+        # in order of finishing; a record finishes once (no move leaves a final state)
+        self._finished: deque[TaskRecord] = deque()
 
     def add(self, record: TaskRecord) -> bool:
         # one probe of the largest dict (every record kept), not a test and then an insert
         key = _key(record.tenant, record.task.taskUUID)
         if self._by_key.setdefault(key, record) is not record:
             return False
-        self._by_upstream[record.upstream_uuid] = record
         self._open[record.upstream_uuid] = record
         return True
 
@@ -39,29 +43,30 @@ class MemoryTaskStore:
         return self._by_key.get(_key(tenant, task_uuid))
 
     def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
-        return self._by_upstream.get(upstream_uuid)
+        return self._open.get(upstream_uuid)
 
     def finish(self, record: TaskRecord) -> None:
         self._open.pop(record.upstream_uuid, None)
-        self._finished[record.upstream_uuid] = record
-        if len(self._finished) > self.max_finished:  # a retention window too long for the rate
-            self._forget(self._finished.popitem(last=False)[1])
+        finished = self._finished
+        finished.append(record)
+        if len(finished) > self.max_finished:  # a retention window too long for the rate
+            self._forget(finished.popleft())
 
     def sweep(self, now: float) -> list[TaskRecord]:
         horizon = now - self.retention
+        finished = self._finished
         gone = []
-        while self._finished:
-            record = next(iter(self._finished.values()))
+        while finished:
+            record = finished[0]
             if record.finished is None or record.finished > horizon:
                 break
-            self._finished.popitem(last=False)
+            finished.popleft()
             self._forget(record)
             gone.append(record)
         return gone
 
     def _forget(self, record: TaskRecord) -> None:
         self._by_key.pop(_key(record.tenant, record.task.taskUUID), None)
-        self._by_upstream.pop(record.upstream_uuid, None)
 
     def open_records(self) -> list[TaskRecord]:
         return list(self._open.values())

@@ -50,6 +50,17 @@ def test_past_max_finished_the_oldest_finished_are_forgotten_first() -> None:
         r.finished = float(i)
         store.finish(r)
     assert store.get("a", records[0].task_uuid) is None  # within retention, past the count
-    assert store.by_upstream("u0") is None
-    assert [store.by_upstream(f"u{i}") for i in (1, 2, 3)] == records[1:]
+    assert [store.get("a", r.task_uuid) for r in records[1:]] == records[1:]
     assert store.open_count == 1 and len(store) == 3
+
+
+def test_by_upstream_finds_open_records_only() -> None:
+    """What the provider says of a task that ended is stray: the registry counts it so."""
+    store = MemoryTaskStore(retention=10)
+    done, running = record("a", "u1"), record("a", "u2")
+    store.add(done)
+    store.add(running)
+    done.finished = 1.0
+    store.finish(done)
+    assert store.by_upstream("u1") is None and store.by_upstream("u2") is running
+    assert store.get("a", done.task_uuid) is done
