@@ -83,7 +83,7 @@ COMPILED_MODULES := gateway/tasks.py gateway/store/memory.py gateway/dispatch.py
                     gateway/intake.py gateway/quotas.py gateway/admission.py gateway/recovery.py \
                     gateway/console/producer.py gateway/console/bounded.py gateway/audit.py \
                     gateway/replication.py gateway/store/redis.py gateway/store/connection.py \
-                    gateway/store/pipe.py \
+                    gateway/store/pipe.py gateway/store/states.py gateway/wsmsg.py \
                     protocol/codec.py protocol/validate.py
 COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/test_dispatch.py \
                     tests/gateway/test_clients.py tests/gateway/test_sessions.py \

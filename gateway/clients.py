@@ -52,6 +52,7 @@ from gateway.sessions import ClientSession, SessionTable
 from gateway.tenants import CLOSE_REVOKED, Revoked, hash_key
 from gateway.throttle import AuthThrottle, ClientAddresses
 from gateway.watchdog import CLOSE_AUTH_TIMEOUT, IdleWatchdog
+from gateway.wsmsg import BINARY, TEXT
 from protocol.codec import encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import Authentication, AuthenticationResult, ErrorItem, ImageTask
@@ -269,7 +270,7 @@ class ClientConnection:
         try:
             while self.outbox and not self.closed:
                 frame = self.outbox[0]
-                await self.ws.send_frame(frame, WSMsgType.TEXT)
+                await self.ws.send_frame(frame, TEXT)
                 self.outbox.popleft()
                 self.queued_bytes -= len(frame)
                 self.metrics.frames.client_out += 1
@@ -562,7 +563,7 @@ class ClientGateway:
             if connection.closed:
                 return
             kind = message.type
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            if kind is TEXT or kind is BINARY:
                 received = time.time_ns() if telemetry is not None else 0
                 data = message.data if isinstance(message.data, bytes) else message.data.encode()
                 unauthenticated = door.session is None
@@ -572,7 +573,7 @@ class ClientGateway:
                         return
                     connection.frame_read()
                 # isascii is a scan without a copy: only other text pays for a decode
-                if kind is WSMsgType.TEXT and not data.isascii() and not _utf8(data):
+                if kind is TEXT and not data.isascii() and not _utf8(data):
                     connection.close_now(WSCloseCode.INVALID_TEXT, b"invalid UTF-8")
                     return
                 self.metrics.frames.client_in += 1

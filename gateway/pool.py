@@ -27,7 +27,8 @@ from gateway.admission import FairQueue, QueueFull, TenantLimits
 from gateway.backoff import full_jitter
 from gateway.config import ProviderSettings
 from gateway.metrics import Metrics
-from gateway.store.base import TaskRecord, TaskState
+from gateway.store.base import TaskRecord
+from gateway.store.states import TaskState
 from gateway.tasks import TaskRegistry
 from gateway.upstream import LinkState, UpstreamLink
 from protocol.errors import error_item

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import msgspec
 
 from gateway.metrics import Metrics
-from gateway.store.base import TaskRecord, TaskState, TaskStore
+from gateway.store.base import TaskRecord, TaskStore
+from gateway.store.states import TaskState
 from protocol.codec import decode_image_result, encode_data, encode_errors
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageResult, ImageTask, ProcessingItem

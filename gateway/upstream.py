@@ -30,8 +30,10 @@ from gateway.backoff import full_jitter
 from gateway.config import ProviderSettings
 from gateway.metrics import Metrics
 from gateway.recovery import LinkRecovery, Verdict
-from gateway.store.base import TaskRecord, TaskState
+from gateway.store.base import TaskRecord
+from gateway.store.states import TaskState
 from gateway.tasks import TaskRegistry
+from gateway.wsmsg import BINARY, TEXT
 from protocol.codec import (
     decode_auth_reply,
     decode_error_item,
@@ -351,7 +353,7 @@ class UpstreamLink:
         self._last_read = loop.time()
         while True:
             message = await ws.receive()
-            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            if message.type is TEXT or message.type is BINARY:
                 self._last_read = loop.time()
                 self.metrics.frames.provider_in += 1
                 self._route(message.data)
@@ -464,7 +466,7 @@ class UpstreamLink:
                 batch.append(upstream_task(record))
             if batch:
                 self._send_started = loop.time()
-                await ws.send_frame(encode_tasks(batch), aiohttp.WSMsgType.TEXT)
+                await ws.send_frame(encode_tasks(batch), TEXT)
                 self._send_started = None
                 self.metrics.frames.provider_out += 1
 

@@ -1,4 +1,5 @@
-"""Where task state lives: in memory for one process (the embedded default); Redis later."""
+"""Where task state lives: in memory for one process (the embedded default), shared through
+Redis between replicas (gateway.replication)."""
 
 from gateway.store.base import TaskRecord, TaskState, TaskStore
 from gateway.store.memory import MemoryTaskStore

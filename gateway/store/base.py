@@ -7,24 +7,14 @@ tracked by the cycle collector (``gc=False``, as the frames they hold).
 
 from __future__ import annotations
 
-import enum
 from typing import Literal, Protocol
 
 import msgspec
 
+from gateway.store.states import TaskState
 from protocol.frames import ErrorItem, ImageResult, ImageTask
 
 __all__ = ["Delivery", "TaskRecord", "TaskState", "TaskStore"]
-
-
-class TaskState(enum.StrEnum):
-    RECEIVED = "received"  # checked, registered, not yet on a provider link
-    QUEUED = "queued"  # waiting for a provider link to be ready
-    SUBMITTED = "submitted"  # sent to the provider
-    PARTIAL = "partial"  # some of its results are in
-    DONE = "done"  # every result is in
-    FAILED = "failed"  # the provider or the gateway failed it
-    EXPIRED = "expired"  # its deadline passed with results missing
 
 
 class Delivery(msgspec.Struct, kw_only=True, gc=False):

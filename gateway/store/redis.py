@@ -68,12 +68,13 @@ from typing import Any
 import msgspec
 from redis.exceptions import ResponseError
 
-from gateway.store.base import TaskRecord, TaskState
+from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
 from gateway.store.parts import StatePart, StaticPart
 from gateway.store.pipe import RedisPipe
 from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, WRITE
 from gateway.store.shared import StoreUnavailable
+from gateway.store.states import TaskState
 
 __all__ = ["RedisSharedTasks", "Write"]
 
