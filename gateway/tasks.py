@@ -11,10 +11,9 @@ ever sees the gateway's own UUID for a task, so two tenants' identical taskUUIDs
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -30,35 +29,46 @@ __all__ = [
     "IllegalTransition",
     "Subscriber",
     "TaskRegistry",
+    "UpstreamUUIDs",
     "conflict",
-    "upstream_uuids",
 ]
 
-S = TaskState
-TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    S.RECEIVED: frozenset({S.QUEUED, S.SUBMITTED, S.FAILED}),
-    S.QUEUED: frozenset({S.SUBMITTED, S.FAILED, S.EXPIRED}),
+TRANSITIONS: Final[dict[TaskState, frozenset[TaskState]]] = {
+    TaskState.RECEIVED: frozenset({TaskState.QUEUED, TaskState.SUBMITTED, TaskState.FAILED}),
+    TaskState.QUEUED: frozenset({TaskState.SUBMITTED, TaskState.FAILED, TaskState.EXPIRED}),
     # back to QUEUED only when the provider refused it before accepting it (unbilled)
-    S.SUBMITTED: frozenset({S.QUEUED, S.PARTIAL, S.DONE, S.FAILED, S.EXPIRED}),
-    S.PARTIAL: frozenset({S.PARTIAL, S.DONE, S.FAILED, S.EXPIRED}),
-    S.DONE: frozenset(),
-    S.FAILED: frozenset(),
-    S.EXPIRED: frozenset(),
+    TaskState.SUBMITTED: frozenset(
+        {TaskState.QUEUED, TaskState.PARTIAL, TaskState.DONE, TaskState.FAILED, TaskState.EXPIRED}
+    ),
+    TaskState.PARTIAL: frozenset(
+        {TaskState.PARTIAL, TaskState.DONE, TaskState.FAILED, TaskState.EXPIRED}
+    ),
+    TaskState.DONE: frozenset(),
+    TaskState.FAILED: frozenset(),
+    TaskState.EXPIRED: frozenset(),
 }
-FINAL = frozenset({S.DONE, S.FAILED, S.EXPIRED})
-WRITTEN = FINAL | {S.PARTIAL}  # the states a shared store is told of (gateway.replication)
+FINAL: Final = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.EXPIRED})
+WRITTEN: Final = FINAL | {
+    TaskState.PARTIAL
+}  # the states a shared store is told of (gateway.replication)
 # Only a task the provider was sent can hear from it: an item about any other (one still
 # waiting at the gateway, whose upstream UUID a provider could guess) is a stray.
-AT_PROVIDER = frozenset({S.SUBMITTED, S.PARTIAL})
+AT_PROVIDER: Final = frozenset({TaskState.SUBMITTED, TaskState.PARTIAL})
 
 
-def upstream_uuids() -> Callable[[], str]:
+class UpstreamUUIDs:
     """The gateway's own task UUIDs: valid v4 UUIDs, 74 random bits fixed per process and a
     48-bit sequence. uuid.uuid4() per task cost 7% of the gateway's CPU; these are only ever
-    seen by the provider, where they need to be unique, not unguessable."""
-    prefix = str(uuid.uuid4())[:24]  # 8-4-4-4- with the version and variant nibbles
-    sequence = itertools.count()
-    return lambda: f"{prefix}{next(sequence):012x}"
+    seen by the provider, where they need to be unique, not unguessable. ``hex`` of a number
+    with a 49th bit set, not a format spec: compiled, an f-string's ``:012x`` cost 360 ns."""
+
+    def __init__(self) -> None:
+        self.prefix = str(uuid.uuid4())[:24]  # 8-4-4-4- with the version and variant nibbles
+        self.sequence = 1 << 48
+
+    def __call__(self) -> str:
+        self.sequence += 1
+        return self.prefix + hex(self.sequence)[3:]  # past "0x1"
 
 
 def conflict(task_uuid: str) -> ErrorItem:
@@ -103,7 +113,7 @@ class TaskRegistry:
         self.max_open = max_open
         self._clock = clock
         self._metrics = metrics
-        self.new_uuid = new_uuid or upstream_uuids()
+        self.new_uuid = new_uuid or UpstreamUUIDs()
         self._subscribers: dict[str, list[Subscriber]] = {}
         self.on_final: list[Callable[[TaskRecord], None]] = []  # e.g. the link's in-flight count
         # what need not run per task at once (the audit's lines, the usage ledger): the records
@@ -255,7 +265,7 @@ class TaskRegistry:
         result.taskUUID = task.taskUUID
         record.results = results = (*results, result)
         frame = encode_data([result])
-        state = S.DONE if len(results) >= task.numberResults else S.PARTIAL
+        state = TaskState.DONE if len(results) >= task.numberResults else TaskState.PARTIAL
         if self.durable is None:
             for subscriber in self._subscribers.get(record.upstream_uuid, ()):
                 subscriber.deliver(record, frame)
@@ -275,7 +285,7 @@ class TaskRegistry:
     def fail(self, record: TaskRecord, error: ErrorItem) -> None:
         """End a task with ``error``, told to its subscribers."""
         if record.finished is None:
-            self._end(record, error, S.FAILED)
+            self._end(record, error, TaskState.FAILED)
 
     def _end(self, record: TaskRecord, error: ErrorItem, state: TaskState) -> None:
         record.error = error
@@ -317,11 +327,12 @@ class TaskRegistry:
         late = [
             r
             for r in self.store.open_records()
-            if r.created <= horizon and r.state in (S.QUEUED, S.SUBMITTED, S.PARTIAL)
+            if r.created <= horizon
+            and r.state in (TaskState.QUEUED, TaskState.SUBMITTED, TaskState.PARTIAL)
         ]
         for record in late:
-            waited = record.state is S.QUEUED or (
-                record.state is S.SUBMITTED and refused is not None and refused(record)
+            waited = record.state is TaskState.QUEUED or (
+                record.state is TaskState.SUBMITTED and refused is not None and refused(record)
             )
             if waited:
                 message = (
@@ -336,7 +347,7 @@ class TaskRegistry:
                 task_type="imageInference",
                 task_uuid=record.task.taskUUID,
             )
-            self._end(record, error, S.EXPIRED)
+            self._end(record, error, TaskState.EXPIRED)
         return len(late)
 
     def sweep(self) -> int:

@@ -13,7 +13,7 @@ import pytest
 from gateway.metrics import Metrics
 from gateway.store.base import TaskRecord, TaskState
 from gateway.store.memory import MemoryTaskStore
-from gateway.tasks import FINAL, TRANSITIONS, IllegalTransition, TaskRegistry, upstream_uuids
+from gateway.tasks import FINAL, TRANSITIONS, IllegalTransition, TaskRegistry, UpstreamUUIDs
 from protocol.codec import decode_client_frame, encode, encode_tasks
 from protocol.errors import error_item
 from protocol.frames import ErrorItem, ImageResult, ImageTask
@@ -62,11 +62,12 @@ def result(upstream: str, image: str, cost: float = 0.195) -> msgspec.Raw:
 
 
 def test_upstream_uuids_are_v4_and_unique_within_and_across_processes() -> None:
-    mine, another = upstream_uuids(), upstream_uuids()
+    mine, another = UpstreamUUIDs(), UpstreamUUIDs()
     issued = [mine() for _ in range(10_000)]
     assert len(set(issued)) == len(issued)
     assert all(uuid.UUID(u).version == 4 and str(uuid.UUID(u)) == u for u in issued[::997])
     assert another() not in issued  # another process draws another random prefix
+    assert mine().endswith(f"{len(issued) + 1:012x}")  # the sequence: 48 bits, zero-filled
 
 
 def test_the_lifecycle_table_is_closed() -> None:
