@@ -285,8 +285,10 @@ class Intake:
     def _refused_destination(self, task: ImageTask) -> ErrorItem | None:
         """A client-supplied URL whose host is a literal private address is refused here, with
         the parameter's own code; a name that resolves to one is refused at connect time."""
-        if task.webhookURL is UNSET and task.uploadEndpoint is UNSET and not task.reference_images:
-            return None  # most tasks: nothing to check
+        # most tasks: nothing to check (``inputs``, not the property reference_images: compiled,
+        # a property is a call into the interpreter)
+        if task.webhookURL is UNSET and task.uploadEndpoint is UNSET and task.inputs is UNSET:
+            return None
         urls = [
             ("webhookURL", "invalidWebhookURL", task.webhookURL),
             ("uploadEndpoint", "invalidUploadEndpoint", task.uploadEndpoint),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
-from gateway.metrics import Metrics
+from gateway.metrics import LATENCY_BUCKETS, Metrics, TaskFigures
 
 
 def scrape(metrics: Metrics) -> dict[str, float]:
@@ -46,3 +50,10 @@ def test_an_idle_gateway_reads_as_zeros() -> None:
     assert figures['tenebra_tasks_total{state="done"}'] == 0
     assert figures["tenebra_task_latency_seconds_count"] == 0
     assert not any(name.startswith("tenebra_cost_usd_total") for name in figures)
+
+
+@given(st.floats(min_value=0.0, max_value=1_000.0) | st.sampled_from(LATENCY_BUCKETS))
+def test_a_latency_lands_in_the_bucket_bisect_finds(latency: float) -> None:
+    figures = TaskFigures()
+    figures.ended("done", latency)
+    assert figures._buckets.index(1) == bisect_left(LATENCY_BUCKETS, latency)
