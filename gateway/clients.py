@@ -551,7 +551,9 @@ class ClientGateway:
             connection.flush()
 
     async def _read(self, connection: ClientConnection, door: SocketDoor) -> None:
-        ws, decode, dispatch = connection.ws, self.intake.decode, self.dispatch
+        # no bound methods kept in locals: compiled, a call through one goes by the interpreter's
+        # calling convention, where a method of a known class is a C call
+        ws, dispatch = connection.ws, self.dispatch
         intake = self.intake
         telemetry = intake.telemetry
         shared = intake.replication is not None
@@ -577,7 +579,7 @@ class ClientGateway:
                     connection.close_now(WSCloseCode.INVALID_TEXT, b"invalid UTF-8")
                     return
                 self.metrics.frames.client_in += 1
-                outcomes = decode(data)
+                outcomes = intake.decode(data)
                 if outcomes:  # a frame with no task is no activity (IdleWatchdog)
                     connection.last_frame = loop.time()
                 answer = Answer(connection.send)
@@ -607,7 +609,7 @@ class ClientGateway:
                 intake.key_id = connection.key_id  # its tasks' records carry it
                 if telemetry is not None:
                     intake.frame_trace = telemetry.frame(connection.trace, received)
-                dispatch(outcomes, door, answer, claims)
+                dispatch.frame(outcomes, door, answer, claims)
                 if unauthenticated and door.delay:
                     await self._answer_late(door)
                 answer.flush()
@@ -652,7 +654,7 @@ class ClientGateway:
             telemetry = intake.telemetry
             if telemetry is not None:
                 intake.frame_trace = telemetry.frame(connection.trace, received)
-            self.dispatch(outcomes, door, answer, claims)
+            self.dispatch.frame(outcomes, door, answer, claims)
             answer.flush()
         finally:
             connection.claimed()

@@ -72,7 +72,7 @@ class Dispatch:
         self.intake = intake
         self.metrics = metrics
 
-    def __call__(
+    def frame(
         self, outcomes: list[Outcome], door: Door, answer: Answer, claims: FrameClaims | None = None
     ) -> None:
         """``claims``: what the shared store holds for the frame (``Intake.claim``), if any."""

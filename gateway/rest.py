@@ -140,7 +140,7 @@ class RestEndpoint:
         self.intake.key_id = key_id(hash_key(key))  # its tasks' records carry it
         if telemetry is not None:  # its tasks continue the request's trace
             self.intake.frame_trace = telemetry.frame(telemetry.extract(request.headers), received)
-        self.dispatch(outcomes, door, answer, claims)
+        self.dispatch.frame(outcomes, door, answer, claims)
         data, errors = answer.data, answer.errors
         if door.waiting:
             await self._wait(door.waiting)

@@ -18,7 +18,8 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from gateway.metrics import Metrics
-from gateway.store.base import TaskRecord, TaskStore
+from gateway.store.base import TaskRecord
+from gateway.store.memory import MemoryTaskStore
 from gateway.store.states import TaskState
 from protocol.codec import decode_image_result, encode_data, encode_errors
 from protocol.errors import error_item
@@ -102,13 +103,15 @@ class Subscriber(Protocol):
 class TaskRegistry:
     def __init__(
         self,
-        store: TaskStore,
+        store: MemoryTaskStore,
         *,
         max_open: int,
         clock: Callable[[], float],
         metrics: Metrics,
         new_uuid: Callable[[], str] | None = None,
     ) -> None:
+        # by its class, not the TaskStore protocol: compiled, a call through a protocol is a
+        # method looked up by name, and the registry calls the store for every task
         self.store = store
         self.max_open = max_open
         self._clock = clock

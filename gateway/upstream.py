@@ -374,13 +374,16 @@ class UpstreamLink:
         except _UNDECODABLE:
             self._dropped("undecodable frame")
             return
-        self._route_each(frame.data, self._route_data)
-        self._route_each(frame.errors, self._route_error)
+        self._route_each(frame.data, False)
+        self._route_each(frame.errors, True)
 
-    def _route_each(self, items: list[msgspec.Raw], route: Callable[[msgspec.Raw], None]) -> None:
+    def _route_each(self, items: list[msgspec.Raw], errors: bool) -> None:
         for raw in items:
-            try:
-                route(raw)
+            try:  # methods called, not passed: compiled, a bound method is called as Python
+                if errors:
+                    self._route_error(raw)
+                else:
+                    self._route_data(raw)
             except _UNDECODABLE:
                 self._dropped("undecodable item")
             except Exception:  # a bug, or an item that fits no state: the link goes on

@@ -83,7 +83,7 @@ def run(outcomes: list[Outcome], door: FakeDoor) -> tuple[list[bytes], Metrics]:
     metrics = Metrics()
     sent: list[bytes] = []
     answer = Answer(sent.append)
-    Dispatch(FakeIntake(), metrics)(outcomes, door, answer)  # type: ignore[arg-type]
+    Dispatch(FakeIntake(), metrics).frame(outcomes, door, answer)  # type: ignore[arg-type]
     answer.flush()
     return sent, metrics
 
