@@ -12,9 +12,11 @@ import aiohttp
 import msgspec
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.app import Gateway
-from gateway.audit import Audit, key_id, quota_limit
+from gateway.audit import Audit, _tenths, key_id, quota_limit
 from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
 from gateway.store.base import Delivery, TaskRecord, TaskState
@@ -236,3 +238,10 @@ async def test_audit_off_adds_no_hook(provider: LocalProvider) -> None:
         assert gateway.pool is not None and gateway.pool.on_limit is None
         hooks = [*gateway.registry.on_final, *gateway.registry.on_final_batch]
         assert all(getattr(h, "__self__", None) is not Audit for h in hooks)
+
+
+@given(st.floats(min_value=0.0, max_value=1e7))
+def test_a_latency_is_written_to_the_nearest_tenth(value: float) -> None:
+    tenths = _tenths(value)
+    assert abs(tenths - value) <= 0.05 + 1e-9 * value
+    assert tenths == round(tenths, 1)  # no digits past the first decimal in the line
