@@ -257,11 +257,14 @@ def _line_writer(stream: TextIO) -> Callable[[bytes], object]:
 
 
 def _tenths(value: float) -> float:
-    """``value`` (not negative) to one decimal, half up. round(value, 1) rounds through a
-    decimal string (correctly rounded, dtoa and back): 1.5% of the gateway's CPU at its
-    ceiling, for a latency in a log line; n / 10.0 is the double nearest n tenths all the
-    same."""
-    return int(value * 10.0 + 0.5) / 10.0
+    """``value`` to one decimal, half up. round(value, 1) rounds through a decimal string
+    (correctly rounded, dtoa and back): 1.5% of the gateway's CPU at its ceiling, for a latency
+    in a log line; n / 10.0 is the double nearest n tenths all the same. What is not a finite
+    latency of this process's clock (NaN, infinite, negative: a record another replica
+    started, on its own clock) is left to round as before."""
+    if 0.0 <= value < 1e15:
+        return int(value * 10.0 + 0.5) / 10.0
+    return round(value, 1)
 
 
 def _task_line(record: TaskRecord, stamp: str) -> TaskLine:
@@ -279,7 +282,7 @@ def _task_line(record: TaskRecord, stamp: str) -> TaskLine:
         state=record.state,
         images=len(record.results),
         cost=record.cost,
-        latency_ms=_tenths(max(finished - record.created, 0.0) * 1000.0),
+        latency_ms=_tenths((finished - record.created) * 1000.0),
         deliveries=_deliveries(deliveries) if deliveries else None,
         error=error.code if error is not None else None,
         level="info",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -245,3 +246,11 @@ def test_a_latency_is_written_to_the_nearest_tenth(value: float) -> None:
     tenths = _tenths(value)
     assert abs(tenths - value) <= 0.05 + 1e-9 * value
     assert tenths == round(tenths, 1)  # no digits past the first decimal in the line
+
+
+def test_a_latency_that_is_not_a_finite_one_of_this_clock_is_rounded_as_it_was() -> None:
+    """NaN, infinite or negative (a record another replica started on its own clock): what
+    round(x, 1) made of it, never an error that would lose the batch's lines."""
+    assert math.isnan(_tenths(math.nan))
+    assert _tenths(math.inf) == math.inf
+    assert _tenths(-3.14) == -3.1
