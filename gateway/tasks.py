@@ -1,7 +1,7 @@
 """The task registry: every task's lifecycle, its subscribers and its results, in one place.
 
 The lifecycle is one explicit state machine (:data:`TRANSITIONS`); an illegal transition raises
-:class:`IllegalTransition`, which is always a bug. Records live in a :class:`TaskStore`; the
+:class:`IllegalTransition`, which is always a bug. Records live in a :class:`MemoryTaskStore`; the
 registry keeps only what is live: who is waiting on which task.
 
 Tenants are isolated twice over: a record is found by (tenant, taskUUID), and the provider only
@@ -49,9 +49,8 @@ TRANSITIONS: Final[dict[TaskState, frozenset[TaskState]]] = {
     TaskState.EXPIRED: frozenset(),
 }
 FINAL: Final = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.EXPIRED})
-WRITTEN: Final = FINAL | {
-    TaskState.PARTIAL
-}  # the states a shared store is told of (gateway.replication)
+# the states a shared store is told of (gateway.replication)
+WRITTEN: Final = FINAL | {TaskState.PARTIAL}
 # Only a task the provider was sent can hear from it: an item about any other (one still
 # waiting at the gateway, whose upstream UUID a provider could guess) is a stray.
 AT_PROVIDER: Final = frozenset({TaskState.SUBMITTED, TaskState.PARTIAL})
@@ -110,8 +109,8 @@ class TaskRegistry:
         metrics: Metrics,
         new_uuid: Callable[[], str] | None = None,
     ) -> None:
-        # by its class, not the TaskStore protocol: compiled, a call through a protocol is a
-        # method looked up by name, and the registry calls the store for every task
+        # by its class, not a protocol: compiled, a call through a protocol is a method looked
+        # up by name, and the registry calls the store for every task
         self.store = store
         self.max_open = max_open
         self._clock = clock

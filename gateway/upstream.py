@@ -260,10 +260,10 @@ class UpstreamLink:
         """Authenticate, resuming the provider session if there is one; True if it resumed."""
         auth = Authentication(apiKey=self._api_key, connectionSessionUUID=self.session_uuid)
         await asyncio.wait_for(
-            ws.send_frame(encode_tasks([auth]), aiohttp.WSMsgType.TEXT), self.settings.send_timeout
+            ws.send_frame(encode_tasks([auth]), TEXT), self.settings.send_timeout
         )
         message = await ws.receive(timeout=self.settings.auth_timeout)
-        if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+        if message.type is not TEXT and message.type is not BINARY:
             raise ConnectionError(f"the provider closed during authentication: {message.type}")
         try:
             frame = decode_server_frame(message.data)

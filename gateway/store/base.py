@@ -1,4 +1,4 @@
-"""The task record and the interface every store implements.
+"""The task record.
 
 A record is plain data (msgspec), so a shared store can keep it across replicas; live things
 (sockets, futures) are never in it. Plain data makes no reference cycles, so records are not
@@ -7,14 +7,14 @@ tracked by the cycle collector (``gc=False``, as the frames they hold).
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal
 
 import msgspec
 
 from gateway.store.states import TaskState
 from protocol.frames import ErrorItem, ImageResult, ImageTask
 
-__all__ = ["Delivery", "TaskRecord", "TaskState", "TaskStore"]
+__all__ = ["Delivery", "TaskRecord", "TaskState"]
 
 
 class Delivery(msgspec.Struct, kw_only=True, gc=False):
@@ -69,30 +69,3 @@ class TaskRecord(msgspec.Struct, kw_only=True, gc=False):
     @property
     def open(self) -> bool:
         return self.finished is None
-
-
-class TaskStore(Protocol):
-    """Records by (tenant, taskUUID) for a bounded retention window, the open ones by upstream
-    UUID too."""
-
-    def add(self, record: TaskRecord) -> bool:
-        """Keep a new record; False when the tenant already has this taskUUID."""
-
-    def get(self, tenant: str, task_uuid: str) -> TaskRecord | None: ...
-
-    def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
-        """The open record sent upstream as ``upstream_uuid``; a finished one is found by
-        (tenant, taskUUID) only: what the provider says of a task that ended is stray."""
-
-    def finish(self, record: TaskRecord) -> None:
-        """The record reached a final state: start its retention clock."""
-
-    def sweep(self, now: float) -> list[TaskRecord]:
-        """Forget finished records older than the retention window; return them."""
-
-    def open_records(self) -> list[TaskRecord]: ...
-
-    @property
-    def open_count(self) -> int: ...
-
-    def __len__(self) -> int: ...

@@ -32,6 +32,7 @@ class MemoryTaskStore:
         self._finished: deque[TaskRecord] = deque()
 
     def add(self, record: TaskRecord) -> bool:
+        """Keep a new record; False when the tenant already has this taskUUID."""
         # one probe of the largest dict (every record kept), not a test and then an insert
         key = _key(record.tenant, record.task.taskUUID)
         if self._by_key.setdefault(key, record) is not record:
@@ -43,9 +44,12 @@ class MemoryTaskStore:
         return self._by_key.get(_key(tenant, task_uuid))
 
     def by_upstream(self, upstream_uuid: str) -> TaskRecord | None:
+        """The open record sent upstream as ``upstream_uuid``; a finished one is found by
+        (tenant, taskUUID) only: what the provider says of a task that ended is stray."""
         return self._open.get(upstream_uuid)
 
     def finish(self, record: TaskRecord) -> None:
+        """The record reached a final state: its retention clock starts."""
         self._open.pop(record.upstream_uuid, None)
         finished = self._finished
         finished.append(record)
@@ -53,6 +57,7 @@ class MemoryTaskStore:
             self._forget(finished.popleft())
 
     def sweep(self, now: float) -> list[TaskRecord]:
+        """Forget the finished records older than the retention window; return them."""
         horizon = now - self.retention
         finished = self._finished
         gone = []

@@ -1,8 +1,9 @@
 """What replicas share about tasks (issue 13): the contract of a shared, asynchronous task store.
 
-The registry keeps each replica's own records in a synchronous, in-process ``TaskStore``
-(store/base.py); with ``store.url`` they are also written here (gateway/replication.py), so that
-several gateway replicas answer ``getResponse`` alike and ``conflictTaskUUID`` holds across them.
+The registry keeps each replica's own records in a synchronous, in-process
+``MemoryTaskStore`` (store/memory.py); with ``store.url`` they are also written here
+(gateway/replication.py), so that several gateway replicas answer ``getResponse`` alike and
+``conflictTaskUUID`` holds across them.
 
 Two implementations pass one contract suite (tests/gateway/store/test_shared_contract.py):
 ``MemorySharedTasks`` (store/memory_shared.py; the contract's reference, in one process) and
