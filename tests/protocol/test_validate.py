@@ -466,3 +466,24 @@ def test_supported_parameters_come_from_the_catalogue(tmp_path: Path) -> None:
     assert isinstance(outcome(image_task(model=model), catalogue), ImageTask)
     nested = outcome(image_task(model=model, inputs={"referenceImages": refs}), catalogue)
     assert isinstance(nested, ImageTask)
+
+
+def test_a_model_is_checked_by_its_own_catalogue_s_rules(tmp_path: Path) -> None:
+    # the rules computed per model are found by AIR id: a second catalogue with a model of the
+    # same name but other formats must not be checked by the first one's
+    source = Path(__file__).parents[2] / "protocol/catalogue/exactly-photo-extreme-contrast.toml"
+    text = source.read_text().replace('["JPG", "PNG", "WEBP"]', '["PNG"]')
+    (tmp_path / "other.toml").write_text(text.replace('"inputs", "referenceImages"', '"inputs"'))
+    other = load_catalogue(tmp_path)
+    refs = [GOOD_IMAGES[0]]
+    for catalogue in (None, other, None):  # each one's rules after the other's
+        jpg = outcome(image_task(outputFormat="JPG"), catalogue)
+        top = outcome(image_task(referenceImages=refs), catalogue)
+        if catalogue is None:
+            assert isinstance(jpg, ImageTask)
+            assert isinstance(top, ImageTask)
+        else:
+            assert isinstance(jpg, ErrorItem)
+            assert (jpg.code, jpg.parameter) == ("invalidOutputFormat", "outputFormat")
+            assert isinstance(top, ErrorItem)
+            assert (top.code, top.parameter) == ("unsupportedParameter", "referenceImages")
