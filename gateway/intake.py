@@ -130,10 +130,14 @@ class Intake:
                     self.audit.limit(tenant, limit, checked.code, self.key_id, task.taskUUID)
                 return checked
             price = checked
-        refused = self._refused_destination(task)
-        if refused is not None:
-            self.metrics.errors.labels(refused.code).inc()
-            return refused
+        # most tasks: no URL to check, no delivery to subscribe (``inputs``, not the property
+        # reference_images: compiled, a property is a call into the interpreter)
+        delivered = task.webhookURL is not UNSET or task.uploadEndpoint is not UNSET
+        if delivered or task.inputs is not UNSET:
+            refused = self._refused_destination(task)
+            if refused is not None:
+                self.metrics.errors.labels(refused.code).inc()
+                return refused
         record = self.registry.register(tenant, task, subscriber, claimed)
         if not isinstance(record, TaskRecord):
             self.metrics.errors.labels(record.code).inc()
@@ -143,7 +147,7 @@ class Intake:
             self.telemetry.begin(record, self.frame_trace)
         if price:  # held until the task ends (registry.on_final releases it)
             self.quotas.ledger.hold(record, price)
-        if isinstance(task.webhookURL, str) or isinstance(task.uploadEndpoint, str):
+        if delivered:
             self.registry.subscribe(record, self.deliveries)
         self.pool.submit(record)
         return record
@@ -285,10 +289,6 @@ class Intake:
     def _refused_destination(self, task: ImageTask) -> ErrorItem | None:
         """A client-supplied URL whose host is a literal private address is refused here, with
         the parameter's own code; a name that resolves to one is refused at connect time."""
-        # most tasks: nothing to check (``inputs``, not the property reference_images: compiled,
-        # a property is a call into the interpreter)
-        if task.webhookURL is UNSET and task.uploadEndpoint is UNSET and task.inputs is UNSET:
-            return None
         urls = [
             ("webhookURL", "invalidWebhookURL", task.webhookURL),
             ("uploadEndpoint", "invalidUploadEndpoint", task.uploadEndpoint),

@@ -195,8 +195,10 @@ class UpstreamPool:
 
     def _back(self, record: TaskRecord) -> None:
         """A task taken from the queue is no longer out: its tenant may send another."""
-        if record.upstream_uuid in self._out:
-            self._out.discard(record.upstream_uuid)
+        out = self._out
+        upstream_uuid = record.upstream_uuid
+        if upstream_uuid in out:
+            out.discard(upstream_uuid)
             self.queue.finished(record.tenant)
 
     def _unsent(self, record: TaskRecord) -> None:
@@ -250,7 +252,8 @@ class UpstreamPool:
 
     def _settled(self, record: TaskRecord) -> None:
         self._back(record)
-        self._retries.pop(record.upstream_uuid, None)
+        if self._retries:  # most often none: the provider refused no task
+            self._retries.pop(record.upstream_uuid, None)
         index = record.link
         if index is not None and index < len(self.links):
             link = self.links[index]

@@ -149,9 +149,9 @@ class TaskRegistry:
         if self.changed is not None and state in WRITTEN:
             self.changed(record)
         if state in FINAL:
-            record.finished = self._clock()
+            record.finished = finished = self._clock()
             self.store.finish(record)
-            self._metrics.tasks.ended(state, record.finished - record.created)
+            self._metrics.tasks.ended(state, finished - record.created)
             for hook in self.on_final:
                 hook(record)
             if self.on_final_batch:
@@ -197,13 +197,17 @@ class TaskRegistry:
                 task_type="imageInference",
                 task_uuid=task.taskUUID,
             )
-        record = claimed or TaskRecord(
-            tenant=tenant, task=task, upstream_uuid=self.new_uuid(), created=self._clock()
-        )
+        if claimed is None:
+            upstream_uuid = self.new_uuid()
+            record = TaskRecord(
+                tenant=tenant, task=task, upstream_uuid=upstream_uuid, created=self._clock()
+            )
+        else:
+            record, upstream_uuid = claimed, claimed.upstream_uuid
         if not store.add(record):  # the check for a conflict is the insert itself
             return conflict(task.taskUUID)
         if subscriber is not None:
-            self._subscribers[record.upstream_uuid] = [subscriber]
+            self._subscribers[upstream_uuid] = [subscriber]
         return record
 
     def adopt(self, record: TaskRecord, subscribers: list[Subscriber]) -> bool:
@@ -241,7 +245,7 @@ class TaskRegistry:
             result = decode_image_result(item)
         except msgspec.DecodeError:
             return  # not an image (an ack of a task sent before a reconnect): nothing to relay
-        self._image(record, result)
+        self._image(record, upstream_uuid, result)
 
     def on_image(self, upstream_uuid: str, result: ImageResult) -> None:
         """:meth:`on_result` of an item the link decoded as an image already (one decode per
@@ -250,9 +254,9 @@ class TaskRegistry:
         if record is None or record.state not in AT_PROVIDER:
             self._metrics.stray_items.inc()  # a task we forgot, not yet sent, or ended
             return
-        self._image(record, result)
+        self._image(record, upstream_uuid, result)
 
-    def _image(self, record: TaskRecord, result: ImageResult) -> None:
+    def _image(self, record: TaskRecord, upstream_uuid: str, result: ImageResult) -> None:
         results = record.results
         if results and any(r.imageUUID == result.imageUUID for r in results):
             return  # delivered again after a resume: exactly once means once
@@ -269,11 +273,11 @@ class TaskRegistry:
         frame = encode_data([result])
         state = TaskState.DONE if len(results) >= task.numberResults else TaskState.PARTIAL
         if self.durable is None:
-            for subscriber in self._subscribers.get(record.upstream_uuid, ()):
+            for subscriber in self._subscribers.get(upstream_uuid, ()):
                 subscriber.deliver(record, frame)
             self.move(record, state)
             return
-        subscribers = list(self._subscribers.get(record.upstream_uuid, ()))
+        subscribers = list(self._subscribers.get(upstream_uuid, ()))
         self.move(record, state)
         self.durable(lambda: _deliver(subscribers, record, frame))
 

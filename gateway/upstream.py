@@ -24,6 +24,7 @@ import aiohttp
 import msgspec
 import structlog
 from msgspec import UNSET
+from msgspec.structs import replace
 
 from gateway.admission import Window
 from gateway.backoff import full_jitter
@@ -90,12 +91,12 @@ _NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ConnectionError)
 _UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
-def upstream_task(record: TaskRecord) -> ImageTask:
+def upstream_task(task: ImageTask, upstream_uuid: str) -> ImageTask:
     """The task as the provider sees it: the gateway's UUID, results pushed to the gateway
     (sync, with cost, for accounting), and no webhook or upload, which the gateway does itself."""
-    return msgspec.structs.replace(
-        record.task,
-        taskUUID=record.upstream_uuid,
+    return replace(
+        task,
+        taskUUID=upstream_uuid,
         deliveryMethod="sync",
         includeCost=True,
         webhookURL=UNSET,
@@ -396,8 +397,9 @@ class UpstreamLink:
             pass
         else:
             if image.taskType != "ping":
-                self.recovery.heard(image.taskUUID)
-                self.registry.on_image(image.taskUUID, image)
+                upstream_uuid = image.taskUUID
+                self.recovery.heard(upstream_uuid)
+                self.registry.on_image(upstream_uuid, image)
                 return
         route = decode_route(raw)
         if route.taskType == "ping":
@@ -465,8 +467,9 @@ class UpstreamLink:
                 record.sends += 1
                 record.link = self.index
                 record.window_epoch = self.window.epoch
-                self.recovery.sent(record.upstream_uuid)
-                batch.append(upstream_task(record))
+                upstream_uuid = record.upstream_uuid
+                self.recovery.sent(upstream_uuid)
+                batch.append(upstream_task(record.task, upstream_uuid))
             if batch:
                 self._send_started = loop.time()
                 await ws.send_frame(encode_tasks(batch), TEXT)
