@@ -164,7 +164,7 @@ class StoreSettings(msgspec.Struct, forbid_unknown_fields=True):
     replica: str | None = None  # this replica's name (unique); default host-pid-random
 
 
-Sha256Hex = Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}\Z")]  # \Z: $ matches before a newline
 
 
 class Tenant(msgspec.Struct, forbid_unknown_fields=True):

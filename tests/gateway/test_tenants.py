@@ -53,9 +53,10 @@ def test_a_key_and_its_hash_in_two_tenants_is_refused(tmp_path: Path) -> None:
     path.write_text(f'[tenants.a]\nkeys = ["k"]\n[tenants.b]\nkey_sha256 = ["{sha("k")}"]\n')
     with pytest.raises(ConfigError, match=r"tenants\.b\.key_sha256: key also belongs to a"):
         load_config(path, env={})
-    path.write_text('[tenants.a]\nkey_sha256 = ["not-hex"]\n')
-    with pytest.raises(ConfigError, match=r"key_sha256\[0\]: Expected `str` matching regex"):
-        load_config(path, env={})
+    for digest in ("not-hex", sha("k") + "\\n"):  # a digest with a newline: one never matched
+        path.write_text(f'[tenants.a]\nkey_sha256 = ["{digest}"]\n')
+        with pytest.raises(ConfigError, match=r"key_sha256\[0\]: Expected `str` matching regex"):
+            load_config(path, env={})
 
 
 def test_revoked_keys_and_tenants() -> None:

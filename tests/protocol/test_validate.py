@@ -419,6 +419,7 @@ def test_task_uuid_v4_either_case(value: str) -> None:
         "b91cb66e4cd34fbe9863feab29154eda",  # not canonical
         "{b91cb66e-4cd3-4fbe-9863-feab29154eda}",
         "b91cb66e-4cd3-4fbe-9863-feab29154ed",
+        "b91cb66e-4cd3-4fbe-9863-feab29154eda\n",  # "$" alone would match before it
         "",
     ],
 )
