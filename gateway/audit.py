@@ -270,7 +270,8 @@ def _tenths(value: float) -> float:
 def _task_line(record: TaskRecord, stamp: str) -> TaskLine:
     """A finished task's line: its deliveries as they stand at its end (each one's outcome is a
     ``delivery`` line of its own)."""
-    finished = record.finished if record.finished is not None else record.created
+    created = record.created
+    finished = record.finished
     error = record.error
     deliveries = record.deliveries
     return TaskLine(
@@ -282,7 +283,7 @@ def _task_line(record: TaskRecord, stamp: str) -> TaskLine:
         state=record.state,
         images=len(record.results),
         cost=record.cost,
-        latency_ms=_tenths((finished - record.created) * 1000.0),
+        latency_ms=_tenths((finished - created) * 1000.0) if finished is not None else 0.0,
         deliveries=_deliveries(deliveries) if deliveries else None,
         error=error.code if error is not None else None,
         level="info",
