@@ -11,8 +11,9 @@ import msgspec
 import pytest
 
 from protocol.codec import decode_client_frame, encode, encode_tasks
-from protocol.frames import ErrorItem, ImageTask
+from protocol.frames import ErrorItem, ImageInference, ImageTask
 from protocol.models import Catalogue, default_catalogue, load_catalogue
+from protocol.validate import _TASK_FIELDS
 from tests.protocol.conftest import DROP, MODEL, image_task
 
 DOC = "https://runware.ai/docs/models/exactly-photo-extreme-contrast#request-"
@@ -467,6 +468,11 @@ def test_supported_parameters_come_from_the_catalogue(tmp_path: Path) -> None:
     assert isinstance(outcome(image_task(model=model), catalogue), ImageTask)
     nested = outcome(image_task(model=model, inputs={"referenceImages": refs}), catalogue)
     assert isinstance(nested, ImageTask)
+
+
+def test_the_checks_unpack_a_task_s_fields_in_their_declared_order() -> None:
+    # _normalise takes every field in one astuple call and unpacks it by position
+    assert ImageInference.__struct_fields__ == _TASK_FIELDS
 
 
 def test_a_model_is_checked_by_its_own_catalogue_s_rules(tmp_path: Path) -> None:
