@@ -916,6 +916,13 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"bench-{stamp}.md").write_text(markdown)
     if runs:
         report.plot(runs, RESULTS / f"bench-{stamp}.png")
+    if ceiling:
+        report.plot(
+            ceiling,
+            RESULTS / f"bench-{stamp}-ceiling.png",
+            report.CEILING_PATHS,
+            "gateway_cpu_ms_per_1000",
+        )
     print(markdown)
 
     failures = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -363,8 +364,21 @@ def ceiling_lines(runs: list[dict[str, Any]], turns: int = 1) -> list[str]:
     return notes
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    """CPU per task, throughput and latency per scenario, one bar per path."""
+def _label(scenario: str) -> str:
+    """A scenario's name on a few short lines under its bars (the ceiling group's without its
+    prefix, which every one of them has)."""
+    return "\n".join(textwrap.wrap(scenario.removeprefix("ceiling: "), 12))
+
+
+def plot(
+    runs: list[dict[str, Any]],
+    path: Path,
+    paths: tuple[str, ...] = PATHS,
+    cpu: str = "cpu_ms_per_1000",
+) -> None:
+    """CPU per task, throughput and latency per scenario, one bar per path (of ``paths``);
+    ``cpu``: the figure of the process under test (the ceiling's: ``gateway_cpu_ms_per_1000``).
+    Direct has no CPU bar: its process under test is the provider."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,23 +388,23 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     by = {(r["scenario"], r["path"]): r for r in runs}
     figure, axes = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
     panels = [
-        ("CPU µs per task (relay, gateway)", "cpu_ms_per_1000", False),
+        ("CPU µs per task (relay, gateway)", cpu, False),
         ("tasks/s", "tasks_per_s", False),
         ("p99 latency, ms (log)", "p99_ms", True),
     ]
-    width = 0.8 / len(PATHS)
+    width = 0.8 / len(paths)
     for axis, (title, key, log) in zip(axes, panels, strict=True):
-        for i, name in enumerate(PATHS):
+        for i, name in enumerate(paths):
             values = [
                 float(by[(s, name)][key]) if (s, name) in by and not (
-                    key == "cpu_ms_per_1000" and name == "direct"
+                    key == cpu and name == "direct"
                 ) else 0.0
                 for s in scenarios
             ]  # fmt: skip
             axis.bar([x + i * width for x in range(len(scenarios))], values, width, label=name)
         axis.set_title(title)
-        axis.set_xticks([x + width for x in range(len(scenarios))])
-        axis.set_xticklabels([s.replace(" ", "\n", 1) for s in scenarios], fontsize=8)
+        axis.set_xticks([x + width * (len(paths) - 1) / 2 for x in range(len(scenarios))])
+        axis.set_xticklabels([_label(s) for s in scenarios], fontsize=8)
         if log:
             axis.set_yscale("log")
         axis.legend()

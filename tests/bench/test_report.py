@@ -49,6 +49,10 @@ def test_the_plot_is_a_png(tmp_path: Path) -> None:
     target = tmp_path / "bench.png"
     report.plot(RUNS, target)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ceiling = [{**r, "gateway_cpu_ms_per_1000": r["cpu_ms_per_1000"] / 5} for r in RUNS]
+    ceiling.append({**ceiling[2], "path": report.TWO_LINKS})
+    report.plot(ceiling, target, report.CEILING_PATHS, "gateway_cpu_ms_per_1000")
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_memory_and_stall_lines() -> None:
