@@ -13,7 +13,6 @@ import pytest
 from protocol.codec import decode_client_frame, encode, encode_tasks
 from protocol.frames import ErrorItem, ImageInference, ImageTask
 from protocol.models import Catalogue, default_catalogue, load_catalogue
-from protocol.validate import _TASK_FIELDS
 from tests.protocol.conftest import DROP, MODEL, image_task
 
 DOC = "https://runware.ai/docs/models/exactly-photo-extreme-contrast#request-"
@@ -470,9 +469,27 @@ def test_supported_parameters_come_from_the_catalogue(tmp_path: Path) -> None:
     assert isinstance(nested, ImageTask)
 
 
-def test_the_checks_unpack_a_task_s_fields_in_their_declared_order() -> None:
-    # _normalise takes every field in one astuple call and unpacks it by position
-    assert ImageInference.__struct_fields__ == _TASK_FIELDS
+def test_every_field_lands_where_it_belongs() -> None:
+    # _normalise takes every field in one astuple call and unpacks it by position: each field
+    # given a value of its own, none of them a default, must come out under its own name
+    task_uuid = str(uuid.uuid4())
+    checked = accepted(
+        taskUUID=task_uuid, positivePrompt="A lone fencer", width=848, height=1264,
+        outputType="URL", outputFormat="png", outputQuality=77, ttl=120, numberResults=3,
+        deliveryMethod="async", includeCost=True, safety={"mode": "fast"},
+        webhookURL="https://hooks.example.com/t", uploadEndpoint="https://up.example.com/{index}",
+        referenceImages=[GOOD_IMAGES[1]],
+    )  # fmt: skip
+    assert checked.taskUUID == task_uuid
+    assert (checked.model, checked.positivePrompt) == (MODEL, "A lone fencer")
+    assert (checked.width, checked.height) == (848, 1264)
+    assert (checked.outputType, checked.outputFormat, checked.outputQuality) == ("URL", "PNG", 77)
+    assert (checked.ttl, checked.numberResults, checked.deliveryMethod) == (120, 3, "async")
+    assert checked.includeCost is True and checked.safety.mode == "fast"
+    assert checked.webhookURL == "https://hooks.example.com/t"
+    assert checked.uploadEndpoint == "https://up.example.com/{index}"
+    assert [ref.image for ref in checked.reference_images] == [GOOD_IMAGES[1]]
+    assert len(ImageInference.__struct_fields__) == 17  # a new field: _normalise unpacks it too
 
 
 def test_a_model_is_checked_by_its_own_catalogue_s_rules(tmp_path: Path) -> None:
