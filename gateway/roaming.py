@@ -6,7 +6,8 @@ keep coming, whichever replica carries them. How:
 
 - **Directory.** ``{prefix}:session:{uuid}`` holds the session's tenant and the replica that
   holds it. Written when a session opens; it lives ``attached_ttl`` while a socket holds it and
-  ``resume_window`` once it has none (a dead replica's sessions go by themselves).
+  ``resume_window`` once it has none (a dead replica's sessions go by themselves). A loop
+  turn's changes go in one transaction, in the order they were made.
 - **Adoption.** A replica asked to resume a session it does not know takes it over in the
   directory (one script: same tenant only), makes a local session of that UUID, and tells the
   replica that held it ("moved"). That one hands over what it buffered for the client and from
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -36,6 +38,7 @@ from gateway.cluster import Cluster
 from gateway.sessions import ClientSession, SessionTable
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
+from gateway.store.pipe import command
 from gateway.store.shared import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -71,6 +74,16 @@ local frames = redis.call('LRANGE', KEYS[1], 0, -1)
 redis.call('DEL', KEYS[1])
 return frames
 """
+
+_MULTI, _EXEC = command(b"MULTI"), command(b"EXEC")
+
+# the directory's changes in one round trip at most (a burst of connections goes in several)
+DIRECTORY_BATCH = 2_000
+# changes waiting at most, while Redis is slow or away (each session's few, for every session
+# that opened, attached or detached meanwhile); past it the newest are dropped, counted in a
+# warning: a session missing from the directory is not resumed on another replica (its client
+# gets a new session), as with Redis away
+MAX_DIRECTORY_UPDATES = 100_000
 
 _ENCODE = msgspec.msgpack.Encoder()
 _DECODE_NAME = msgspec.msgpack.Decoder(str)
@@ -112,6 +125,11 @@ class Roaming:
         self._adopt = redis.script(_ADOPT)
         self._post = redis.script(_POST)
         self._take = redis.script(_TAKE)
+        self._name = self.replica.encode()
+        # the directory's changes waiting for their round trip: packed commands, replies
+        self._updates: list[tuple[bytes, int]] = []
+        self._updates_dropped = 0
+        self._updating: asyncio.Task[None] | None = None
         self._outgoing: defaultdict[str, list[bytes]] = defaultdict(list)  # by session UUID
         self._sending: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -127,16 +145,12 @@ class Roaming:
     # ------------------------------------------------------------------ the directory
 
     def opened(self, session: ClientSession) -> None:
-        key, client = self._session_key(session.uuid), self.redis.client
-        tenant = session.tenant
-
-        async def write() -> None:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping={"tenant": tenant, "replica": self.replica})
-                pipe.pexpire(key, self._attached_ms)
-                await pipe.execute()
-
-        self._spawn(write)
+        key = self._session_key(session.uuid).encode()
+        self._update(
+            command(b"HSET", key, b"tenant", session.tenant.encode(), b"replica", self._name)
+            + command(b"PEXPIRE", key, b"%d" % self._attached_ms),
+            2,
+        )
 
     def attached(self, session: ClientSession) -> None:
         self._expire(session.uuid, self._attached_ms)
@@ -145,8 +159,52 @@ class Roaming:
         self._expire(session.uuid, self._detached_ms)
 
     def _expire(self, session_uuid: str, ms: int) -> None:
-        key, client = self._session_key(session_uuid), self.redis.client
-        self._spawn(lambda: client.pexpire(key, ms))
+        self._update(command(b"PEXPIRE", self._session_key(session_uuid).encode(), b"%d" % ms), 1)
+
+    def _update(self, commands: bytes, replies: int) -> None:
+        """A change to the directory, written with the rest of this loop turn's."""
+        if len(self._updates) >= MAX_DIRECTORY_UPDATES:
+            self._updates_dropped += 1
+            return
+        self._updates.append((commands, replies))
+        if self._updating is None:
+            self._updating = asyncio.get_running_loop().create_task(self._write_updates())
+
+    async def _write_updates(self) -> None:
+        """The directory's changes, in the order they were made: a loop turn's (at most
+        ``DIRECTORY_BATCH``) in one transaction, one round trip on the store's pipelined
+        connection. Sessions open, attach and detach in bursts (a fleet of clients connecting
+        again): each through redis-py's pool was a round trip of its own and tens of µs of
+        interpreted CPU."""
+        try:
+            while self._updates:
+                await asyncio.sleep(0)  # the rest of this loop turn's changes join
+                updates = self._updates[:DIRECTORY_BATCH]
+                del self._updates[:DIRECTORY_BATCH]
+                dropped, self._updates_dropped = self._updates_dropped, 0
+                if dropped:
+                    log.warning(
+                        "session directory updates dropped: too many waiting",
+                        dropped=dropped,
+                        bound=MAX_DIRECTORY_UPDATES,
+                    )
+                data = b"".join([_MULTI, *(c for c, _ in updates), _EXEC])
+                exchange = partial(self.redis.writes.exchange, data, 2 + sum(n for _, n in updates))
+                try:
+                    answers = await self.redis.call(exchange)
+                except StoreUnavailable as exc:
+                    log.info("session directory not updated: redis unavailable", error=str(exc))
+                    continue
+                outcome = answers[-1]  # EXEC's: every command's reply, or why none ran
+                failed = (
+                    outcome
+                    if isinstance(outcome, Exception)
+                    else next((a for a in outcome or () if isinstance(a, Exception)), None)
+                )
+                if failed is not None:
+                    log.warning("session directory not updated", error=str(failed))
+        finally:
+            self._updating = None
 
     async def adopt(self, session_uuid: str, tenant: str, now: float) -> bool:
         """Make the session ``session_uuid`` of ``tenant``, held by another replica (or by a
@@ -271,7 +329,7 @@ class Roaming:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._sending, *self._background) if t is not None]
+        tasks = [t for t in (self._sending, self._updating, *self._background) if t is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.redis.deadline * 2)
         for task in tasks:

@@ -30,7 +30,13 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
-__all__ = ["RedisPipe"]
+__all__ = ["RedisPipe", "command"]
+
+
+def command(*args: bytes) -> bytes:
+    """One command in Redis's own protocol (RESP), packed by hand: a batch is hundreds of
+    arguments, which redis-py's asyncio client would pack one by one in Python."""
+    return b"*%d\r\n%b" % (len(args), b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args))
 
 
 class _Replies(asyncio.Protocol):
@@ -150,10 +156,7 @@ class RedisPipe:
             commands.append([b"SELECT", b"%d" % db])
         if not commands:
             return
-        data = b"".join(
-            b"*%d\r\n%b" % (len(c), b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in c))
-            for c in commands
-        )
+        data = b"".join(command(*c) for c in commands)
         for answer in await self._write(protocol, data, len(commands)):
             if isinstance(answer, ResponseError):
                 protocol.close(ConnectionError("redis refused the connection's setup"))

@@ -71,7 +71,7 @@ from redis.exceptions import ResponseError
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
 from gateway.store.parts import StatePart, StaticPart
-from gateway.store.pipe import RedisPipe
+from gateway.store.pipe import RedisPipe, command
 from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, WRITE
 from gateway.store.shared import StoreUnavailable
 from gateway.store.states import TaskState
@@ -87,8 +87,8 @@ BATCH = 2_000
 _CHECK_SOURCE, _WRITE_SOURCE = CHECK.encode(), WRITE.encode()
 
 
-# Redis's own protocol (RESP) by hand: a batch's items are hundreds of arguments, which
-# redis-py's asyncio client would pack one by one in Python
+# RESP by hand, as ``command`` (store/pipe.py) packs a whole command: a member or a value
+# packed once, for the variadic commands and the scripts' arguments
 def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
@@ -98,10 +98,6 @@ def _tag(upstream_uuid: str) -> bytes:
     a script finds where it ends), then the UUID."""
     data = upstream_uuid.encode()
     return b"%c%b" % (len(data), data)
-
-
-def _command(*args: bytes) -> bytes:
-    return b"*%d\r\n%b" % (len(args), b"".join(map(_bulk, args)))
 
 
 def _variadic(name: bytes, fixed: Sequence[bytes], packed: Sequence[bytes]) -> list[bytes]:
@@ -261,7 +257,7 @@ class RedisSharedTasks:
         if not claims:
             return []
         commands = [
-            _command(b"SET", self.claim_key(t, task).encode(), _tag(up), b"NX", b"PX", self._ttl_ms)
+            command(b"SET", self.claim_key(t, task).encode(), _tag(up), b"NX", b"PX", self._ttl_ms)
             for t, task, up in claims
         ]
         answers = await self._exchange(self._redis.claims, commands, len(commands))
@@ -300,13 +296,13 @@ class RedisSharedTasks:
             )
             if not fresh(record):
                 skey = (states + record.upstream_uuid).encode()
-                extra.append(_command(b"SET", skey, state(record), b"PX", self._ttl_ms))
+                extra.append(command(b"SET", skey, state(record), b"PX", self._ttl_ms))
         index = self.open_key(replica).encode()
         commands = [
             *_variadic(b"SADD", [index], members),
             *sets,
             *extra,
-            _command(b"PEXPIRE", index, self._ttl_ms),
+            command(b"PEXPIRE", index, self._ttl_ms),
         ]
         answers = await self._exchange(self._redis.claims, commands, 2 + len(sets) + len(extra))
         won = [answer is not None for answer in answers[1 : 1 + len(sets)]]
@@ -315,7 +311,7 @@ class RedisSharedTasks:
         if not all(won):
             lost = [m for m, ok in zip(members, won, strict=True) if not ok]
             doomed = [
-                _command(b"DEL", (states + r.upstream_uuid).encode())
+                command(b"DEL", (states + r.upstream_uuid).encode())
                 for r, ok in zip(records, won, strict=True)
                 if not ok and extra
             ]
@@ -332,7 +328,7 @@ class RedisSharedTasks:
         claim carrying its record's tag is won (a round trip for conflicts only); unread, the
         claims stay as they read."""
         lost = [i for i, ok in enumerate(won) if not ok]
-        reads = [_command(b"GETRANGE", keys[i], b"0", b"%d" % (len(tags[i]) - 1)) for i in lost]
+        reads = [command(b"GETRANGE", keys[i], b"0", b"%d" % (len(tags[i]) - 1)) for i in lost]
         with contextlib.suppress(StoreUnavailable):
             held = await self._exchange(self._redis.claims, reads, len(reads))
             for i, value in zip(lost, held, strict=True):
@@ -474,9 +470,9 @@ class RedisSharedTasks:
         replies: list[Any] = []
         for start in range(0, len(listed), BATCH):
             reads = [
-                command
+                read
                 for _, claim, upstream in listed[start : start + BATCH]
-                for command in (_command(b"GET", claim), _command(b"GET", states + upstream))
+                for read in (command(b"GET", claim), command(b"GET", states + upstream))
             ]
             replies += await self._exchange(self._redis.writes, reads, len(reads))
         records = []

@@ -1,0 +1,125 @@
+"""The session directory of replicas on a real redis-server (gateway/roaming.py): what it
+holds, for how long, and how its changes travel. Resumption across replicas end to end is in
+tests/gateway/test_replication.py and tests/cluster/."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+import gateway.roaming
+from gateway.provider.server import LocalProvider
+from tests.gateway.conftest import ALPHA, connect, running, until
+from tests.gateway.test_replication import shared_config
+from tests.timing import MS
+
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+async def replica(provider: LocalProvider, redis_url: str) -> AsyncIterator[Any]:
+    async with running(shared_config(provider, redis_url, f"test-{uuid.uuid4().hex}", "a")) as a:
+        yield a
+
+
+async def entry(gateway: Any, session_uuid: str) -> tuple[dict[bytes, bytes], int]:
+    client = gateway.redis.client
+    key = gateway.redis.key("session", session_uuid)
+    return await client.hgetall(key), await client.pttl(key)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5000 * MS) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(10 * MS)
+
+
+async def test_a_session_is_in_the_directory_while_held_then_for_its_resume_window(
+    replica: Any, http: aiohttp.ClientSession
+) -> None:
+    on_a = await connect(http, replica.url)
+    session = await on_a.auth(ALPHA)
+
+    async def held() -> bool:
+        fields, ttl = await entry(replica, session)
+        name = replica.clients.roaming.replica.encode()
+        return fields == {b"tenant": b"alpha", b"replica": name} and ttl > DAY_MS - 60_000
+
+    await eventually(held)
+    await on_a.ws.close()
+    window = round(replica.config.server.resume_window * 1000)
+
+    async def detached() -> bool:
+        return 0 < (await entry(replica, session))[1] <= window
+
+    await eventually(detached)
+
+
+async def test_a_burst_of_sessions_goes_in_one_transaction_in_order(replica: Any) -> None:
+    """A fleet connecting again: every change of a loop turn in one round trip, each session's
+    in the order made (opened, attached, detached)."""
+    roaming, writes = replica.clients.roaming, replica.redis.writes
+    exchanges = 0
+    exchange = writes.exchange
+
+    async def counted(data: bytes, replies: int) -> list[Any]:
+        nonlocal exchanges
+        exchanges += 1
+        return await exchange(data, replies)
+
+    writes.exchange = counted
+    sessions = [replica.clients.table.open("alpha") for _ in range(300)]
+    for session in sessions:
+        roaming.opened(session)
+        roaming.attached(session)
+        roaming.detached(session)
+    await until(lambda: roaming._updating is None)
+    assert exchanges == 1
+    window = round(replica.config.server.resume_window * 1000)
+    for session in sessions:
+        fields, ttl = await entry(replica, session.uuid)
+        assert fields[b"replica"] == roaming.replica.encode()
+        assert 0 < ttl <= window
+
+
+async def test_changes_past_the_bound_are_dropped_newest_first_and_said(
+    replica: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.roaming, "MAX_DIRECTORY_UPDATES", 3)
+    roaming = replica.clients.roaming
+    sessions = [replica.clients.table.open("alpha") for _ in range(5)]
+    with capture_logs() as logs:
+        for session in sessions:
+            roaming.opened(session)
+        await until(lambda: roaming._updating is None)
+    kept = [bool((await entry(replica, s.uuid))[0]) for s in sessions]
+    assert kept == [True, True, True, False, False]
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["dropped"] == 2 and warning["bound"] == 3
+
+
+async def test_redis_away_leaves_the_directory_behind_and_nothing_else(
+    replica: Any, http: aiohttp.ClientSession
+) -> None:
+    """The change is logged and lost (a session missing from the directory is not resumed
+    elsewhere); the socket is served all the same."""
+    roaming, writes = replica.clients.roaming, replica.redis.writes
+
+    async def away(data: bytes, replies: int) -> list[Any]:
+        raise ConnectionError("redis: gone")
+
+    writes.exchange = away
+    with capture_logs() as logs:
+        on_a = await connect(http, replica.url)
+        session = await on_a.auth(ALPHA)
+        await until(lambda: roaming._updating is None)
+    assert any(e["event"] == "session directory not updated: redis unavailable" for e in logs)
+    assert (await entry(replica, session))[0] == {}
