@@ -58,7 +58,8 @@ async def test_a_session_is_in_the_directory_while_held_then_for_its_resume_wind
     window = round(replica.config.server.resume_window * 1000)
 
     async def detached() -> bool:
-        return 0 < (await entry(replica, session))[1] <= window
+        _, ttl = await entry(replica, session)
+        return 0 < ttl <= window
 
     await eventually(detached)
 
@@ -73,7 +74,8 @@ async def test_a_burst_of_sessions_goes_in_one_transaction_in_order(replica: Any
     async def counted(data: bytes, replies: int) -> list[Any]:
         nonlocal exchanges
         exchanges += 1
-        return await exchange(data, replies)
+        answers: list[Any] = await exchange(data, replies)
+        return answers
 
     writes.exchange = counted
     sessions = [replica.clients.table.open("alpha") for _ in range(300)]
