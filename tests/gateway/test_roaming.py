@@ -55,7 +55,7 @@ async def test_a_session_is_in_the_directory_while_held_then_for_its_resume_wind
 
     await eventually(held)
     await on_a.ws.close()
-    window = round(replica.config.server.resume_window * 1000)
+    window: int = round(replica.config.server.resume_window * 1000)
 
     async def detached() -> bool:
         _, ttl = await entry(replica, session)
@@ -85,7 +85,7 @@ async def test_a_burst_of_sessions_goes_in_one_transaction_in_order(replica: Any
         roaming.detached(session)
     await until(lambda: roaming._updating is None)
     assert exchanges == 1
-    window = round(replica.config.server.resume_window * 1000)
+    window: int = round(replica.config.server.resume_window * 1000)
     for session in sessions:
         fields, ttl = await entry(replica, session.uuid)
         assert fields[b"replica"] == roaming.replica.encode()
