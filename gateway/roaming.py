@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -189,18 +188,14 @@ class Roaming:
                         bound=MAX_DIRECTORY_UPDATES,
                     )
                 data = b"".join([_MULTI, *(c for c, _ in updates), _EXEC])
-                exchange = partial(self.redis.writes.exchange, data, 2 + sum(n for _, n in updates))
+                replies = 2 + sum(n for _, n in updates)
                 try:
-                    answers = await self.redis.call(exchange)
+                    answers = await self.redis.batch(self.redis.writes, data, replies)
                 except StoreUnavailable as exc:
                     log.info("session directory not updated: redis unavailable", error=str(exc))
                     continue
-                outcome = answers[-1]  # EXEC's: every command's reply, or why none ran
-                failed = (
-                    outcome
-                    if isinstance(outcome, Exception)
-                    else next((a for a in outcome or () if isinstance(a, Exception)), None)
-                )
+                # EXEC's answer: each command's reply (an error in the place of one that failed)
+                failed = next((a for a in answers[-1] if isinstance(a, Exception)), None)
                 if failed is not None:
                     log.warning("session directory not updated", error=str(failed))
         finally:

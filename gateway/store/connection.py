@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.store.pipe import RedisPipe
 from gateway.store.shared import StoreUnavailable
@@ -71,10 +71,26 @@ class RedisConnection:
         try:
             async with asyncio.timeout(self.deadline * 2):  # a connect, then a command
                 return await step()
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"redis did not answer within {self.deadline * 2:g} s") from exc
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            raise self._unavailable(exc) from exc
+
+    async def batch(self, pipe: RedisPipe, data: bytes, replies: int) -> list[Any]:
+        """``data`` (packed commands) on one of the pipelined connections, and its ``replies``,
+        within the deadline the pipe keeps itself; an error reply raises once every reply is
+        read (the connection stays in step)."""
+        try:
+            answers = await pipe.exchange(data, replies)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
+        for answer in answers:
+            if isinstance(answer, ResponseError):
+                raise self._unavailable(answer)
+        return answers
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        if isinstance(exc, TimeoutError):
+            return StoreUnavailable(f"redis did not answer within {self.deadline * 2:g} s")
+        return StoreUnavailable(f"redis: {type(exc).__name__}: {exc}")
 
     def script(self, source: str) -> Any:
         """A Lua script, sent by its SHA (and loaded again after a Redis restart)."""

@@ -66,7 +66,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
-from redis.exceptions import ResponseError
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
@@ -430,16 +429,7 @@ class RedisSharedTasks:
         No argument goes through redis-py's packer (a Python loop over each); scripts go by
         their source (``EVAL``: Redis keeps them compiled by their hash), so a Redis that
         restarted needs no second try. An error reply is raised once every reply is read."""
-        data = b"".join(commands)
-
-        async def exchange() -> list[Any]:
-            answers = await pipe.exchange(data, replies)
-            for answer in answers:
-                if isinstance(answer, ResponseError):
-                    raise answer
-            return answers
-
-        return await self._call(exchange)
+        return await self._redis.batch(pipe, b"".join(commands), replies)
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
         """One round trip: the claim, then the state of the record it names."""

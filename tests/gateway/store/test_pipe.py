@@ -72,8 +72,9 @@ async def test_a_dropped_connection_is_replaced_and_the_batch_goes_again(
 async def test_a_batch_past_its_deadline_closes_the_connection_for_those_after_it(
     redis_url: str,
 ) -> None:
-    """Redis stalls (CLIENT PAUSE): the call's deadline raises StoreUnavailable, and once Redis
-    answers again the next batch goes on a new connection, not behind the stalled one."""
+    """Redis stalls (CLIENT PAUSE): the batch's deadline (the pipe's own timer) raises
+    StoreUnavailable, and once Redis answers again the next batch goes on a new connection, not
+    behind the stalled one."""
     connection = RedisConnection.from_url(redis_url, deadline=50 * MS)
     admin = aioredis.Redis.from_url(redis_url)
     try:
@@ -81,10 +82,10 @@ async def test_a_batch_past_its_deadline_closes_the_connection_for_those_after_i
         [before] = await pipe.exchange(packed("CLIENT", "ID"), 1)
         await admin.client_pause(round(5000 * MS * 1000), all=False)  # writes held: not reads
         key = f"test-{uuid.uuid4().hex}"
-        with pytest.raises(StoreUnavailable, match="did not answer"):
-            await connection.call(lambda: pipe.exchange(packed("SET", key, "1"), 1))
+        with pytest.raises(StoreUnavailable, match="did not answer within"):
+            await connection.batch(pipe, packed("SET", key, "1"), 1)
         await admin.client_unpause()
-        [after] = await connection.call(lambda: pipe.exchange(packed("CLIENT", "ID"), 1))
+        [after] = await connection.batch(pipe, packed("CLIENT", "ID"), 1)
         assert after != before
     finally:
         await admin.client_unpause()
