@@ -96,7 +96,8 @@ COMPILED_TESTS   := tests/protocol tests/gateway/test_tasks.py tests/gateway/tes
                     tests/gateway/console/test_console.py tests/gateway/test_audit.py \
                     tests/gateway/console/test_producer.py \
                     tests/gateway/test_replication.py tests/gateway/store/test_shared_contract.py \
-                    tests/gateway/store/test_redis_tasks.py tests/gateway/store/test_pipe.py
+                    tests/gateway/store/test_redis_tasks.py tests/gateway/store/test_pipe.py \
+                    tests/gateway/test_roaming.py
 SOURCES          := $(shell find gateway protocol -type f -not -path '*/__pycache__/*')
 
 $(COMPILED_DIR)/.compiled: $(TEST_STAMP) $(SOURCES)

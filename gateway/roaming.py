@@ -7,7 +7,8 @@ keep coming, whichever replica carries them. How:
 - **Directory.** ``{prefix}:session:{uuid}`` holds the session's tenant and the replica that
   holds it. Written when a session opens; it lives ``attached_ttl`` while a socket holds it and
   ``resume_window`` once it has none (a dead replica's sessions go by themselves). A loop
-  turn's changes go in one transaction, in the order they were made.
+  turn's changes go in one script, in the order they were made, each only while this replica
+  holds the session.
 - **Adoption.** A replica asked to resume a session it does not know takes it over in the
   directory (one script: same tenant only), makes a local session of that UUID, and tells the
   replica that held it ("moved"). That one hands over what it buffered for the client and from
@@ -74,14 +75,36 @@ redis.call('DEL', KEYS[1])
 return frames
 """
 
-_MULTI, _EXEC = command(b"MULTI"), command(b"EXEC")
+# ARGV[1]: this replica; then each change in turn: its kind ('o' a session opened here, 'e' a
+# new expiry), the session's key, its expiry (ms), and for 'o' its tenant. A session another
+# replica holds now (it adopted it) is left to that one: a late change of this replica's (a
+# socket that closed after the session moved, a batch sent again) must not shorten its entry.
+_DIRECTORY = b"""
+local me, i = ARGV[1], 2
+while i <= #ARGV do
+  local kind, key, ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local holder = redis.call('HGET', key, 'replica')
+  if kind == 'o' then
+    if not holder or holder == me then
+      redis.call('HSET', key, 'tenant', ARGV[i + 3], 'replica', me)
+      redis.call('PEXPIRE', key, ttl)
+    end
+    i = i + 4
+  else
+    if holder == me then redis.call('PEXPIRE', key, ttl) end
+    i = i + 3
+  end
+end
+return 0
+"""
 
 # the directory's changes in one round trip at most (a burst of connections goes in several)
 DIRECTORY_BATCH = 2_000
 # changes waiting at most, while Redis is slow or away (each session's few, for every session
 # that opened, attached or detached meanwhile); past it the newest are dropped, counted in a
 # warning: a session missing from the directory is not resumed on another replica (its client
-# gets a new session), as with Redis away
+# gets a new session), as with Redis away; one whose detach is dropped keeps its entry for
+# attached_ttl
 MAX_DIRECTORY_UPDATES = 100_000
 
 _ENCODE = msgspec.msgpack.Encoder()
@@ -125,8 +148,8 @@ class Roaming:
         self._post = redis.script(_POST)
         self._take = redis.script(_TAKE)
         self._name = self.replica.encode()
-        # the directory's changes waiting for their round trip: packed commands, replies
-        self._updates: list[tuple[bytes, int]] = []
+        # the directory's changes waiting for their round trip (see _DIRECTORY)
+        self._updates: list[tuple[bytes, ...]] = []
         self._updates_dropped = 0
         self._updating: asyncio.Task[None] | None = None
         self._outgoing: defaultdict[str, list[bytes]] = defaultdict(list)  # by session UUID
@@ -144,34 +167,31 @@ class Roaming:
     # ------------------------------------------------------------------ the directory
 
     def opened(self, session: ClientSession) -> None:
-        key = self._session_key(session.uuid).encode()
         self._update(
-            command(b"HSET", key, b"tenant", session.tenant.encode(), b"replica", self._name)
-            + command(b"PEXPIRE", key, b"%d" % self._attached_ms),
-            2,
+            b"o", self._session_key(session.uuid), self._attached_ms, session.tenant.encode()
         )
 
     def attached(self, session: ClientSession) -> None:
-        self._expire(session.uuid, self._attached_ms)
+        self._update(b"e", self._session_key(session.uuid), self._attached_ms)
 
     def detached(self, session: ClientSession) -> None:
-        self._expire(session.uuid, self._detached_ms)
+        if session.forward is not None:  # handed on: the replica that adopted it holds it now
+            return
+        self._update(b"e", self._session_key(session.uuid), self._detached_ms)
 
-    def _expire(self, session_uuid: str, ms: int) -> None:
-        self._update(command(b"PEXPIRE", self._session_key(session_uuid).encode(), b"%d" % ms), 1)
-
-    def _update(self, commands: bytes, replies: int) -> None:
+    def _update(self, kind: bytes, key: str, ms: int, tenant: bytes | None = None) -> None:
         """A change to the directory, written with the rest of this loop turn's."""
+        if self._updating is None:
+            self._updating = asyncio.get_running_loop().create_task(self._write_updates())
         if len(self._updates) >= MAX_DIRECTORY_UPDATES:
             self._updates_dropped += 1
             return
-        self._updates.append((commands, replies))
-        if self._updating is None:
-            self._updating = asyncio.get_running_loop().create_task(self._write_updates())
+        change = (kind, key.encode(), b"%d" % ms)
+        self._updates.append(change if tenant is None else (*change, tenant))
 
     async def _write_updates(self) -> None:
         """The directory's changes, in the order they were made: a loop turn's (at most
-        ``DIRECTORY_BATCH``) in one transaction, one round trip on the store's pipelined
+        ``DIRECTORY_BATCH``) in one script, one round trip on the store's pipelined
         connection. Sessions open, attach and detach in bursts (a fleet of clients connecting
         again): each through redis-py's pool was a round trip of its own and tens of µs of
         interpreted CPU."""
@@ -187,17 +207,14 @@ class Roaming:
                         dropped=dropped,
                         bound=MAX_DIRECTORY_UPDATES,
                     )
-                data = b"".join([_MULTI, *(c for c, _ in updates), _EXEC])
-                replies = 2 + sum(n for _, n in updates)
+                args = [a for change in updates for a in change]
+                data = command(b"EVAL", _DIRECTORY, b"0", self._name, *args)
                 try:
-                    answers = await self.redis.batch(self.redis.writes, data, replies)
-                except StoreUnavailable as exc:
-                    log.info("session directory not updated: redis unavailable", error=str(exc))
-                    continue
-                # EXEC's answer: each command's reply (an error in the place of one that failed)
-                failed = next((a for a in answers[-1] if isinstance(a, Exception)), None)
-                if failed is not None:
-                    log.warning("session directory not updated", error=str(failed))
+                    await self.redis.batch(self.redis.writes, data, 1)
+                except StoreUnavailable as exc:  # Redis away, or a script it refused
+                    log.info("session directory not updated", error=str(exc))
+                except Exception:  # a bug: these changes are lost, not the next turn's
+                    log.exception("session directory not updated")
         finally:
             self._updating = None
 

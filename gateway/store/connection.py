@@ -3,7 +3,8 @@
 Everything replicas share (task claims and records, limits, deliveries, sessions, the replica
 registry) goes through one :class:`RedisConnection`: at most ``max_connections`` pooled
 sockets, and two more for the task store's batches (its claims, its writes: store/pipe.py),
-every wait and read within ``deadline``, and one ``asyncio.timeout`` around each call. A Redis that
+every wait and read within ``deadline``, and one ``asyncio.timeout`` around each call (the
+batches on the store's connections keep theirs in the pipe: ``batch``). A Redis that
 refuses, stalls or fails raises :class:`StoreUnavailable`; the caller answers
 ``serviceUnavailable`` (or retries later), it never hangs. One retry, at once, covers a pooled
 connection that a Redis restart closed.

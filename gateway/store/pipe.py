@@ -8,11 +8,12 @@ bytes arrive (``data_received``), and a batch's caller wakes once, with all of t
 
 Batches of concurrent callers (the claims and the flush) follow one another on the connection
 without waiting for each other: Redis answers in the order it reads, so each batch takes the
-next ``replies`` replies. A caller whose deadline passes (``RedisConnection.call``) closes the
-connection: the batches after it fail at once rather than wait behind a Redis that stalls,
-and the next batch connects again. A connection that drops fails the batches waiting on it
-(``ConnectionError``); whether Redis ran them is not known, which the store's callers allow
-for (a claim reads as its own when it carries its record's tag).
+next ``replies`` replies. A batch whose deadline passes (a timer of the pipe's: twice the
+store's deadline, a connect then the batch) closes the connection: the batches after it fail
+at once rather than wait behind a Redis that stalls, and the next batch connects again. A
+connection that drops fails the batches waiting on it (``ConnectionError``); whether Redis ran
+them is not known, which the store's callers allow for (a claim reads as its own when it
+carries its record's tag).
 
 Connects with the URL's address, TLS (``rediss://``), credentials and database, each step
 within the deadline. What redis-py's client does beyond that (RESP3, client-side caching,
@@ -116,6 +117,8 @@ class RedisPipe:
         """The deadline is a timer on the loop, not ``asyncio.timeout``: that one is two
         interpreted coroutines and a handle per batch, about 3 µs on every round trip."""
         loop = asyncio.get_running_loop()
+        if loop.time() >= until:  # late (a connect, a retry): not written, nothing else fails
+            raise TimeoutError(f"redis did not answer within {2 * self._deadline:g} s")
         future: asyncio.Future[list[Any]] = loop.create_future()
         if protocol.lost or protocol.transport is None:
             raise ConnectionError("redis connection closed")
@@ -125,29 +128,30 @@ class RedisPipe:
         try:
             return await future
         except asyncio.CancelledError:  # the caller gave up: what follows must not wait behind it
-            protocol.close(ConnectionError("an earlier batch on the connection was given up"))
+            if future.cancelled() or not future.done():  # not when its replies were all in
+                protocol.close(ConnectionError("an earlier batch on the connection was given up"))
             raise
         finally:
             timer.cancel()
 
     async def _connect(self, until: float) -> _Replies:
-        async with self._connecting:  # one connection for every caller that finds none
+        loop = asyncio.get_running_loop()
+        # one connection for every caller that finds none; waiting for it within the deadline
+        async with asyncio.timeout_at(until), self._connecting:
             protocol = self._replies
             if protocol is not None and not protocol.lost:
                 return protocol
             options = self._options
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout_at(until):
-                if "path" in options:
-                    _, protocol = await loop.create_unix_connection(_Replies, options["path"])
-                else:
-                    _, protocol = await loop.create_connection(
-                        _Replies,
-                        options.get("host", "localhost"),
-                        options.get("port", 6379),
-                        ssl=_tls(options),
-                    )
-                await self._hello(protocol, options, until)
+            if "path" in options:
+                _, protocol = await loop.create_unix_connection(_Replies, options["path"])
+            else:
+                _, protocol = await loop.create_connection(
+                    _Replies,
+                    options.get("host", "localhost"),
+                    options.get("port", 6379),
+                    ssl=_tls(options),
+                )
+            await self._hello(protocol, options, until)
             if self._closed:  # closed while this connected: it is not kept
                 protocol.close(ConnectionError("the store is closing"))
                 raise ConnectionError("the store is closing")

@@ -183,3 +183,33 @@ def test_tls_takes_the_url_options_as_redis_py_does() -> None:
 async def test_a_batch_waits_for_a_reply(pipe: RedisPipe) -> None:
     with pytest.raises(ValueError):
         await pipe.exchange(packed("PING"), 0)
+
+
+async def test_a_connect_waits_for_another_within_its_deadline(redis_url: str) -> None:
+    """Callers that find no connection wait for the one being made, within their deadline, not
+    for as long as it takes."""
+    pipe = RedisPipe(redis_url, deadline=50 * MS)
+    try:
+        async with pipe._connecting:  # a connect that hangs
+            waiting = asyncio.ensure_future(pipe.exchange(packed("PING"), 1))
+            await asyncio.wait([waiting], timeout=2000 * MS)
+            assert waiting.done()  # while the other connect still holds on
+            assert isinstance(waiting.exception(), TimeoutError)
+        assert await pipe.exchange(packed("PING"), 1) == [b"PONG"]
+    finally:
+        await pipe.close()
+
+
+async def test_a_batch_late_for_its_deadline_is_not_written_and_fails_alone(
+    pipe: RedisPipe,
+) -> None:
+    """A batch that reaches its connection past its deadline (after a connect, a retry) fails
+    without being written, and the batches waiting on the connection keep it."""
+    [before] = await pipe.exchange(packed("CLIENT", "ID"), 1)
+    protocol = pipe._replies
+    assert protocol is not None
+    late = asyncio.get_running_loop().time() - 1
+    with pytest.raises(TimeoutError):
+        await pipe._write(protocol, packed("PING"), 1, late)
+    assert not protocol.lost
+    assert await pipe.exchange(packed("CLIENT", "ID"), 1) == [before]
