@@ -7,7 +7,8 @@ every wait and read within ``deadline``, and one ``asyncio.timeout`` around each
 batches on the store's connections keep theirs in the pipe: ``batch``). A Redis that
 refuses, stalls or fails raises :class:`StoreUnavailable`; the caller answers
 ``serviceUnavailable`` (or retries later), it never hangs. One retry, at once, covers a pooled
-connection that a Redis restart closed.
+connection that a Redis restart closed; none follows a reply that is late (the command may
+still run).
 
 Keys live under one ``prefix`` (``tenebra`` unless told), so several gateways (or test runs)
 share a Redis without meeting. Key parts that come from clients (tenant, taskUUID, session) go
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 
 from gateway.store.pipe import RedisPipe
 from gateway.store.shared import StoreUnavailable
@@ -59,7 +60,9 @@ class RedisConnection:
             timeout=deadline,  # waiting for a free pooled connection
             socket_timeout=deadline,
             socket_connect_timeout=deadline,
-            retry=Retry(NoBackoff(), 1),
+            # a connection a restart closed, not a reply late: a command Redis still holds
+            # would run twice (a script that appends frames, or takes them)
+            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
             health_check_interval=0,
         )
         return cls(aioredis.Redis(connection_pool=pool), url, deadline=deadline, prefix=prefix)
