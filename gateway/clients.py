@@ -599,7 +599,7 @@ class ClientGateway:
                         continue
                     await connection.claims_settled()  # the frames read before it go first
                     if door.session is None:
-                        await self._adopt(outcomes)
+                        await self._adopt(door, outcomes)
                     session = door.session.uuid if door.session is not None else None
                     claims = await intake.claim(door.tenant, outcomes, session)
                     if connection.closed or connection.closing is not None:
@@ -659,9 +659,11 @@ class ClientGateway:
         finally:
             connection.claimed()
 
-    async def _adopt(self, outcomes: list[Any]) -> None:
+    async def _adopt(self, door: SocketDoor, outcomes: list[Any]) -> None:
         """Shared store: a session another replica held is made this one's before the frame's
-        authentication resumes it (gateway.roaming)."""
+        authentication resumes it (gateway.roaming). Not for an authentication that will be
+        refused (:meth:`authenticate`'s checks before the session): the session would be taken
+        from the socket that holds it for nothing."""
         roaming = self.roaming
         auth = next((o for o in outcomes if type(o) is Authentication), None)
         if roaming is None or auth is None or auth.connectionSessionUUID is None:
@@ -669,8 +671,10 @@ class ClientGateway:
         local = self.table.sessions.get(auth.connectionSessionUUID)
         if local is not None and local.forward is None:
             return
+        if door.delay or self.throttle.refused(door.connection.address):
+            return
         tenant = self.intake.tenant_of(auth.apiKey)
-        if tenant is not None:
+        if tenant is not None and self.intake.may_connect(tenant):
             await roaming.adopt(auth.connectionSessionUUID, tenant, self._clock())
 
     def authenticate(self, door: SocketDoor, auth: Authentication) -> None:

@@ -90,6 +90,10 @@ class Intake:
                 self.audit.limit(tenant, "tenant_max_connections", refused.code, self.key_id)
         return refused
 
+    def may_connect(self, tenant: str) -> bool:
+        """Whether :meth:`connect` would let a socket of ``tenant`` in now (nothing counted)."""
+        return self.quotas.has_room(tenant, self.tenants.policies.get(tenant))
+
     def disconnect(self, tenant: str) -> None:
         self.quotas.disconnect(tenant)
 

@@ -343,10 +343,9 @@ class TenantQuotas:
         ``max_connections``. Every tenant's sockets are counted (a reload may give a limit to
         a tenant that had none); each success is to be matched by one :meth:`disconnect`."""
         state = self._state(tenant)
-        cap = policy.max_connections if policy is not None else None
-        others = self.shared.others(tenant).connections if self.shared is not None else 0
-        if cap is not None and state.connections + others >= cap:
+        if policy is not None and not self.has_room(tenant, policy):
             self.refused[tenant, "tenant_max_connections"] += 1
+            cap = policy.max_connections
             return error_item(
                 "rateLimitExceeded",
                 message=f"This API key may hold {cap} connections at once. Close one, or retry "
@@ -355,6 +354,14 @@ class TenantQuotas:
             )
         state.connections += 1
         return None
+
+    def has_room(self, tenant: str, policy: TenantPolicy | None) -> bool:
+        """Whether a socket of ``tenant`` fits under its ``max_connections`` (every replica's)."""
+        cap = policy.max_connections if policy is not None else None
+        if cap is None:
+            return True
+        others = self.shared.others(tenant).connections if self.shared is not None else 0
+        return self.connections(tenant) + others < cap
 
     def disconnect(self, tenant: str) -> None:
         state = self._states.get(tenant)

@@ -235,15 +235,18 @@ class Roaming:
             return False
         if previous is None:
             return False
-        if local is not None:  # it comes back to a replica that had handed it on
-            local.forward = None
-        else:
+        # again: another resume of the session may have adopted it while this one waited
+        local = self.table.sessions.get(session_uuid)
+        if local is None:
             session = self.table.open(tenant, session_uuid)
             if session is None:  # no room: the authentication opens none either, and says so
                 return False
             self.table.detached(session, now)
+        elif local.forward is not None:  # it comes back to a replica that had handed it on
+            local.forward = None
+            self.table.detached(local, now)  # its window starts again: it was held elsewhere
         holder = previous.decode() if isinstance(previous, bytes) else str(previous)
-        if holder and holder != self.replica:
+        if holder and holder != self.replica:  # told by whichever resume took it from there
             self._spawn(lambda: self.cluster.send(holder, "moved", _ENCODE.encode(session_uuid)))
         self._spawn(lambda: self._empty(session_uuid))
         log.info("session adopted", session=session_uuid, previous=holder or None)

@@ -181,8 +181,13 @@ class SessionTable:
         if session.ended:
             return
         session.detached_at = now
+        # at the end of the order even when it was detached already: the sweep stops at the
+        # first one still in its window
+        self._detached.pop(session.uuid, None)
         self._detached[session.uuid] = session
-        self._tenants.setdefault(session.tenant, {})[session.uuid] = session
+        of_tenant = self._tenants.setdefault(session.tenant, {})
+        of_tenant.pop(session.uuid, None)
+        of_tenant[session.uuid] = session
 
     def attached(self, session: ClientSession) -> None:
         session.detached_at = None

@@ -31,10 +31,31 @@ async def replica(provider: LocalProvider, redis_url: str) -> AsyncIterator[Any]
         yield a
 
 
+@pytest.fixture
+async def pair(provider: LocalProvider, redis_url: str) -> AsyncIterator[tuple[Any, Any]]:
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with (
+        running(shared_config(provider, redis_url, prefix, "a")) as a,
+        running(shared_config(provider, redis_url, prefix, "b")) as b,
+    ):
+        yield a, b
+
+
 async def entry(gateway: Any, session_uuid: str) -> tuple[dict[bytes, bytes], int]:
     client = gateway.redis.client
     key = gateway.redis.key("session", session_uuid)
     return await client.hgetall(key), await client.pttl(key)
+
+
+async def in_directory(gateway: Any, session_uuid: str) -> None:
+    """Until the session's entry names ``gateway``: the directory is written just after the
+    auth reply, so a resume elsewhere a moment sooner would not find it."""
+    name: bytes = gateway.clients.roaming.replica.encode()
+
+    async def held() -> bool:
+        return (await entry(gateway, session_uuid))[0].get(b"replica") == name
+
+    await eventually(held)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5000 * MS) -> None:
@@ -165,3 +186,69 @@ async def test_a_session_handed_on_is_not_detached_here(
     await until(lambda: session.connection is None)
     await asyncio.sleep(50 * MS)  # the socket's cleanup is done
     assert changes == []
+
+
+# ---------------------------------------------------------------------------- adoption
+
+
+async def test_two_resumes_racing_on_one_replica_make_one_session(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """Both adopt the session A held; the second finds it adopted when its answer comes, and
+    the tenant's count of sessions is one (it was two, for good: a place of
+    ``max_sessions_per_tenant`` lost per race)."""
+    a, b = pair
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    await in_directory(a, session)
+    await on_a.ws.close()
+    one, two = await connect(http, b.url), await connect(http, b.url)
+    auth = {"taskType": "authentication", "apiKey": ALPHA, "connectionSessionUUID": session}
+    await asyncio.gather(one.send(auth), two.send(auth))
+    # both resumed it (the newest socket holds it, and takes what the other had not sent)
+    await until(lambda: sum(c.session is not None for c in b.clients.connections) == 2)
+    table = b.clients.table
+    assert (
+        table._counts.get("alpha") == 1 == sum(s.tenant == "alpha" for s in table.sessions.values())
+    )
+
+
+async def test_a_session_back_from_another_replica_resumes_whatever_its_old_window(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """A handed the session on long ago (past ``resume_window`` by A's own clock, before A's
+    sweep came to it): back on A, the client resumes it, not a new one."""
+    a, b = pair
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    await in_directory(a, session)
+    await on_a.ws.close()
+    on_b = await connect(http, b.url)
+    assert await on_b.auth(ALPHA, session) == session
+    held = a.clients.table.sessions[session]
+    await until(lambda: held.forward is not None)
+    a.clients.table.detached(held, a.clock() - 2 * a.config.server.resume_window)
+    back = await connect(http, a.url)
+    assert await back.auth(ALPHA, session) == session
+
+
+async def test_a_resume_that_will_be_refused_leaves_the_session_where_it_is(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """B refuses the address (too many failed keys): its answer is an error, and the session
+    stays with A's open socket, which still gets its frames."""
+    a, b = pair
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    await in_directory(a, session)
+    held = a.clients.table.sessions[session]
+    on_b = await connect(http, b.url)
+    b.clients.throttle.refused = lambda address: 5.0  # from now on
+    await on_b.send(
+        {"taskType": "authentication", "apiKey": ALPHA, "connectionSessionUUID": session}
+    )
+    assert (await on_b.recv())["errors"][0]["code"] == "rateLimitExceeded"
+    await asyncio.sleep(200 * MS)  # what an adoption would have set off has happened
+    assert held.forward is None and held.connection is not None
+    fields, _ = await entry(a, session)
+    assert fields[b"replica"] == a.clients.roaming.replica.encode()

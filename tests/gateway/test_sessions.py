@@ -106,3 +106,13 @@ def test_the_sweep_looks_only_at_what_expired() -> None:
     sessions.detached(young[0], 200.0)
     sessions.sweep(111.5)
     assert young[1].ended and not young[2].ended and not young[0].ended
+
+
+def test_a_session_detached_again_moves_to_the_end_of_the_order() -> None:
+    """Detached afresh without an attach in between (a session back from another replica):
+    its window starts again, and the sweep still reaches the ones detached after it."""
+    sessions, _ = table()
+    first, second = detached(sessions, "alpha", 1.0), detached(sessions, "alpha", 2.0)
+    sessions.detached(first, 5.0)
+    sessions.sweep(12.5)
+    assert second.ended and not first.ended
