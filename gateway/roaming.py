@@ -107,6 +107,13 @@ DIRECTORY_BATCH = 2_000
 # attached_ttl
 MAX_DIRECTORY_UPDATES = 100_000
 
+# the mark a replica that gave a session away posts after the frames it held for it (never a
+# frame: those are JSON text)
+_HANDED = b""
+# how long a replica that took a session over holds its own frames of it at most, for the one
+# before to hand over what it held
+HANDOVER_WAIT = 2.0
+
 _ENCODE = msgspec.msgpack.Encoder()
 _DECODE_NAME = msgspec.msgpack.Decoder(str)
 
@@ -247,10 +254,27 @@ class Roaming:
             self.table.detached(local, now)  # its window starts again: it was held elsewhere
         holder = previous.decode() if isinstance(previous, bytes) else str(previous)
         if holder and holder != self.replica:  # told by whichever resume took it from there
+            self._await_handover(session_uuid)
             self._spawn(lambda: self.cluster.send(holder, "moved", _ENCODE.encode(session_uuid)))
         self._spawn(lambda: self._empty(session_uuid))
         log.info("session adopted", session=session_uuid, previous=holder or None)
         return True
+
+    def _await_handover(self, session_uuid: str) -> None:
+        """This replica's own frames of the session wait until the replica that held it has
+        handed over what it held (its frames come through the mailbox, then ``_HANDED``), at
+        most ``HANDOVER_WAIT`` (a holder that died hands nothing over): else a result of a task
+        here would reach the client before the ones it missed."""
+        session = self.table.sessions.get(session_uuid)
+        if session is None or session.awaiting is not None:
+            return
+        session.awaiting = len(session.buffer)
+        loop = asyncio.get_running_loop()
+        loop.call_later(HANDOVER_WAIT, self._handed_over, session)
+
+    @staticmethod
+    def _handed_over(session: ClientSession) -> None:
+        session.handed_over()
 
     def subscriber(self, session_uuid: str) -> Subscriber:
         """Who takes the frames of a task of session ``session_uuid`` (a takeover's)."""
@@ -308,7 +332,11 @@ class Roaming:
             log.info("mailbox not read: redis unavailable", error=str(exc))
             return
         for frame in frames:
-            session.push(frame if isinstance(frame, bytes) else frame.encode())
+            data = frame if isinstance(frame, bytes) else frame.encode()
+            if data == _HANDED:
+                session.handed_over()
+            else:
+                session.handed(data)
 
     # ------------------------------------------------------------------ the bus
 
@@ -321,14 +349,16 @@ class Roaming:
         does every later frame of its tasks."""
         session_uuid = _DECODE_NAME.decode(body)
         session = self.table.sessions.get(session_uuid)
-        if session is None or session.forward is not None:
-            return
-        if session.connection is not None:  # the newest socket wins, as on one replica
-            session.detach(session.connection, asyncio.get_running_loop().time())
-        backlog = session.take_backlog()
-        session.forward = lambda frame: self.forward(session_uuid, frame)
-        for frame in backlog:
-            self.forward(session_uuid, frame)
+        if session is not None and session.forward is None:
+            if session.connection is not None:  # the newest socket wins, as on one replica
+                session.detach(session.connection, asyncio.get_running_loop().time())
+            backlog = session.take_backlog()
+            session.forward = lambda frame: self.forward(session_uuid, frame)
+            for frame in backlog:
+                self.forward(session_uuid, frame)
+        # whatever this replica held of it, all of it is on its way: the new holder's own
+        # frames may follow
+        self.forward(session_uuid, _HANDED)
 
     def _spawn(self, step: Callable[[], Awaitable[object]]) -> None:
         """Run ``step`` in the background within the store's deadline; Redis away is logged."""

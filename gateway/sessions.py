@@ -44,6 +44,9 @@ class ClientSession:
         self.ended = False  # expired or evicted: its tasks' frames are no one's to keep
         # resumed on another replica (gateway.roaming): every frame goes there instead
         self.forward: Callable[[bytes], None] | None = None
+        # taken from another replica, until it has handed over what it held (gateway.roaming):
+        # where in the buffer its frames go, before this replica's own, which wait behind them
+        self.awaiting: int | None = None
 
     def deliver(self, record: TaskRecord, frame: bytes) -> None:
         self.push(frame)
@@ -51,14 +54,40 @@ class ClientSession:
     def push(self, frame: bytes) -> None:
         if self.forward is not None:
             self.forward(frame)
-        # behind a backlog still being replayed, a new frame waits its turn: order is kept
-        elif self.buffer or self.connection is None or not self.connection.send(frame):
+        # behind a backlog still being replayed, or one still to come from the replica that
+        # held the session, a new frame waits its turn: order is kept
+        elif (
+            self.buffer
+            or self.awaiting is not None
+            or self.connection is None
+            or not self.connection.send(frame)
+        ):
             self._keep(frame)
+
+    def handed(self, frame: bytes) -> None:
+        """A frame the replica that held the session kept or forwarded: older than any this
+        replica pushed since it took the session over."""
+        at = self.awaiting
+        if at is None or self.forward is not None or self.ended:
+            self.push(frame)
+            return
+        self.buffer.insert(at, frame)
+        self.awaiting = at + 1
+        self._grew(len(frame))
+
+    def handed_over(self) -> None:
+        """The replica that held the session has handed over all it held: what waited goes."""
+        if self.awaiting is None:
+            return
+        self.awaiting = None
+        if self.connection is not None:
+            self.refill(self.connection)
 
     def take_backlog(self) -> list[bytes]:
         """Every frame waiting for the client, given once (to another replica)."""
         backlog = list(self.buffer)
         self.drop_oldest(0)
+        self.awaiting = None  # what is still to come from the one before goes on too
         return backlog
 
     def settled(self, record: TaskRecord) -> None:
@@ -83,6 +112,8 @@ class ClientSession:
             size = len(self.buffer.popleft())
             self.buffered_bytes -= size
             self.table.buffered -= size
+            if self.awaiting:
+                self.awaiting -= 1
 
     def detach(self, connection: ClientConnection, now: float) -> None:
         """The socket is gone: what it did not take comes first in the buffer."""
@@ -91,6 +122,8 @@ class ClientSession:
         self.connection = None
         unsent = connection.take_unsent()
         self.buffer.extendleft(reversed(unsent))
+        if self.awaiting is not None:
+            self.awaiting += len(unsent)
         self.table.detached(self, now)
         if unsent:
             self._grew(sum(map(len, unsent)))
@@ -106,7 +139,7 @@ class ClientSession:
         """Replay the backlog as the socket takes it: half its bound at a time, so that a long
         absence never looks like a client that does not read. A frame larger than the socket's
         whole bound goes only into an empty queue (see ClientConnection.send)."""
-        if connection is not self.connection:
+        if connection is not self.connection or self.awaiting is not None:
             return
         room = connection.limit // 2
         while self.buffer and connection.queued_bytes < room:

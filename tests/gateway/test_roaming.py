@@ -5,6 +5,7 @@ tests/gateway/test_replication.py and tests/cluster/."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -252,3 +253,69 @@ async def test_a_resume_that_will_be_refused_leaves_the_session_where_it_is(
     assert held.forward is None and held.connection is not None
     fields, _ = await entry(a, session)
     assert fields[b"replica"] == a.clients.roaming.replica.encode()
+
+
+def probe(n: int) -> bytes:
+    return json.dumps({"data": [{"taskType": "imageInference", "n": n}]}).encode()
+
+
+async def test_a_replica_that_takes_a_session_holds_its_own_frames_behind_the_missed_ones(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept frame 1 for the client while it was away; the client resumes on B, and a task on
+    B has a result at once (frame 2): the client gets 1, then 2."""
+    a, b = pair
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    await in_directory(a, session)
+    held = a.clients.table.sessions[session]
+    await on_a.ws.close()
+    await until(lambda: held.connection is None)
+    held.push(probe(1))
+    roaming, adopt = b.clients.roaming, b.clients.roaming.adopt
+
+    async def adopt_then_a_result(*args: Any) -> bool:
+        adopted: bool = await adopt(*args)
+        b.clients.table.sessions[session].push(probe(2))
+        return adopted
+
+    monkeypatch.setattr(roaming, "adopt", adopt_then_a_result)
+    on_b = await connect(http, b.url)
+    assert await on_b.auth(ALPHA, session) == session
+    got = [(await on_b.recv())["data"][0]["n"] for _ in range(2)]
+    assert got == [1, 2]
+
+
+async def test_a_session_back_on_its_first_replica_gets_what_the_other_kept_first(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A -> B -> A: B kept frame 1 (of A's task, forwarded to it) for the client; back on A,
+    A's task's next result (frame 2) waits for B to hand frame 1 over."""
+    a, b = pair
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    await in_directory(a, session)
+    on_a_session = a.clients.table.sessions[session]
+    await on_a.ws.close()
+    await until(lambda: on_a_session.connection is None)
+    on_b = await connect(http, b.url)
+    assert await on_b.auth(ALPHA, session) == session
+    await until(lambda: on_a_session.forward is not None)
+    await in_directory(b, session)
+    on_b_session = b.clients.table.sessions[session]
+    await on_b.ws.close()
+    await until(lambda: on_b_session.connection is None)
+    on_a_session.push(probe(1))  # A's task: forwarded to B, which keeps it for the client
+    await until(lambda: len(on_b_session.buffer) == 1)
+    roaming, adopt = a.clients.roaming, a.clients.roaming.adopt
+
+    async def adopt_then_a_result(*args: Any) -> bool:
+        adopted: bool = await adopt(*args)
+        on_a_session.push(probe(2))
+        return adopted
+
+    monkeypatch.setattr(roaming, "adopt", adopt_then_a_result)
+    back = await connect(http, a.url)
+    assert await back.auth(ALPHA, session) == session
+    got = [(await back.recv())["data"][0]["n"] for _ in range(2)]
+    assert got == [1, 2]

@@ -116,3 +116,22 @@ def test_a_session_detached_again_moves_to_the_end_of_the_order() -> None:
     sessions.detached(first, 5.0)
     sessions.sweep(12.5)
     assert second.ended and not first.ended
+
+
+def test_frames_handed_over_go_before_the_ones_that_waited_for_them() -> None:
+    """A session taken from another replica: its own frames wait behind what the other hands
+    over, which keeps its order, whatever the buffer's bound drops meanwhile."""
+    sessions, _ = table(session_buffer_bytes=1000)
+    session = detached(sessions, "alpha", 1.0)
+    session.awaiting = 0
+    session.push(b"mine-1")
+    session.handed(b"theirs-1")
+    session.push(b"mine-2")
+    session.handed(b"theirs-2")
+    assert list(session.buffer) == [b"theirs-1", b"theirs-2", b"mine-1", b"mine-2"]
+    session.drop_oldest(session.buffered_bytes - len(b"theirs-1"))  # the bound drops one
+    session.handed(b"theirs-3")
+    assert list(session.buffer) == [b"theirs-2", b"theirs-3", b"mine-1", b"mine-2"]
+    session.handed_over()
+    session.handed(b"late")  # past the wait: in the order it comes
+    assert session.awaiting is None and list(session.buffer)[-1] == b"late"
