@@ -11,8 +11,10 @@ keep coming, whichever replica carries them. How:
   holds the session.
 - **Adoption.** A replica asked to resume a session it does not know takes it over in the
   directory (one script: same tenant only), makes a local session of that UUID, and tells the
-  replica that held it ("moved"). That one hands over what it buffered for the client and from
-  then on forwards every frame of the session's tasks.
+  replica that held it ("moved"). That one hands over what it buffered for the client, then a
+  mark, and from then on forwards every frame of the session's tasks; the adopting replica's
+  own frames of the session wait behind what is handed over, until the mark (or
+  ``HANDOVER_WAIT``).
 - **Forwarding.** A frame for a session held elsewhere (or by nobody yet: its client has not
   reconnected) is appended to the session's mailbox ``{prefix}:mailbox:{uuid}`` (a list, at
   most ``max_mailbox`` frames, the oldest dropped first; it lives ``resume_window``), and the
@@ -269,12 +271,7 @@ class Roaming:
         if session is None or session.awaiting is not None:
             return
         session.awaiting = len(session.buffer)
-        loop = asyncio.get_running_loop()
-        loop.call_later(HANDOVER_WAIT, self._handed_over, session)
-
-    @staticmethod
-    def _handed_over(session: ClientSession) -> None:
-        session.handed_over()
+        asyncio.get_running_loop().call_later(HANDOVER_WAIT, session.handed_over)
 
     def subscriber(self, session_uuid: str) -> Subscriber:
         """Who takes the frames of a task of session ``session_uuid`` (a takeover's)."""
