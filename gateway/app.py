@@ -255,6 +255,7 @@ class Gateway:
                 self.clients.table,
                 # a replica that dies leaves its sessions' entries this long at most
                 attached_ttl=DAY,
+                clock=self.clock,
             )
         rest = RestEndpoint(
             intake,

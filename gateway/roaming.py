@@ -29,6 +29,7 @@ Within one replica nothing of this runs: a session's frames go to its socket as 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -145,6 +146,7 @@ class Roaming:
         *,
         attached_ttl: float,
         max_mailbox: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.redis = redis
         self.cluster = cluster
@@ -153,6 +155,9 @@ class Roaming:
         self._attached_ms = max(1, round(attached_ttl * 1000))
         self._detached_ms = max(1, round(table.resume_window * 1000))
         self.max_mailbox = max_mailbox
+        self._clock = clock  # the session table's (its sessions' detach times)
+        # sessions taken over here, waiting for the one before to hand over: each one's wait
+        self._handovers: dict[str, asyncio.TimerHandle] = {}
         self._adopt = redis.script(_ADOPT)
         self._post = redis.script(_POST)
         self._take = redis.script(_TAKE)
@@ -271,7 +276,17 @@ class Roaming:
         if session is None or session.awaiting is not None:
             return
         session.awaiting = len(session.buffer)
-        asyncio.get_running_loop().call_later(HANDOVER_WAIT, session.handed_over)
+        wait = asyncio.get_running_loop().call_later(HANDOVER_WAIT, self._handed_over, session)
+        earlier = self._handovers.pop(session_uuid, None)  # of an earlier move: not this one's
+        if earlier is not None:
+            earlier.cancel()
+        self._handovers[session_uuid] = wait
+
+    def _handed_over(self, session: ClientSession) -> None:
+        wait = self._handovers.pop(session.uuid, None)
+        if wait is not None:
+            wait.cancel()
+        session.handed_over()
 
     def subscriber(self, session_uuid: str) -> Subscriber:
         """Who takes the frames of a task of session ``session_uuid`` (a takeover's)."""
@@ -331,7 +346,7 @@ class Roaming:
         for frame in frames:
             data = frame if isinstance(frame, bytes) else frame.encode()
             if data == _HANDED:
-                session.handed_over()
+                self._handed_over(session)
             else:
                 session.handed(data)
 
@@ -348,7 +363,7 @@ class Roaming:
         session = self.table.sessions.get(session_uuid)
         if session is not None and session.forward is None:
             if session.connection is not None:  # the newest socket wins, as on one replica
-                session.detach(session.connection, asyncio.get_running_loop().time())
+                session.detach(session.connection, self._clock())
             backlog = session.take_backlog()
             session.forward = lambda frame: self.forward(session_uuid, frame)
             for frame in backlog:

@@ -319,3 +319,19 @@ async def test_a_session_back_on_its_first_replica_gets_what_the_other_kept_firs
     assert await back.auth(ALPHA, session) == session
     got = [(await back.recv())["data"][0]["n"] for _ in range(2)]
     assert got == [1, 2]
+
+
+async def test_the_wait_of_an_earlier_move_does_not_end_a_later_ones(
+    replica: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session taken over twice within the wait: the first move's timer must not release
+    what the second move holds."""
+    roaming = replica.clients.roaming
+    session = replica.clients.table.open("alpha")
+    monkeypatch.setattr(gateway.roaming, "HANDOVER_WAIT", 200 * MS)
+    roaming._await_handover(session.uuid)
+    session.handed_over()  # handed over (as the mark would), the first timer still set
+    monkeypatch.setattr(gateway.roaming, "HANDOVER_WAIT", 20000 * MS)
+    roaming._await_handover(session.uuid)  # taken over again
+    await asyncio.sleep(400 * MS)
+    assert session.awaiting is not None
