@@ -15,8 +15,10 @@ ran, from what it wrote to the shared store (gateway.replication):
   by a guess;
 - tasks it had not sent yet are queued here as new.
 
-Every step can be done again: a taker that dies half way leaves the takeover to another
-(gateway.cluster), and records already here are left as they are.
+The dead replica's open list is first moved into the taker's own (one script): whoever moves
+it runs those tasks, so a takeover done again after one that failed half way (Redis away a
+moment, its lock lapsed: gateway.cluster) finds nothing to run twice, and a taker that dies
+leaves them in its own list, for its own takeover. Every other step can be done again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.replication import Replication, links_key
 from gateway.roaming import Roaming
 from gateway.store.base import TaskRecord, TaskState
 from gateway.store.connection import RedisConnection
+from gateway.store.shared import StoreUnavailable
 from gateway.tasks import AT_PROVIDER, TaskRegistry
 
 __all__ = ["Takeover"]
@@ -56,8 +59,14 @@ class Takeover:
         self.deliveries = deliveries
 
     async def __call__(self, dead: str) -> None:
-        shared = self.replication.shared
-        records = await shared.open_records(dead)
+        shared, me = self.replication.shared, self.replication.replica
+        try:
+            records = await shared.take_open(dead, me)
+        except StoreUnavailable:
+            # the move may have run, its answer lost: what it moved is in this replica's own
+            # list now, which only this replica reads while it lives (those it has already
+            # are passed by)
+            records = await shared.open_records(me)
         client, key = self.redis.client, links_key(self.redis, dead)
         sessions = await self.redis.call(lambda: client.hgetall(key))
         by_link = {
@@ -90,9 +99,7 @@ class Takeover:
                 self.pool.submit(record)
             else:  # queued at the dead replica: first in its tenant's line here
                 self.pool.requeue(record)
-        # listed under this replica's name before the dead one's list goes
         await self.replication.drain(self.redis.deadline * 2)
-        await shared.forget_open(dead)
         await self.redis.call(lambda: client.delete(key))
         log.warning(
             "took over a dead replica's tasks",

@@ -71,7 +71,7 @@ from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
 from gateway.store.parts import StatePart, StaticPart
 from gateway.store.pipe import RedisPipe, command
-from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, WRITE
+from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, TAKE_OPEN, WRITE
 from gateway.store.shared import StoreUnavailable
 from gateway.store.states import TaskState
 
@@ -185,6 +185,7 @@ class RedisSharedTasks:
         self._claim_tail = b"$2\r\nNX\r\n$2\r\nPX\r\n" + _bulk(self._ttl_ms)
         self._release = redis.script(RELEASE)
         self._load = redis.script(LOAD)
+        self._take_open = redis.script(TAKE_OPEN)
 
     @classmethod
     def from_url(
@@ -444,11 +445,22 @@ class RedisSharedTasks:
         return self._parts.join(claim[claim[0] + 1 :], None if state is None else _bytes(state))
 
     async def open_records(self, replica: str) -> list[TaskRecord]:
-        """The open records ``replica`` listed (a dead one's, for its takeover), read in
-        pipelined round trips (not a script: a long list does not hold Redis up for the other
-        replicas)."""
+        """The open records ``replica`` listed (this replica's own, or a test's look)."""
         client = self._redis.client
         members = await self._call(lambda: client.smembers(self.open_key(replica)))
+        return await self._listed(members)
+
+    async def take_open(self, dead: str, replica: str) -> list[TaskRecord]:
+        """A dead replica's open records, for ``replica`` to run: its list moved into
+        ``replica``'s in one script, then the records read. Another takeover of ``dead``
+        (after this one failed half way) finds nothing to run a second time."""
+        keys = [self.open_key(dead), self.open_key(replica)]
+        members = await self._call(lambda: self._take_open(keys=keys, args=[self._ttl_ms]))
+        return await self._listed(members)
+
+    async def _listed(self, members: Any) -> list[TaskRecord]:
+        """The open records of open-list members, read in pipelined round trips (not a
+        script: a long list does not hold Redis up for the other replicas)."""
         listed = []
         for member in sorted(_bytes(m) for m in members):
             n = member[0] + 1
@@ -477,11 +489,6 @@ class RedisSharedTasks:
             if record.finished is None:
                 records.append(record)
         return records
-
-    async def forget_open(self, replica: str) -> None:
-        """The list of a replica whose records were taken over."""
-        client = self._redis.client
-        await self._call(lambda: client.delete(self.open_key(replica)))
 
     async def ping(self) -> None:
         await self._redis.ping()

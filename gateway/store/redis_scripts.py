@@ -4,7 +4,7 @@ handed or computes from a prefix it is handed."""
 
 from __future__ import annotations
 
-__all__ = ["CHECK", "LOAD", "RELEASE", "TRIM", "WRITE"]
+__all__ = ["CHECK", "LOAD", "RELEASE", "TAKE_OPEN", "TRIM", "WRITE"]
 
 # Scripts hand a command at most 4,000 values of a table (SADD, SREM, ZADD, DEL): Lua's
 # ``unpack`` fails past its C stack (8,000 values in Redis's Lua 5.1).
@@ -19,6 +19,21 @@ if held and string.sub(held, 1, #tag) == tag then
   redis.call('SREM', KEYS[4], tag .. KEYS[1])
 end
 return 0
+"""
+
+# KEYS[1]: a dead replica's open list, KEYS[2]: the taker's own; ARGV[1]: the open ttl (ms).
+# The dead one's members, moved into the taker's list: whoever moves them runs them, and a
+# takeover done again (by this or another replica) finds none to run twice.
+TAKE_OPEN = """
+local members = redis.call('SMEMBERS', KEYS[1])
+for i = 1, #members, 4000 do
+  redis.call('SADD', KEYS[2], unpack(members, i, math.min(i + 3999, #members)))
+end
+if #members > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[1])
+end
+return members
 """
 
 # KEYS[1]: claim; ARGV[1]: the state keys' prefix. {claim, state} ({claim} with no state yet),

@@ -65,11 +65,17 @@ async def test_a_claim_records_the_task_as_received_and_lists_it(store: RedisSha
     # a member whose claim never came (a replica that died in its batch) is passed by
     await client.sadd(store.open_key("b"), store.member("studio", "never", "up-never"))
     assert [r.upstream_uuid for r in await store.open_records("b")] == [other.upstream_uuid]
-    # finished: off the open list, and the takeover of a list no one needs is gone
+    # finished: off the open list
     await store.write([Write(done(records[0]), False, True)], retention=60, replica="a")
     assert len(await store.open_records("a")) == 2
-    await store.forget_open("a")
+    # a takeover moves the list into the taker's: done again, by anyone, it finds nothing
+    taken = await store.take_open("a", "c")
+    assert sorted(r.upstream_uuid for r in taken) == sorted(r.upstream_uuid for r in records[1:])
     assert await store.open_records("a") == []
+    assert await store.take_open("a", "d") == [] and await store.take_open("a", "c") == []
+    assert sorted(r.upstream_uuid for r in await store.open_records("c")) == sorted(
+        r.upstream_uuid for r in records[1:]
+    )
 
 
 async def test_a_record_not_as_received_is_claimed_with_its_state(store: RedisSharedTasks) -> None:

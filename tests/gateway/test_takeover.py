@@ -1,0 +1,66 @@
+"""A dead replica's work taken over by a live one (gateway/takeover.py), with two gateways in
+one process and a real redis-server. The process-level tests (SIGKILL) are in tests/cluster/."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import msgspec
+import pytest
+
+import gateway.replication
+from gateway.provider.server import LocalProvider
+from gateway.store.base import TaskRecord
+from gateway.store.shared import StoreUnavailable
+from tests.compiled import pure_python_only
+from tests.gateway.conftest import running, set_faults, until
+from tests.gateway.test_dispatch import image_task
+from tests.gateway.test_replication import shared_config
+from tests.protocol.conftest import MODEL
+from tests.timing import MS
+
+
+@pure_python_only(gateway.replication)
+async def test_a_takeover_that_fails_after_adopting_is_not_run_again_by_another(
+    provider: LocalProvider, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A adopts the dead replica's task, then its takeover fails (Redis away a moment) and its
+    lock lapses; B takes the dead replica over next and finds nothing to run: the task runs on
+    A alone (it was sent to the provider twice, and finished on both)."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 4000})
+    async with (
+        running(shared_config(provider, redis_url, prefix, "a")) as a,
+        running(shared_config(provider, redis_url, prefix, "b")) as b,
+    ):
+        b.cluster._takeovers_paused = True  # A is the first taker
+        body = msgspec.structs.replace(image_task("async"), model=MODEL, width=1024, height=1024)
+        record = TaskRecord(
+            tenant="alpha", task=body, upstream_uuid=str(uuid.uuid4()), created=time.time()
+        )
+        failed: list[float] = []
+
+        async def redis_away_once(deadline: float) -> None:  # the step after the adoption
+            if not failed:
+                failed.append(deadline)
+                raise StoreUnavailable("redis: ConnectionError: Connection refused")
+
+        monkeypatch.setattr(a.replication, "drain", redis_away_once)
+        # the dead replica "d": one open task, listed as its own, its lease long over
+        assert await a.replication.shared.create_batch([record], "d") == [True]
+        await a.redis.client.zadd(f"{prefix}:replicas", {"d": 1})
+        await until(lambda: bool(failed), 10000 * MS)
+        assert a.registry.lookup("alpha", body.taskUUID) is not None
+        a.cluster._takeovers_paused = True  # B takes the next turn at the lapsed lock
+        b.cluster._takeovers_paused = False
+
+        async def recorded() -> bool:
+            return await a.redis.client.zscore(f"{prefix}:replicas", "d") is None
+
+        deadline = time.monotonic() + 15000 * MS
+        while not await recorded():
+            assert time.monotonic() < deadline, "B did not take d over"
+            await asyncio.sleep(50 * MS)
+        assert b.registry.lookup("alpha", body.taskUUID) is None
