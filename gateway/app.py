@@ -37,7 +37,7 @@ from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.pool import UpstreamPool
 from gateway.quotas import DAY, BudgetFigures, BudgetLedger, TenantQuotas
-from gateway.replication import Replication
+from gateway.replication import Replication, links_key
 from gateway.rest import RestEndpoint
 from gateway.roaming import Roaming
 from gateway.store.base import Delivery
@@ -45,6 +45,7 @@ from gateway.store.connection import RedisConnection
 from gateway.store.limits import SharedLimits, shared_limits
 from gateway.store.memory import MemoryTaskStore
 from gateway.store.redis import RedisSharedTasks
+from gateway.store.shared import StoreUnavailable
 from gateway.takeover import Takeover
 from gateway.tasks import TaskRegistry
 from gateway.telemetry import Telemetry, from_env
@@ -375,6 +376,10 @@ class Gateway:
             await self.cluster.stop(hand_over=hand_over)
             if hand_over:
                 log.info("open tasks left to another replica", tasks=self.store.open_count)
+            elif self.redis is not None:  # its provider sessions are no one's to resume now
+                redis, key = self.redis, links_key(self.redis, self.replica)
+                with contextlib.suppress(StoreUnavailable):
+                    await redis.call(lambda: redis.client.delete(key))
         await self._close()
 
     async def _stop_fenced(self) -> None:

@@ -9,9 +9,11 @@ import uuid
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 import gateway.replication
 from gateway.provider.server import LocalProvider
+from gateway.replication import links_key
 from gateway.store.base import TaskRecord
 from gateway.store.shared import StoreUnavailable
 from tests.compiled import pure_python_only
@@ -64,3 +66,26 @@ async def test_a_takeover_that_fails_after_adopting_is_not_run_again_by_another(
             assert time.monotonic() < deadline, "B did not take d over"
             await asyncio.sleep(50 * MS)
         assert b.registry.lookup("alpha", body.taskUUID) is None
+
+
+async def test_a_replica_that_stops_cleanly_leaves_no_provider_sessions_behind(
+    provider: LocalProvider, redis_url: str
+) -> None:
+    """Its provider sessions are recorded for a takeover; a clean stop (nothing to hand over)
+    deletes them, as a takeover would (every start has a name of its own: they added up)."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with running(shared_config(provider, redis_url, prefix, "a")) as a:
+        client, key = a.redis.client, links_key(a.redis, a.replica)
+
+        async def recorded() -> bool:
+            return bool(await client.exists(key))
+
+        deadline = time.monotonic() + 5000 * MS
+        while not await recorded():
+            assert time.monotonic() < deadline, "the provider session was not recorded"
+            await asyncio.sleep(20 * MS)
+        admin = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await admin.exists(key) == 0
+    finally:
+        await admin.aclose()
