@@ -124,9 +124,11 @@ end
 return {granted, wait}
 """
 
-# KEYS[1]: replicas, KEYS[2]: own figures, KEYS[3]: today's spend. ARGV[1]: own name (escaped),
-# ARGV[2]: own figures, ARGV[3]: their TTL (ms), ARGV[4]: figures key prefix, ARGV[5]: spend TTL
-# (s), then (spend key, tenant, USD) triples to add. Returns {others' figures, today's spend}.
+# KEYS[1]: replicas, KEYS[2]: own figures, KEYS[3]: today's spend, KEYS[4]: the number of this
+# replica's last spend flush added. ARGV[1]: own name (escaped), ARGV[2]: own figures, ARGV[3]:
+# their TTL (ms), ARGV[4]: figures key prefix, ARGV[5]: spend TTL (s), ARGV[6]: this flush's
+# number (0: none), then (spend key, tenant, USD) triples to add, once: a flush sent again after
+# its answer was lost is not added twice. Returns {others' figures, today's spend}.
 _SYNC = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -144,9 +146,13 @@ for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     if figures then others[#others + 1] = figures end
   end
 end
-for i = 6, #ARGV, 3 do
-  redis.call('HINCRBYFLOAT', ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  redis.call('EXPIRE', ARGV[i], ARGV[5])
+local flush = tonumber(ARGV[6])
+if flush > 0 and flush > tonumber(redis.call('GET', KEYS[4]) or '0') then
+  for i = 7, #ARGV, 3 do
+    redis.call('HINCRBYFLOAT', ARGV[i], ARGV[i + 1], ARGV[i + 2])
+    redis.call('EXPIRE', ARGV[i], ARGV[5])
+  end
+  redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[5])
 end
 return {others, redis.call('HGETALL', KEYS[3])}
 """
@@ -187,6 +193,11 @@ class SharedLimits:
         self._spend_day = ""  # the UTC day of the totals last read
         self._spent: dict[str, float] = {}  # tenant -> USD, that day, all replicas, as last read
         self._pending: dict[str, dict[str, float]] = {}  # day -> tenant -> USD not flushed yet
+        # a flush sent whose answer did not come: sent again as it is, under its number (Redis
+        # adds a number once), before what was spent since goes in the next
+        self._unconfirmed: dict[str, dict[str, float]] = {}
+        self._flushes = 0  # the number of the last flush made
+        self._flushed_key = redis.key("spend", "flushed", key_part(name))
         self.on_push: list[Callable[[], None]] = []  # run before each refresh (spend feeds)
         self.on_refresh: list[Callable[[], None]] = []  # run after each successful refresh
         self.healthy = False  # the last refresh got through
@@ -224,13 +235,17 @@ class SharedLimits:
         this replica has not flushed yet."""
         day = utc_day(self._wall_clock())
         spent = self._spent.get(tenant, 0.0) if day == self._spend_day else 0.0
-        pending = self._pending.get(day)
-        return spent + pending.get(tenant, 0.0) if pending else spent
+        for amounts in (self._pending.get(day), self._unconfirmed.get(day)):
+            if amounts:
+                spent += amounts.get(tenant, 0.0)
+        return spent
 
     def spend_by_tenant(self) -> dict[str, float]:
         day = utc_day(self._wall_clock())
-        tenants = set(self._pending.get(day, ())) | (
-            set(self._spent) if day == self._spend_day else set()
+        tenants = (
+            set(self._pending.get(day, ()))
+            | set(self._unconfirmed.get(day, ()))
+            | (set(self._spent) if day == self._spend_day else set())
         )
         return {tenant: self.spent_today(tenant) for tenant in tenants}
 
@@ -243,26 +258,27 @@ class SharedLimits:
         for feed in self.on_push:
             feed()
         figures = {tenant: tuple(f) for tenant, f in self.local().items() if f != ZERO}
-        # a snapshot: what is added meanwhile stays pending, and the pending amounts keep
+        # a snapshot, numbered: what is added meanwhile stays pending, and the amounts keep
         # counting in spent_today until the total read back includes them
-        flushing = {day: dict(amounts) for day, amounts in self._pending.items()}
+        if not self._unconfirmed and self._pending:
+            self._unconfirmed, self._pending = self._pending, {}
+            self._flushes += 1
         args: list[Any] = [
             self._key_part(self.name),
             _ENCODE.encode(figures),
             max(1, round(self.ttl * 1000)),
             self._figures_prefix,
             SPEND_TTL,
+            self._flushes if self._unconfirmed else 0,
         ]
-        for day, amounts in flushing.items():
+        for day, amounts in self._unconfirmed.items():
             key = self.redis.key("spend", day)
             for tenant, amount in amounts.items():
                 args += [key, tenant, repr(amount)]
         today = utc_day(self._wall_clock())
-        keys = [self._replicas, self._own, self.redis.key("spend", today)]
-        # a reply lost after the script ran leaves its spend pending, to be added again: that
-        # errs toward refusing, never toward overspending
+        keys = [self._replicas, self._own, self.redis.key("spend", today), self._flushed_key]
         others, spent = await self.redis.call(lambda: self._sync(keys=keys, args=args))
-        self._flushed(flushing)
+        self._unconfirmed = {}
         self._others = _sum(others)
         self._spend_day = today
         self._spent = {_text(spent[i]): float(spent[i + 1]) for i in range(0, len(spent) - 1, 2)}
@@ -272,18 +288,6 @@ class SharedLimits:
                 hook()
             except Exception:  # one hook's failure neither stops the others nor the loop
                 log.exception("shared limits refresh hook failed")
-
-    def _flushed(self, flushing: dict[str, dict[str, float]]) -> None:
-        for day, amounts in flushing.items():
-            pending = self._pending[day]
-            for tenant, amount in amounts.items():
-                left = pending[tenant] - amount
-                if left > 0.0:
-                    pending[tenant] = left
-                else:
-                    del pending[tenant]
-            if not pending:
-                del self._pending[day]
 
     async def start(self) -> None:
         """A first refresh (a Redis that is away leaves the views empty), then the loop."""

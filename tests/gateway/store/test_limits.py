@@ -11,12 +11,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.admission import TenantLimits
 from gateway.store.connection import RedisConnection
 from gateway.store.limits import DAY, LocalFigures, SharedLimits, shared_limits
 from gateway.store.shared import StoreUnavailable
 from tests.gateway.conftest import Clock, until
+from tests.gateway.store.test_connection import BUSY
 from tests.redis_server import answers_ping, free_port, stop_redis
 from tests.timing import MS
 
@@ -132,6 +134,31 @@ async def test_a_stopping_replica_flushes_its_spend(make: Make) -> None:
     await a.stop()
     await b.refresh()
     assert b.spent_today("t") == pytest.approx(0.5)
+
+
+async def test_spend_whose_answer_came_late_is_added_once(make: Make, redis_url: str) -> None:
+    """Redis busy past the deadline while a flush of spend waits: the flush fails, yet Redis
+    ran it; sent again, it is not added a second time (the tenant would be refused early,
+    every replica's budget counting the spend twice until the day ends)."""
+    a = make("a", interval=10 * SECOND)
+    await a.refresh()  # connected, its script known to Redis: as on a replica that ran a while
+    a.add_spend("t", 1.0)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        stall = asyncio.ensure_future(admin.eval(BUSY, 0, round(4 * 200 * MS * 1e6)))
+        await asyncio.sleep(30 * MS)  # the busy script runs
+        with pytest.raises(StoreUnavailable):
+            await a.refresh()
+        await stall
+        a.add_spend("t", 0.25)  # spent meanwhile: the next flush's
+        await a.refresh()  # the lost one again (not added twice)
+        await a.refresh()  # then what was spent since
+    finally:
+        await admin.aclose()
+    assert a.spent_today("t") == pytest.approx(1.25)
+    b = make("b")
+    await b.refresh()
+    assert b.spent_today("t") == pytest.approx(1.25)
 
 
 # --------------------------------------------------------------------------- Redis away
