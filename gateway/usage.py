@@ -15,10 +15,12 @@ Where it is kept:
 - **In Redis** (``store.url``): a hash per UTC day (``<prefix>:usage:<YYYY-MM-DD>``, fields
   ``<tenant>:<key id>:s|i|t`` for spend, images, tasks), kept ``DAYS_KEPT`` days. Each replica
   adds what its tasks spent since its last flush, once per ``flush_interval`` (1 s): one
-  pipeline of HINCRBYFLOAT / HINCRBY through ``RedisConnection.call``, so the task path never
-  waits on Redis. A flush that fails keeps its figures for the next one (bounded as above), and
-  the gateway flushes once more as it stops. It survives restarts; a reading is Redis's figures
-  plus this replica's not yet flushed (another replica's last second may be missing).
+  script of HINCRBYFLOAT / HINCRBY through ``RedisConnection.call``, so the task path never
+  waits on Redis. A flush that fails is sent again as it is, under a number Redis adds once
+  (its answer may have been lost after it ran), before what was added since (each bounded as
+  above), and the gateway flushes once more as it stops. It survives restarts; a reading is
+  Redis's figures plus this replica's not yet flushed (another replica's last second may be
+  missing).
 
 ``GET /v1/usage?from=YYYY-MM-DD&to=YYYY-MM-DD`` (:class:`UsageEndpoint`): a tenant's own rows
 with one of its keys as ``Authorization: Bearer``, every tenant's with an admin key; both dates
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import datetime
 import secrets
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +116,14 @@ class Usage:
         self.max_pairs = max_pairs_per_day
         # in memory: the ledger itself; with Redis: what was not flushed yet
         self._days: Days = {}
+        # a flush sent whose answer did not come: sent again as it is, under its number (Redis
+        # adds a number once), before what was added since goes in the next
+        self._unconfirmed: Days = {}
+        self._flushes = 0  # the number of the last flush made
+        self._flush = redis.script(_FLUSH) if redis is not None else None
+        self._flushed_key = (
+            redis.key("usage", "flushed", uuid.uuid4().hex) if redis is not None else ""
+        )
         self._flusher: asyncio.Task[None] | None = None
         self._down = False
 
@@ -176,7 +187,7 @@ class Usage:
         figures: Days = {}
         if self.redis is not None:
             figures = await self._read(first, last, tenant)
-        for day, pairs in self._days.items():
+        for day, pairs in [*self._unconfirmed.items(), *self._days.items()]:
             if first <= day <= last:
                 for (name, key), entry in pairs.items():
                     if tenant is None or name == tenant:
@@ -233,6 +244,7 @@ class Usage:
             self._flusher = None
             with contextlib.suppress(StoreUnavailable):
                 await self.flush()
+                await self.flush()  # what waited behind a flush sent again
 
     async def _flush_forever(self) -> None:
         while True:
@@ -253,39 +265,45 @@ class Usage:
                     log.info("usage flushed again")
 
     async def flush(self) -> None:
-        """What this replica's tasks added since the last flush, to Redis in one pipeline;
-        kept for the next flush if Redis does not take it."""
-        redis = self.redis
-        if redis is None or not self._days:
+        """What this replica's tasks added since the last flush, to Redis in one script, under
+        a number it adds once: a flush whose answer was lost is sent again as it is, and
+        counted once whether or not Redis had run it."""
+        redis, script = self.redis, self._flush
+        if redis is None or script is None:
             return
-        taken, self._days = self._days, {}
-        ttl = self.days_kept * DAY
+        if not self._unconfirmed:
+            if not self._days:
+                return
+            self._unconfirmed, self._days = self._days, {}
+            self._flushes += 1
+        args: list[Any] = [self._flushes, self.days_kept * int(DAY)]
+        for day, pairs in self._unconfirmed.items():
+            key = self._key(day)
+            for (name, key_id), e in pairs.items():
+                field = f"{key_part(name)}:{key_id}:"
+                if e.spend:
+                    args += [key, field + "s", "f", repr(e.spend)]
+                args += [key, field + "i", "i", e.images, key, field + "t", "i", e.tasks]
+        keys = [self._flushed_key]
+        await redis.call(lambda: script(keys=keys, args=args))
+        self._unconfirmed = {}
 
-        async def write() -> None:
-            pipe = redis.client.pipeline(transaction=False)
-            for day, pairs in taken.items():
-                key = self._key(day)
-                for (name, key_id), e in pairs.items():
-                    field = f"{key_part(name)}:{key_id}:"
-                    if e.spend:
-                        pipe.hincrbyfloat(key, field + "s", e.spend)
-                    pipe.hincrby(key, field + "i", e.images)
-                    pipe.hincrby(key, field + "t", e.tasks)
-                pipe.expire(key, ttl)
-            await pipe.execute()
 
-        try:
-            await redis.call(write)
-        except BaseException:
-            # not written (or not known to be: a timeout after Redis applied it would count
-            # twice; a figure lost for ever is the worse error for a ledger): back for the next
-            for day, pairs in taken.items():
-                into = self._days.get(day)
-                if into is None:
-                    into = self._new_day(day)
-                for pair, entry in pairs.items():
-                    _merge(into, pair, entry)
-            raise
+# KEYS[1]: the number of this replica's last flush added; ARGV[1]: this flush's number,
+# ARGV[2]: the figures' TTL (s), then (key, field, 'f' or 'i', amount) to add
+_FLUSH = """
+if tonumber(ARGV[1]) <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
+for i = 3, #ARGV, 4 do
+  if ARGV[i + 2] == 'f' then
+    redis.call('HINCRBYFLOAT', ARGV[i], ARGV[i + 1], ARGV[i + 3])
+  else
+    redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 3])
+  end
+  redis.call('EXPIRE', ARGV[i], ARGV[2])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
 
 
 def _merge(into: dict[tuple[str, str], _Entry], pair: tuple[str, str], entry: _Entry) -> None:

@@ -305,6 +305,8 @@ class SharedLimits:
         self.local = dict
         try:
             await self.refresh()
+            if self._pending:  # what waited behind a flush sent again
+                await self.refresh()
         except StoreUnavailable:
             return  # the figures lapse after the TTL; unflushed spend is lost with the process
         client, name = self.redis.client, self._key_part(self.name)

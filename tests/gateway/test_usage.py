@@ -3,20 +3,26 @@ where it survives a restart; ``GET /v1/usage`` for a tenant's own figures or eve
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 import uuid
 from types import SimpleNamespace
 from typing import Any, cast
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.app import Gateway
 from gateway.config import StoreSettings, Tenant
 from gateway.provider.server import LocalProvider
 from gateway.store.base import TaskRecord
+from gateway.store.connection import RedisConnection
+from gateway.store.shared import StoreUnavailable
 from gateway.usage import DAY, OTHER_KEY, Usage, day_text, parse_day
 from tests.gateway.conftest import ALPHA, BETA, Clock, gateway_config, running, task, until
+from tests.gateway.store.test_connection import BUSY
 from tests.timing import MS
 
 ADMIN = "admin-key-for-the-usage-tests"
@@ -161,7 +167,7 @@ async def test_usage_in_redis_survives_a_gateway_restart(
         status, body = await usage(gateway, http, ALPHA)
         assert status == 200 and body["totals"]["alpha"]["images"] == 2
         spent = body["totals"]["alpha"]["spend"]
-        await until(lambda: not gateway.usage._days)  # flushed within a second
+        await until(lambda: not gateway.usage._days and not gateway.usage._unconfirmed)
     async with running(shared()) as again:
         status, body = await usage(again, http, ALPHA)
         assert status == 200
@@ -173,3 +179,26 @@ async def test_usage_in_redis_survives_a_gateway_restart(
     async with running(shared()) as third:  # the last figures were flushed as it stopped
         status, body = await usage(third, http, ADMIN)
         assert body["totals"]["alpha"]["tasks"] == 2
+
+
+async def test_a_flush_whose_answer_came_late_is_counted_once(redis_url: str) -> None:
+    """Redis busy past the deadline while a flush waits: the flush fails, yet Redis ran it;
+    sent again, it is not added a second time (the ledger counted the task twice)."""
+    redis = RedisConnection.from_url(redis_url, deadline=200 * MS, prefix=f"t-{uuid.uuid4().hex}")
+    ledger = Usage(wall_clock=time.time, redis=redis)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        ledger.add(record("alpha", "k", 0.5, 1))
+        await ledger.flush()  # connected, its script known to Redis
+        ledger.add(record("alpha", "k", 1.0, 1))
+        stall = asyncio.ensure_future(admin.eval(BUSY, 0, round(4 * 200 * MS * 1e6)))
+        await asyncio.sleep(30 * MS)  # the busy script runs
+        with pytest.raises(StoreUnavailable):
+            await ledger.flush()
+        await stall
+        await ledger.flush()
+        [row] = await ledger.rows(ledger.today(), ledger.today(), "alpha")
+        assert (row.tasks, row.images, row.spend) == (2, 2, 1.5)
+    finally:
+        await admin.aclose()
+        await redis.close()
