@@ -5,6 +5,7 @@ import contextlib
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -127,6 +128,36 @@ async def running(config: Any, **options: Any) -> AsyncIterator[Any]:
         yield instance
     finally:
         await instance.stop()
+
+
+def shared_config(
+    provider: LocalProvider,
+    url: str,
+    prefix: str,
+    replica: str,
+    *,
+    timeout: float = 300 * MS,
+    lease: float = 1000 * MS,
+) -> Any:
+    """A gateway's configuration as a replica named ``replica`` on the Redis store at ``url``."""
+    from gateway.config import StoreSettings
+
+    config = gateway_config(provider)
+    config.store = StoreSettings(
+        url=url, prefix=prefix, replica=replica, timeout=timeout, lease=lease
+    )
+    return config
+
+
+@pytest.fixture
+async def pair(provider: LocalProvider, redis_url: str) -> AsyncIterator[tuple[Any, Any]]:
+    """Two replicas sharing one Redis store (a prefix of their own) and one provider."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with (
+        running(shared_config(provider, redis_url, prefix, "a")) as a,
+        running(shared_config(provider, redis_url, prefix, "b")) as b,
+    ):
+        yield a, b
 
 
 @pytest.fixture

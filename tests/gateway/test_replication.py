@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 import gateway.replication
 from gateway.clients import MAX_CLAIMING_FRAMES
-from gateway.config import StoreSettings, Tenant
+from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
 from gateway.replication import CLAIM_BATCH, Replication
 from gateway.store.redis import RedisSharedTasks
@@ -28,31 +28,15 @@ from tests.gateway.conftest import (
     ALPHA,
     BETA,
     connect,
-    gateway_config,
     running,
     set_faults,
+    shared_config,
     task,
     until,
 )
 from tests.gateway.test_dispatch import image_task
 from tests.redis_server import free_port
 from tests.timing import MS
-
-
-def shared_config(
-    provider: LocalProvider,
-    url: str,
-    prefix: str,
-    replica: str,
-    *,
-    timeout: float = 300 * MS,
-    lease: float = 1000 * MS,
-) -> Any:
-    config = gateway_config(provider)
-    config.store = StoreSettings(
-        url=url, prefix=prefix, replica=replica, timeout=timeout, lease=lease
-    )
-    return config
 
 
 @pytest.fixture
@@ -77,16 +61,6 @@ async def held_writes(redis_url: str) -> AsyncIterator[None]:
     finally:
         await admin.client_unpause()
         await admin.aclose()
-
-
-@pytest.fixture
-async def pair(provider: LocalProvider, redis_url: str) -> AsyncIterator[tuple[Any, Any]]:
-    prefix = f"test-{uuid.uuid4().hex}"
-    async with (
-        running(shared_config(provider, redis_url, prefix, "a")) as a,
-        running(shared_config(provider, redis_url, prefix, "b")) as b,
-    ):
-        yield a, b
 
 
 async def accepted_once_given_back(client: Any, body: dict[str, Any]) -> None:

@@ -19,8 +19,7 @@ import gateway.roaming
 import gateway.store.pipe
 from gateway.provider.server import LocalProvider
 from tests.compiled import pure_python_only
-from tests.gateway.conftest import ALPHA, connect, running, until
-from tests.gateway.test_replication import shared_config
+from tests.gateway.conftest import ALPHA, connect, running, shared_config, until
 from tests.timing import MS
 
 DAY_MS = 86_400_000
@@ -30,16 +29,6 @@ DAY_MS = 86_400_000
 async def replica(provider: LocalProvider, redis_url: str) -> AsyncIterator[Any]:
     async with running(shared_config(provider, redis_url, f"test-{uuid.uuid4().hex}", "a")) as a:
         yield a
-
-
-@pytest.fixture
-async def pair(provider: LocalProvider, redis_url: str) -> AsyncIterator[tuple[Any, Any]]:
-    prefix = f"test-{uuid.uuid4().hex}"
-    async with (
-        running(shared_config(provider, redis_url, prefix, "a")) as a,
-        running(shared_config(provider, redis_url, prefix, "b")) as b,
-    ):
-        yield a, b
 
 
 async def entry(gateway: Any, session_uuid: str) -> tuple[dict[bytes, bytes], int]:
@@ -259,6 +248,22 @@ def probe(n: int) -> bytes:
     return json.dumps({"data": [{"taskType": "imageInference", "n": n}]}).encode()
 
 
+def a_result_right_after_adopting(
+    monkeypatch: pytest.MonkeyPatch, gateway: Any, result: Callable[[], None]
+) -> None:
+    """``gateway``'s next adoption of a session is followed at once by ``result`` (a task of
+    the session's there has one), before the replica that held it hands anything over."""
+    roaming = gateway.clients.roaming
+    adopt = roaming.adopt
+
+    async def adopt_then_a_result(*args: Any) -> bool:
+        adopted: bool = await adopt(*args)
+        result()
+        return adopted
+
+    monkeypatch.setattr(roaming, "adopt", adopt_then_a_result)
+
+
 async def test_a_replica_that_takes_a_session_holds_its_own_frames_behind_the_missed_ones(
     pair: tuple[Any, Any], http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,14 +277,9 @@ async def test_a_replica_that_takes_a_session_holds_its_own_frames_behind_the_mi
     await on_a.ws.close()
     await until(lambda: held.connection is None)
     held.push(probe(1))
-    roaming, adopt = b.clients.roaming, b.clients.roaming.adopt
-
-    async def adopt_then_a_result(*args: Any) -> bool:
-        adopted: bool = await adopt(*args)
-        b.clients.table.sessions[session].push(probe(2))
-        return adopted
-
-    monkeypatch.setattr(roaming, "adopt", adopt_then_a_result)
+    a_result_right_after_adopting(
+        monkeypatch, b, lambda: b.clients.table.sessions[session].push(probe(2))
+    )
     on_b = await connect(http, b.url)
     assert await on_b.auth(ALPHA, session) == session
     got = [(await on_b.recv())["data"][0]["n"] for _ in range(2)]
@@ -307,14 +307,7 @@ async def test_a_session_back_on_its_first_replica_gets_what_the_other_kept_firs
     await until(lambda: on_b_session.connection is None)
     on_a_session.push(probe(1))  # A's task: forwarded to B, which keeps it for the client
     await until(lambda: len(on_b_session.buffer) == 1)
-    roaming, adopt = a.clients.roaming, a.clients.roaming.adopt
-
-    async def adopt_then_a_result(*args: Any) -> bool:
-        adopted: bool = await adopt(*args)
-        on_a_session.push(probe(2))
-        return adopted
-
-    monkeypatch.setattr(roaming, "adopt", adopt_then_a_result)
+    a_result_right_after_adopting(monkeypatch, a, lambda: on_a_session.push(probe(2)))
     back = await connect(http, a.url)
     assert await back.auth(ALPHA, session) == session
     got = [(await back.recv())["data"][0]["n"] for _ in range(2)]

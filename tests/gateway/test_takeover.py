@@ -17,9 +17,8 @@ from gateway.replication import links_key
 from gateway.store.base import TaskRecord
 from gateway.store.shared import StoreUnavailable
 from tests.compiled import pure_python_only
-from tests.gateway.conftest import running, set_faults, until
+from tests.gateway.conftest import running, set_faults, shared_config, until
 from tests.gateway.test_dispatch import image_task
-from tests.gateway.test_replication import shared_config
 from tests.protocol.conftest import MODEL
 from tests.timing import MS
 
