@@ -107,6 +107,9 @@ class Replication:
         self._dirty: dict[str, TaskRecord] = {}  # by upstream UUID, in order of first change
         # open records whose static part Redis has: their next writes carry their state alone
         self._stored: set[str] = set()
+        # the data set they are stored in (store/pipe.py's Incarnation): in another one, their
+        # claims are gone or another task's, and each is written whole, which checks
+        self._generation = 0
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
         self._flushing: asyncio.Task[None] | None = None
         # frames waiting for their claims: their new records, who hears the answer, and their
@@ -475,6 +478,10 @@ class Replication:
                 batch, self._dirty = self._dirty, {}
                 after, self._after = self._after, []
                 stored = self._stored
+                generation = self.shared.connection.incarnation.generation
+                if generation != self._generation:
+                    self._generation = generation
+                    stored.clear()
                 writes = [
                     Write(r, u not in stored, r.finished is not None) for u, r in batch.items()
                 ]

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError, ResponseError
 
-from gateway.store.pipe import RedisPipe
+from gateway.store.pipe import Incarnation, RedisPipe
 from gateway.store.shared import StoreUnavailable
 
 __all__ = ["RedisConnection", "key_part"]
@@ -42,10 +42,12 @@ def key_part(text: str) -> str:
 class RedisConnection:
     def __init__(self, client: aioredis.Redis, url: str, *, deadline: float, prefix: str) -> None:
         self.client = client
+        # which data set Redis holds: the claims this replica made in an earlier one are gone
+        self.incarnation = Incarnation(f"{prefix}:incarnation".encode())
         # the task store's batches (store/pipe.py): its claims on a connection of their own,
         # so that a new task never waits behind a long flush of records
-        self.claims = RedisPipe(url, deadline=deadline)
-        self.writes = RedisPipe(url, deadline=deadline)
+        self.claims = RedisPipe(url, deadline=deadline, incarnation=self.incarnation)
+        self.writes = RedisPipe(url, deadline=deadline, incarnation=self.incarnation)
         self.deadline = deadline
         self.prefix = prefix
 
@@ -78,12 +80,13 @@ class RedisConnection:
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             raise self._unavailable(exc) from exc
 
-    async def batch(self, pipe: RedisPipe, data: bytes, replies: int) -> list[Any]:
+    async def batch(self, pipe: RedisPipe, data: bytes, replies: int, built: int = -1) -> list[Any]:
         """``data`` (packed commands) on one of the pipelined connections, and its ``replies``,
-        within the deadline the pipe keeps itself; an error reply raises once every reply is
-        read (the connection stays in step)."""
+        within the deadline the pipe keeps itself (and for the data set it was ``built`` for:
+        RedisPipe.exchange); an error reply raises once every reply is read (the connection
+        stays in step)."""
         try:
-            answers = await pipe.exchange(data, replies)
+            answers = await pipe.exchange(data, replies, built)
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
         for answer in answers:

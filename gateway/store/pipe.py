@@ -15,6 +15,12 @@ connection that drops fails the batches waiting on it (``ConnectionError``); whe
 them is not known, which the store's callers allow for (a claim reads as its own when it
 carries its record's tag).
 
+Every connect reads which data set Redis holds (its ``Incarnation``: a key that a restart
+without persistence, or a flush, takes away, and the first connect after sets anew). A batch
+built for one data set (``built``: the store's writes of records' states alone, which assume
+their claims are there) is not written once another is seen: it fails unwritten, and the store
+builds the next one for the new data set.
+
 Connects with the URL's address, TLS (``rediss://``), credentials and database, each step
 within the deadline. What redis-py's client does beyond that (RESP3, client-side caching,
 Sentinel) is not used by the store's batches.
@@ -23,6 +29,7 @@ Sentinel) is not used by the store's batches.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from typing import Any, cast
@@ -31,13 +38,43 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
-__all__ = ["RedisPipe", "command"]
+__all__ = ["Incarnation", "RedisPipe", "command"]
 
 
 def command(*args: bytes) -> bytes:
     """One command in Redis's own protocol (RESP), packed by hand: a batch is hundreds of
     arguments, which redis-py's asyncio client would pack one by one in Python."""
     return b"*%d\r\n%b" % (len(args), b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args))
+
+
+class Incarnation:
+    """Which data set a Redis holds, as the store's connections last saw it: the value of
+    ``key``, which whoever finds it missing sets to a random one (``probe``). ``generation``
+    counts the changes seen: a claim made before a change may be gone, or another task's by
+    now (a taskUUID claimed again in the new data set)."""
+
+    __slots__ = ("generation", "key", "value")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.value: bytes | None = None
+        self.generation = 0
+
+    def probe(self) -> bytes:
+        """Two commands (two replies, the second the value): set it if missing, then read it."""
+        fresh = os.urandom(12).hex().encode()
+        return command(b"SET", self.key, fresh, b"NX") + command(b"GET", self.key)
+
+    def seen(self, value: bytes | None) -> bool:
+        """Whether ``value`` (a probe's second reply) is another data set than the one seen
+        before (the first one seen is no change)."""
+        if value is None or value == self.value:
+            return False
+        changed = self.value is not None
+        self.value = value
+        if changed:
+            self.generation += 1
+        return changed
 
 
 class _Replies(asyncio.Protocol):
@@ -82,18 +119,22 @@ class _Replies(asyncio.Protocol):
 
 
 class RedisPipe:
-    def __init__(self, url: str, *, deadline: float) -> None:
+    def __init__(
+        self, url: str, *, deadline: float, incarnation: Incarnation | None = None
+    ) -> None:
         self._options: dict[str, Any] = dict(parse_url(url))
         self._deadline = deadline
+        self.incarnation = incarnation
         self._replies: _Replies | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
 
-    async def exchange(self, data: bytes, replies: int) -> list[Any]:
+    async def exchange(self, data: bytes, replies: int, built: int = -1) -> list[Any]:
         """Write ``data`` (packed commands) and return their ``replies`` replies, error replies
         as ``ResponseError`` in their place, within twice the deadline (a connect, then the
         batch) or ``TimeoutError``. A connection a Redis restart closed is replaced, and the
-        batch written on it once more (at most once); not once the pipe is closed."""
+        batch written on it once more (at most once); not once the pipe is closed, nor once
+        the incarnation's ``generation`` is past ``built`` (-1: any data set will do)."""
         if replies <= 0:
             raise ValueError("a batch waits for at least one reply")
         loop = asyncio.get_running_loop()
@@ -104,6 +145,8 @@ class RedisPipe:
             protocol = self._replies
             if protocol is None or protocol.lost:
                 protocol = await self._connect(min(until, loop.time() + self._deadline))
+            if built >= 0 and self.incarnation is not None and self.incarnation.generation > built:
+                raise ConnectionError("redis holds another data set now (restarted or flushed)")
             try:
                 return await self._write(protocol, data, replies, until)
             except ConnectionError:
@@ -159,7 +202,7 @@ class RedisPipe:
             return protocol
 
     async def _hello(self, protocol: _Replies, options: dict[str, Any], until: float) -> None:
-        """Credentials and database, as the URL gives them."""
+        """Credentials and database, as the URL gives them; then which data set Redis holds."""
         commands: list[list[bytes]] = []
         password = options.get("password")
         if password is not None:
@@ -169,13 +212,21 @@ class RedisPipe:
         db = int(options.get("db", 0) or 0)
         if db:
             commands.append([b"SELECT", b"%d" % db])
-        if not commands:
+        incarnation = self.incarnation
+        if not commands and incarnation is None:
             return
         data = b"".join(command(*c) for c in commands)
-        for answer in await self._write(protocol, data, len(commands), until):
+        wanted = len(commands)
+        if incarnation is not None:
+            data += incarnation.probe()
+            wanted += 2
+        answers = await self._write(protocol, data, wanted, until)
+        for answer in answers:
             if isinstance(answer, ResponseError):
                 protocol.close(ConnectionError("redis refused the connection's setup"))
                 raise AuthenticationError(str(answer))
+        if incarnation is not None:
+            incarnation.seen(answers[-1])
 
     async def close(self) -> None:
         """For good: the batches waiting fail, and no batch connects again."""

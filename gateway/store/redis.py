@@ -24,8 +24,15 @@ a taskUUID whose claim lapsed may have been claimed again by another task.
 Redis restarted empty (no persistence): finished tasks are gone for every replica but the one
 that ran them; an open task's next write finds its claim gone, and it is written whole again
 (claim, static part, state, open list), unless another task took its taskUUID meanwhile.
-Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a taskUUID
-that can be billed twice, a state evicted reads as a task just received.
+Each replica knows which data set Redis holds (``{prefix}:incarnation``: store/pipe.py's
+``Incarnation``, read at every connect and with every flush). Once it changes, every record
+claimed before is written whole (gateway.replication), which checks whose the claim is, and a
+flush built before is not sent: no write of a state alone assumes a claim of the data set that
+is gone. Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a
+taskUUID that can be billed twice, a state evicted reads as a task just received. Nor may keys
+be deleted one by one by hand: a claim deleted (the data set otherwise the same) and taken by
+another task would be counted as the first one's by its writes, and its expiry cut to the
+first one's retention.
 
 How a batch goes (a loop turn's claims, a flush's records): one round trip on the store's
 pipelined connection (store/pipe.py: its replies parsed in C as they arrive), its commands
@@ -36,17 +43,17 @@ pack one by one in Python), and one command per batch for the sets and the sorte
   (claim and record at once), then the list's expiry. Each claim is atomic, the batch is not:
   a replica that dies half way leaves members without their claim, which its takeover passes
   by; a claim lost takes its member back (a second round trip, for conflicts only);
-- a record's state alone (every write but the first after a claim this replica did not make):
-  a ``SET PX`` of its state, then one script (``CHECK``) for them all checks each claim is
-  there and still this record's (``GETRANGE`` of its tag; then ``PEXPIRE`` to the retention,
-  final), lists the finished in one ``ZADD`` and takes them off the open list in one
-  ``SREM``, and trims past ``max_retained`` (a state whose claim Redis lost is one nobody
-  reads, gone at its expiry);
+- a record's state alone (every write but the first after a claim this replica made in this
+  data set): a ``SET PX`` of its state, then its claim's ``PEXPIRE`` to the retention (final)
+  or ``EXISTS`` (open), whose 0 says Redis lost it (flushed under connections that stayed up):
+  written whole next. One script (``FINISHED``) lists the finished in one ``ZADD``, takes them
+  off the open list in one ``SREM``, and trims past ``max_retained``;
 - what must read before it writes is a script: a record written whole (``WRITE``), a final
   write with a retention of 0, a release, a load (the scripts: store/redis_scripts.py).
 
 A task so costs Redis three keyed commands (its claim; its state and its claim's expiry when
-it ends) and a share of a batch's few. Plain commands, not one script per batch: a command
+it ends) and a share of a batch's few. Checking each claim's tag in a script instead (whose it
+is, which the incarnation now answers) cost Redis about 1 us a task more. Plain commands, not one script per batch: a command
 inside a script, and every byte through Lua, costs Redis more than a command it parses (in a
 side-by-side microbenchmark of claims and final writes, Redis 5.9 us a task against 8.5 with
 one script per batch), at the cost of a reply for the gateway to read per command. Scripts touch
@@ -71,7 +78,7 @@ from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
 from gateway.store.parts import StatePart, StaticPart
 from gateway.store.pipe import RedisPipe, command
-from gateway.store.redis_scripts import CHECK, LOAD, RELEASE, TAKE_OPEN, WRITE
+from gateway.store.redis_scripts import FINISHED, LOAD, RELEASE, TAKE_OPEN, WRITE
 from gateway.store.shared import StoreUnavailable
 from gateway.store.states import TaskState
 
@@ -83,7 +90,7 @@ DAY = 86_400.0
 # not in one round trip that never can
 BATCH = 2_000
 
-_CHECK_SOURCE, _WRITE_SOURCE = CHECK.encode(), WRITE.encode()
+_FINISHED_SOURCE, _WRITE_SOURCE = FINISHED.encode(), WRITE.encode()
 
 
 # RESP by hand, as ``command`` (store/pipe.py) packs a whole command: a member or a value
@@ -363,10 +370,12 @@ class RedisSharedTasks:
         written whole.
 
         A record's state alone (every write of the gateway's but the first after a claim it
-        did not make) is a plain ``SET`` of its state, pipelined; then one script (``CHECK``)
-        checks their claims, keeps the finished ones for their retention and lists them as
-        finished. The others go through a script of their own (``WRITE``): it reads before it
-        writes."""
+        made in this data set: ``generation``) is plain commands, pipelined: a ``SET`` of its
+        state, then its claim's ``PEXPIRE`` to the retention (final) or ``EXISTS`` (open), whose
+        0 says Redis lost it; one script (``FINISHED``) lists the finished in the finished set
+        and takes them off the open list. The others go through a script of their own
+        (``WRITE``): it reads before it writes. Each batch starts with the data set's probe: a
+        flush seen there counts as a new ``generation`` too."""
         if not writes:
             return []
         if len(writes) > BATCH:  # a flush after an outage: in pieces, each in time
@@ -378,19 +387,20 @@ class RedisSharedTasks:
         retention_ms = max(0, round(retention * 1000))
         static, state, states = self._parts.static, self._parts.state, self._states
         expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
-        commands: list[bytes] = []  # the states' SETs
-        members: list[bytes] = []  # of their records
+        incarnation = self._redis.incarnation
+        built = incarnation.generation  # the data set the callers' ``whole`` were decided in
+        commands: list[bytes] = [incarnation.probe()]  # then each record's SET and check
         checked: list[str] = []  # their upstream UUIDs
-        kinds = bytearray()
+        ended: list[bytes] = []  # the members of the final ones
         whole: list[bytes] = []  # the items of the records for WRITE
         whole_kinds = bytearray()
         for write in writes:
             record = write.record
             upstream = record.upstream_uuid
-            member = _bulk(_tag(upstream) + self._claim_key(record.tenant, record.task.taskUUID))
+            key = self._claim_key(record.tenant, record.task.taskUUID)
             data = state(record)
             if write.whole or (write.final and not retention_ms):
-                whole += (member, _bulk(data))
+                whole += (_bulk(_tag(upstream) + key), _bulk(data))
                 if write.whole:
                     whole.append(_bulk(static(record)))
                     whole_kinds.append(70 if write.final else 79)  # F, O
@@ -398,31 +408,38 @@ class RedisSharedTasks:
                     whole_kinds.append(102)  # f
                 continue
             skey = (states + upstream).encode()
-            commands.append(
-                b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
-                % (len(skey), skey, len(data), data, expire if write.final else ttl)
-            )
-            members.append(member)
+            if write.final:
+                commands.append(
+                    b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
+                    b"*3\r\n$7\r\nPEXPIRE\r\n$%d\r\n%b\r\n%b"
+                    % (len(skey), skey, len(data), data, expire, len(key), key, expire)
+                )
+                ended.append(_bulk(_tag(upstream) + key))
+            else:
+                commands.append(
+                    b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
+                    b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%b\r\n"
+                    % (len(skey), skey, len(data), data, ttl, len(key), key)
+                )
             checked.append(upstream)
-            kinds.append(102 if write.final else 111)  # f, o
         index = self.open_key(replica).encode() if replica is not None else b""
         finished, cap = self._finished_key.encode(), b"%d" % self._max_retained
-        replies = len(commands)
-        if members:  # after the SETs: its trim deletes the states of the records it pops
-            fixed = [_CHECK_SOURCE, b"1", finished, b"%d" % retention_ms, cap, index,
-                     states.encode(), bytes(kinds)]  # fmt: skip
-            commands += _variadic(b"EVAL", fixed, members)
+        replies = 2 + 2 * len(checked)
+        if ended:  # after the SETs: its trim deletes the states of the records it pops
+            fixed = [_FINISHED_SOURCE, b"1", finished, b"%d" % retention_ms, cap, index,
+                     states.encode()]  # fmt: skip
+            commands += _variadic(b"EVAL", fixed, ended)
             replies += 1
         if whole:
             fixed = [_WRITE_SOURCE, b"1", finished, b"%d" % retention_ms, cap, self._ttl_ms,
                      index, states.encode(), bytes(whole_kinds)]  # fmt: skip
             commands += _variadic(b"EVAL", fixed, whole)
             replies += 1
-        answers = await self._exchange(self._redis.writes, commands, replies)
-        if not members:
-            return []
-        found = _bytes(answers[len(checked)])  # b'1' where the claim is there
-        return [upstream for upstream, ok in zip(checked, found, strict=True) if ok != 49]
+        data = b"".join(commands)
+        answers = await self._redis.batch(self._redis.writes, data, replies, built)
+        incarnation.seen(answers[1])
+        # each record's check (1: its claim is there) follows its SET's reply
+        return [upstream for i, upstream in enumerate(checked) if answers[3 + 2 * i] != 1]
 
     async def _exchange(self, pipe: RedisPipe, commands: list[bytes], replies: int) -> list[Any]:
         """``commands`` (packed) in one write on one of the store's pipelined connections

@@ -4,7 +4,7 @@ handed or computes from a prefix it is handed."""
 
 from __future__ import annotations
 
-__all__ = ["CHECK", "LOAD", "RELEASE", "TAKE_OPEN", "TRIM", "WRITE"]
+__all__ = ["FINISHED", "LOAD", "RELEASE", "TAKE_OPEN", "TRIM", "WRITE"]
 
 # Scripts hand a command at most 4,000 values of a table (SADD, SREM, ZADD, DEL): Lua's
 # ``unpack`` fails past its C stack (8,000 values in Redis's Lua 5.1).
@@ -79,57 +79,36 @@ if over > 0 then
 end
 """
 
-# The records of a flush written by their state alone (their SETs just before it): each one's
-# claim must be there and still carry its tag (PEXPIRE to the retention, final), else Redis
-# lost it (restarted empty) and it is to be written whole again. Those finished go off the open list
-# and into the finished set. KEYS[1]: the finished set; ARGV: retention (ms), max_retained, the
-# replica's open list ('' for none), the state keys' prefix, the records' kinds (a string, one
-# letter each: o open, f final), then their members. A string: '1' for each claim there, '0'
-# for one Redis lost.
-CHECK = (
+# The records of a flush finished by their state alone (their SETs and their claims' PEXPIRE
+# just before it): off the open list, into the finished set. KEYS[1]: the finished set; ARGV:
+# retention (ms), max_retained, the replica's open list ('' for none), the state keys' prefix,
+# then the records' members. A record whose claim Redis lost is listed all the same: it is
+# written whole next (which lists it again), or its claim is another task's and the trim
+# deletes its state alone.
+FINISHED = (
     """
 local finished, retention, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local index, prefix, kinds = ARGV[3], ARGV[4], ARGV[5]
+local index, prefix = ARGV[3], ARGV[4]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local stamp, found, ended, unlisted = string.format('%d', now), {}, {}, {}
-for i = 6, #ARGV do
-  local member = ARGV[i]
-  local size = string.byte(member)
-  local claim = string.sub(member, size + 2)
-  -- the claim must still be this record's: after Redis lost it, another task may hold the
-  -- taskUUID now, and its claim is neither this record's to expire nor a sign this one is there
-  local ours = redis.call('GETRANGE', claim, 0, size) == string.sub(member, 1, size + 1)
-  if string.byte(kinds, i - 5) == 102 then  -- f
-    unlisted[#unlisted + 1] = member
-    if ours and redis.call('PEXPIRE', claim, ARGV[1]) == 1 then
-      found[i - 5] = '1'
-      ended[#ended + 1] = stamp
-      ended[#ended + 1] = member
-    else
-      found[i - 5] = '0'
-    end
-  elseif ours then
-    found[i - 5] = '1'
-  else
-    found[i - 5] = '0'
-  end
+local stamp, ended = string.format('%d', now), {}
+for i = 5, #ARGV do
+  ended[#ended + 1] = stamp
+  ended[#ended + 1] = ARGV[i]
 end
 if index ~= '' then
-  for i = 1, #unlisted, 4000 do
-    redis.call('SREM', index, unpack(unlisted, i, math.min(i + 3999, #unlisted)))
+  for i = 5, #ARGV, 4000 do
+    redis.call('SREM', index, unpack(ARGV, i, math.min(i + 3999, #ARGV)))
   end
 end
-if #ended > 0 then
 """
     + TRIM
     + """
-end
-return table.concat(found)
+return 0
 """
 )
 
-# What a flush cannot write blind (``CHECK`` takes the rest): records written whole (not in
+# What a flush cannot write blind (``FINISHED`` lists the rest): records written whole (not in
 # Redis yet, or not known to be), and final records with a retention of 0, which are deleted.
 # KEYS[1]: the finished set; ARGV: retention (ms), max_retained, open ttl (ms), the replica's
 # open list ('' for none), the state keys' prefix, the records' kinds (a string, one letter

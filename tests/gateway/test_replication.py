@@ -21,6 +21,7 @@ from gateway.clients import MAX_CLAIMING_FRAMES
 from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
 from gateway.replication import CLAIM_BATCH, Replication
+from gateway.store.base import TaskRecord, TaskState
 from gateway.store.redis import RedisSharedTasks
 from gateway.store.shared import StoreUnavailable
 from tests.compiled import pure_python_only
@@ -530,6 +531,49 @@ async def test_claims_of_a_batch_whose_answer_was_lost_are_given_back(redis_url:
         assert await store.claim("t", sent.taskUUID, "the-retry")  # given back
     finally:
         await store.close()
+
+
+async def test_records_claimed_before_redis_restarted_are_written_whole_after_it(
+    redis_url: str,
+) -> None:
+    """Redis restarted empty and B took one of A's taskUUIDs meanwhile. A's flush built before
+    it is not sent to the new data set, and the next writes each record A had claimed whole
+    (which checks whose claim it is), not its state alone: B's open claim keeps its expiry
+    (its state alone would have cut it to A's retention), and A's other record comes back."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    store = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
+    b = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
+    replication = replication_over(store)
+
+    async def flushed(*records: Any) -> None:
+        for r in records:
+            replication.changed(r)
+        await until(lambda: not replication.pending and replication._flushing is None)
+
+    try:
+        heard: list[Any] = []
+        sent = [image_task("async"), image_task("async")]
+        replication.claim_then("t", sent, heard.append, session=None, created=0.0)
+        await until(lambda: bool(heard))
+        mine, kept = heard[0].won.values()
+        mine.state = kept.state = TaskState.PARTIAL
+        await flushed(mine, kept)  # their states alone, in the data set they were claimed in
+        client = store.connection.client
+        await client.flushdb()
+        await client.client_kill_filter(_type="normal", skipme=True)  # a restart drops them all
+        theirs = TaskRecord(tenant="t", task=image_task("async"), upstream_uuid="b-1", created=1.0)
+        theirs.task.taskUUID = mine.task.taskUUID
+        assert await b.create_batch([theirs], "b") == [True]
+        for r in (mine, kept):
+            r.state, r.finished = TaskState.DONE, 2.0
+        await flushed(mine, kept)
+        assert store.connection.incarnation.generation == 1
+        assert await client.pttl(store.claim_key("t", mine.task_uuid)) > 60_000  # B's, a day
+        assert await store.load("t", mine.task_uuid) == theirs
+        assert await store.load("t", kept.task_uuid) == kept
+    finally:
+        await store.close()
+        await b.close()
 
 
 async def test_a_rated_tenants_slow_take_holds_up_no_other_tenant(

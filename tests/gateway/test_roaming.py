@@ -85,10 +85,10 @@ async def test_a_burst_of_sessions_goes_in_one_round_trip_in_order(replica: Any)
     exchanges = 0
     exchange = writes.exchange
 
-    async def counted(data: bytes, replies: int) -> list[Any]:
+    async def counted(data: bytes, replies: int, built: int = -1) -> list[Any]:
         nonlocal exchanges
         exchanges += 1
-        answers: list[Any] = await exchange(data, replies)
+        answers: list[Any] = await exchange(data, replies, built)
         return answers
 
     writes.exchange = counted
@@ -130,7 +130,7 @@ async def test_redis_away_leaves_the_directory_behind_and_nothing_else(
     elsewhere); the socket is served all the same."""
     roaming, writes = replica.clients.roaming, replica.redis.writes
 
-    async def away(data: bytes, replies: int) -> list[Any]:
+    async def away(data: bytes, replies: int, built: int = -1) -> list[Any]:
         raise ConnectionError("redis: gone")
 
     writes.exchange = away

@@ -104,11 +104,13 @@ async def test_writes_after_redis_lost_the_claims_say_so_and_the_whole_write_res
 ) -> None:
     running, ending = record("studio"), record("studio")
     assert await store.create_batch([running, ending], "a") == [True, True]
-    await store.connection.client.flushdb()  # a restart without persistence
+    assert await store.write([Write(running, False, False)], retention=60, replica="a") == []
+    await store.connection.client.flushdb()  # flushed under connections that stay up
     running.state = TaskState.PARTIAL
     writes = [Write(running, False, False), Write(done(ending), False, True)]
     missing = await store.write(writes, retention=60, replica="a")
     assert sorted(missing) == sorted([running.upstream_uuid, ending.upstream_uuid])
+    assert store.connection.incarnation.generation == 1  # the batch's probe saw the flush
     assert await store.load(running.tenant, running.task_uuid) is None
     # written whole (gateway.replication does it at its next flush): claims and records back
     writes = [Write(running, True, False), Write(ending, True, True)]
@@ -124,6 +126,7 @@ async def test_a_whole_write_never_takes_a_claim_another_task_holds(
 ) -> None:
     mine = record("studio")
     assert await store.create_batch([mine], "a") == [True]
+    assert await store.write([Write(mine, False, False)], retention=60, replica="a") == []
     await store.connection.client.flushdb()
     theirs = record("studio", mine.task_uuid)  # the same taskUUID, claimed meanwhile
     assert await store.create_batch([theirs], "b") == [True]
@@ -139,25 +142,40 @@ async def test_a_whole_write_never_takes_a_claim_another_task_holds(
     assert await store.load(mine.tenant, mine.task_uuid) == theirs
 
 
-async def test_a_write_of_state_alone_neither_shortens_nor_counts_another_tasks_claim(
-    store: RedisSharedTasks,
+@pytest.mark.parametrize("final", [False, True])
+async def test_after_a_restart_a_write_built_before_is_not_sent_to_the_new_data_set(
+    store: RedisSharedTasks, redis_url: str, final: bool
 ) -> None:
-    """Redis lost A's claim and B took the taskUUID: A's state-alone writes see the claim is not
-    theirs (Redis lost theirs: written whole, which then writes nowhere) and leave B's expiry
-    alone; a final write of A must not cut B's open claim down to A's retention."""
+    """Redis restarted empty and B took A's taskUUID meanwhile. A's write of its state alone
+    was built for a claim that is gone: sent, its ``EXISTS`` would count B's claim as A's, and
+    its ``PEXPIRE`` would cut B's open claim down to A's retention. The connect that finds the
+    new data set fails it unwritten and says every claim made before is gone (``generation``:
+    gateway.replication then writes each record whole, which checks): A's record goes nowhere,
+    B's claim keeps its expiry."""
     mine = record("studio")
     assert await store.create_batch([mine], "a") == [True]
+    assert await store.write([Write(mine, False, False)], retention=5, replica="a") == []
     client = store.connection.client
-    await client.delete(store.claim_key(mine.tenant, mine.task_uuid))  # as a restart lost it
-    theirs = record("studio", mine.task_uuid)
-    assert await store.create_batch([theirs], "b") == [True]
-    claim = store.claim_key(theirs.tenant, theirs.task_uuid)
-    before = await client.pttl(claim)
-    for final in (False, True):
+    await client.flushdb()
+    await client.client_kill_filter(_type="normal", skipme=True)  # a restart drops them all
+    b = RedisSharedTasks.from_url(
+        redis_url, max_retained=1000, deadline=2000 * MS, prefix=store.connection.prefix
+    )
+    try:
+        theirs = record("studio", mine.task_uuid)
+        assert await b.create_batch([theirs], "b") == [True]
+        claim = store.claim_key(theirs.tenant, theirs.task_uuid)
+        before = await client.pttl(claim)
         write = Write(done(mine) if final else mine, False, final)
-        assert await store.write([write], retention=5, replica="a") == [mine.upstream_uuid]
-    assert await client.pttl(claim) > before - 5000  # not 5 s: still the open claim's expiry
-    assert await store.load(theirs.tenant, theirs.task_uuid) == theirs
+        with pytest.raises(StoreUnavailable, match="another data set"):
+            await store.write([write], retention=5, replica="a")
+        assert store.connection.incarnation.generation == 1
+        assert await store.write([Write(write.record, True, final)], retention=5) == []
+        assert await client.pttl(claim) > before - 5000  # not 5 s: still the open claim's
+        assert await store.load(theirs.tenant, theirs.task_uuid) == theirs
+        assert await store.open_records("a") == []
+    finally:
+        await b.close()
 
 
 async def test_a_batch_sent_again_after_a_dropped_reply_wins_its_own_claims(
