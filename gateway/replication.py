@@ -264,6 +264,7 @@ class Replication:
                 await asyncio.sleep(0)  # the frames read in this loop turn join
                 batch = self._next_batch()
                 records = [record for wanted, _, _ in batch for record in wanted]
+                generation = self.shared.connection.incarnation.generation
                 try:
                     won = await self.shared.create_batch(records, self.replica)
                     if len(won) != len(records):
@@ -277,9 +278,12 @@ class Replication:
                     self._give_back(records)
                     batch = []
                     continue
-                for record, ok in zip(records, won, strict=True):
-                    if ok:  # written whole: its next writes carry its state alone
-                        self._stored.add(record.upstream_uuid)
+                # written whole: its next writes carry its state alone, unless Redis holds
+                # another data set since (the claim may be of the one before)
+                if self.shared.connection.incarnation.generation == generation:
+                    for record, ok in zip(records, won, strict=True):
+                        if ok:
+                            self._stored.add(record.upstream_uuid)
                 self._answer_all(batch, won)
                 batch = []
         except asyncio.CancelledError:  # the gateway stops: no frame is left waiting

@@ -27,14 +27,17 @@ def answers_ping(port: int) -> bool:
     return harness.answers_ping(port, 100 * MS)
 
 
-def start_redis(binary: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Started and answering PING, or pytest fails saying why (three ports tried)."""
+def start_redis(
+    binary: str, *extra: str, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Started and answering PING, or pytest fails saying why (three ports tried, or the one
+    given: a restart). ``extra``: more options (a ``--dir`` to keep a snapshot in)."""
     for _ in range(3):  # a free port can be taken between the probe and the bind
-        port = free_port()
+        port = port or free_port()
         # fmt: off
         server = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         # fmt: on

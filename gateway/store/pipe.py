@@ -48,15 +48,18 @@ def command(*args: bytes) -> bytes:
 
 
 class Incarnation:
-    """Which data set a Redis holds, as the store's connections last saw it: the value of
-    ``key``, which whoever finds it missing sets to a random one (``probe``). ``generation``
-    counts the changes seen: a claim made before a change may be gone, or another task's by
-    now (a taskUUID claimed again in the new data set)."""
+    """Which data set a Redis holds, as the store's connections last saw it: the server's
+    ``run_id`` (every restart makes a new one: a data set reloaded from a snapshot or an
+    append-only file may lack its last writes), and the value of ``key``, which a flush takes
+    away and whoever finds it missing sets to a random one (``probe``). ``generation`` counts
+    the changes seen: a claim made before a change may be gone, or another task's by now (a
+    taskUUID claimed again in the new data set)."""
 
-    __slots__ = ("generation", "key", "value")
+    __slots__ = ("generation", "key", "server", "value")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
+        self.server: bytes | None = None
         self.value: bytes | None = None
         self.generation = 0
 
@@ -65,16 +68,28 @@ class Incarnation:
         fresh = os.urandom(12).hex().encode()
         return command(b"SET", self.key, fresh, b"NX") + command(b"GET", self.key)
 
-    def seen(self, value: bytes | None) -> bool:
-        """Whether ``value`` (a probe's second reply) is another data set than the one seen
-        before (the first one seen is no change)."""
-        if value is None or value == self.value:
-            return False
-        changed = self.value is not None
-        self.value = value
+    def seen(self, value: Any, server: bytes | None = None) -> bool:
+        """Whether ``value`` (a probe's second reply) or ``server`` (a connect's ``run_id``) is
+        another data set than the one seen before (the first one seen is no change)."""
+        changed = False
+        if server is not None and server != self.server:
+            changed = self.server is not None
+            self.server = server
+        if isinstance(value, bytes) and value != self.value:
+            changed = changed or self.value is not None
+            self.value = value
         if changed:
             self.generation += 1
         return changed
+
+
+def _run_id(info: Any) -> bytes | None:
+    """The ``run_id`` of an ``INFO server`` reply."""
+    if isinstance(info, bytes):
+        for line in info.splitlines():
+            if line.startswith(b"run_id:"):
+                return line[7:]
+    return None
 
 
 class _Replies(asyncio.Protocol):
@@ -218,15 +233,15 @@ class RedisPipe:
         data = b"".join(command(*c) for c in commands)
         wanted = len(commands)
         if incarnation is not None:
-            data += incarnation.probe()
-            wanted += 2
+            data += command(b"INFO", b"server") + incarnation.probe()
+            wanted += 3
         answers = await self._write(protocol, data, wanted, until)
-        for answer in answers:
+        for answer in answers[: len(commands)]:
             if isinstance(answer, ResponseError):
                 protocol.close(ConnectionError("redis refused the connection's setup"))
                 raise AuthenticationError(str(answer))
-        if incarnation is not None:
-            incarnation.seen(answers[-1])
+        if incarnation is not None:  # a probe refused (out of memory) tells nothing: not kept
+            incarnation.seen(answers[-1], _run_id(answers[-3]))
 
     async def close(self) -> None:
         """For good: the batches waiting fail, and no batch connects again."""

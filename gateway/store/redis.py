@@ -29,10 +29,12 @@ Each replica knows which data set Redis holds (``{prefix}:incarnation``: store/p
 claimed before is written whole (gateway.replication), which checks whose the claim is, and a
 flush built before is not sent: no write of a state alone assumes a claim of the data set that
 is gone. Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a
-taskUUID that can be billed twice, a state evicted reads as a task just received. Nor may keys
-be deleted one by one by hand: a claim deleted (the data set otherwise the same) and taken by
-another task would be counted as the first one's by its writes, and its expiry cut to the
-first one's retention.
+taskUUID that can be billed twice, a state evicted reads as a task just received. A flush
+under replicas that run (``FLUSHALL``, or claims deleted by hand) is seen by the next write
+batch's probe, after that batch ran: a taskUUID claimed again by another task in that moment
+may be counted as the first task's by that batch, and have its claim's expiry set to the first
+task's retention. That is harmless while ``tasks.retention`` is at least ``tasks.timeout`` (the
+defaults: an hour, ten minutes), as the second task ends and sets its own expiry before then.
 
 How a batch goes (a loop turn's claims, a flush's records): one round trip on the store's
 pipelined connection (store/pipe.py: its replies parsed in C as they arrive), its commands
@@ -52,15 +54,15 @@ pack one by one in Python), and one command per batch for the sets and the sorte
   write with a retention of 0, a release, a load (the scripts: store/redis_scripts.py).
 
 A task so costs Redis three keyed commands (its claim; its state and its claim's expiry when
-it ends) and a share of a batch's few. Checking each claim's tag in a script instead (whose it
-is, which the incarnation now answers) cost Redis about 1 us a task more. Plain commands, not one script per batch: a command
-inside a script, and every byte through Lua, costs Redis more than a command it parses (in a
-side-by-side microbenchmark of claims and final writes, Redis 5.9 us a task against 8.5 with
-one script per batch), at the cost of a reply for the gateway to read per command. Scripts touch
-keys they compute, so this is for a single Redis or a primary with replicas, not Redis
-Cluster. Redis 5 or later (scripts read ``TIME``). Keys of the previous layout
-(``{prefix}:rec:*``, claims holding an upstream UUID alone) are not read: replicas of both
-versions must not share a prefix.
+it ends) and a share of a batch's few. Checking each claim's tag in a script instead (whose
+claim it is, which the incarnation answers now) cost Redis about 1 us a task more. Plain
+commands, not one script per batch: a command inside a script, and every byte through Lua,
+costs Redis more than a command it parses (in a side-by-side microbenchmark of claims and final
+writes, Redis 5.9 us a task against 8.5 with one script per batch), at the cost of a reply for
+the gateway to read per command. Scripts touch keys they compute, so this is for a single Redis
+or a primary with replicas, not Redis Cluster. Redis 5 or later (scripts read ``TIME``). Keys
+of the previous layout (``{prefix}:rec:*``, claims holding an upstream UUID alone) are not
+read: replicas of both versions must not share a prefix.
 
 Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
 or fails raises ``StoreUnavailable``.
@@ -376,19 +378,20 @@ class RedisSharedTasks:
         and takes them off the open list. The others go through a script of their own
         (``WRITE``): it reads before it writes. Each batch starts with the data set's probe: a
         flush seen there counts as a new ``generation`` too."""
-        if not writes:
-            return []
-        if len(writes) > BATCH:  # a flush after an outage: in pieces, each in time
-            missing: list[str] = []
-            for start in range(0, len(writes), BATCH):
-                part = writes[start : start + BATCH]
-                missing += await self.write(part, retention=retention, replica=replica)
-            return missing
+        built = self._redis.incarnation.generation  # the data set the writes were decided in
+        missing: list[str] = []
+        for start in range(0, len(writes), BATCH):  # after an outage: in pieces, each in time
+            part = writes[start : start + BATCH]
+            missing += await self._write(part, retention, replica, built)
+        return missing
+
+    async def _write(
+        self, writes: Sequence[Write], retention: float, replica: str | None, built: int
+    ) -> list[str]:
         retention_ms = max(0, round(retention * 1000))
         static, state, states = self._parts.static, self._parts.state, self._states
         expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
         incarnation = self._redis.incarnation
-        built = incarnation.generation  # the data set the callers' ``whole`` were decided in
         commands: list[bytes] = [incarnation.probe()]  # then each record's SET and check
         checked: list[str] = []  # their upstream UUIDs
         ended: list[bytes] = []  # the members of the final ones
@@ -437,7 +440,8 @@ class RedisSharedTasks:
             replies += 1
         data = b"".join(commands)
         answers = await self._redis.batch(self._redis.writes, data, replies, built)
-        incarnation.seen(answers[1])
+        if incarnation.generation == built:  # else it may tell of the data set before
+            incarnation.seen(answers[1])
         # each record's check (1: its claim is there) follows its SET's reply
         return [upstream for i, upstream in enumerate(checked) if answers[3 + 2 * i] != 1]
 

@@ -9,6 +9,7 @@ import copy
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
 from gateway.replication import CLAIM_BATCH, Replication
 from gateway.store.base import TaskRecord, TaskState
+from gateway.store.pipe import Incarnation
 from gateway.store.redis import RedisSharedTasks
 from gateway.store.shared import StoreUnavailable
 from tests.compiled import pure_python_only
@@ -82,6 +84,7 @@ class AllWon:
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.connection = SimpleNamespace(incarnation=Incarnation(b"incarnation"))
 
     async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
         self.sizes.append(len(records))
@@ -511,6 +514,7 @@ async def test_claims_of_a_batch_whose_answer_was_lost_are_given_back(redis_url:
 
     class AnswerLost:
         deadline = store.deadline
+        connection = store.connection
 
         async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
             await store.create_batch(records, replica)
@@ -571,6 +575,65 @@ async def test_records_claimed_before_redis_restarted_are_written_whole_after_it
         assert await client.pttl(store.claim_key("t", mine.task_uuid)) > 60_000  # B's, a day
         assert await store.load("t", mine.task_uuid) == theirs
         assert await store.load("t", kept.task_uuid) == kept
+    finally:
+        await store.close()
+        await b.close()
+
+
+@pure_python_only(gateway.store.pipe)
+async def test_claims_answered_across_a_restart_are_written_whole(redis_url: str) -> None:
+    """A claim batch with a conflict takes a second round trip; Redis restarts before it, and a
+    flush runs meanwhile. The claims the batch won were of the data set before: they are not
+    taken as stored, and the task's next write goes whole (B, which took its taskUUID since,
+    keeps its open claim's expiry)."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    store = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
+    b = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
+    replication = replication_over(store)
+    client, pipe = store.connection.client, store.connection.claims
+    exchange = pipe.exchange
+
+    def held_by_b(task_uuid: str, upstream_uuid: str) -> TaskRecord:
+        held = TaskRecord(tenant="t", task=image_task("async"), upstream_uuid=upstream_uuid,
+                          created=1.0)  # fmt: skip
+        held.task.taskUUID = task_uuid
+        return held
+
+    try:
+        heard: list[Any] = []
+        replication.claim_then("t", [image_task("async")], heard.append, session=None, created=0.0)
+        await until(lambda: bool(heard))
+        [other] = heard[0].won.values()
+        taken = image_task("async")
+        assert await b.create_batch([held_by_b(taken.taskUUID, "b-0")], "b") == [True]
+
+        async def restarted_before_the_second(
+            data: bytes, replies: int, built: int = -1
+        ) -> list[Any]:
+            if pipe.exchange is restarted_before_the_second and b"GETRANGE" in data:
+                pipe.exchange = exchange
+                await client.flushdb()
+                await client.client_kill_filter(_type="normal", skipme=True)
+                answers: list[Any] = await exchange(data, replies, built)
+                other.state = TaskState.PARTIAL  # a flush meanwhile, in the new data set
+                replication.changed(other)
+                await until(lambda: not replication.pending and replication._flushing is None)
+                return answers
+            return await exchange(data, replies, built)
+
+        pipe.exchange = restarted_before_the_second
+        heard.clear()
+        replication.claim_then(
+            "t", [image_task("async"), taken], heard.append, session=None, created=0.0
+        )
+        await until(lambda: bool(heard))
+        [mine] = heard[0].won.values()  # won in the data set that is gone
+        assert store.connection.incarnation.generation == 1
+        assert await b.create_batch([held_by_b(mine.task.taskUUID, "b-1")], "b") == [True]
+        mine.state, mine.finished = TaskState.DONE, 2.0
+        replication.changed(mine)
+        await until(lambda: not replication.pending and replication._flushing is None)
+        assert await client.pttl(store.claim_key("t", mine.task_uuid)) > 60_000
     finally:
         await store.close()
         await b.close()

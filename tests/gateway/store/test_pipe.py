@@ -100,6 +100,22 @@ async def test_a_batch_built_for_a_data_set_that_is_gone_is_not_written(redis_ur
         await admin.aclose()
 
 
+async def test_a_redis_out_of_memory_still_takes_connections(redis_url: str) -> None:
+    """Past ``maxmemory`` (noeviction) the probe's SET is refused: the connect goes on (reads
+    still work), and the incarnation is read at a later connect."""
+    incarnation = Incarnation(f"test-{uuid.uuid4().hex}:incarnation".encode())
+    pipe = RedisPipe(redis_url, deadline=2000 * MS, incarnation=incarnation)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.config_set("maxmemory", "1")
+        assert await pipe.exchange(packed("PING"), 1) == [b"PONG"]
+        assert incarnation.value is None and incarnation.generation == 0
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await pipe.close()
+        await admin.aclose()
+
+
 async def test_a_batch_past_its_deadline_closes_the_connection_for_those_after_it(
     redis_url: str,
 ) -> None:

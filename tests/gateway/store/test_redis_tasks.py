@@ -5,8 +5,11 @@ Redis that lost its data leads to, and the count bound's trim of a batch. A real
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +21,7 @@ from gateway.store.shared import StoreUnavailable
 from protocol.frames import ImageResult
 from tests.compiled import pure_python_only
 from tests.gateway.store.test_shared_contract import record
+from tests.redis_server import start_redis, stop_redis
 from tests.timing import MS
 
 
@@ -174,6 +178,79 @@ async def test_after_a_restart_a_write_built_before_is_not_sent_to_the_new_data_
         assert await client.pttl(claim) > before - 5000  # not 5 s: still the open claim's
         assert await store.load(theirs.tenant, theirs.task_uuid) == theirs
         assert await store.open_records("a") == []
+    finally:
+        await b.close()
+
+
+async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path) -> None:
+    """Redis restarted from a snapshot that lacks A's last claim, and B took its taskUUID. The
+    incarnation key came back with the snapshot; the server's ``run_id`` did not: a new data
+    set, and A's write of its state alone is not sent (it would cut B's claim to A's
+    retention)."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    kept = ("--dir", str(tmp_path))
+    server, port = start_redis(binary, *kept)
+    url = f"redis://127.0.0.1:{port}"
+    a, b = (RedisSharedTasks.from_url(url, max_retained=100, prefix="p") for _ in range(2))
+    try:
+        assert await a.create_batch([record("studio")], "a") == [True]
+        await a.connection.client.save()  # the snapshot: the incarnation key, the first claim
+        mine = record("studio")
+        assert await a.create_batch([mine], "a") == [True]
+        assert await a.write([Write(mine, False, False)], retention=5, replica="a") == []
+        server.kill()  # a crash: the last claim is not in the snapshot
+        server.wait()
+        stop_redis(server)
+        server, _ = start_redis(binary, *kept, port=port)
+        theirs = record("studio", mine.task_uuid)
+        assert await b.create_batch([theirs], "b") == [True]
+        with pytest.raises(StoreUnavailable, match="another data set"):
+            await a.write([Write(done(mine), False, True)], retention=5, replica="a")
+        assert a.connection.incarnation.generation == 1
+        assert await a.connection.client.pttl(a.claim_key(mine.tenant, mine.task_uuid)) > 60_000
+    finally:
+        await a.close()
+        await b.close()
+        stop_redis(server)
+
+
+@pure_python_only(gateway.store.redis)
+@pure_python_only(gateway.store.pipe)
+async def test_a_write_in_pieces_keeps_the_data_set_it_was_decided_in(
+    store: RedisSharedTasks, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarts between two pieces of one write: the second piece, decided for the
+    data set before like the first, is not sent to the new one; the first piece's probe (the
+    data set before) is not taken for one more change."""
+    monkeypatch.setattr(gateway.store.redis, "BATCH", 2)
+    records = [record("studio") for _ in range(3)]
+    assert await store.create_batch(records, "a") == [True] * 3
+    writes = [Write(r, False, False) for r in records]
+    assert await store.write(writes, retention=5, replica="a") == []
+    client, pipe = store.connection.client, store.connection.writes
+    exchange, b = (
+        pipe.exchange,
+        RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=store.connection.prefix),
+    )
+    last = records[2]
+    claim = store.claim_key(last.tenant, last.task_uuid)
+
+    async def restarted_after_the_first(data: bytes, replies: int, built: int = -1) -> list[Any]:
+        answers: list[Any] = await exchange(data, replies, built)
+        if pipe.exchange is restarted_after_the_first:
+            pipe.exchange = exchange
+            await client.flushdb()
+            await client.client_kill_filter(_type="normal", skipme=True)
+            assert await b.create_batch([record("studio", last.task_uuid)], "b") == [True]
+        return answers
+
+    pipe.exchange = restarted_after_the_first
+    try:
+        with pytest.raises(StoreUnavailable, match="another data set"):
+            await store.write([Write(done(r), False, True) for r in records], retention=5)
+        assert store.connection.incarnation.generation == 1
+        assert await client.pttl(claim) > 60_000  # B's, not cut to A's retention
     finally:
         await b.close()
 
