@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
 import gateway.replication
+import gateway.store.pipe
 from gateway.clients import MAX_CLAIMING_FRAMES
 from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
@@ -581,7 +582,9 @@ async def test_records_claimed_before_redis_restarted_are_written_whole_after_it
 
 
 @pure_python_only(gateway.store.pipe)
-async def test_claims_answered_across_a_restart_are_written_whole(redis_url: str) -> None:
+async def test_claims_answered_across_a_restart_are_written_whole(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A claim batch with a conflict takes a second round trip; Redis restarts before it, and a
     flush runs meanwhile. The claims the batch won were of the data set before: they are not
     taken as stored, and the task's next write goes whole (B, which took its taskUUID since,
@@ -607,11 +610,14 @@ async def test_claims_answered_across_a_restart_are_written_whole(redis_url: str
         taken = image_task("async")
         assert await b.create_batch([held_by_b(taken.taskUUID, "b-0")], "b") == [True]
 
+        restarted = False
+
         async def restarted_before_the_second(
             data: bytes, replies: int, built: int = -1
         ) -> list[Any]:
-            if pipe.exchange is restarted_before_the_second and b"GETRANGE" in data:
-                pipe.exchange = exchange
+            nonlocal restarted
+            if not restarted and b"GETRANGE" in data:
+                restarted = True
                 await client.flushdb()
                 await client.client_kill_filter(_type="normal", skipme=True)
                 answers: list[Any] = await exchange(data, replies, built)
@@ -621,7 +627,7 @@ async def test_claims_answered_across_a_restart_are_written_whole(redis_url: str
                 return answers
             return await exchange(data, replies, built)
 
-        pipe.exchange = restarted_before_the_second
+        monkeypatch.setattr(pipe, "exchange", restarted_before_the_second)
         heard.clear()
         replication.claim_then(
             "t", [image_task("async"), taken], heard.append, session=None, created=0.0

@@ -236,16 +236,19 @@ async def test_a_write_in_pieces_keeps_the_data_set_it_was_decided_in(
     last = records[2]
     claim = store.claim_key(last.tenant, last.task_uuid)
 
+    restarted = False
+
     async def restarted_after_the_first(data: bytes, replies: int, built: int = -1) -> list[Any]:
+        nonlocal restarted
         answers: list[Any] = await exchange(data, replies, built)
-        if pipe.exchange is restarted_after_the_first:
-            pipe.exchange = exchange
+        if not restarted:
+            restarted = True
             await client.flushdb()
             await client.client_kill_filter(_type="normal", skipme=True)
             assert await b.create_batch([record("studio", last.task_uuid)], "b") == [True]
         return answers
 
-    pipe.exchange = restarted_after_the_first
+    monkeypatch.setattr(pipe, "exchange", restarted_after_the_first)
     try:
         with pytest.raises(StoreUnavailable, match="another data set"):
             await store.write([Write(done(r), False, True) for r in records], retention=5)
