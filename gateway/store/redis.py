@@ -11,14 +11,15 @@ tenant's name cannot make two tenants' keys meet):
 - ``{prefix}:state:{upstreamUUID}``      string: what changes (state, results, error,
   deliveries; MessagePack), written at each change after the claim. None yet reads as a task
   just received: a claim writes no state
-- ``{prefix}:finished``                  sorted set of finished records by finish time (Redis's
-  own clock, microseconds): the count bound ``max_retained`` trims it from the oldest
+- ``{prefix}:finished``                  sorted set of finished records by finish time (the
+  clock of the replica that wrote it, microseconds): the count bound ``max_retained`` pops it
+  from the oldest
 - ``{prefix}:open:{replica}``            set of the open records a replica runs (its takeover)
 
-A member of the last two is a record's tag then its claim's key, so a takeover and a trim
+A member of the last two is a record's tag then its claim's key, so a takeover and a pop
 find both of a record's keys without a read. An open record lives at most ``open_ttl`` from
 its claim (a safety net: a replica that died with the task and was never taken over); a final
-write sets it to ``retention``. The trim deletes a claim only while it is still that record's:
+write sets it to ``retention``. A pop deletes a claim only while it is still that record's:
 a taskUUID whose claim lapsed may have been claimed again by another task.
 
 Redis restarted empty (no persistence): finished tasks are gone for every replica but the one
@@ -48,14 +49,19 @@ pack one by one in Python), and one command per batch for the sets and the sorte
 - a record's state alone (every write but the first after a claim this replica made in this
   data set): a ``SET PX`` of its state, then its claim's ``PEXPIRE`` to the retention (final)
   or ``EXISTS`` (open), whose 0 says Redis lost it (flushed under connections that stayed up):
-  written whole next. One script (``FINISHED``) lists the finished in one ``ZADD``, takes them
-  off the open list in one ``SREM``, and trims past ``max_retained``;
+  written whole next. The finished go off the open list in one ``SREM`` and into the finished
+  set in one ``ZADD``; a ``ZREMRANGEBYSCORE`` drops what their retention let go (those keys
+  expired by themselves), and a ``ZCARD`` tells whether the set is past ``max_retained``: then
+  every later write pops it down (a small script, ``OVER``) while it stays past, so it is past
+  by one write's records at most;
 - what must read before it writes is a script: a record written whole (``WRITE``), a final
   write with a retention of 0, a release, a load (the scripts: store/redis_scripts.py).
 
 A task so costs Redis three keyed commands (its claim; its state and its claim's expiry when
-it ends) and a share of a batch's few. Checking each claim's tag in a script instead (whose
-claim it is, which the incarnation answers now) cost Redis about 1 us a task more. Plain
+it ends) and a share of a batch's few, with no script on the way of a task that runs as it
+should. Checking each claim's tag in a script instead (whose claim it is, which the
+incarnation answers now) cost Redis about 1 us a task more, and listing the finished in a
+script 0.85 more. Plain
 commands, not one script per batch: a command inside a script, and every byte through Lua,
 costs Redis more than a command it parses (in a side-by-side microbenchmark of claims and final
 writes, Redis 5.9 us a task against 8.5 with one script per batch), at the cost of a reply for
@@ -71,6 +77,7 @@ or fails raises ``StoreUnavailable``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,7 +87,7 @@ from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
 from gateway.store.parts import StatePart, StaticPart
 from gateway.store.pipe import RedisPipe, command
-from gateway.store.redis_scripts import FINISHED, LOAD, RELEASE, TAKE_OPEN, WRITE
+from gateway.store.redis_scripts import LOAD, OVER, RELEASE, TAKE_OPEN, WRITE
 from gateway.store.shared import StoreUnavailable
 from gateway.store.states import TaskState
 
@@ -92,7 +99,7 @@ DAY = 86_400.0
 # not in one round trip that never can
 BATCH = 2_000
 
-_FINISHED_SOURCE, _WRITE_SOURCE = FINISHED.encode(), WRITE.encode()
+_OVER_SOURCE, _WRITE_SOURCE = OVER.encode(), WRITE.encode()
 
 
 # RESP by hand, as ``command`` (store/pipe.py) packs a whole command: a member or a value
@@ -187,6 +194,7 @@ class RedisSharedTasks:
         self._claims = f"{redis.prefix}:task:"
         self._states = f"{redis.prefix}:state:"
         self._finished_key = f"{redis.prefix}:finished"
+        self._over = False  # the finished set past max_retained: the next write pops it down
         self._tenants: dict[str, str] = {}  # tenant -> the start of its claim keys
         self._parts = RecordParts()
         self._ttl_ms = b"%d" % self._open_ttl_ms
@@ -374,9 +382,9 @@ class RedisSharedTasks:
         A record's state alone (every write of the gateway's but the first after a claim it
         made in this data set: ``generation``) is plain commands, pipelined: a ``SET`` of its
         state, then its claim's ``PEXPIRE`` to the retention (final) or ``EXISTS`` (open), whose
-        0 says Redis lost it; one script (``FINISHED``) lists the finished in the finished set
-        and takes them off the open list. The others go through a script of their own
-        (``WRITE``): it reads before it writes. Each batch starts with the data set's probe: a
+        0 says Redis lost it; the finished go off the open list and into the finished set
+        with a command each for all. The others go through a script of their own (``WRITE``):
+        it reads before it writes. Each batch starts with the data set's probe: a
         flush seen there counts as a new ``generation`` too."""
         built = self._redis.incarnation.generation  # the data set the writes were decided in
         missing: list[str] = []
@@ -428,10 +436,22 @@ class RedisSharedTasks:
         index = self.open_key(replica).encode() if replica is not None else b""
         finished, cap = self._finished_key.encode(), b"%d" % self._max_retained
         replies = 2 + 2 * len(checked)
-        if ended:  # after the SETs: its trim deletes the states of the records it pops
-            fixed = [_FINISHED_SOURCE, b"1", finished, b"%d" % retention_ms, cap, index,
-                     states.encode()]  # fmt: skip
-            commands += _variadic(b"EVAL", fixed, ended)
+        counted = 0  # where the finished set's size is answered
+        if ended:  # listed finished at this replica's time; what retention let go goes
+            now = round(time.time() * 1_000_000)
+            stamp = _bulk(b"%d" % now)
+            if index:
+                commands += _variadic(b"SREM", [index], ended)
+                replies += 1
+            commands.append(b"*%d\r\n$4\r\nZADD\r\n%b" % (2 + 2 * len(ended), _bulk(finished)))
+            commands += [stamp + member for member in ended]
+            cut = b"(%d" % (now - retention_ms * 1000)
+            commands += (command(b"ZREMRANGEBYSCORE", finished, b"-inf", cut),
+                         command(b"ZCARD", finished))  # fmt: skip
+            replies += 3
+            counted = replies - 1
+        if self._over:  # after the SETs: the pop deletes the states of the records it pops
+            commands.append(command(b"EVAL", _OVER_SOURCE, b"1", finished, cap, states.encode()))
             replies += 1
         if whole:
             fixed = [_WRITE_SOURCE, b"1", finished, b"%d" % retention_ms, cap, self._ttl_ms,
@@ -442,6 +462,8 @@ class RedisSharedTasks:
         answers = await self._redis.batch(self._redis.writes, data, replies, built)
         if incarnation.generation == built:  # else it may tell of the data set before
             incarnation.seen(answers[1])
+        # past the count bound (before a pop): popped down in every write while it stays so
+        self._over = counted > 0 and answers[counted] > self._max_retained
         # each record's check (1: its claim is there) follows its SET's reply
         return [upstream for i, upstream in enumerate(checked) if answers[3 + 2 * i] != 1]
 

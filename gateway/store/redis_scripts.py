@@ -4,7 +4,7 @@ handed or computes from a prefix it is handed."""
 
 from __future__ import annotations
 
-__all__ = ["FINISHED", "LOAD", "RELEASE", "TAKE_OPEN", "TRIM", "WRITE"]
+__all__ = ["LOAD", "OVER", "RELEASE", "TAKE_OPEN", "TRIM", "WRITE"]
 
 # Scripts hand a command at most 4,000 values of a table (SADD, SREM, ZADD, DEL): Lua's
 # ``unpack`` fails past its C stack (8,000 values in Redis's Lua 5.1).
@@ -46,17 +46,10 @@ if #held == n then return false end
 return {held, redis.call('GET', ARGV[1] .. string.sub(held, 2, n))}
 """
 
-# The end of a script that finished records: ``ended`` holds them as (score, member) pairs,
-# ``now`` is Redis's time (microseconds); ``finished``, ``retention`` (ms), ``cap`` and
-# ``prefix`` (the state keys') are the script's. The finished set takes them, drops what its
-# retention let go (those keys expired by themselves), and past ``cap`` pops the earliest
-# finished with their keys: each claim only while it is still theirs (a taskUUID whose claim
-# lapsed may have been claimed again by another task).
-TRIM = """
-for i = 1, #ended, 4000 do
-  redis.call('ZADD', finished, unpack(ended, i, math.min(i + 3999, #ended)))
-end
-redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
+# Past ``cap``, the finished set's earliest with their keys: each claim only while it is still
+# theirs (a taskUUID whose claim lapsed may have been claimed again by another task).
+# ``finished``, ``cap`` and ``prefix`` (the state keys') are the script's.
+POP = """
 local over = redis.call('ZCARD', finished) - cap
 if over > 0 then
   local popped, tags, claims = redis.call('ZPOPMIN', finished, over), {}, {}
@@ -79,36 +72,33 @@ if over > 0 then
 end
 """
 
-# The records of a flush finished by their state alone (their SETs and their claims' PEXPIRE
-# just before it): off the open list, into the finished set. KEYS[1]: the finished set; ARGV:
-# retention (ms), max_retained, the replica's open list ('' for none), the state keys' prefix,
-# then the records' members. A record whose claim Redis lost is listed all the same: it is
-# written whole next (which lists it again), or its claim is another task's and the trim
-# deletes its state alone.
-FINISHED = (
+# The end of a script that finished records: ``ended`` holds them as (score, member) pairs,
+# ``now`` is Redis's time (microseconds), ``retention`` (ms) the script's. The finished set
+# takes them, drops what its retention let go (those keys expired by themselves), and pops
+# what is past the count bound.
+TRIM = (
     """
-local finished, retention, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local index, prefix = ARGV[3], ARGV[4]
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local stamp, ended = string.format('%d', now), {}
-for i = 5, #ARGV do
-  ended[#ended + 1] = stamp
-  ended[#ended + 1] = ARGV[i]
+for i = 1, #ended, 4000 do
+  redis.call('ZADD', finished, unpack(ended, i, math.min(i + 3999, #ended)))
 end
-if index ~= '' then
-  for i = 5, #ARGV, 4000 do
-    redis.call('SREM', index, unpack(ARGV, i, math.min(i + 3999, #ARGV)))
-  end
-end
+redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - retention * 1000))
 """
-    + TRIM
+    + POP
+)
+
+# The finished set past ``max_retained`` (a flush's plain ``ZADD`` left it so): KEYS[1]: the
+# finished set; ARGV: max_retained, the state keys' prefix.
+OVER = (
+    """
+local finished, cap, prefix = KEYS[1], tonumber(ARGV[1]), ARGV[2]
+"""
+    + POP
     + """
 return 0
 """
 )
 
-# What a flush cannot write blind (``FINISHED`` lists the rest): records written whole (not in
+# What a flush cannot write blind (its plain commands write the rest): records written whole (not in
 # Redis yet, or not known to be), and final records with a retention of 0, which are deleted.
 # KEYS[1]: the finished set; ARGV: retention (ms), max_retained, open ttl (ms), the replica's
 # open list ('' for none), the state keys' prefix, the records' kinds (a string, one letter

@@ -297,37 +297,42 @@ async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
     assert await store.load(fresh.tenant, fresh.task_uuid) == fresh
 
 
-async def test_a_batch_past_the_count_bound_trims_the_earliest_in_one_flush(
-    redis_url: str,
-) -> None:
+async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: str) -> None:
+    """The write that takes the finished set past ``max_retained`` learns it from the set's
+    size; the next one pops it down, and so does every one while it stays past."""
     store = RedisSharedTasks.from_url(
         redis_url, max_retained=3, deadline=2000 * MS, prefix=f"test-{uuid.uuid4().hex}"
     )
     try:
         first = [record("studio") for _ in range(2)]
         batch = [record("studio") for _ in range(4)]
-        assert await store.create_batch(first + batch, "a") == [True] * 6
+        last = record("studio")
+        assert await store.create_batch([*first, *batch, last], "a") == [True] * 7
         await store.write([Write(done(r), False, True) for r in first], retention=60, replica="a")
-        # the first one's claim lapsed and another task took its taskUUID: the trim keeps it
+        # the first one's claim lapsed and another task took its taskUUID: the pop keeps it
         client = store.connection.client
         await client.delete(store.claim_key(first[0].tenant, first[0].task_uuid))
         other = record("studio", first[0].task_uuid)
         assert await store.create_batch([other], "b") == [True]
         await store.write([Write(done(r), False, True) for r in batch], retention=60, replica="a")
-        assert await client.zcard(f"{store.connection.prefix}:finished") == 3
-        for r in first:  # the earliest finished, then one of the batch (finished at once)
+        finished = f"{store.connection.prefix}:finished"
+        assert await client.zcard(finished) == 6  # past, by this write's records at most
+        await store.write([Write(done(last), False, True)], retention=60, replica="a")
+        assert await client.zcard(finished) == 3
+        for r in first:  # the earliest finished, then two of the batch (finished at once)
             assert await client.exists(store.state_key(r.upstream_uuid)) == 0
         assert await store.load(other.tenant, other.task_uuid) == other
         assert await store.load(first[1].tenant, first[1].task_uuid) is None
         assert await store.claim(first[1].tenant, first[1].task_uuid, "free again")
         kept = [r for r in batch if await store.load(r.tenant, r.task_uuid) == r]
-        assert len(kept) == 3
+        assert len(kept) == 2
+        assert await store.load(last.tenant, last.task_uuid) == last
     finally:
         await store.close()
 
 
 async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisSharedTasks) -> None:
-    """Past Lua's stack (8,000 values): the members go to the sets in chunks."""
+    """Past Lua's stack (8,000 values): the pop past the count bound goes in chunks."""
     records = [record("studio") for _ in range(4100)]
     assert await store.create_batch(records, "a") == [True] * len(records)
     client = store.connection.client
@@ -335,7 +340,7 @@ async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisShare
     writes = [Write(done(r), False, True) for r in records]
     assert await store.write(writes, retention=60, replica="a") == []
     assert await client.scard(store.open_key("a")) == 0
-    # max_retained 1000: 3,100 went (finished at once: in the set's order), claims and states
+    # max_retained 1000: 3,100 went (the write's pieces pop it down), claims and states
     assert await client.zcard(f"{store.connection.prefix}:finished") == 1000
     prefix = store.connection.prefix
     states = [k async for k in client.scan_iter(f"{prefix}:state:*", count=1000)]
