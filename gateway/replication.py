@@ -105,7 +105,8 @@ class Replication:
         self._dropped = dropped
         self.healthy = True  # the last call to the store got through
         self._dirty: dict[str, TaskRecord] = {}  # by upstream UUID, in order of first change
-        # open records whose static part Redis has: their next writes carry their state alone
+        # open records whose claims this replica won in the data set Redis holds (the claim
+        # wrote their static part): their writes carry their state alone
         self._stored: set[str] = set()
         # the data set they are stored in (store/pipe.py's Incarnation): in another one, their
         # claims are gone or another task's, and each is written whole, which checks
@@ -506,10 +507,10 @@ class Replication:
                 if missing is None:  # not in the handler: see UpstreamLink._connection
                     await asyncio.sleep(next(delays))
                     continue
+                # a record written whole stays so (never stored): its write may have found
+                # another task's claim and written nowhere, and the next one reads again
                 for write in writes:
-                    if not write.final:
-                        stored.add(write.record.upstream_uuid)
-                    else:
+                    if write.final:
                         stored.discard(write.record.upstream_uuid)
                 for upstream_uuid in missing:  # Redis restarted empty: written whole next
                     stored.discard(upstream_uuid)

@@ -35,10 +35,13 @@ from collections import deque
 from typing import Any, cast
 
 import hiredis
+import structlog
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 
 __all__ = ["Incarnation", "RedisPipe", "command"]
+
+log = structlog.get_logger("tenebra.store")
 
 
 def command(*args: bytes) -> bytes:
@@ -50,15 +53,19 @@ def command(*args: bytes) -> bytes:
 class Incarnation:
     """Which data set a Redis holds, as the store's connections last saw it: the server's
     ``run_id`` (every restart makes a new one: a data set reloaded from a snapshot or an
-    append-only file may lack its last writes), and the value of ``key``, which a flush takes
-    away and whoever finds it missing sets to a random one (``probe``). ``generation`` counts
+    append-only file may lack its last writes; where ``INFO`` is refused, every reconnect
+    counts as another server), and the value of ``key``, which a flush takes away and whoever finds
+    it missing sets to a random one (``probe``). A proxy that keeps the store's connections
+    open across a failover to a replica that lags is not seen: the failover must drop them
+    (Redis's own, Sentinel's and Cluster's do). ``generation`` counts
     the changes seen: a claim made before a change may be gone, or another task's by now (a
     taskUUID claimed again in the new data set)."""
 
-    __slots__ = ("generation", "key", "server", "value")
+    __slots__ = ("blind", "generation", "key", "server", "value")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
+        self.blind = False  # no run_id to read (INFO refused)
         self.server: bytes | None = None
         self.value: bytes | None = None
         self.generation = 0
@@ -68,10 +75,11 @@ class Incarnation:
         fresh = os.urandom(12).hex().encode()
         return command(b"SET", self.key, fresh, b"NX") + command(b"GET", self.key)
 
-    def seen(self, value: Any, server: bytes | None = None) -> bool:
-        """Whether ``value`` (a probe's second reply) or ``server`` (a connect's ``run_id``) is
+    def seen(self, value: Any, server: bytes | None = None, again: bool = False) -> bool:
+        """Whether ``value`` (a probe's second reply) or ``server`` (a connect's ``run_id``;
+        ``again``: a connection's reconnect, which counts where no run_id can be read) is
         another data set than the one seen before (the first one seen is no change)."""
-        changed = False
+        changed = self.blind and again
         if server is not None and server != self.server:
             changed = self.server is not None
             self.server = server
@@ -141,6 +149,7 @@ class RedisPipe:
         self._deadline = deadline
         self.incarnation = incarnation
         self._replies: _Replies | None = None
+        self._connected = False  # once: a connect after it is a reconnect
         self._connecting = asyncio.Lock()
         self._closed = False
 
@@ -241,7 +250,12 @@ class RedisPipe:
                 protocol.close(ConnectionError("redis refused the connection's setup"))
                 raise AuthenticationError(str(answer))
         if incarnation is not None:  # a probe refused (out of memory) tells nothing: not kept
-            incarnation.seen(answers[-1], _run_id(answers[-3]))
+            server = _run_id(answers[-3])
+            if server is None and not incarnation.blind:  # INFO refused (an ACL)
+                log.warning("redis refused INFO: each reconnect counts as a new data set")
+                incarnation.blind = True
+            incarnation.seen(answers[-1], server, again=self._connected)
+        self._connected = True
 
     async def close(self) -> None:
         """For good: the batches waiting fail, and no batch connects again."""

@@ -30,12 +30,16 @@ Each replica knows which data set Redis holds (``{prefix}:incarnation``: store/p
 claimed before is written whole (gateway.replication), which checks whose the claim is, and a
 flush built before is not sent: no write of a state alone assumes a claim of the data set that
 is gone. Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a
-taskUUID that can be billed twice, a state evicted reads as a task just received. A flush
-under replicas that run (``FLUSHALL``, or claims deleted by hand) is seen by the next write
-batch's probe, after that batch ran: a taskUUID claimed again by another task in that moment
-may be counted as the first task's by that batch, and have its claim's expiry set to the first
-task's retention. That is harmless while ``tasks.retention`` is at least ``tasks.timeout`` (the
-defaults: an hour, ten minutes), as the second task ends and sets its own expiry before then.
+taskUUID that can be billed twice, a state evicted reads as a task just received. Three
+cases are not told by the incarnation, and the claim's owner is not checked record by record:
+a flush under replicas that run (``FLUSHALL``, or claims deleted by hand: seen by the next
+write batch's probe, after that batch ran), a claim that lapsed (``open_ttl``, twice
+``tasks.timeout``) under a write held back longer, and a failover behind a proxy that keeps the
+store's connections open (store/pipe.py). A taskUUID claimed again by another task meanwhile
+may then be counted as the first task's by a write, and have its claim's expiry set to the
+first task's retention. That is harmless while ``tasks.retention`` is at least
+``tasks.timeout`` (the defaults: an hour, ten minutes): the second task ends, and sets its own
+expiry, before then.
 
 How a batch goes (a loop turn's claims, a flush's records): one round trip on the store's
 pipelined connection (store/pipe.py: its replies parsed in C as they arrive), its commands

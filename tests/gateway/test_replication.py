@@ -645,6 +645,49 @@ async def test_claims_answered_across_a_restart_are_written_whole(
         await b.close()
 
 
+async def test_a_record_written_whole_stays_whole(redis_url: str) -> None:
+    """Redis restarted empty and B took A's taskUUID: A's next write goes whole and writes
+    nowhere (B's claim). Its later writes go whole too (each reads first): written as its
+    state alone, its final write would cut B's open claim down to A's retention."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    store = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
+    b = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
+    replication = replication_over(store)
+
+    async def flushed(record: TaskRecord) -> None:
+        replication.changed(record)
+        await until(lambda: not replication.pending and replication._flushing is None)
+
+    try:
+        heard: list[Any] = []
+        replication.claim_then("t", [image_task("async")], heard.append, session=None, created=0.0)
+        await until(lambda: bool(heard))
+        [mine] = heard[0].won.values()
+        mine.state = TaskState.PARTIAL
+        await flushed(mine)
+        client = store.connection.client
+        await client.flushdb()
+        await client.client_kill_filter(_type="normal", skipme=True)  # a restart
+        theirs = TaskRecord(tenant="t", task=image_task("async"), upstream_uuid="b-1", created=1.0)
+        theirs.task.taskUUID = mine.task.taskUUID
+        assert await b.create_batch([theirs], "b") == [True]
+        await flushed(mine)  # whole, and nowhere: the claim is B's
+        mine.state, mine.finished = TaskState.DONE, 2.0
+        await flushed(mine)
+        claim = store.claim_key("t", mine.task_uuid)
+        assert await client.pttl(claim) > 60_000  # B's, a day
+        assert await store.load("t", mine.task_uuid) == theirs
+        assert (
+            await client.zscore(
+                store._finished_key, store.member("t", mine.task_uuid, mine.upstream_uuid)
+            )
+            is None
+        )
+    finally:
+        await store.close()
+        await b.close()
+
+
 async def test_a_rated_tenants_slow_take_holds_up_no_other_tenant(
     provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
 ) -> None:

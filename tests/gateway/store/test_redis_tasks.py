@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 import gateway.store.redis
 from gateway.store.base import TaskRecord, TaskState
@@ -182,23 +183,30 @@ async def test_after_a_restart_a_write_built_before_is_not_sent_to_the_new_data_
         await b.close()
 
 
-async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path) -> None:
+# a common hardening: every command but the @dangerous ones (INFO, KEYS, FLUSHALL, CONFIG ...)
+NO_INFO = ("--user", "gw", "on", ">secret", "~*", "&*", "+@all", "-@dangerous")
+
+
+@pytest.mark.parametrize("user", ["default", "without INFO"])
+async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path, user: str) -> None:
     """Redis restarted from a snapshot that lacks A's last claim, and B took its taskUUID. The
-    incarnation key came back with the snapshot; the server's ``run_id`` did not: a new data
-    set, and A's write of its state alone is not sent (it would cut B's claim to A's
-    retention)."""
+    incarnation key came back with the snapshot; the server's ``run_id`` did not (or, for a
+    user that may not read it, every reconnect counts as another server): a new data set, and
+    A's write of its state alone is not sent (it would cut B's claim to A's retention)."""
     binary = shutil.which("redis-server")
     assert binary is not None
-    kept = ("--dir", str(tmp_path))
+    kept = ("--dir", str(tmp_path), *(NO_INFO if user != "default" else ()))
     server, port = start_redis(binary, *kept)
-    url = f"redis://127.0.0.1:{port}"
+    url = f"redis://{'gw:secret@' if user != 'default' else ''}127.0.0.1:{port}"
+    admin = aioredis.Redis(port=port)
     a, b = (RedisSharedTasks.from_url(url, max_retained=100, prefix="p") for _ in range(2))
     try:
         assert await a.create_batch([record("studio")], "a") == [True]
-        await a.connection.client.save()  # the snapshot: the incarnation key, the first claim
+        await admin.save()  # the snapshot: the incarnation key, the first claim
         mine = record("studio")
         assert await a.create_batch([mine], "a") == [True]
         assert await a.write([Write(mine, False, False)], retention=5, replica="a") == []
+        assert a.connection.incarnation.blind is (user != "default")
         server.kill()  # a crash: the last claim is not in the snapshot
         server.wait()
         stop_redis(server)
@@ -208,10 +216,11 @@ async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path) -> 
         with pytest.raises(StoreUnavailable, match="another data set"):
             await a.write([Write(done(mine), False, True)], retention=5, replica="a")
         assert a.connection.incarnation.generation == 1
-        assert await a.connection.client.pttl(a.claim_key(mine.tenant, mine.task_uuid)) > 60_000
+        assert await admin.pttl(a.claim_key(mine.tenant, mine.task_uuid)) > 60_000
     finally:
         await a.close()
         await b.close()
+        await admin.aclose()
         stop_redis(server)
 
 

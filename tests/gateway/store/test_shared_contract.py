@@ -213,7 +213,7 @@ async def test_redis_keys_carry_their_ttls(redis_url: str) -> None:
         await store.finish(r, retention=5)
         for name in (claim, state):
             assert 0 < await client.pttl(name) <= 5_000
-        # finished at Redis's time, to the microsecond (the trimming order across replicas)
+        # finished at a wall clock, to the microsecond (the popping order across replicas)
         member = store.member(r.tenant, r.task_uuid, r.upstream_uuid)
         assert member == bytes([36]) + r.upstream_uuid.encode() + claim.encode()
         score = await client.zscore(f"{prefix}:finished", member)
