@@ -160,12 +160,14 @@ class RecordParts:
             and not r.deliveries and r.key_id is None and not r.cost and r.trace is None
         )  # fmt: skip
 
+    # encoded as tuples: the same MessagePack arrays as the parts' Structs (array_like, every
+    # field written), without a Struct made for each (about 0.25 us a record)
     def static(self, r: TaskRecord) -> bytes:
-        return self._encode(StaticPart(r.tenant, r.task, r.upstream_uuid, r.created, r.session))
+        return self._encode((r.tenant, r.task, r.upstream_uuid, r.created, r.session))
 
     def state(self, r: TaskRecord) -> bytes:
         return self._encode(
-            StatePart(
+            (
                 r.state, r.finished, r.link, r.window_epoch, r.sends, r.results, r.error,
                 r.deliveries, r.key_id, r.cost, r.trace,
             )

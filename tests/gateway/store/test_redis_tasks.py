@@ -11,15 +11,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 import gateway.store.redis
-from gateway.store.base import TaskRecord, TaskState
+from gateway.store.base import Delivery, TaskRecord, TaskState
+from gateway.store.parts import StatePart, StaticPart
 from gateway.store.pipe import RedisPipe
-from gateway.store.redis import RedisSharedTasks, Write
+from gateway.store.redis import RecordParts, RedisSharedTasks, Write
 from gateway.store.shared import StoreUnavailable
-from protocol.frames import ImageResult
+from protocol.frames import ErrorItem, ImageResult
 from tests.compiled import pure_python_only
 from tests.gateway.store.test_shared_contract import record
 from tests.redis_server import start_redis, stop_redis
@@ -46,6 +48,24 @@ def done(r: TaskRecord) -> TaskRecord:
         ),
     )
     return r
+
+
+def test_a_records_parts_are_their_structs_arrays() -> None:
+    """The parts go out as tuples (no Struct made for each): the same bytes as the Structs the
+    loads decode, every field in its place."""
+    r = done(record("studio"))
+    r.session, r.link, r.window_epoch, r.sends, r.key_id, r.cost, r.trace = (
+        "s-1", 2, 3, 4, "key-1", 0.5, "00-trace",
+    )  # fmt: skip
+    r.error = ErrorItem(code="timeout", message="late", taskType="imageInference")
+    r.deliveries = (Delivery(id="d-1", kind="webhook", target="http://127.0.0.1:9/hook"),)
+    parts = RecordParts()
+    static = StaticPart(r.tenant, r.task, r.upstream_uuid, r.created, r.session)
+    assert parts.static(r) == msgspec.msgpack.encode(static)
+    names = [f.name for f in msgspec.structs.fields(StatePart)]
+    state = StatePart(**{name: getattr(r, name) for name in names})
+    assert parts.state(r) == msgspec.msgpack.encode(state)
+    assert parts.join(parts.static(r), parts.state(r)) == r
 
 
 async def test_a_claim_records_the_task_as_received_and_lists_it(store: RedisSharedTasks) -> None:
