@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import time
 from collections import deque
 from typing import Any, cast
 
@@ -53,33 +54,54 @@ def command(*args: bytes) -> bytes:
 class Incarnation:
     """Which data set a Redis holds, as the store's connections last saw it: the server's
     ``run_id`` (every restart makes a new one: a data set reloaded from a snapshot or an
-    append-only file may lack its last writes; where ``INFO`` is refused, every reconnect
-    counts as another server), and the value of ``key``, which a flush takes away and whoever finds
-    it missing sets to a random one (``probe``). A proxy that keeps the store's connections
-    open across a failover to a replica that lags is not seen: the failover must drop them
-    (Redis's own, Sentinel's and Cluster's do). ``generation`` counts
+    append-only file may lack its last writes; where ``INFO`` is refused, every connect after
+    the first counts as another server), and the value of ``key``, which a flush takes away
+    and whoever finds it missing sets to a random one (``probe``). A proxy that keeps the
+    store's connections open across a failover to a replica that lags is not seen: the
+    failover must drop them (Redis's own, Sentinel's and Cluster's do). ``generation`` counts
     the changes seen: a claim made before a change may be gone, or another task's by now (a
-    taskUUID claimed again in the new data set)."""
+    taskUUID claimed again in the new data set). Also the server's clock, as read at the last
+    connect (``now``): what every replica orders finished records by."""
 
-    __slots__ = ("blind", "generation", "key", "server", "value")
+    __slots__ = ("blind", "connects", "generation", "key", "offset", "server", "value")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
-        self.blind = False  # no run_id to read (INFO refused)
+        self.blind = False  # INFO was refused at least once (said once in the log)
+        self.connects = 0
         self.server: bytes | None = None
         self.value: bytes | None = None
         self.generation = 0
+        self.offset: float | None = None  # the server's clock less this one's monotonic clock
 
     def probe(self) -> bytes:
         """Two commands (two replies, the second the value): set it if missing, then read it."""
         fresh = os.urandom(12).hex().encode()
         return command(b"SET", self.key, fresh, b"NX") + command(b"GET", self.key)
 
+    def now(self) -> float:
+        """The server's time (seconds), from its clock at the last connect; this replica's own
+        wall clock until a connect has read it."""
+        offset = self.offset
+        return time.time() if offset is None else time.monotonic() + offset
+
+    def connected(self, value: Any, info: Any, clock: Any) -> bool:
+        """A connect's replies: the probe's value, ``INFO server`` and ``TIME``; whether it
+        found another data set than the one seen before (the first one seen is no change)."""
+        self.connects += 1
+        if isinstance(clock, list) and len(clock) == 2:
+            self.offset = int(clock[0]) + int(clock[1]) / 1e6 - time.monotonic()
+        server = _run_id(info)
+        if server is None and not self.blind:  # an ACL that refuses INFO, or a BUSY server
+            log.warning("redis refused INFO: a reconnect counts as a new data set")
+            self.blind = True
+        return self.seen(value, server, again=server is None and self.connects > 1)
+
     def seen(self, value: Any, server: bytes | None = None, again: bool = False) -> bool:
         """Whether ``value`` (a probe's second reply) or ``server`` (a connect's ``run_id``;
-        ``again``: a connection's reconnect, which counts where no run_id can be read) is
-        another data set than the one seen before (the first one seen is no change)."""
-        changed = self.blind and again
+        ``again``: a connect with no run_id to read, not the first) is another data set than
+        the one seen before (the first one seen is no change)."""
+        changed = again
         if server is not None and server != self.server:
             changed = self.server is not None
             self.server = server
@@ -149,7 +171,6 @@ class RedisPipe:
         self._deadline = deadline
         self.incarnation = incarnation
         self._replies: _Replies | None = None
-        self._connected = False  # once: a connect after it is a reconnect
         self._connecting = asyncio.Lock()
         self._closed = False
 
@@ -242,20 +263,15 @@ class RedisPipe:
         data = b"".join(command(*c) for c in commands)
         wanted = len(commands)
         if incarnation is not None:
-            data += command(b"INFO", b"server") + incarnation.probe()
-            wanted += 3
+            data += command(b"INFO", b"server") + command(b"TIME") + incarnation.probe()
+            wanted += 4
         answers = await self._write(protocol, data, wanted, until)
         for answer in answers[: len(commands)]:
             if isinstance(answer, ResponseError):
                 protocol.close(ConnectionError("redis refused the connection's setup"))
                 raise AuthenticationError(str(answer))
         if incarnation is not None:  # a probe refused (out of memory) tells nothing: not kept
-            server = _run_id(answers[-3])
-            if server is None and not incarnation.blind:  # INFO refused (an ACL)
-                log.warning("redis refused INFO: each reconnect counts as a new data set")
-                incarnation.blind = True
-            incarnation.seen(answers[-1], server, again=self._connected)
-        self._connected = True
+            incarnation.connected(answers[-1], answers[-4], answers[-3])
 
     async def close(self) -> None:
         """For good: the batches waiting fail, and no batch connects again."""

@@ -11,9 +11,9 @@ tenant's name cannot make two tenants' keys meet):
 - ``{prefix}:state:{upstreamUUID}``      string: what changes (state, results, error,
   deliveries; MessagePack), written at each change after the claim. None yet reads as a task
   just received: a claim writes no state
-- ``{prefix}:finished``                  sorted set of finished records by finish time (the
-  clock of the replica that wrote it, microseconds): the count bound ``max_retained`` pops it
-  from the oldest
+- ``{prefix}:finished``                  sorted set of finished records by finish time (Redis's
+  clock, microseconds: a script's ``TIME``, or as a replica read it at its last connect): the
+  count bound ``max_retained`` pops it from the oldest
 - ``{prefix}:open:{replica}``            set of the open records a replica runs (its takeover)
 
 A member of the last two is a record's tag then its claim's key, so a takeover and a pop
@@ -56,8 +56,8 @@ pack one by one in Python), and one command per batch for the sets and the sorte
   written whole next. The finished go off the open list in one ``SREM`` and into the finished
   set in one ``ZADD``; a ``ZREMRANGEBYSCORE`` drops what their retention let go (those keys
   expired by themselves), and a ``ZCARD`` tells whether the set is past ``max_retained``: then
-  every later write pops it down (a small script, ``OVER``) while it stays past, so it is past
-  by one write's records at most;
+  the next write pops it down to 1% under it (a small script, ``OVER``), so it is past by one
+  write's records at most, and a pop runs once every 1% of the bound's records;
 - what must read before it writes is a script: a record written whole (``WRITE``), a final
   write with a retention of 0, a release, a load (the scripts: store/redis_scripts.py).
 
@@ -81,7 +81,6 @@ or fails raises ``StoreUnavailable``.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -444,7 +443,7 @@ class RedisSharedTasks:
         replies = 2 + 2 * len(checked)
         counted = 0  # where the finished set's size is answered
         if ended:  # listed finished at this replica's time; what retention let go goes
-            now = round(time.time() * 1_000_000)
+            now = round(incarnation.now() * 1_000_000)  # Redis's clock, as WRITE's TIME
             stamp = _bulk(b"%d" % now)
             if index:
                 commands += _variadic(b"SREM", [index], ended)
@@ -456,8 +455,12 @@ class RedisSharedTasks:
                          command(b"ZCARD", finished))  # fmt: skip
             replies += 3
             counted = replies - 1
-        if self._over:  # after the SETs: the pop deletes the states of the records it pops
-            commands.append(command(b"EVAL", _OVER_SOURCE, b"1", finished, cap, states.encode()))
+        popping = self._over
+        if popping:  # after the SETs: the pop deletes the states of the records it pops
+            slack = b"%d" % max(1, self._max_retained // 100)
+            commands.append(
+                command(b"EVAL", _OVER_SOURCE, b"1", finished, cap, slack, states.encode())
+            )
             replies += 1
         if whole:
             fixed = [_WRITE_SOURCE, b"1", finished, b"%d" % retention_ms, cap, self._ttl_ms,
@@ -468,8 +471,8 @@ class RedisSharedTasks:
         answers = await self._redis.batch(self._redis.writes, data, replies, built)
         if incarnation.generation == built:  # else it may tell of the data set before
             incarnation.seen(answers[1])
-        # past the count bound (before a pop): popped down in every write while it stays so
-        self._over = counted > 0 and answers[counted] > self._max_retained
+        # past the count bound (and not popped below it in this batch): the next write pops
+        self._over = not popping and counted > 0 and answers[counted] > self._max_retained
         # each record's check (1: its claim is there) follows its SET's reply
         return [upstream for i, upstream in enumerate(checked) if answers[3 + 2 * i] != 1]
 

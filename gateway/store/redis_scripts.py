@@ -86,11 +86,12 @@ redis.call('ZREMRANGEBYSCORE', finished, '-inf', string.format('(%d', now - rete
     + POP
 )
 
-# The finished set past ``max_retained`` (a flush's plain ``ZADD`` left it so): KEYS[1]: the
-# finished set; ARGV: max_retained, the state keys' prefix.
+# The finished set past ``max_retained`` (a flush's plain ``ZADD`` left it so), popped down to
+# ``slack`` under it, so that the next writes need no pop. KEYS[1]: the finished set; ARGV:
+# max_retained, the slack, the state keys' prefix.
 OVER = (
     """
-local finished, cap, prefix = KEYS[1], tonumber(ARGV[1]), ARGV[2]
+local finished, cap, prefix = KEYS[1], tonumber(ARGV[1]) - tonumber(ARGV[2]), ARGV[3]
 """
     + POP
     + """

@@ -6,6 +6,7 @@ Redis that lost its data leads to, and the count bound's trim of a batch. A real
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,11 +15,12 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 import gateway.store.redis
 from gateway.store.base import Delivery, TaskRecord, TaskState
 from gateway.store.parts import StatePart, StaticPart
-from gateway.store.pipe import RedisPipe
+from gateway.store.pipe import Incarnation, RedisPipe
 from gateway.store.redis import RecordParts, RedisSharedTasks, Write
 from gateway.store.shared import StoreUnavailable
 from protocol.frames import ErrorItem, ImageResult
@@ -225,8 +227,12 @@ async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path, use
         await admin.save()  # the snapshot: the incarnation key, the first claim
         mine = record("studio")
         assert await a.create_batch([mine], "a") == [True]
+        blind = user != "default"
+        if blind:  # a connect after the first may be to another server: the writes' counts
+            with pytest.raises(StoreUnavailable, match="another data set"):
+                await a.write([Write(mine, False, False)], retention=5, replica="a")
         assert await a.write([Write(mine, False, False)], retention=5, replica="a") == []
-        assert a.connection.incarnation.blind is (user != "default")
+        assert a.connection.incarnation.blind is blind
         server.kill()  # a crash: the last claim is not in the snapshot
         server.wait()
         stop_redis(server)
@@ -235,7 +241,7 @@ async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path, use
         assert await b.create_batch([theirs], "b") == [True]
         with pytest.raises(StoreUnavailable, match="another data set"):
             await a.write([Write(done(mine), False, True)], retention=5, replica="a")
-        assert a.connection.incarnation.generation == 1
+        assert a.connection.incarnation.generation == 1 + blind
         assert await admin.pttl(a.claim_key(mine.tenant, mine.task_uuid)) > 60_000
     finally:
         await a.close()
@@ -328,7 +334,8 @@ async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
 
 async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: str) -> None:
     """The write that takes the finished set past ``max_retained`` learns it from the set's
-    size; the next one pops it down, and so does every one while it stays past."""
+    size; the next one pops it down to 1% under it (one at least), so that the writes after it
+    need no pop until it is past again."""
     store = RedisSharedTasks.from_url(
         redis_url, max_retained=3, deadline=2000 * MS, prefix=f"test-{uuid.uuid4().hex}"
     )
@@ -347,17 +354,60 @@ async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: 
         finished = f"{store.connection.prefix}:finished"
         assert await client.zcard(finished) == 6  # past, by this write's records at most
         await store.write([Write(done(last), False, True)], retention=60, replica="a")
-        assert await client.zcard(finished) == 3
-        for r in first:  # the earliest finished, then two of the batch (finished at once)
+        assert await client.zcard(finished) == 2
+        for r in first:  # the earliest finished, then three of the batch (finished at once)
             assert await client.exists(store.state_key(r.upstream_uuid)) == 0
         assert await store.load(other.tenant, other.task_uuid) == other
         assert await store.load(first[1].tenant, first[1].task_uuid) is None
         assert await store.claim(first[1].tenant, first[1].task_uuid, "free again")
         kept = [r for r in batch if await store.load(r.tenant, r.task_uuid) == r]
-        assert len(kept) == 2
+        assert len(kept) == 1
+        assert await store.load(last.tenant, last.task_uuid) == last
+        # under the bound again by its slack: the next write pops nothing
+        one = record("studio")
+        assert await store.create_batch([one], "a") == [True]
+        await store.write([Write(done(one), False, True)], retention=60, replica="a")
+        assert await client.zcard(finished) == 3
         assert await store.load(last.tenant, last.task_uuid) == last
     finally:
         await store.close()
+
+
+async def test_the_count_bound_pops_the_earliest_by_redis_clock_whatever_this_ones(
+    store: RedisSharedTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record written whole is listed finished at Redis's time (its script reads ``TIME``),
+    one written as its state alone at Redis's time as read at the connect: a replica whose own
+    clock is an hour behind neither loses what it just finished to the bound, nor keeps what
+    finished long before."""
+    early, late = record("studio"), record("studio")
+    assert await store.create_batch([early, late], "a") == [True, True]
+    assert await store.write([Write(done(early), True, True)], retention=60, replica="a") == []
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+    assert await store.write([Write(done(late), False, True)], retention=60, replica="a") == []
+    client = store.connection.client
+    finished = f"{store.connection.prefix}:finished"
+    scores = [await client.zscore(finished, store.member(r.tenant, r.task_uuid, r.upstream_uuid))
+              for r in (early, late)]  # fmt: skip
+    assert scores[0] is not None and scores[1] is not None
+    assert scores[0] <= scores[1] < (wall() + 60) * 1e6
+
+
+def test_an_incarnation_tells_another_server_by_its_run_id_or_by_any_reconnect_without() -> None:
+    """A restart gives a new ``run_id``; where INFO is refused (an ACL, a BUSY server), a
+    connect after the first counts as another server, that connect only."""
+    incarnation = Incarnation(b"p:incarnation")
+    clock = [b"1700000000", b"250000"]
+    assert not incarnation.connected(b"v", b"# Server\r\nrun_id:aaa\r\n", clock)
+    assert abs(incarnation.now() - 1_700_000_000.25) < 5
+    assert not incarnation.connected(b"v", b"run_id:aaa\r\n", clock)  # the other connection
+    refused = ResponseError("NOPERM this user has no permissions to run the 'info' command")
+    assert incarnation.connected(b"v", refused, clock) and incarnation.blind
+    assert not incarnation.connected(b"v", b"run_id:aaa\r\n", clock)  # not blind for good
+    assert incarnation.connected(b"v", b"run_id:bbb\r\n", clock)
+    assert incarnation.connected(b"w", b"run_id:bbb\r\n", clock)  # flushed: another key
+    assert incarnation.generation == 3
 
 
 async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisSharedTasks) -> None:
@@ -369,15 +419,22 @@ async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisShare
     writes = [Write(done(r), False, True) for r in records]
     assert await store.write(writes, retention=60, replica="a") == []
     assert await client.scard(store.open_key("a")) == 0
-    # max_retained 1000: 3,100 went (the write's pieces pop it down), claims and states
-    assert await client.zcard(f"{store.connection.prefix}:finished") == 1000
+    # max_retained 1000: the write's pieces pop it down to 1% under, its last one leaves it
+    # past by its own records, and the next write pops it down again
+    finished = f"{store.connection.prefix}:finished"
+    assert await client.zcard(finished) == 990 + 100
+    extra = record("studio")
+    assert await store.create_batch([extra], "a") == [True]
+    assert await store.write([Write(done(extra), False, True)], retention=60, replica="a") == []
+    assert await client.zcard(finished) == 990
     prefix = store.connection.prefix
     states = [k async for k in client.scan_iter(f"{prefix}:state:*", count=1000)]
     claims = [k async for k in client.scan_iter(f"{prefix}:task:*", count=1000)]
-    assert len(states) == len(claims) == 1000
+    assert len(states) == len(claims) == 990
+    assert await store.load(extra.tenant, extra.task_uuid) == extra  # the latest finished
     loaded = [await store.load(r.tenant, r.task_uuid) for r in records]
-    assert sum(1 for r, got in zip(records, loaded, strict=True) if got == r) == 1000
-    assert loaded.count(None) == 3100
+    assert sum(1 for r, got in zip(records, loaded, strict=True) if got == r) == 989
+    assert loaded.count(None) == 3111
 
 
 async def test_an_error_reply_raises_and_leaves_the_connection_clean(redis_url: str) -> None:
