@@ -56,8 +56,9 @@ pack one by one in Python), and one command per batch for the sets and the sorte
   written whole next. The finished go off the open list in one ``SREM`` and into the finished
   set in one ``ZADD``; a ``ZREMRANGEBYSCORE`` drops what their retention let go (those keys
   expired by themselves), and a ``ZCARD`` tells whether the set is past ``max_retained``: then
-  the next write pops it down to 1% under it (a small script, ``OVER``), so it is past by one
-  write's records at most, and a pop runs once every 1% of the bound's records;
+  the next write pops it down to 1% under it (a small script, ``OVER``; to the bound itself
+  under 100), so it is past by one write's records at most, and a pop runs once every 1% of
+  the bound's records;
 - what must read before it writes is a script: a record written whole (``WRITE``), a final
   write with a retention of 0, a release, a load (the scripts: store/redis_scripts.py).
 
@@ -457,7 +458,7 @@ class RedisSharedTasks:
             counted = replies - 1
         popping = self._over
         if popping:  # after the SETs: the pop deletes the states of the records it pops
-            slack = b"%d" % max(1, self._max_retained // 100)
+            slack = b"%d" % (self._max_retained // 100)  # none under 100: a bound of 1 keeps 1
             commands.append(
                 command(b"EVAL", _OVER_SOURCE, b"1", finished, cap, slack, states.encode())
             )

@@ -334,8 +334,7 @@ async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
 
 async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: str) -> None:
     """The write that takes the finished set past ``max_retained`` learns it from the set's
-    size; the next one pops it down to 1% under it (one at least), so that the writes after it
-    need no pop until it is past again."""
+    size; the next one pops it down (to the bound itself: under 100, 1% of it is none)."""
     store = RedisSharedTasks.from_url(
         redis_url, max_retained=3, deadline=2000 * MS, prefix=f"test-{uuid.uuid4().hex}"
     )
@@ -354,20 +353,19 @@ async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: 
         finished = f"{store.connection.prefix}:finished"
         assert await client.zcard(finished) == 6  # past, by this write's records at most
         await store.write([Write(done(last), False, True)], retention=60, replica="a")
-        assert await client.zcard(finished) == 2
-        for r in first:  # the earliest finished, then three of the batch (finished at once)
+        assert await client.zcard(finished) == 3
+        for r in first:  # the earliest finished, then two of the batch (finished at once)
             assert await client.exists(store.state_key(r.upstream_uuid)) == 0
         assert await store.load(other.tenant, other.task_uuid) == other
         assert await store.load(first[1].tenant, first[1].task_uuid) is None
         assert await store.claim(first[1].tenant, first[1].task_uuid, "free again")
         kept = [r for r in batch if await store.load(r.tenant, r.task_uuid) == r]
-        assert len(kept) == 1
+        assert len(kept) == 2
         assert await store.load(last.tenant, last.task_uuid) == last
-        # under the bound again by its slack: the next write pops nothing
-        one = record("studio")
+        one = record("studio")  # past again, by this write's one
         assert await store.create_batch([one], "a") == [True]
         await store.write([Write(done(one), False, True)], retention=60, replica="a")
-        assert await client.zcard(finished) == 3
+        assert await client.zcard(finished) == 4
         assert await store.load(last.tenant, last.task_uuid) == last
     finally:
         await store.close()
@@ -427,11 +425,17 @@ async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisShare
     assert await store.create_batch([extra], "a") == [True]
     assert await store.write([Write(done(extra), False, True)], retention=60, replica="a") == []
     assert await client.zcard(finished) == 990
+    # 1% under the bound: the next ten finished need no pop
+    more = [record("studio") for _ in range(10)]
+    assert await store.create_batch(more, "a") == [True] * 10
+    writes = [Write(done(r), False, True) for r in more]
+    assert await store.write(writes, retention=60, replica="a") == []
+    assert await client.zcard(finished) == 1000 and not store._over
     prefix = store.connection.prefix
     states = [k async for k in client.scan_iter(f"{prefix}:state:*", count=1000)]
     claims = [k async for k in client.scan_iter(f"{prefix}:task:*", count=1000)]
-    assert len(states) == len(claims) == 990
-    assert await store.load(extra.tenant, extra.task_uuid) == extra  # the latest finished
+    assert len(states) == len(claims) == 1000
+    assert await store.load(extra.tenant, extra.task_uuid) == extra  # among the latest finished
     loaded = [await store.load(r.tenant, r.task_uuid) for r in records]
     assert sum(1 for r, got in zip(records, loaded, strict=True) if got == r) == 989
     assert loaded.count(None) == 3111
