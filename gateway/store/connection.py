@@ -86,6 +86,8 @@ class RedisConnection:
         RedisPipe.exchange); an error reply raises once every reply is read (the connection
         stays in step)."""
         try:
+            if self.incarnation.opening:
+                await self._open()
             answers = await pipe.exchange(data, replies, built)
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
@@ -93,6 +95,13 @@ class RedisConnection:
             if isinstance(answer, ResponseError):
                 raise self._unavailable(answer)
         return answers
+
+    async def _open(self) -> None:
+        """Both of the store's connections at once, before its first batch: a connect after
+        them may be to another server than the one claims were made in, and counts so where
+        the server cannot be told (``Incarnation``); these two are to the same one."""
+        await asyncio.gather(self.claims.connect(), self.writes.connect())
+        self.incarnation.opening = False
 
     def _unavailable(self, exc: Exception) -> StoreUnavailable:
         if isinstance(exc, TimeoutError):

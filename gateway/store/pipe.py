@@ -54,25 +54,28 @@ def command(*args: bytes) -> bytes:
 class Incarnation:
     """Which data set a Redis holds, as the store's connections last saw it: the server's
     ``run_id`` (every restart makes a new one: a data set reloaded from a snapshot or an
-    append-only file may lack its last writes; where ``INFO`` is refused, every connect after
-    the first counts as another server), and the value of ``key``, which a flush takes away
-    and whoever finds it missing sets to a random one (``probe``). A proxy that keeps the
-    store's connections open across a failover to a replica that lags is not seen: the
-    failover must drop them (Redis's own, Sentinel's and Cluster's do). ``generation`` counts
-    the changes seen: a claim made before a change may be gone, or another task's by now (a
-    taskUUID claimed again in the new data set). Also the server's clock, as read at the last
-    connect (``now``): what every replica orders finished records by."""
+    append-only file may lack its last writes; where ``INFO`` is refused, every connect once
+    the store's connections were up counts as another server), and the value of ``key``,
+    which a flush takes away and whoever finds it missing sets to a random one (``probe``). A
+    proxy that keeps the store's connections open across a failover to a replica that lags is
+    not seen: the failover must drop them (Redis's own, Sentinel's and Cluster's do).
+    ``generation`` counts the changes seen: a claim made before a change may be gone, or
+    another task's by now (a taskUUID claimed again in the new data set). Also the server's
+    clock (``now``), what every replica orders finished records by."""
 
-    __slots__ = ("blind", "connects", "generation", "key", "offset", "server", "value")
+    __slots__ = ("best", "blind", "generation", "key", "offset", "opening", "server", "value")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.blind = False  # INFO was refused at least once (said once in the log)
-        self.connects = 0
+        # until the store's connections are all up (store/connection.py): nothing was claimed
+        # before, so a connect then is to the data set the claims will be made in
+        self.opening = True
         self.server: bytes | None = None
         self.value: bytes | None = None
         self.generation = 0
         self.offset: float | None = None  # the server's clock less this one's monotonic clock
+        self.best = (0.0, 0.0)  # the kept TIME sample's round trip, and when it came
 
     def probe(self) -> bytes:
         """Two commands (two replies, the second the value): set it if missing, then read it."""
@@ -80,26 +83,35 @@ class Incarnation:
         return command(b"SET", self.key, fresh, b"NX") + command(b"GET", self.key)
 
     def now(self) -> float:
-        """The server's time (seconds), from its clock at the last connect; this replica's own
-        wall clock until a connect has read it."""
+        """The server's time (seconds), from its ``TIME`` (``timed``); this replica's own wall
+        clock until one was read."""
         offset = self.offset
         return time.time() if offset is None else time.monotonic() + offset
 
-    def connected(self, value: Any, info: Any, clock: Any) -> bool:
-        """A connect's replies: the probe's value, ``INFO server`` and ``TIME``; whether it
-        found another data set than the one seen before (the first one seen is no change)."""
-        self.connects += 1
-        if isinstance(clock, list) and len(clock) == 2:
-            self.offset = int(clock[0]) + int(clock[1]) / 1e6 - time.monotonic()
+    def timed(self, clock: Any, sent: float, got: float) -> None:
+        """A ``TIME`` reply that came between ``sent`` and ``got`` (monotonic): the sample
+        with the shortest round trip is kept (a loop turn that was busy when the reply came
+        does not skew it), a newer one once it is a minute old (the server's clock may have
+        been set since)."""
+        if not (isinstance(clock, list) and len(clock) == 2):
+            return
+        trip, at = self.best
+        if self.offset is None or got - sent <= trip or got - at > 60.0:
+            self.offset = int(clock[0]) + int(clock[1]) / 1e6 - (sent + got) / 2
+            self.best = (got - sent, got)
+
+    def connected(self, value: Any, info: Any) -> bool:
+        """A connect's replies: the probe's value and ``INFO server``; whether it found another
+        data set than the one seen before (the first one seen is no change)."""
         server = _run_id(info)
         if server is None and not self.blind:  # an ACL that refuses INFO, or a BUSY server
             log.warning("redis refused INFO: a reconnect counts as a new data set")
             self.blind = True
-        return self.seen(value, server, again=server is None and self.connects > 1)
+        return self.seen(value, server, again=server is None and not self.opening)
 
     def seen(self, value: Any, server: bytes | None = None, again: bool = False) -> bool:
         """Whether ``value`` (a probe's second reply) or ``server`` (a connect's ``run_id``;
-        ``again``: a connect with no run_id to read, not the first) is another data set than
+        ``again``: a connect with no run_id to read, past ``opening``) is another data set than
         the one seen before (the first one seen is no change)."""
         changed = again
         if server is not None and server != self.server:
@@ -199,6 +211,12 @@ class RedisPipe:
                     raise
         raise AssertionError("unreachable")
 
+    async def connect(self) -> None:
+        """A connection, if there is none, within the deadline."""
+        protocol = self._replies
+        if protocol is None or protocol.lost:
+            await self._connect(asyncio.get_running_loop().time() + self._deadline)
+
     async def _write(
         self, protocol: _Replies, data: bytes, replies: int, until: float
     ) -> list[Any]:
@@ -265,13 +283,16 @@ class RedisPipe:
         if incarnation is not None:
             data += command(b"INFO", b"server") + command(b"TIME") + incarnation.probe()
             wanted += 4
+        sent = time.monotonic()
         answers = await self._write(protocol, data, wanted, until)
+        got = time.monotonic()
         for answer in answers[: len(commands)]:
             if isinstance(answer, ResponseError):
                 protocol.close(ConnectionError("redis refused the connection's setup"))
                 raise AuthenticationError(str(answer))
         if incarnation is not None:  # a probe refused (out of memory) tells nothing: not kept
-            incarnation.connected(answers[-1], answers[-4], answers[-3])
+            incarnation.timed(answers[-3], sent, got)
+            incarnation.connected(answers[-1], answers[-4])
 
     async def close(self) -> None:
         """For good: the batches waiting fail, and no batch connects again."""

@@ -12,8 +12,8 @@ tenant's name cannot make two tenants' keys meet):
   deliveries; MessagePack), written at each change after the claim. None yet reads as a task
   just received: a claim writes no state
 - ``{prefix}:finished``                  sorted set of finished records by finish time (Redis's
-  clock, microseconds: a script's ``TIME``, or as a replica read it at its last connect): the
-  count bound ``max_retained`` pops it from the oldest
+  clock, microseconds: a script's ``TIME``, or a replica's estimate of it from the ``TIME``
+  every write batch reads): the count bound ``max_retained`` pops it from the oldest
 - ``{prefix}:open:{replica}``            set of the open records a replica runs (its takeover)
 
 A member of the last two is a record's tag then its claim's key, so a takeover and a pop
@@ -82,6 +82,7 @@ or fails raises ``StoreUnavailable``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,6 +105,7 @@ DAY = 86_400.0
 BATCH = 2_000
 
 _OVER_SOURCE, _WRITE_SOURCE = OVER.encode(), WRITE.encode()
+_TIME = command(b"TIME")
 
 
 # RESP by hand, as ``command`` (store/pipe.py) packs a whole command: a member or a value
@@ -406,7 +408,8 @@ class RedisSharedTasks:
         static, state, states = self._parts.static, self._parts.state, self._states
         expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
         incarnation = self._redis.incarnation
-        commands: list[bytes] = [incarnation.probe()]  # then each record's SET and check
+        # the probe and the server's clock, then each record's SET and check
+        commands: list[bytes] = [incarnation.probe(), _TIME]
         checked: list[str] = []  # their upstream UUIDs
         ended: list[bytes] = []  # the members of the final ones
         whole: list[bytes] = []  # the items of the records for WRITE
@@ -441,7 +444,7 @@ class RedisSharedTasks:
             checked.append(upstream)
         index = self.open_key(replica).encode() if replica is not None else b""
         finished, cap = self._finished_key.encode(), b"%d" % self._max_retained
-        replies = 2 + 2 * len(checked)
+        replies = 3 + 2 * len(checked)
         counted = 0  # where the finished set's size is answered
         if ended:  # listed finished at this replica's time; what retention let go goes
             now = round(incarnation.now() * 1_000_000)  # Redis's clock, as WRITE's TIME
@@ -469,13 +472,15 @@ class RedisSharedTasks:
             commands += _variadic(b"EVAL", fixed, whole)
             replies += 1
         data = b"".join(commands)
+        sent = time.monotonic()
         answers = await self._redis.batch(self._redis.writes, data, replies, built)
+        incarnation.timed(answers[2], sent, time.monotonic())
         if incarnation.generation == built:  # else it may tell of the data set before
             incarnation.seen(answers[1])
         # past the count bound (and not popped below it in this batch): the next write pops
         self._over = not popping and counted > 0 and answers[counted] > self._max_retained
         # each record's check (1: its claim is there) follows its SET's reply
-        return [upstream for i, upstream in enumerate(checked) if answers[3 + 2 * i] != 1]
+        return [upstream for i, upstream in enumerate(checked) if answers[4 + 2 * i] != 1]
 
     async def _exchange(self, pipe: RedisPipe, commands: list[bytes], replies: int) -> list[Any]:
         """``commands`` (packed) in one write on one of the store's pipelined connections

@@ -126,7 +126,7 @@ async def test_a_batch_past_its_deadline_closes_the_connection_for_those_after_i
     admin = aioredis.Redis.from_url(redis_url)
     try:
         pipe = connection.writes
-        [before] = await pipe.exchange(packed("CLIENT", "ID"), 1)
+        [before] = await connection.batch(pipe, packed("CLIENT", "ID"), 1)  # both connected
         await admin.client_pause(round(5000 * MS * 1000), all=False)  # writes held: not reads
         key = f"test-{uuid.uuid4().hex}"
         with pytest.raises(StoreUnavailable, match="did not answer within"):
