@@ -100,7 +100,12 @@ class RedisConnection:
         """Both of the store's connections at once, before its first batch: a connect after
         them may be to another server than the one claims were made in, and counts so where
         the server cannot be told (``Incarnation``); these two are to the same one."""
-        await asyncio.gather(self.claims.connect(), self.writes.connect())
+        outcomes = await asyncio.gather(
+            self.claims.connect(), self.writes.connect(), return_exceptions=True
+        )
+        for outcome in outcomes:  # both awaited: a second failure is not left unretrieved
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.incarnation.opening = False
 
     def _unavailable(self, exc: Exception) -> StoreUnavailable:
