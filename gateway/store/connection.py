@@ -97,15 +97,11 @@ class RedisConnection:
         return answers
 
     async def _open(self) -> None:
-        """Both of the store's connections at once, before its first batch: a connect after
-        them may be to another server than the one claims were made in, and counts so where
-        the server cannot be told (``Incarnation``); these two are to the same one."""
-        outcomes = await asyncio.gather(
-            self.claims.connect(), self.writes.connect(), return_exceptions=True
-        )
-        for outcome in outcomes:  # both awaited: a second failure is not left unretrieved
-            if isinstance(outcome, BaseException):
-                raise outcome
+        """Both of the store's connections, before its first batch: a connect after them may
+        be to another server than the one claims were made in, and counts so where the server
+        cannot be told (``Incarnation``); these two are to the same one."""
+        await self.claims.connect()  # one after the other: a failure leaves nothing behind
+        await self.writes.connect()
         self.incarnation.opening = False
 
     def _unavailable(self, exc: Exception) -> StoreUnavailable:
