@@ -248,6 +248,18 @@ def probe(n: int) -> bytes:
     return json.dumps({"data": [{"taskType": "imageInference", "n": n}]}).encode()
 
 
+async def gone_from(gateway: Any, http: aiohttp.ClientSession) -> tuple[str, Any]:
+    """A session opened on ``gateway``, in its directory, whose client then went away: its
+    UUID, and the session ``gateway`` keeps for it."""
+    client = await connect(http, gateway.url)
+    session_uuid = await client.auth(ALPHA)
+    await in_directory(gateway, session_uuid)
+    held = gateway.clients.table.sessions[session_uuid]
+    await client.ws.close()
+    await until(lambda: held.connection is None)
+    return session_uuid, held
+
+
 def a_result_right_after_adopting(
     monkeypatch: pytest.MonkeyPatch, gateway: Any, result: Callable[[], None]
 ) -> None:
@@ -270,12 +282,7 @@ async def test_a_replica_that_takes_a_session_holds_its_own_frames_behind_the_mi
     """A kept frame 1 for the client while it was away; the client resumes on B, and a task on
     B has a result at once (frame 2): the client gets 1, then 2."""
     a, b = pair
-    on_a = await connect(http, a.url)
-    session = await on_a.auth(ALPHA)
-    await in_directory(a, session)
-    held = a.clients.table.sessions[session]
-    await on_a.ws.close()
-    await until(lambda: held.connection is None)
+    session, held = await gone_from(a, http)
     held.push(probe(1))
     a_result_right_after_adopting(
         monkeypatch, b, lambda: b.clients.table.sessions[session].push(probe(2))
@@ -292,12 +299,7 @@ async def test_a_session_back_on_its_first_replica_gets_what_the_other_kept_firs
     """A -> B -> A: B kept frame 1 (of A's task, forwarded to it) for the client; back on A,
     A's task's next result (frame 2) waits for B to hand frame 1 over."""
     a, b = pair
-    on_a = await connect(http, a.url)
-    session = await on_a.auth(ALPHA)
-    await in_directory(a, session)
-    on_a_session = a.clients.table.sessions[session]
-    await on_a.ws.close()
-    await until(lambda: on_a_session.connection is None)
+    session, on_a_session = await gone_from(a, http)
     on_b = await connect(http, b.url)
     assert await on_b.auth(ALPHA, session) == session
     await until(lambda: on_a_session.forward is not None)
