@@ -428,19 +428,15 @@ class RedisSharedTasks:
                     whole_kinds.append(102)  # f
                 continue
             skey = (states + upstream).encode()
-            if write.final:
-                commands.append(
-                    b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
-                    b"*3\r\n$7\r\nPEXPIRE\r\n$%d\r\n%b\r\n%b"
-                    % (len(skey), skey, len(data), data, expire, len(key), key, expire)
-                )
+            commands.append(
+                b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
+                % (len(skey), skey, len(data), data, expire if write.final else ttl)
+            )
+            if write.final:  # the claim's retention starts; 0: Redis lost it
+                commands.append(b"*3\r\n$7\r\nPEXPIRE\r\n$%d\r\n%b\r\n%b" % (len(key), key, expire))
                 ended.append(_bulk(_tag(upstream) + key))
-            else:
-                commands.append(
-                    b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
-                    b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%b\r\n"
-                    % (len(skey), skey, len(data), data, ttl, len(key), key)
-                )
+            else:  # 0: Redis lost it
+                commands.append(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%b\r\n" % (len(key), key))
             checked.append(upstream)
         index = self.open_key(replica).encode() if replica is not None else b""
         finished, cap = self._finished_key.encode(), b"%d" % self._max_retained
