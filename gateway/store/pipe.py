@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-import time
 from collections import deque
 from typing import Any, cast
 
@@ -60,10 +59,9 @@ class Incarnation:
     proxy that keeps the store's connections open across a failover to a replica that lags is
     not seen: the failover must drop them (Redis's own, Sentinel's and Cluster's do).
     ``generation`` counts the changes seen: a claim made before a change may be gone, or
-    another task's by now (a taskUUID claimed again in the new data set). Also the server's
-    clock (``now``), what every replica orders finished records by."""
+    another task's by now (a taskUUID claimed again in the new data set)."""
 
-    __slots__ = ("best", "blind", "generation", "key", "offset", "opening", "server", "value")
+    __slots__ = ("blind", "generation", "key", "opening", "server", "value")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
@@ -74,31 +72,11 @@ class Incarnation:
         self.server: bytes | None = None
         self.value: bytes | None = None
         self.generation = 0
-        self.offset: float | None = None  # the server's clock less this one's monotonic clock
-        self.best = (0.0, 0.0)  # the kept TIME sample's round trip, and when it came
 
     def probe(self) -> bytes:
         """Two commands (two replies, the second the value): set it if missing, then read it."""
         fresh = os.urandom(12).hex().encode()
         return command(b"SET", self.key, fresh, b"NX") + command(b"GET", self.key)
-
-    def now(self) -> float:
-        """The server's time (seconds), from its ``TIME`` (``timed``); this replica's own wall
-        clock until one was read."""
-        offset = self.offset
-        return time.time() if offset is None else time.monotonic() + offset
-
-    def timed(self, clock: Any, sent: float, got: float) -> None:
-        """A ``TIME`` reply that came between ``sent`` and ``got`` (monotonic): the sample
-        with the shortest round trip is kept (a loop turn that was busy when the reply came
-        does not skew it), a newer one once it is a minute old (the server's clock may have
-        been set since)."""
-        if not (isinstance(clock, list) and len(clock) == 2):
-            return
-        trip, at = self.best
-        if self.offset is None or got - sent <= trip or got - at > 60.0:
-            self.offset = int(clock[0]) + int(clock[1]) / 1e6 - (sent + got) / 2
-            self.best = (got - sent, got)
 
     def connected(self, value: Any, info: Any) -> bool:
         """A connect's replies: the probe's value and ``INFO server``; whether it found another
@@ -281,18 +259,15 @@ class RedisPipe:
         data = b"".join(command(*c) for c in commands)
         wanted = len(commands)
         if incarnation is not None:
-            data += command(b"INFO", b"server") + command(b"TIME") + incarnation.probe()
-            wanted += 4
-        sent = time.monotonic()
+            data += command(b"INFO", b"server") + incarnation.probe()
+            wanted += 3
         answers = await self._write(protocol, data, wanted, until)
-        got = time.monotonic()
         for answer in answers[: len(commands)]:
             if isinstance(answer, ResponseError):
                 protocol.close(ConnectionError("redis refused the connection's setup"))
                 raise AuthenticationError(str(answer))
         if incarnation is not None:  # a probe refused (out of memory) tells nothing: not kept
-            incarnation.timed(answers[-3], sent, got)
-            incarnation.connected(answers[-1], answers[-4])
+            incarnation.connected(answers[-1], answers[-3])
 
     async def close(self) -> None:
         """For good: the batches waiting fail, and no batch connects again."""

@@ -3,77 +3,72 @@
 Keys, under one prefix (``tenebra`` unless told; tenant and taskUUID escaped so that a ':' in a
 tenant's name cannot make two tenants' keys meet):
 
-- ``{prefix}:task:{tenant}:{taskUUID}``  string: the claim, and the record's part that never
-  changes. A *tag* (one byte, the upstream UUID's length, then the upstream UUID) and the
-  static part (tenant, the task, its UUIDs, when it came; MessagePack). Written once with
-  ``SET NX``: one command claims the taskUUID and records the task. A bare claim (``claim``,
-  no record) is the tag alone
-- ``{prefix}:state:{upstreamUUID}``      string: what changes (state, results, error,
-  deliveries; MessagePack), written at each change after the claim. None yet reads as a task
-  just received: a claim writes no state
-- ``{prefix}:finished``                  sorted set of finished records by finish time (Redis's
-  clock, microseconds: a script's ``TIME``, or a replica's estimate of it from the ``TIME``
-  every write batch reads): the count bound ``max_retained`` pops it from the oldest
+- ``{prefix}:task:{tenant}:{taskUUID}``  string: the claim and the record in one key. A *tag*
+  (one byte, the upstream UUID's length, then the upstream UUID), then the record (MessagePack,
+  one array: store/parts.py). Written first with ``SET NX``: one command claims the taskUUID
+  and records the task; then whole again at each change. A bare claim (``claim``, no record)
+  is the tag alone
+- ``{prefix}:finished``                  list of finished records, in the order Redis saw them
+  finish: the count bound ``max_retained`` pops it from the oldest
 - ``{prefix}:open:{replica}``            set of the open records a replica runs (its takeover)
 
-A member of the last two is a record's tag then its claim's key, so a takeover and a pop
-find both of a record's keys without a read. An open record lives at most ``open_ttl`` from
-its claim (a safety net: a replica that died with the task and was never taken over); a final
-write sets it to ``retention``. A pop deletes a claim only while it is still that record's:
-a taskUUID whose claim lapsed may have been claimed again by another task.
+A member of the last two is a record's tag then its key, so a takeover and a pop find a
+record's key without a read. An open record lives at most ``open_ttl`` from its last write (a
+safety net: a replica that died with the task and was never taken over); a final write sets
+it to ``retention``. The finished list keeps the members of records whose retention let them
+go (their keys expired by themselves) until the bound pops them: it holds at most
+``max_retained`` members (and a write's more), and counts so at least every finished record
+Redis keeps. A pop deletes a key only while it is still that record's: a taskUUID whose claim
+lapsed may have been claimed again by another task.
 
 Redis restarted empty (no persistence): finished tasks are gone for every replica but the one
-that ran them; an open task's next write finds its claim gone, and it is written whole again
-(claim, static part, state, open list), unless another task took its taskUUID meanwhile.
+that ran them; an open task's next write finds its key gone, and it is written whole again
+(claim and record, open list), unless another task took its taskUUID meanwhile.
 Each replica knows which data set Redis holds (``{prefix}:incarnation``: store/pipe.py's
 ``Incarnation``, read at every connect and with every flush). Once it changes, every record
 claimed before is written whole (gateway.replication), which checks whose the claim is, and a
-flush built before is not sent: no write of a state alone assumes a claim of the data set that
-is gone. Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted is a
-taskUUID that can be billed twice, a state evicted reads as a task just received. Three
-cases are not told by the incarnation, and the claim's owner is not checked record by record:
-a flush under replicas that run (``FLUSHALL``, or claims deleted by hand: seen by the next
-write batch's probe, after that batch ran), a claim that lapsed (``open_ttl``, twice
-``tasks.timeout``) under a write held back longer, and a failover behind a proxy that keeps the
-store's connections open (store/pipe.py). A taskUUID claimed again by another task meanwhile
-may then be counted as the first task's by a write, and have its claim's expiry set to the
-first task's retention. That is harmless while ``tasks.retention`` is at least
-``tasks.timeout`` (the defaults: an hour, ten minutes): the second task ends, and sets its own
-expiry, before then.
+flush built before is not sent: no write of a record over its claim assumes a claim of the data
+set that is gone. Redis must not evict keys (``maxmemory-policy noeviction``): a claim evicted
+is a taskUUID that can be billed twice. Three cases are not told by the incarnation, and the
+claim's owner is not checked record by record: a flush under replicas that run
+(``FLUSHALL``, or claims deleted by hand: seen by the next write batch's probe, after that
+batch ran), a claim that lapsed (``open_ttl``, twice ``tasks.timeout``) under a write held
+back longer, and a failover behind a proxy that keeps the store's connections open
+(store/pipe.py). A taskUUID claimed again by another task meanwhile (a client that sent a
+taskUUID still running again, in that window) may then have its record written over by the
+first task's: ``getResponse`` answers with the first task's record, as it answered before
+the flush.
 
 How a batch goes (a loop turn's claims, a flush's records): one round trip on the store's
 pipelined connection (store/pipe.py: its replies parsed in C as they arrive), its commands
 packed by hand (RESP: a batch is hundreds of arguments, which redis-py's asyncio client would
-pack one by one in Python), and one command per batch for the sets and the sorted set:
+pack one by one in Python), and one command per batch for the sets and the list:
 
 - claims: one ``SADD`` of the records' members to the open list, then one ``SET NX PX`` each
   (claim and record at once), then the list's expiry. Each claim is atomic, the batch is not:
   a replica that dies half way leaves members without their claim, which its takeover passes
   by; a claim lost takes its member back (a second round trip, for conflicts only);
-- a record's state alone (every write but the first after a claim this replica made in this
-  data set): a ``SET PX`` of its state, then its claim's ``PEXPIRE`` to the retention (final)
-  or ``EXISTS`` (open), whose 0 says Redis lost it (flushed under connections that stayed up):
-  written whole next. The finished go off the open list in one ``SREM`` and into the finished
-  set in one ``ZADD``; a ``ZREMRANGEBYSCORE`` drops what their retention let go (those keys
-  expired by themselves), and a ``ZCARD`` tells whether the set is past ``max_retained``: then
-  the next write pops it down to 1% under it (a small script, ``OVER``; to the bound itself
-  under 100), so it is past by one write's records at most, and a pop runs once every 1% of
-  the bound's records;
+- a record written over its claim (every write but the first after a claim this replica made
+  in this data set): a ``SET XX PX``, to the retention (final) or ``open_ttl`` (open), whose
+  nil says Redis lost the claim (flushed under connections that stayed up): written whole
+  next. The finished go off the open list in one ``SREM`` and onto the finished list in one
+  ``RPUSH``, whose reply tells whether the list is past ``max_retained``: then the next write
+  pops it down to 1% under it (a small script, ``OVER``; to the bound itself under 100), so it
+  is past by one write's records at most, and a pop runs once every 1% of the bound's records;
 - what must read before it writes is a script: a record written whole (``WRITE``), a final
-  write with a retention of 0, a release, a load (the scripts: store/redis_scripts.py).
+  write with a retention of 0, a release (the scripts: store/redis_scripts.py).
 
-A task so costs Redis three keyed commands (its claim; its state and its claim's expiry when
-it ends) and a share of a batch's few, with no script on the way of a task that runs as it
-should. Checking each claim's tag in a script instead (whose claim it is, which the
-incarnation answers now) cost Redis about 1 us a task more, and listing the finished in a
-script 0.85 more. Plain
-commands, not one script per batch: a command inside a script, and every byte through Lua,
-costs Redis more than a command it parses (in a side-by-side microbenchmark of claims and final
-writes, Redis 5.9 us a task against 8.5 with one script per batch), at the cost of a reply for
-the gateway to read per command. Scripts touch keys they compute, so this is for a single Redis
-or a primary with replicas, not Redis Cluster. Redis 5 or later (scripts read ``TIME``). Keys
-of the previous layout (``{prefix}:rec:*``, claims holding an upstream UUID alone) are not
-read: replicas of both versions must not share a prefix.
+A task so costs Redis two keyed commands (its claim; its record when it ends) and a share of a
+batch's few, with no script on the way of a task that runs as it should. A record's state in a
+key of its own (and its claim's expiry set apart), and the finished in a sorted set by time,
+cost Redis about 2 us a task more (6.2 against 4.0, in a side-by-side run of the two command
+mixes). Plain commands, not one script per batch: a command inside a script, and every byte
+through Lua, costs Redis more than a command it parses (in a side-by-side microbenchmark of
+claims and final writes, Redis 5.9 us a task against 8.5 with one script per batch), at the
+cost of a reply for the gateway to read per command. Scripts touch keys they compute, so this
+is for a single Redis or a primary with replicas, not Redis Cluster. Redis 6.2 or later
+(``LPOP`` with a count). Keys of earlier layouts (``{prefix}:state:*``, a sorted
+``{prefix}:finished``) are not read: replicas of two versions must not share a prefix.
 
 Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
 or fails raises ``StoreUnavailable``.
@@ -82,7 +77,6 @@ or fails raises ``StoreUnavailable``.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,11 +84,10 @@ import msgspec
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
-from gateway.store.parts import StatePart, StaticPart
+from gateway.store.parts import StoredRecord
 from gateway.store.pipe import RedisPipe, command
-from gateway.store.redis_scripts import LOAD, OVER, RELEASE, TAKE_OPEN, WRITE
+from gateway.store.redis_scripts import OVER, RELEASE, TAKE_OPEN, WRITE
 from gateway.store.shared import StoreUnavailable
-from gateway.store.states import TaskState
 
 __all__ = ["RedisSharedTasks", "Write"]
 
@@ -105,7 +98,6 @@ DAY = 86_400.0
 BATCH = 2_000
 
 _OVER_SOURCE, _WRITE_SOURCE = OVER.encode(), WRITE.encode()
-_TIME = command(b"TIME")
 
 
 # RESP by hand, as ``command`` (store/pipe.py) packs a whole command: a member or a value
@@ -131,8 +123,8 @@ def _bytes(data: bytes | str) -> bytes:
 
 
 class Write:
-    """One record of a flush: whole (its static part too) the first time, else its state;
-    final (its retention starts) or open."""
+    """One record of a flush: whole (its claim checked, a script) the first time, else over its
+    claim; final (its retention starts) or open."""
 
     __slots__ = ("final", "record", "whole")
 
@@ -142,53 +134,31 @@ class Write:
         self.final = final
 
 
-class RecordParts:
-    """A record as two MessagePack arrays (store/parts.py): what never changes, written once
-    with its claim, and its state, written at each change. A record with no state written yet
-    is as it was received (``fresh``): a claim writes its static part alone."""
+class RecordCodec:
+    """A record as one MessagePack array (store/parts.py)."""
 
     def __init__(self) -> None:
         self._encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
-        self._static = msgspec.msgpack.Decoder(StaticPart)
-        self._state = msgspec.msgpack.Decoder(StatePart)
+        self._decode = msgspec.msgpack.Decoder(StoredRecord).decode
 
-    @staticmethod
-    def fresh(r: TaskRecord) -> bool:
-        """Whether ``r``'s state is what a record without a state reads as (``join``): every
-        state field at the record's default."""
-        return (
-            r.state is TaskState.RECEIVED and r.finished is None and r.link is None
-            and not r.window_epoch and not r.sends and not r.results and r.error is None
-            and not r.deliveries and r.key_id is None and not r.cost and r.trace is None
-        )  # fmt: skip
-
-    # encoded as tuples: the same MessagePack arrays as the parts' Structs (array_like, every
-    # field written), without a Struct made for each (about 0.25 us a record)
-    def static(self, r: TaskRecord) -> bytes:
-        return self._encode((r.tenant, r.task, r.upstream_uuid, r.created, r.session))
-
-    def state(self, r: TaskRecord) -> bytes:
+    # encoded as a tuple: the same MessagePack array as StoredRecord's (array_like, every field
+    # written), without a Struct made for each (about 0.25 us a record)
+    def encode(self, r: TaskRecord) -> bytes:
         return self._encode(
             (
-                r.state, r.finished, r.link, r.window_epoch, r.sends, r.results, r.error,
-                r.deliveries, r.key_id, r.cost, r.trace,
+                r.tenant, r.task, r.upstream_uuid, r.state, r.created, r.finished, r.link,
+                r.window_epoch, r.sends, r.results, r.error, r.deliveries, r.session, r.key_id,
+                r.cost, r.trace,
             )
         )  # fmt: skip
 
-    def join(self, static: bytes, state: bytes | None) -> TaskRecord:
-        """The record of its two parts; with no state, as it was received (``fresh``)."""
-        a = self._static.decode(static)
-        if state is None:
-            return TaskRecord(
-                tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
-                session=a.session,
-            )  # fmt: skip
-        b = self._state.decode(state)
+    def decode(self, data: bytes) -> TaskRecord:
+        a = self._decode(data)
         return TaskRecord(
-            tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, created=a.created,
-            session=a.session, state=b.state, finished=b.finished, link=b.link,
-            window_epoch=b.window_epoch, sends=b.sends, results=b.results, error=b.error,
-            deliveries=b.deliveries, key_id=b.key_id, cost=b.cost, trace=b.trace,
+            tenant=a.tenant, task=a.task, upstream_uuid=a.upstream_uuid, state=a.state,
+            created=a.created, finished=a.finished, link=a.link, window_epoch=a.window_epoch,
+            sends=a.sends, results=a.results, error=a.error, deliveries=a.deliveries,
+            session=a.session, key_id=a.key_id, cost=a.cost, trace=a.trace,
         )  # fmt: skip
 
 
@@ -200,16 +170,14 @@ class RedisSharedTasks:
         self._open_ttl_ms = max(1, round(open_ttl * 1000))
         self._prefix = redis.prefix
         self._claims = f"{redis.prefix}:task:"
-        self._states = f"{redis.prefix}:state:"
         self._finished_key = f"{redis.prefix}:finished"
         self._over = False  # the finished set past max_retained: the next write pops it down
         self._tenants: dict[str, str] = {}  # tenant -> the start of its claim keys
-        self._parts = RecordParts()
+        self._codec = RecordCodec()
         self._ttl_ms = b"%d" % self._open_ttl_ms
         # the end of each claim's SET
         self._claim_tail = b"$2\r\nNX\r\n$2\r\nPX\r\n" + _bulk(self._ttl_ms)
         self._release = redis.script(RELEASE)
-        self._load = redis.script(LOAD)
         self._take_open = redis.script(TAKE_OPEN)
 
     @classmethod
@@ -257,9 +225,6 @@ class RedisSharedTasks:
         start = self._tenants.get(tenant) or self._tenant(tenant)
         return (start + key_part(task_uuid)).encode()
 
-    def state_key(self, upstream_uuid: str) -> str:
-        return self._states + upstream_uuid
-
     def open_key(self, replica: str) -> str:
         """The open records a replica runs (their members): what a takeover finds."""
         return f"{self._prefix}:open:{key_part(replica)}"
@@ -289,11 +254,9 @@ class RedisSharedTasks:
         return [answer is not None for answer in answers]
 
     async def create_batch(self, records: Sequence[TaskRecord], replica: str) -> list[bool]:
-        """Claim each record's (tenant, taskUUID) and, where won, write the record whole and
-        list it as ``replica``'s: in one round trip, a loop turn's new tasks of every frame.
-        A task is then known to every replica before it is dispatched, with no write of its
-        own. A record as it was received (the gateway's case) writes no state: none reads as
-        that.
+        """Claim each record's (tenant, taskUUID) and, where won, write the record and list it
+        as ``replica``'s: in one round trip, a loop turn's new tasks of every frame. A task is
+        then known to every replica before it is dispatched, with no write of its own.
 
         Plain commands, pipelined: one ``SADD`` of the records' members to the open list, one
         ``SET NX PX`` each (claim and record at once), the list's expiry. Listed first, so that
@@ -301,17 +264,15 @@ class RedisSharedTasks:
         by; a claim lost takes its member back (a second round trip, for conflicts only)."""
         if not records:
             return []
-        static, state, fresh = self._parts.static, self._parts.state, self._parts.fresh
-        states, tail = self._states, self._claim_tail
+        encode, tail = self._codec.encode, self._claim_tail
         members: list[bytes] = []
         sets: list[bytes] = []
-        extra: list[bytes] = []  # the states of records not as received
         keys: list[bytes] = []
         tags: list[bytes] = []
         for record in records:
             tag = _tag(record.upstream_uuid)
             key = self._claim_key(record.tenant, record.task.taskUUID)
-            value = static(record)
+            value = encode(record)
             keys.append(key)
             tags.append(tag)
             members.append(_bulk(tag + key))
@@ -319,32 +280,22 @@ class RedisSharedTasks:
                 b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b%b\r\n%b"
                 % (len(key), key, len(tag) + len(value), tag, value, tail)
             )
-            if not fresh(record):
-                skey = (states + record.upstream_uuid).encode()
-                extra.append(command(b"SET", skey, state(record), b"PX", self._ttl_ms))
         index = self.open_key(replica).encode()
         commands = [
             *_variadic(b"SADD", [index], members),
             *sets,
-            *extra,
             command(b"PEXPIRE", index, self._ttl_ms),
         ]
-        answers = await self._exchange(self._redis.claims, commands, 2 + len(sets) + len(extra))
+        answers = await self._exchange(self._redis.claims, commands, 2 + len(sets))
         won = [answer is not None for answer in answers[1 : 1 + len(sets)]]
         if not all(won):
             await self._own_claims(won, keys, tags)
         if not all(won):
             lost = [m for m, ok in zip(members, won, strict=True) if not ok]
-            doomed = [
-                command(b"DEL", (states + r.upstream_uuid).encode())
-                for r, ok in zip(records, won, strict=True)
-                if not ok and extra
-            ]
             # the claims won stand whatever becomes of this tidying: a lost claim's member left
-            # in the open list is passed by (its claim carries another tag), a state expires
+            # in the open list is passed by (its claim carries another tag)
             with contextlib.suppress(StoreUnavailable):
-                tidying = [*_variadic(b"SREM", [index], lost), *doomed]
-                await self._exchange(self._redis.claims, tidying, 1 + len(doomed))
+                await self._exchange(self._redis.claims, _variadic(b"SREM", [index], lost), 1)
         return won
 
     async def _own_claims(self, won: list[bool], keys: list[bytes], tags: list[bytes]) -> None:
@@ -365,12 +316,7 @@ class RedisSharedTasks:
     ) -> None:
         """Give back a claim still held for ``upstream_uuid``, with its record (and its place
         in ``replica``'s open list)."""
-        keys = [
-            self.claim_key(tenant, task_uuid),
-            self.state_key(upstream_uuid),
-            self._finished_key,
-            self.open_key(replica if replica is not None else ""),
-        ]
+        keys = [self.claim_key(tenant, task_uuid), self.open_key(replica or "")]
         tag = _tag(upstream_uuid)
         await self._call(lambda: self._release(keys=keys, args=[tag]))
 
@@ -387,13 +333,12 @@ class RedisSharedTasks:
         ``replica``'s list of open records; the upstream UUIDs of those Redis lost, to be
         written whole.
 
-        A record's state alone (every write of the gateway's but the first after a claim it
-        made in this data set: ``generation``) is plain commands, pipelined: a ``SET`` of its
-        state, then its claim's ``PEXPIRE`` to the retention (final) or ``EXISTS`` (open), whose
-        0 says Redis lost it; the finished go off the open list and into the finished set
+        A record written over its claim (every write of the gateway's but the first after a
+        claim it made in this data set: ``generation``) is a plain ``SET XX``, whose nil says
+        Redis lost the claim; the finished go off the open list and onto the finished list
         with a command each for all. The others go through a script of their own (``WRITE``):
-        it reads before it writes. Each batch starts with the data set's probe: a
-        flush seen there counts as a new ``generation`` too."""
+        it reads before it writes. Each batch starts with the data set's probe: a flush seen
+        there counts as a new ``generation`` too."""
         built = self._redis.incarnation.generation  # the data set the writes were decided in
         missing: list[str] = []
         for start in range(0, len(writes), BATCH):  # after an outage: in pieces, each in time
@@ -405,11 +350,11 @@ class RedisSharedTasks:
         self, writes: Sequence[Write], retention: float, replica: str | None, built: int
     ) -> list[str]:
         retention_ms = max(0, round(retention * 1000))
-        static, state, states = self._parts.static, self._parts.state, self._states
+        encode = self._codec.encode
         expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
         incarnation = self._redis.incarnation
-        # the probe and the server's clock, then each record's SET and check
-        commands: list[bytes] = [incarnation.probe(), _TIME]
+        # the probe, then each record's SET
+        commands: list[bytes] = [incarnation.probe()]
         checked: list[str] = []  # their upstream UUIDs
         ended: list[bytes] = []  # the members of the final ones
         whole: list[bytes] = []  # the items of the records for WRITE
@@ -418,65 +363,50 @@ class RedisSharedTasks:
             record = write.record
             upstream = record.upstream_uuid
             key = self._claim_key(record.tenant, record.task.taskUUID)
-            data = state(record)
+            tag = _tag(upstream)
+            data = encode(record)
             if write.whole or (write.final and not retention_ms):
-                whole += (_bulk(_tag(upstream) + key), _bulk(data))
+                whole += (_bulk(tag + key), _bulk(data))
                 if write.whole:
-                    whole.append(_bulk(static(record)))
                     whole_kinds.append(70 if write.final else 79)  # F, O
                 else:
                     whole_kinds.append(102)  # f
                 continue
-            skey = (states + upstream).encode()
             commands.append(
-                b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nPX\r\n%b"
-                % (len(skey), skey, len(data), data, expire if write.final else ttl)
-            )
-            if write.final:  # the claim's retention starts; 0: Redis lost it
-                commands.append(b"*3\r\n$7\r\nPEXPIRE\r\n$%d\r\n%b\r\n%b" % (len(key), key, expire))
-                ended.append(_bulk(_tag(upstream) + key))
-            else:  # 0: Redis lost it
-                commands.append(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%b\r\n" % (len(key), key))
+                b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b%b\r\n$2\r\nXX\r\n$2\r\nPX\r\n%b"
+                % (len(key), key, len(tag) + len(data), tag, data, expire if write.final else ttl)
+            )  # nil: Redis lost the claim
+            if write.final:
+                ended.append(_bulk(tag + key))
             checked.append(upstream)
         index = self.open_key(replica).encode() if replica is not None else b""
         finished, cap = self._finished_key.encode(), b"%d" % self._max_retained
-        replies = 3 + 2 * len(checked)
-        counted = 0  # where the finished set's size is answered
-        if ended:  # listed finished at this replica's time; what retention let go goes
-            now = round(incarnation.now() * 1_000_000)  # Redis's clock, as WRITE's TIME
-            stamp = _bulk(b"%d" % now)
+        replies = 2 + len(checked)
+        counted = 0  # where the finished list's length is answered
+        if ended:
             if index:
                 commands += _variadic(b"SREM", [index], ended)
                 replies += 1
-            commands.append(b"*%d\r\n$4\r\nZADD\r\n%b" % (2 + 2 * len(ended), _bulk(finished)))
-            commands += [stamp + member for member in ended]
-            cut = b"(%d" % (now - retention_ms * 1000)
-            commands += (command(b"ZREMRANGEBYSCORE", finished, b"-inf", cut),
-                         command(b"ZCARD", finished))  # fmt: skip
-            replies += 3
+            commands += _variadic(b"RPUSH", [finished], ended)
+            replies += 1
             counted = replies - 1
         popping = self._over
-        if popping:  # after the SETs: the pop deletes the states of the records it pops
+        if popping:  # after the SETs: the pop deletes the records it pops
             slack = b"%d" % (self._max_retained // 100)  # none under 100: a bound of 1 keeps 1
-            commands.append(
-                command(b"EVAL", _OVER_SOURCE, b"1", finished, cap, slack, states.encode())
-            )
+            commands.append(command(b"EVAL", _OVER_SOURCE, b"1", finished, cap, slack))
             replies += 1
         if whole:
             fixed = [_WRITE_SOURCE, b"1", finished, b"%d" % retention_ms, cap, self._ttl_ms,
-                     index, states.encode(), bytes(whole_kinds)]  # fmt: skip
+                     index, bytes(whole_kinds)]  # fmt: skip
             commands += _variadic(b"EVAL", fixed, whole)
             replies += 1
-        data = b"".join(commands)
-        sent = time.monotonic()
-        answers = await self._redis.batch(self._redis.writes, data, replies, built)
-        incarnation.timed(answers[2], sent, time.monotonic())
+        answers = await self._redis.batch(self._redis.writes, b"".join(commands), replies, built)
         if incarnation.generation == built:  # else it may tell of the data set before
             incarnation.seen(answers[1])
         # past the count bound (and not popped below it in this batch): the next write pops
         self._over = not popping and counted > 0 and answers[counted] > self._max_retained
-        # each record's check (1: its claim is there) follows its SET's reply
-        return [upstream for i, upstream in enumerate(checked) if answers[4 + 2 * i] != 1]
+        # each record's SET answers nil where its claim is gone
+        return [upstream for i, upstream in enumerate(checked) if answers[2 + i] is None]
 
     async def _exchange(self, pipe: RedisPipe, commands: list[bytes], replies: int) -> list[Any]:
         """``commands`` (packed) in one write on one of the store's pipelined connections
@@ -487,16 +417,15 @@ class RedisSharedTasks:
         return await self._redis.batch(pipe, b"".join(commands), replies)
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
-        """One round trip: the claim, then the state of the record it names."""
-        keys = [self.claim_key(tenant, task_uuid)]
-        parts = await self._call(lambda: self._load(keys=keys, args=[self._states]))
-        if not parts:
-            return None
-        return self._joined(_bytes(parts[0]), parts[1] if len(parts) > 1 else None)
+        """The record under the claim (None: no claim, or a bare one)."""
+        key = self.claim_key(tenant, task_uuid).encode()
+        [value] = await self._redis.batch(self._redis.writes, command(b"GET", key), 1)
+        return None if value is None else self._record(_bytes(value))
 
-    def _joined(self, claim: bytes, state: bytes | str | None) -> TaskRecord:
-        """The record of a claim's value (tag, static part) and its state (None: not yet)."""
-        return self._parts.join(claim[claim[0] + 1 :], None if state is None else _bytes(state))
+    def _record(self, value: bytes) -> TaskRecord | None:
+        """The record of a key's value (tag, record); None for a bare claim."""
+        start = value[0] + 1
+        return self._codec.decode(value[start:]) if len(value) > start else None
 
     async def open_records(self, replica: str) -> list[TaskRecord]:
         """The open records ``replica`` listed (this replica's own, or a test's look)."""
@@ -518,29 +447,22 @@ class RedisSharedTasks:
         listed = []
         for member in sorted(_bytes(m) for m in members):
             n = member[0] + 1
-            listed.append((member[:n], member[n:], member[1:n]))  # tag, claim key, upstream
+            listed.append((member[:n], member[n:]))  # tag, key
         if not listed:
             return []
-
-        states = self._states.encode()
         replies: list[Any] = []
         for start in range(0, len(listed), BATCH):
-            reads = [
-                read
-                for _, claim, upstream in listed[start : start + BATCH]
-                for read in (command(b"GET", claim), command(b"GET", states + upstream))
-            ]
+            reads = [command(b"GET", key) for _, key in listed[start : start + BATCH]]
             replies += await self._exchange(self._redis.writes, reads, len(reads))
         records = []
-        for i, (tag, _, _) in enumerate(listed):
-            claim, state = replies[2 * i], replies[2 * i + 1]
-            if claim is None:  # finished meanwhile and gone, or lapsed
+        for (tag, _), value in zip(listed, replies, strict=True):
+            if value is None:  # finished meanwhile and gone, or lapsed
                 continue
-            claim = _bytes(claim)
-            if claim[: len(tag)] != tag or len(claim) == len(tag):
+            value = _bytes(value)
+            if value[: len(tag)] != tag:
                 continue  # the taskUUID is another task's now
-            record = self._joined(claim, state)
-            if record.finished is None:
+            record = self._record(value)
+            if record is not None and record.finished is None:
                 records.append(record)
         return records
 

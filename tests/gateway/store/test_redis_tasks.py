@@ -19,9 +19,9 @@ from redis.exceptions import ResponseError
 
 import gateway.store.redis
 from gateway.store.base import Delivery, TaskRecord, TaskState
-from gateway.store.parts import StatePart, StaticPart
+from gateway.store.parts import StoredRecord
 from gateway.store.pipe import Incarnation, RedisPipe
-from gateway.store.redis import RecordParts, RedisSharedTasks, Write
+from gateway.store.redis import RecordCodec, RedisSharedTasks, Write
 from gateway.store.shared import StoreUnavailable
 from protocol.frames import ErrorItem, ImageResult
 from tests.compiled import pure_python_only
@@ -52,31 +52,32 @@ def done(r: TaskRecord) -> TaskRecord:
     return r
 
 
-def test_a_records_parts_are_their_structs_arrays() -> None:
-    """The parts go out as tuples (no Struct made for each): the same bytes as the Structs the
-    loads decode, every field in its place."""
+def test_a_record_goes_out_as_its_structs_array() -> None:
+    """A record goes out as a tuple (no Struct made for each): the same bytes as the Struct the
+    loads decode, every field of the record in its place."""
     r = done(record("studio"))
     r.session, r.link, r.window_epoch, r.sends, r.key_id, r.cost, r.trace = (
         "s-1", 2, 3, 4, "key-1", 0.5, "00-trace",
     )  # fmt: skip
     r.error = ErrorItem(code="timeout", message="late", taskType="imageInference")
     r.deliveries = (Delivery(id="d-1", kind="webhook", target="http://127.0.0.1:9/hook"),)
-    parts = RecordParts()
-    static = StaticPart(r.tenant, r.task, r.upstream_uuid, r.created, r.session)
-    assert parts.static(r) == msgspec.msgpack.encode(static)
-    names = [f.name for f in msgspec.structs.fields(StatePart)]
-    state = StatePart(**{name: getattr(r, name) for name in names})
-    assert parts.state(r) == msgspec.msgpack.encode(state)
-    assert parts.join(parts.static(r), parts.state(r)) == r
+    names = [f.name for f in msgspec.structs.fields(StoredRecord)]
+    assert names == [f.name for f in msgspec.structs.fields(TaskRecord)]
+    codec = RecordCodec()
+    stored = StoredRecord(**{name: getattr(r, name) for name in names})
+    assert codec.encode(r) == msgspec.msgpack.encode(stored)
+    assert codec.decode(codec.encode(r)) == r
 
 
 async def test_a_claim_records_the_task_as_received_and_lists_it(store: RedisSharedTasks) -> None:
     records = [record("studio") for _ in range(3)]
     assert await store.create_batch(records, "a") == [True] * 3
     client = store.connection.client
-    for r in records:  # one key each: the claim is the record; no state until it changes
-        assert await client.exists(store.state_key(r.upstream_uuid)) == 0
+    for r in records:  # one key each: the claim is the record
         assert await store.load(r.tenant, r.task_uuid) == r
+    prefix = store.connection.prefix
+    keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+    assert len(keys) == 3 + 2  # and the open list, the incarnation
     assert sorted(await client.smembers(store.open_key("a"))) == sorted(
         store.member(r.tenant, r.task_uuid, r.upstream_uuid) for r in records
     )
@@ -121,8 +122,7 @@ async def test_writes_of_state_alone_then_final(store: RedisSharedTasks) -> None
     assert await store.write([Write(done(r), False, True)], retention=60, replica="a") == []
     assert await store.load(r.tenant, r.task_uuid) == r
     client = store.connection.client
-    for key in (store.claim_key(r.tenant, r.task_uuid), store.state_key(r.upstream_uuid)):
-        assert 0 < await client.pttl(key) <= 60_000
+    assert 0 < await client.pttl(store.claim_key(r.tenant, r.task_uuid)) <= 60_000
     assert await store.open_records("a") == []
 
 
@@ -163,8 +163,7 @@ async def test_a_whole_write_never_takes_a_claim_another_task_holds(
         assert await store.load(mine.tenant, mine.task_uuid) == theirs
     assert await store.open_records("a") == []
     assert [r.upstream_uuid for r in await store.open_records("b")] == [theirs.upstream_uuid]
-    # nor does a final write of its state alone, nor a release
-    await store.write([Write(mine, False, True)], retention=60, replica="a")
+    # nor does a release
     await store.release(mine.tenant, mine.task_uuid, mine.upstream_uuid, "a")
     assert await store.load(mine.tenant, mine.task_uuid) == theirs
 
@@ -173,9 +172,9 @@ async def test_a_whole_write_never_takes_a_claim_another_task_holds(
 async def test_after_a_restart_a_write_built_before_is_not_sent_to_the_new_data_set(
     store: RedisSharedTasks, redis_url: str, final: bool
 ) -> None:
-    """Redis restarted empty and B took A's taskUUID meanwhile. A's write of its state alone
-    was built for a claim that is gone: sent, its ``EXISTS`` would count B's claim as A's, and
-    its ``PEXPIRE`` would cut B's open claim down to A's retention. The connect that finds the
+    """Redis restarted empty and B took A's taskUUID meanwhile. A's write over its claim was
+    built for a claim that is gone: sent, its ``SET XX`` would write A's record over B's, with
+    A's retention. The connect that finds the
     new data set fails it unwritten and says every claim made before is gone (``generation``:
     gateway.replication then writes each record whole, which checks): A's record goes nowhere,
     B's claim keeps its expiry."""
@@ -214,7 +213,7 @@ async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path, use
     """Redis restarted from a snapshot that lacks A's last claim, and B took its taskUUID. The
     incarnation key came back with the snapshot; the server's ``run_id`` did not (or, for a
     user that may not read it, every reconnect counts as another server): a new data set, and
-    A's write of its state alone is not sent (it would cut B's claim to A's retention)."""
+    A's write over its claim is not sent (it would write A's record over B's)."""
     binary = shutil.which("redis-server")
     assert binary is not None
     kept = ("--dir", str(tmp_path), *(NO_INFO if user != "default" else ()))
@@ -240,6 +239,7 @@ async def test_a_restart_from_a_snapshot_is_another_data_set(tmp_path: Path, use
             await a.write([Write(done(mine), False, True)], retention=5, replica="a")
         assert a.connection.incarnation.generation == 1
         assert await admin.pttl(a.claim_key(mine.tenant, mine.task_uuid)) > 60_000
+        assert await b.load(theirs.tenant, theirs.task_uuid) == theirs
     finally:
         await a.close()
         await b.close()
@@ -286,6 +286,7 @@ async def test_a_write_in_pieces_keeps_the_data_set_it_was_decided_in(
             await store.write([Write(done(r), False, True) for r in records], retention=5)
         assert store.connection.incarnation.generation == 1
         assert await client.pttl(claim) > 60_000  # B's, not cut to A's retention
+        assert await b.load(last.tenant, last.task_uuid) != last
     finally:
         await b.close()
 
@@ -330,8 +331,8 @@ async def test_claims_won_stand_when_tidying_after_a_lost_one_fails(
 
 
 async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: str) -> None:
-    """The write that takes the finished set past ``max_retained`` learns it from the set's
-    size; the next one pops it down (to the bound itself: under 100, 1% of it is none)."""
+    """The write that takes the finished list past ``max_retained`` learns it from the list's
+    length; the next one pops it down (to the bound itself: under 100, 1% of it is none)."""
     store = RedisSharedTasks.from_url(
         redis_url, max_retained=3, deadline=2000 * MS, prefix=f"test-{uuid.uuid4().hex}"
     )
@@ -348,11 +349,10 @@ async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: 
         assert await store.create_batch([other], "b") == [True]
         await store.write([Write(done(r), False, True) for r in batch], retention=60, replica="a")
         finished = f"{store.connection.prefix}:finished"
-        assert await client.zcard(finished) == 6  # past, by this write's records at most
+        assert await client.llen(finished) == 6  # past, by this write's records at most
         await store.write([Write(done(last), False, True)], retention=60, replica="a")
-        assert await client.zcard(finished) == 3
-        for r in first:  # the earliest finished, then two of the batch (finished at once)
-            assert await client.exists(store.state_key(r.upstream_uuid)) == 0
+        assert await client.llen(finished) == 3
+        # the earliest finished (the first one's taskUUID another's now), then two of the batch
         assert await store.load(other.tenant, other.task_uuid) == other
         assert await store.load(first[1].tenant, first[1].task_uuid) is None
         assert await store.claim(first[1].tenant, first[1].task_uuid, "free again")
@@ -362,31 +362,25 @@ async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: 
         one = record("studio")  # past again, by this write's one
         assert await store.create_batch([one], "a") == [True]
         await store.write([Write(done(one), False, True)], retention=60, replica="a")
-        assert await client.zcard(finished) == 4
+        assert await client.llen(finished) == 4
         assert await store.load(last.tenant, last.task_uuid) == last
     finally:
         await store.close()
 
 
-async def test_the_count_bound_pops_the_earliest_by_redis_clock_whatever_this_ones(
+async def test_the_finished_are_listed_in_the_order_redis_saw_them_finish(
     store: RedisSharedTasks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A record written whole is listed finished at Redis's time (its script reads ``TIME``),
-    one written as its state alone at Redis's time as read at the connect: a replica whose own
-    clock is an hour behind neither loses what it just finished to the bound, nor keeps what
-    finished long before."""
+    """Whether written whole (a script) or over their claims, and whatever a replica's own
+    clock says (an hour behind here): the count bound pops what finished first."""
     early, late = record("studio"), record("studio")
     assert await store.create_batch([early, late], "a") == [True, True]
     assert await store.write([Write(done(early), True, True)], retention=60, replica="a") == []
     wall = time.time
     monkeypatch.setattr(time, "time", lambda: wall() - 3600)
     assert await store.write([Write(done(late), False, True)], retention=60, replica="a") == []
-    client = store.connection.client
-    finished = f"{store.connection.prefix}:finished"
-    scores = [await client.zscore(finished, store.member(r.tenant, r.task_uuid, r.upstream_uuid))
-              for r in (early, late)]  # fmt: skip
-    assert scores[0] is not None and scores[1] is not None
-    assert scores[0] <= scores[1] < (wall() + 60) * 1e6
+    finished = await store.connection.client.lrange(f"{store.connection.prefix}:finished", 0, -1)
+    assert finished == [store.member(r.tenant, r.task_uuid, r.upstream_uuid) for r in (early, late)]
 
 
 def test_an_incarnation_tells_another_server_by_its_run_id_or_by_any_reconnect_without() -> None:
@@ -405,24 +399,6 @@ def test_an_incarnation_tells_another_server_by_its_run_id_or_by_any_reconnect_w
     assert incarnation.generation == 3
 
 
-def test_the_servers_clock_is_the_time_sample_with_the_shortest_round_trip() -> None:
-    """A reply read late (a loop turn that was busy) does not skew the clock; a newer sample
-    is taken once the kept one is a minute old (the server's clock may have been set)."""
-    incarnation = Incarnation(b"p:incarnation")
-    assert abs(incarnation.now() - time.time()) < 1  # none read yet: this one's wall clock
-    at = time.monotonic()
-    incarnation.timed([b"1000", b"500000"], at - 0.3, at)  # read 0.3 s late
-    assert abs(incarnation.now() - (1000.5 + 0.15)) < 0.05
-    incarnation.timed([b"1000", b"400000"], at - 0.001, at)  # a tight one
-    assert abs(incarnation.now() - 1000.4) < 0.05
-    incarnation.timed([b"2000", b"0"], at - 0.3, at)  # looser, and the kept one is fresh
-    assert abs(incarnation.now() - 1000.4) < 0.05
-    incarnation.timed([b"2000", b"0"], at + 60.5, at + 61)  # the kept one is a minute old
-    assert abs(incarnation.now() - (2000 - 60.75)) < 0.05
-    incarnation.timed(ResponseError("NOPERM"), at, at)  # TIME refused: nothing to take
-    assert abs(incarnation.now() - (2000 - 60.75)) < 0.05
-
-
 async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisSharedTasks) -> None:
     """Past Lua's stack (8,000 values): the pop past the count bound goes in chunks."""
     records = [record("studio") for _ in range(4100)]
@@ -435,21 +411,20 @@ async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisShare
     # max_retained 1000: the write's pieces pop it down to 1% under, its last one leaves it
     # past by its own records, and the next write pops it down again
     finished = f"{store.connection.prefix}:finished"
-    assert await client.zcard(finished) == 990 + 100
+    assert await client.llen(finished) == 990 + 100
     extra = record("studio")
     assert await store.create_batch([extra], "a") == [True]
     assert await store.write([Write(done(extra), False, True)], retention=60, replica="a") == []
-    assert await client.zcard(finished) == 990
+    assert await client.llen(finished) == 990
     # 1% under the bound: the next ten finished need no pop
     more = [record("studio") for _ in range(10)]
     assert await store.create_batch(more, "a") == [True] * 10
     writes = [Write(done(r), False, True) for r in more]
     assert await store.write(writes, retention=60, replica="a") == []
-    assert await client.zcard(finished) == 1000 and not store._over
+    assert await client.llen(finished) == 1000 and not store._over
     prefix = store.connection.prefix
-    states = [k async for k in client.scan_iter(f"{prefix}:state:*", count=1000)]
     claims = [k async for k in client.scan_iter(f"{prefix}:task:*", count=1000)]
-    assert len(states) == len(claims) == 1000
+    assert len(claims) == 1000
     assert await store.load(extra.tenant, extra.task_uuid) == extra  # among the latest finished
     loaded = [await store.load(r.tenant, r.task_uuid) for r in records]
     assert sum(1 for r, got in zip(records, loaded, strict=True) if got == r) == 989
