@@ -1,6 +1,6 @@
-"""A task record as the Redis store (store/redis.py) keeps it: one MessagePack array, the
-fields in ``TaskRecord``'s order (no field names: a third of the bytes). A Struct only: a module
-compiled with mypyc cannot define one (it would build a plain class)."""
+"""A task record as the Redis store (store/redis.py) keeps it: one MessagePack array of
+``TaskRecord``'s fields (no field names: a third of the bytes). A Struct only: a module compiled
+with mypyc cannot define one (it would build a plain class)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ __all__ = ["StoredRecord"]
 
 
 class StoredRecord(msgspec.Struct, array_like=True, gc=False):
+    # what never changes: packed once at the claim (store/redis.py's RecordCodec)
     tenant: str
     task: ImageTask
     upstream_uuid: str
-    state: TaskState
     created: float
+    session: str | None
+    # what changes
+    state: TaskState
     finished: float | None
     link: int | None
     window_epoch: int
@@ -25,7 +28,6 @@ class StoredRecord(msgspec.Struct, array_like=True, gc=False):
     results: tuple[ImageResult, ...]
     error: ErrorItem | None
     deliveries: tuple[Delivery, ...]
-    session: str | None
     key_id: str | None
     cost: float
     trace: str | None
