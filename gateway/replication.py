@@ -17,8 +17,8 @@ and the hot path never waits for Redis there. What replicas share goes through h
   see), and ``/readyz`` says 503 until the lease gets through again.
 - **Records, written behind.** A record is written again when a result comes and when it ends
   (not when it is queued or sent: a replica taking it over asks the provider about every open
-  task). One flush at a time writes every dirty record in one round trip, as it is at that moment
-  and its state alone (what never changes went with the claim). A task's frames to its
+  task). One flush at a time writes every dirty record in one round trip, as it is at that moment,
+  over the claim that wrote it first (no read: the store's plain ``SET XX``). A task's frames to its
   subscribers (its client, its webhooks) leave once the write of what they tell is done
   (``after_write``): a replica that takes the task over knows every image its client was sent,
   and sends none twice. That costs each result one Redis round trip of latency; while Redis is
@@ -106,7 +106,7 @@ class Replication:
         self.healthy = True  # the last call to the store got through
         self._dirty: dict[str, TaskRecord] = {}  # by upstream UUID, in order of first change
         # open records whose claims this replica won in the data set Redis holds (the claim
-        # wrote their static part): their writes carry their state alone
+        # wrote them): their writes go over their claims, unread
         self._stored: set[str] = set()
         # the data set they are stored in (store/pipe.py's Incarnation): in another one, their
         # claims are gone or another task's, and each is written whole, which checks
@@ -279,7 +279,7 @@ class Replication:
                     self._give_back(records)
                     batch = []
                     continue
-                # written whole: its next writes carry its state alone, unless Redis holds
+                # written whole: its next writes go over its claim, unread, unless Redis holds
                 # another data set since (the claim may be of the one before)
                 if self.shared.connection.incarnation.generation == generation:
                     for record, ok in zip(records, won, strict=True):

@@ -3,12 +3,13 @@
 Keys, under one prefix (``tenebra`` unless told; tenant and taskUUID escaped so that a ':' in a
 tenant's name cannot make two tenants' keys meet):
 
-- ``{prefix}:task:{tenant}:{taskUUID}``  string: the claim and the record in one key. A *tag*
-  (one byte, the upstream UUID's length, then the upstream UUID), then the record (MessagePack,
-  one array: store/parts.py). Written first with ``SET NX``: one command claims the taskUUID
-  and records the task; then whole again at each change. A bare claim (``claim``, no record)
-  is the tag alone
-- ``{prefix}:finished``                  list of finished records, in the order Redis saw them
+- ``{prefix}:record:{tenant}:{taskUUID}``  string: the claim and the record in one key. A *tag*
+  (one byte, the upstream UUID's length, then the upstream UUID), a *mark* (``f``: the record
+  is on the finished list; ``o``: not yet), then the record (MessagePack, one array:
+  store/parts.py). Written first with ``SET NX``: one command claims the taskUUID and records
+  the task; then whole again at each change. A bare claim (``claim``, no record) is the tag
+  alone
+- ``{prefix}:ended``                     list of finished records, in the order Redis saw them
   finish: the count bound ``max_retained`` pops it from the oldest
 - ``{prefix}:open:{replica}``            set of the open records a replica runs (its takeover)
 
@@ -18,8 +19,13 @@ safety net: a replica that died with the task and was never taken over); a final
 it to ``retention``. The finished list keeps the members of records whose retention let them
 go (their keys expired by themselves) until the bound pops them: it holds at most
 ``max_retained`` members (and a write's more), and counts so at least every finished record
-Redis keeps. A pop deletes a key only while it is still that record's: a taskUUID whose claim
-lapsed may have been claimed again by another task.
+Redis keeps. A record is listed once: its first final write lists it, and a later one (the
+outcome of a delivery after the task ended: gateway.replication writes it whole) finds the
+mark and does not. Two cases list it twice, so that the pop of its first member deletes it
+before its time: a final write whose connection dropped before its replies came, sent again
+(``RedisPipe.exchange``), and one that found its claim gone (Redis lost it) and was written
+whole. A pop deletes a key only while it is still that record's: a taskUUID whose claim lapsed
+may have been claimed again by another task.
 
 Redis restarted empty (no persistence): finished tasks are gone for every replica but the one
 that ran them; an open task's next write finds its key gone, and it is written whole again
@@ -67,8 +73,11 @@ through Lua, costs Redis more than a command it parses (in a side-by-side microb
 claims and final writes, Redis 5.9 us a task against 8.5 with one script per batch), at the
 cost of a reply for the gateway to read per command. Scripts touch keys they compute, so this
 is for a single Redis or a primary with replicas, not Redis Cluster. Redis 6.2 or later
-(``LPOP`` with a count). Keys of earlier layouts (``{prefix}:state:*``, a sorted
-``{prefix}:finished``) are not read: replicas of two versions must not share a prefix.
+(``LPOP`` with a count). Keys of earlier layouts (``{prefix}:task:*``, ``{prefix}:state:*``,
+``{prefix}:finished``, ``{prefix}:rec:*``) are neither read nor written: replicas of two
+versions must not share a prefix, and the old keys expire by themselves (but for the old
+finished set, which can be deleted). A value that does not read as a record raises
+``StoreUnavailable`` where it was asked for, and is passed by in a takeover (logged).
 
 Every call keeps the connection's deadline (store/connection.py): a Redis that refuses, stalls
 or fails raises ``StoreUnavailable``.
@@ -81,6 +90,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
+import structlog
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
@@ -91,6 +101,8 @@ from gateway.store.shared import StoreUnavailable
 from gateway.store.states import TaskState
 
 __all__ = ["RedisSharedTasks", "Write"]
+
+log = structlog.get_logger("tenebra.store")
 
 DAY = 86_400.0
 # records per round trip of a flush or a takeover's read: the records dirty after a long outage
@@ -103,6 +115,7 @@ MAX_KNOWN = 20_000
 
 _OVER_SOURCE, _WRITE_SOURCE = OVER.encode(), WRITE.encode()
 _HEAD = b"\xdc\x00\x10"  # a record's MessagePack array: 16 fields (RecordCodec)
+_OPEN, _LISTED = b"o", b"f"  # a record's mark: whether it is on the finished list
 
 
 # RESP by hand, as ``command`` (store/pipe.py) packs a whole command: a member or a value
@@ -193,8 +206,8 @@ class RedisSharedTasks:
         self._max_retained = max_retained
         self._open_ttl_ms = max(1, round(open_ttl * 1000))
         self._prefix = redis.prefix
-        self._claims = f"{redis.prefix}:task:"
-        self._finished_key = f"{redis.prefix}:finished"
+        self._claims = f"{redis.prefix}:record:"
+        self._finished_key = f"{redis.prefix}:ended"
         self._over = False  # the finished set past max_retained: the next write pops it down
         self._tenants: dict[str, str] = {}  # tenant -> the start of its claim keys
         self._codec = RecordCodec()
@@ -306,7 +319,7 @@ class RedisSharedTasks:
             tag = _tag(record.upstream_uuid)
             key = self._claim_key(record.tenant, record.task.taskUUID)
             fixed = static(record)
-            value = head + fixed + state(record)
+            value = _OPEN + head + fixed + state(record)
             keys.append(key)
             tags.append(tag)
             parts.append((key, tag, fixed))
@@ -416,7 +429,7 @@ class RedisSharedTasks:
                     static(record),
                 )  # fmt: skip
             key, tag, unchanging = parts
-            data = head + unchanging + state(record)
+            data = (_LISTED if write.final else _OPEN) + head + unchanging + state(record)
             if write.whole or (write.final and not retention_ms):
                 whole += (_bulk(tag + key), _bulk(data))
                 if write.whole:
@@ -475,9 +488,14 @@ class RedisSharedTasks:
         return None if value is None else self._record(_bytes(value))
 
     def _record(self, value: bytes) -> TaskRecord | None:
-        """The record of a key's value (tag, record); None for a bare claim."""
-        start = value[0] + 1
-        return self._codec.decode(value[start:]) if len(value) > start else None
+        """The record of a key's value (tag, mark, record); None for a bare claim."""
+        start = value[0] + 2
+        if len(value) < start:
+            return None
+        try:
+            return self._codec.decode(value[start:])
+        except msgspec.DecodeError as exc:  # another version's, or written by hand
+            raise StoreUnavailable(f"a record in redis does not read: {exc}") from exc
 
     async def open_records(self, replica: str) -> list[TaskRecord]:
         """The open records ``replica`` listed (this replica's own, or a test's look)."""
@@ -513,7 +531,11 @@ class RedisSharedTasks:
             value = _bytes(value)
             if value[: len(tag)] != tag:
                 continue  # the taskUUID is another task's now
-            record = self._record(value)
+            try:
+                record = self._record(value)
+            except StoreUnavailable as exc:  # one record's: the others are still taken over
+                log.warning("an open record not taken over", error=str(exc))
+                continue
             if record is not None and record.finished is None:
                 records.append(record)
         return records

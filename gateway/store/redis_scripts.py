@@ -74,32 +74,34 @@ return 0
 # deleted. KEYS[1]: the finished list; ARGV: retention (ms), max_retained, open ttl (ms), the
 # replica's open list ('' for none), the records' kinds (a string, one letter each: O/F whole,
 # open/final; f final, with a retention of 0), then for each record its member (tag .. key) and
-# its record. Written whole, a record takes its claim back where Redis lost it, or completes
-# its own (a bare claim, a record taken over), never another task's: then it is written
-# nowhere.
+# its value after the tag (mark, record). Written whole, a record takes its claim back where
+# Redis lost it, or completes its own (a bare claim, a record taken over), never another
+# task's: then it is written nowhere. A final one is listed finished unless its mark says it
+# was (a delivery's outcome after the task ended).
 WRITE = (
     """
 local finished, retention, cap, ttl = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local index, kinds = ARGV[4], ARGV[5]
-local listed, unlisted, gone = {}, {}, {}
+local listed, unlisted, ended, gone = {}, {}, {}, {}
 for k = 1, #kinds do
   local kind, member, record = string.byte(kinds, k), ARGV[4 + 2 * k], ARGV[5 + 2 * k]
   local n = string.byte(member) + 1
   local tag, key = string.sub(member, 1, n), string.sub(member, n + 1)
   local final = kind ~= 79  -- O
+  local held = redis.call('GET', key)
+  local ours = held and string.sub(held, 1, n) == tag
   if final and retention <= 0 then
-    local held = redis.call('GET', key)
-    if held and string.sub(held, 1, n) == tag then redis.call('DEL', key) end
+    if ours then redis.call('DEL', key) end
     gone[#gone + 1] = member
-  else
+  elseif ours or not held then
     local expiry = ttl
     if final then expiry = ARGV[1] end
-    local ours = redis.call('SET', key, tag .. record, 'NX', 'PX', expiry)
-    if not ours and string.sub(redis.call('GET', key), 1, n) == tag then
-      ours = redis.call('SET', key, tag .. record, 'PX', expiry)
-    end
-    if ours then
-      if final then unlisted[#unlisted + 1] = member else listed[#listed + 1] = member end
+    redis.call('SET', key, tag .. record, 'PX', expiry)
+    if final then
+      unlisted[#unlisted + 1] = member
+      if not (ours and string.sub(held, n + 1, n + 1) == 'f') then ended[#ended + 1] = member end
+    else
+      listed[#listed + 1] = member
     end
   end
 end
@@ -114,8 +116,8 @@ if index ~= '' then
   end
   if #listed > 0 then redis.call('PEXPIRE', index, ttl) end
 end
-for j = 1, #unlisted, 4000 do
-  redis.call('RPUSH', finished, unpack(unlisted, j, math.min(j + 3999, #unlisted)))
+for j = 1, #ended, 4000 do
+  redis.call('RPUSH', finished, unpack(ended, j, math.min(j + 3999, #ended)))
 end
 """
     + POP

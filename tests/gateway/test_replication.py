@@ -683,6 +683,38 @@ async def test_a_record_written_whole_stays_whole(redis_url: str) -> None:
         await b.close()
 
 
+async def test_a_deliverys_outcome_after_the_end_keeps_the_record_listed_once(
+    redis_url: str,
+) -> None:
+    """Two finished tasks under ``max_retained`` 2; one's webhook outcome comes after its end
+    (app's ``_delivery_outcome``: ``changed``), and is written whole. Both stay: the record is
+    not listed finished a second time, which would count it twice against the bound."""
+    store = RedisSharedTasks.from_url(redis_url, max_retained=2, prefix=f"test-{uuid.uuid4().hex}")
+    replication = replication_over(store)
+
+    async def flushed(record: TaskRecord) -> None:
+        replication.changed(record)
+        await until(lambda: not replication.pending and replication._flushing is None)
+
+    try:
+        heard: list[Any] = []
+        tasks = [image_task("async"), image_task("async")]
+        replication.claim_then("t", tasks, heard.append, session=None, created=0.0)
+        await until(lambda: bool(heard))
+        first, second = heard[0].won.values()
+        for r in (first, second):
+            r.state, r.finished = TaskState.DONE, 2.0
+            await flushed(r)
+        for attempt in (1, 2):
+            first.sends = attempt  # any change: a delivery's attempt, its outcome
+            await flushed(first)
+        assert await store.load("t", second.task_uuid) == second
+        assert await store.load("t", first.task_uuid) == first
+        assert await store.connection.client.llen(store._finished_key) == 2
+    finally:
+        await store.close()
+
+
 async def test_a_rated_tenants_slow_take_holds_up_no_other_tenant(
     provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
 ) -> None:

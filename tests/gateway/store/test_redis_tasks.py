@@ -6,7 +6,6 @@ Redis that lost its data leads to, and the count bound's trim of a batch. A real
 from __future__ import annotations
 
 import shutil
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import gateway.store.redis
 from gateway.store.base import Delivery, TaskRecord, TaskState
 from gateway.store.parts import StoredRecord
 from gateway.store.pipe import Incarnation, RedisPipe
-from gateway.store.redis import RecordCodec, RedisSharedTasks, Write
+from gateway.store.redis import RecordCodec, RedisSharedTasks, Write, _tag
 from gateway.store.shared import StoreUnavailable
 from protocol.frames import ErrorItem, ImageResult
 from tests.compiled import pure_python_only
@@ -373,7 +372,7 @@ async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: 
         other = record("studio", first[0].task_uuid)
         assert await store.create_batch([other], "b") == [True]
         await store.write([Write(done(r), False, True) for r in batch], retention=60, replica="a")
-        finished = f"{store.connection.prefix}:finished"
+        finished = store._finished_key
         assert await client.llen(finished) == 6  # past, by this write's records at most
         await store.write([Write(done(last), False, True)], retention=60, replica="a")
         assert await client.llen(finished) == 3
@@ -394,18 +393,79 @@ async def test_past_the_count_bound_the_next_write_pops_the_earliest(redis_url: 
 
 
 async def test_the_finished_are_listed_in_the_order_redis_saw_them_finish(
-    store: RedisSharedTasks, monkeypatch: pytest.MonkeyPatch
+    store: RedisSharedTasks,
 ) -> None:
-    """Whether written whole (a script) or over their claims, and whatever a replica's own
-    clock says (an hour behind here): the count bound pops what finished first."""
+    """Whether written whole (a script) or over their claims: the count bound pops what
+    finished first."""
     early, late = record("studio"), record("studio")
     assert await store.create_batch([early, late], "a") == [True, True]
     assert await store.write([Write(done(early), True, True)], retention=60, replica="a") == []
-    wall = time.time
-    monkeypatch.setattr(time, "time", lambda: wall() - 3600)
     assert await store.write([Write(done(late), False, True)], retention=60, replica="a") == []
-    finished = await store.connection.client.lrange(f"{store.connection.prefix}:finished", 0, -1)
+    finished = await store.connection.client.lrange(store._finished_key, 0, -1)
     assert finished == [store.member(r.tenant, r.task_uuid, r.upstream_uuid) for r in (early, late)]
+
+
+@pytest.mark.parametrize("first", ["over its claim", "whole"])
+async def test_a_finished_record_written_again_is_listed_once(redis_url: str, first: str) -> None:
+    """A delivery's outcome after the task ended writes its record again (whole: replication
+    stores no final record): its mark says it is listed, so it is not listed twice, and the
+    bound does not pop it for its first listing while counting it twice."""
+    store = RedisSharedTasks.from_url(
+        redis_url, max_retained=2, deadline=2000 * MS, prefix=f"test-{uuid.uuid4().hex}"
+    )
+    try:
+        one, two = record("studio"), record("studio")
+        assert await store.create_batch([one, two], "a") == [True, True]
+        writes = [Write(done(r), first == "whole", True) for r in (one, two)]
+        assert await store.write(writes, retention=60, replica="a") == []
+        one.deliveries = (Delivery(id="d-1", kind="webhook", target="http://127.0.0.1:9/hook"),)
+        for _ in range(3):
+            assert await store.write([Write(one, True, True)], retention=60, replica="a") == []
+        assert await store.connection.client.llen(store._finished_key) == 2
+        three = record("studio")  # past the bound: the earliest goes, the other stays
+        assert await store.create_batch([three], "a") == [True]
+        assert await store.write([Write(done(three), False, True)], retention=60) == []
+        assert await store.write([Write(three, True, True)], retention=60) == []  # the pop
+        assert await store.load(one.tenant, one.task_uuid) is None
+        assert await store.load(two.tenant, two.task_uuid) == two
+        assert await store.load(three.tenant, three.task_uuid) == three
+    finally:
+        await store.close()
+
+
+async def test_an_open_write_renews_the_safety_net(store: RedisSharedTasks) -> None:
+    """An open record lives ``open_ttl`` from its last write; a final one its retention."""
+    r = record("studio")
+    assert await store.create_batch([r], "a") == [True]
+    key, client = store.claim_key(r.tenant, r.task_uuid), store.connection.client
+    await client.pexpire(key, 10_000)
+    r.state = TaskState.PARTIAL
+    assert await store.write([Write(r, False, False)], retention=5, replica="a") == []
+    assert await client.pttl(key) > 86_000_000  # a day again
+    assert await store.write([Write(done(r), False, True)], retention=5, replica="a") == []
+    assert 0 < await client.pttl(key) <= 5_000
+
+
+async def test_keys_of_the_layout_before_are_neither_read_nor_written(
+    store: RedisSharedTasks,
+) -> None:
+    """Replicas stopped to upgrade leave the old layout's keys behind, its finished set among
+    them (no expiry): the new layout's keys are others, and a value that is no record (written
+    by hand, or by another version) reads as the store unavailable, not as a crash; a takeover
+    passes it by and takes the others."""
+    client, prefix = store.connection.client, store.connection.prefix
+    await client.zadd(f"{prefix}:finished", {b"old": 1.0})
+    r, odd = record("studio"), record("studio")
+    assert await store.create_batch([r, odd], "a") == [True, True]
+    assert await store.write([Write(done(r), False, True)], retention=60, replica="a") == []
+    assert await store.load(r.tenant, r.task_uuid) == r
+    key = store.claim_key(odd.tenant, odd.task_uuid)
+    await client.set(key, _tag(odd.upstream_uuid) + b"o" + msgspec.msgpack.encode((odd.tenant,)))
+    with pytest.raises(StoreUnavailable, match="does not read"):
+        await store.load(odd.tenant, odd.task_uuid)
+    other = record("studio")
+    assert await store.create_batch([other], "a") == [True]
+    assert [t.upstream_uuid for t in await store.take_open("a", "b")] == [other.upstream_uuid]
 
 
 def test_an_incarnation_tells_another_server_by_its_run_id_or_by_any_reconnect_without() -> None:
@@ -435,7 +495,7 @@ async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisShare
     assert await client.scard(store.open_key("a")) == 0
     # max_retained 1000: the write's pieces pop it down to 1% under, its last one leaves it
     # past by its own records, and the next write pops it down again
-    finished = f"{store.connection.prefix}:finished"
+    finished = store._finished_key
     assert await client.llen(finished) == 990 + 100
     extra = record("studio")
     assert await store.create_batch([extra], "a") == [True]
@@ -448,7 +508,7 @@ async def test_a_batch_larger_than_a_script_can_unpack_at_once(store: RedisShare
     assert await store.write(writes, retention=60, replica="a") == []
     assert await client.llen(finished) == 1000 and not store._over
     prefix = store.connection.prefix
-    claims = [k async for k in client.scan_iter(f"{prefix}:task:*", count=1000)]
+    claims = [k async for k in client.scan_iter(f"{prefix}:record:*", count=1000)]
     assert len(claims) == 1000
     assert await store.load(extra.tenant, extra.task_uuid) == extra  # among the latest finished
     loaded = [await store.load(r.tenant, r.task_uuid) for r in records]

@@ -205,7 +205,7 @@ async def test_redis_keys_carry_their_ttls(redis_url: str) -> None:
         assert await store.claim(r.tenant, r.task_uuid, r.upstream_uuid)
         await store.save(r)
         claim = store.claim_key(r.tenant, r.task_uuid)
-        assert claim == f"{prefix}:task:stu%3Adio:{r.task_uuid}"
+        assert claim == f"{prefix}:record:stu%3Adio:{r.task_uuid}"
         client = store.connection.client
         assert 55_000 < await client.pttl(claim) <= 60_000  # an open task: the safety net
         await store.finish(r, retention=5)
@@ -213,7 +213,7 @@ async def test_redis_keys_carry_their_ttls(redis_url: str) -> None:
         # listed finished by its member: tag, then key
         member = store.member(r.tenant, r.task_uuid, r.upstream_uuid)
         assert member == bytes([36]) + r.upstream_uuid.encode() + claim.encode()
-        assert await client.lrange(f"{prefix}:finished", 0, -1) == [member]
+        assert await client.lrange(f"{prefix}:ended", 0, -1) == [member]
     finally:
         await store.close()
 
