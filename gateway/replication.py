@@ -502,6 +502,12 @@ class Replication:
                     # newer changes made meanwhile are the same objects: keep the order
                     batch.update(self._dirty)
                     self._dirty = batch
+                    # Redis may have run them (a reply past its deadline, a piece of a write
+                    # in pieces): a final one goes whole next, whose script reads whether it
+                    # was listed finished already
+                    for write in writes:
+                        if write.final:
+                            stored.discard(write.record.upstream_uuid)
                     _run(after)
                     missing = None
                 if missing is None:  # not in the handler: see UpstreamLink._connection

@@ -18,8 +18,8 @@ carries its record's tag).
 Every connect reads which data set Redis holds (its ``Incarnation``: a key that a restart
 without persistence, or a flush, takes away, and the first connect after sets anew). A batch
 built for one data set (``built``: the store's writes of records over their claims, which
-assume their claims are there) is not written once another is seen: it fails unwritten, and the store
-builds the next one for the new data set.
+assume their claims are there) is not written once another is seen: it fails unwritten, and
+the store builds the next one for the new data set.
 
 Connects with the URL's address, TLS (``rediss://``), credentials and database, each step
 within the deadline. What redis-py's client does beyond that (RESP3, client-side caching,

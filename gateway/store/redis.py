@@ -18,13 +18,16 @@ record's key without a read. An open record lives at most ``open_ttl`` from its 
 safety net: a replica that died with the task and was never taken over); a final write sets
 it to ``retention``. The finished list keeps the members of records whose retention let them
 go (their keys expired by themselves) until the bound pops them: it holds at most
-``max_retained`` members (and a write's more), and counts so at least every finished record
-Redis keeps. A record is listed once: its first final write lists it, and a later one (the
-outcome of a delivery after the task ended: gateway.replication writes it whole) finds the
-mark and does not. Two cases list it twice, so that the pop of its first member deletes it
-before its time: a final write whose connection dropped before its replies came, sent again
-(``RedisPipe.exchange``), and one that found its claim gone (Redis lost it) and was written
-whole. A pop deletes a key only while it is still that record's: a taskUUID whose claim lapsed
+``max_retained`` members (and a write's more). A record is listed once: its first final write
+lists it, and a later one (the outcome of a delivery after the task ended, a write sent again
+after a failure: gateway.replication writes them whole) finds the mark and does not. Two cases
+list it twice, so that the pop of its first member deletes it before its time: a final write
+whose connection dropped before its replies came, sent again at once (``RedisPipe.exchange``),
+and one that found its key gone (Redis lost it, or the bound popped it under a delivery's
+outcome: the record comes back, listed anew). A batch cut between its ``SET``s and its
+``RPUSH`` (a restart, or a connection reset, as Redis read it) leaves records marked listed
+that are not: the bound does not count them, and they go at the end of their retention. A pop
+deletes a key only while it is still that record's: a taskUUID whose claim lapsed
 may have been claimed again by another task.
 
 Redis restarted empty (no persistence): finished tasks are gone for every replica but the one
@@ -489,6 +492,8 @@ class RedisSharedTasks:
 
     def _record(self, value: bytes) -> TaskRecord | None:
         """The record of a key's value (tag, mark, record); None for a bare claim."""
+        if not value:
+            raise StoreUnavailable("a record in redis does not read: an empty value")
         start = value[0] + 2
         if len(value) < start:
             return None

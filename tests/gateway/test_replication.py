@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 import gateway.replication
 import gateway.store.pipe
+import gateway.store.redis
 from gateway.clients import MAX_CLAIMING_FRAMES
 from gateway.config import Tenant
 from gateway.provider.server import LocalProvider
@@ -711,6 +712,43 @@ async def test_a_deliverys_outcome_after_the_end_keeps_the_record_listed_once(
         assert await store.load("t", second.task_uuid) == second
         assert await store.load("t", first.task_uuid) == first
         assert await store.connection.client.llen(store._finished_key) == 2
+    finally:
+        await store.close()
+
+
+@pure_python_only(gateway.store.redis)
+async def test_a_final_write_retried_after_a_failure_is_not_listed_again(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran a flush, but its reply came past the deadline: the retry writes the
+    finished record whole, whose script finds it listed already. Listed twice, it would count
+    twice against ``max_retained``, and its first member's pop would delete it early."""
+    store = RedisSharedTasks.from_url(redis_url, max_retained=2, prefix=f"test-{uuid.uuid4().hex}")
+    replication = replication_over(store)
+    write, calls = store.write, 0
+
+    async def late(*args: Any, **kwargs: Any) -> list[str]:
+        nonlocal calls
+        calls += 1
+        written = await write(*args, **kwargs)
+        if calls == 1:
+            raise StoreUnavailable("redis did not answer within 2 s")
+        return written
+
+    monkeypatch.setattr(store, "write", late)
+    try:
+        heard: list[Any] = []
+        tasks = [image_task("async"), image_task("async")]
+        replication.claim_then("t", tasks, heard.append, session=None, created=0.0)
+        await until(lambda: bool(heard))
+        first, second = heard[0].won.values()
+        for r in (first, second):
+            r.state, r.finished = TaskState.DONE, 2.0
+            replication.changed(r)
+            await until(lambda: not replication.pending and replication._flushing is None)
+        assert calls == 3
+        assert await store.connection.client.llen(store._finished_key) == 2
+        assert await store.load("t", first.task_uuid) == first
     finally:
         await store.close()
 
