@@ -13,13 +13,11 @@ __all__ = ["StoredRecord"]
 
 
 class StoredRecord(msgspec.Struct, array_like=True, gc=False):
-    # what never changes: packed once at the claim (store/redis.py's RecordCodec)
     tenant: str
     task: ImageTask
     upstream_uuid: str
     created: float
     session: str | None
-    # what changes
     state: TaskState
     finished: float | None
     link: int | None

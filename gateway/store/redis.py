@@ -101,7 +101,6 @@ from gateway.store.parts import StoredRecord
 from gateway.store.pipe import RedisPipe, command
 from gateway.store.redis_scripts import OVER, RELEASE, TAKE_OPEN, WRITE
 from gateway.store.shared import StoreUnavailable
-from gateway.store.states import TaskState
 
 __all__ = ["RedisSharedTasks", "Write"]
 
@@ -112,12 +111,8 @@ DAY = 86_400.0
 # (up to ``max_pending``), a dead replica's open ones, go in pieces, each within the deadline,
 # not in one round trip that never can
 BATCH = 2_000
-# open records whose packed parts are kept (``RedisSharedTasks._known``) at most: past it they
-# are forgotten, and packed again at their next write
-MAX_KNOWN = 20_000
 
 _OVER_SOURCE, _WRITE_SOURCE = OVER.encode(), WRITE.encode()
-_HEAD = b"\xdc\x00\x10"  # a record's MessagePack array: 16 fields (RecordCodec)
 _OPEN, _LISTED = b"o", b"f"  # a record's mark: whether it is on the finished list
 
 
@@ -156,41 +151,21 @@ class Write:
 
 
 class RecordCodec:
-    """A record as one MessagePack array (store/parts.py): its unchanging part first, packed
-    once at the claim and kept while the record is open (``RedisSharedTasks``), then its state.
-    Each part is packed as a tuple (no Struct made for each: about 0.25 us a record), and the
-    array's header put in front of both: the same bytes as StoredRecord's."""
+    """A record as one MessagePack array (store/parts.py), packed as a tuple: the same bytes as
+    StoredRecord's, without a Struct made for each (about 0.25 us a record)."""
 
     def __init__(self) -> None:
         self._encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(StoredRecord).decode
-        # the state of every record as it was received: packed once (most claims')
-        self._received = self._state(
-            TaskState.RECEIVED, None, None, 0, 0, (), None, (), None, 0.0, None
-        )
-
-    def static(self, r: TaskRecord) -> bytes:
-        """The fields that never change, without their tuple's header (one byte)."""
-        return self._encode((r.tenant, r.task, r.upstream_uuid, r.created, r.session))[1:]
-
-    def state(self, r: TaskRecord) -> bytes:
-        """The fields that change, without their tuple's header (one byte)."""
-        if (
-            r.state is TaskState.RECEIVED and r.finished is None and r.link is None
-            and not r.window_epoch and not r.sends and not r.results and r.error is None
-            and not r.deliveries and r.key_id is None and not r.cost and r.trace is None
-        ):  # fmt: skip
-            return self._received
-        return self._state(
-            r.state, r.finished, r.link, r.window_epoch, r.sends, r.results, r.error,
-            r.deliveries, r.key_id, r.cost, r.trace,
-        )  # fmt: skip
-
-    def _state(self, *fields: Any) -> bytes:
-        return self._encode(fields)[1:]
 
     def encode(self, r: TaskRecord) -> bytes:
-        return _HEAD + self.static(r) + self.state(r)
+        return self._encode(
+            (
+                r.tenant, r.task, r.upstream_uuid, r.created, r.session, r.state, r.finished,
+                r.link, r.window_epoch, r.sends, r.results, r.error, r.deliveries, r.key_id,
+                r.cost, r.trace,
+            )
+        )  # fmt: skip
 
     def decode(self, data: bytes) -> TaskRecord:
         a = self._decode(data)
@@ -214,9 +189,6 @@ class RedisSharedTasks:
         self._over = False  # the finished set past max_retained: the next write pops it down
         self._tenants: dict[str, str] = {}  # tenant -> the start of its claim keys
         self._codec = RecordCodec()
-        # by upstream UUID, the open records this replica claimed: their key, tag and
-        # unchanging part, packed by the claim for their writes (a final one takes it)
-        self._known: dict[str, tuple[bytes, bytes, bytes]] = {}
         self._ttl_ms = b"%d" % self._open_ttl_ms
         # the end of each claim's SET
         self._claim_tail = b"$2\r\nNX\r\n$2\r\nPX\r\n" + _bulk(self._ttl_ms)
@@ -307,25 +279,17 @@ class RedisSharedTasks:
         by; a claim lost takes its member back (a second round trip, for conflicts only)."""
         if not records:
             return []
-        static, state, head, tail = (
-            self._codec.static,
-            self._codec.state,
-            _HEAD,
-            self._claim_tail,
-        )
+        encode, tail = self._codec.encode, self._claim_tail
         members: list[bytes] = []
         sets: list[bytes] = []
         keys: list[bytes] = []
         tags: list[bytes] = []
-        parts: list[tuple[bytes, bytes, bytes]] = []
         for record in records:
             tag = _tag(record.upstream_uuid)
             key = self._claim_key(record.tenant, record.task.taskUUID)
-            fixed = static(record)
-            value = _OPEN + head + fixed + state(record)
+            value = _OPEN + encode(record)
             keys.append(key)
             tags.append(tag)
-            parts.append((key, tag, fixed))
             members.append(_bulk(tag + key))
             sets.append(
                 b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b%b\r\n%b"
@@ -341,12 +305,6 @@ class RedisSharedTasks:
         won = [answer is not None for answer in answers[1 : 1 + len(sets)]]
         if not all(won):
             await self._own_claims(won, keys, tags)
-        known = self._known
-        if len(known) + len(records) > MAX_KNOWN:
-            known.clear()
-        for i, record in enumerate(records):
-            if won[i]:
-                known[record.upstream_uuid] = parts[i]
         if not all(won):
             lost = [m for m, ok in zip(members, won, strict=True) if not ok]
             # the claims won stand whatever becomes of this tidying: a lost claim's member left
@@ -375,7 +333,6 @@ class RedisSharedTasks:
         in ``replica``'s open list)."""
         keys = [self.claim_key(tenant, task_uuid), self.open_key(replica or "")]
         tag = _tag(upstream_uuid)
-        self._known.pop(upstream_uuid, None)
         await self._call(lambda: self._release(keys=keys, args=[tag]))
 
     async def save(self, record: TaskRecord) -> None:
@@ -408,12 +365,7 @@ class RedisSharedTasks:
         self, writes: Sequence[Write], retention: float, replica: str | None, built: int
     ) -> list[str]:
         retention_ms = max(0, round(retention * 1000))
-        static, state, head, known = (
-            self._codec.static,
-            self._codec.state,
-            _HEAD,
-            self._known,
-        )
+        encode = self._codec.encode
         expire, ttl = _bulk(b"%d" % retention_ms), _bulk(self._ttl_ms)
         incarnation = self._redis.incarnation
         # the probe, then each record's SET
@@ -425,14 +377,9 @@ class RedisSharedTasks:
         for write in writes:
             record = write.record
             upstream = record.upstream_uuid
-            parts = known.pop(upstream, None) if write.final else known.get(upstream)
-            if parts is None:  # not claimed here, or forgotten
-                parts = (
-                    self._claim_key(record.tenant, record.task.taskUUID), _tag(upstream),
-                    static(record),
-                )  # fmt: skip
-            key, tag, unchanging = parts
-            data = (_LISTED if write.final else _OPEN) + head + unchanging + state(record)
+            key = self._claim_key(record.tenant, record.task.taskUUID)
+            tag = _tag(upstream)
+            data = (_LISTED if write.final else _OPEN) + encode(record)
             if write.whole or (write.final and not retention_ms):
                 whole += (_bulk(tag + key), _bulk(data))
                 if write.whole:

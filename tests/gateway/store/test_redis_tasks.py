@@ -63,34 +63,10 @@ def test_a_record_goes_out_as_its_structs_array() -> None:
     names = [f.name for f in msgspec.structs.fields(StoredRecord)]
     assert sorted(names) == sorted(f.name for f in msgspec.structs.fields(TaskRecord))
     codec = RecordCodec()
-    for each in (r, record("studio")):  # and one as received (its state packed once for all)
+    for each in (r, record("studio")):  # and one as received
         stored = StoredRecord(**{name: getattr(each, name) for name in names})
         assert codec.encode(each) == msgspec.msgpack.encode(stored)
         assert codec.decode(codec.encode(each)) == each
-
-
-@pure_python_only(gateway.store.redis)
-async def test_records_forgotten_past_the_bound_of_those_kept_packed_are_packed_again(
-    store: RedisSharedTasks, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The claim keeps each open record's unchanging part packed for its writes, up to
-    ``MAX_KNOWN`` records: past it they are forgotten, and their writes pack them again; a
-    final write, or a release, lets go of its record's."""
-    monkeypatch.setattr(gateway.store.redis, "MAX_KNOWN", 2)
-    first, second, third = (record("studio") for _ in range(3))
-    assert await store.create_batch([first, second], "a") == [True, True]
-    assert len(store._known) == 2
-    assert await store.create_batch([third], "a") == [True]  # past the bound: the others go
-    assert list(store._known) == [third.upstream_uuid]
-    writes = [Write(done(r), False, True) for r in (first, second, third)]
-    assert await store.write(writes, retention=60, replica="a") == []
-    for r in (first, second, third):
-        assert await store.load(r.tenant, r.task_uuid) == r
-    assert store._known == {}
-    fourth = record("studio")
-    assert await store.create_batch([fourth], "a") == [True]
-    await store.release(fourth.tenant, fourth.task_uuid, fourth.upstream_uuid, "a")
-    assert store._known == {} and await store.load(fourth.tenant, fourth.task_uuid) is None
 
 
 async def test_a_claim_records_the_task_as_received_and_lists_it(store: RedisSharedTasks) -> None:
