@@ -1,5 +1,5 @@
 """A task record as the Redis store (store/redis.py) keeps it: one MessagePack array of
-``TaskRecord``'s fields (no field names: a third of the bytes). A Struct only: a module compiled
+``TaskRecord``'s fields (no field names). A Struct only: a module compiled
 with mypyc cannot define one (it would build a plain class)."""
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ and one that found its key gone (Redis lost it, or the bound popped it under a d
 outcome: the record comes back, listed anew). A batch cut between its ``SET``s and its
 ``RPUSH`` (a restart, or a connection reset, as Redis read it) leaves records marked listed
 that are not: the bound does not count them, and they go at the end of their retention. A pop
-deletes a key only while it is still that record's: a taskUUID whose claim lapsed
-may have been claimed again by another task.
+deletes a key only while it is still that record's: a taskUUID whose claim lapsed may have
+been claimed again by another task.
 
 Redis restarted empty (no persistence): finished tasks are gone for every replica but the one
 that ran them; an open task's next write finds its key gone, and it is written whole again
@@ -186,7 +186,7 @@ class RedisSharedTasks:
         self._prefix = redis.prefix
         self._claims = f"{redis.prefix}:record:"
         self._finished_key = f"{redis.prefix}:ended"
-        self._over = False  # the finished set past max_retained: the next write pops it down
+        self._over = False  # the finished list past max_retained: the next write pops it down
         self._tenants: dict[str, str] = {}  # tenant -> the start of its claim keys
         self._codec = RecordCodec()
         self._ttl_ms = b"%d" % self._open_ttl_ms
