@@ -106,6 +106,22 @@ def replication_over(shared: Any) -> Replication:
     )
 
 
+async def claimed(replication: Replication, count: int) -> list[TaskRecord]:
+    """The records of a frame of ``count`` async tasks, once its claims are answered."""
+    heard: list[Any] = []
+    tasks = [image_task("async") for _ in range(count)]
+    replication.claim_then("t", tasks, heard.append, session=None, created=0.0)
+    await until(lambda: bool(heard))
+    return list(heard[0].won.values())
+
+
+async def flushed(replication: Replication, *records: TaskRecord) -> None:
+    """``records`` changed, and every change written."""
+    for r in records:
+        replication.changed(r)
+    await until(lambda: not replication.pending and replication._flushing is None)
+
+
 def hearing(heard: list[int], n: int) -> Callable[[Any], None]:
     """A frame's callback: its number, appended to ``heard`` once its claims are answered."""
     return lambda claims: heard.append(n)
@@ -544,26 +560,17 @@ async def test_records_claimed_before_redis_restarted_are_written_whole_after_it
 ) -> None:
     """Redis restarted empty and B took one of A's taskUUIDs meanwhile. A's flush built before
     it is not sent to the new data set, and the next writes each record A had claimed whole
-    (which checks whose claim it is), not its state alone: B's open claim keeps its expiry
-    (its state alone would have cut it to A's retention), and A's other record comes back."""
+    (which checks whose claim it is), not over its claim: B's open claim keeps its record and
+    expiry (a write over it would have put A's there, with A's retention), and A's other
+    record comes back."""
     prefix = f"test-{uuid.uuid4().hex}"
     store = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
     b = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
     replication = replication_over(store)
-
-    async def flushed(*records: Any) -> None:
-        for r in records:
-            replication.changed(r)
-        await until(lambda: not replication.pending and replication._flushing is None)
-
     try:
-        heard: list[Any] = []
-        sent = [image_task("async"), image_task("async")]
-        replication.claim_then("t", sent, heard.append, session=None, created=0.0)
-        await until(lambda: bool(heard))
-        mine, kept = heard[0].won.values()
+        mine, kept = await claimed(replication, 2)
         mine.state = kept.state = TaskState.PARTIAL
-        await flushed(mine, kept)  # their states alone, in the data set they were claimed in
+        await flushed(replication, mine, kept)  # over their claims, in the data set of the claims
         client = store.connection.client
         await client.flushdb()
         await client.client_kill_filter(_type="normal", skipme=True)  # a restart drops them all
@@ -572,7 +579,7 @@ async def test_records_claimed_before_redis_restarted_are_written_whole_after_it
         assert await b.create_batch([theirs], "b") == [True]
         for r in (mine, kept):
             r.state, r.finished = TaskState.DONE, 2.0
-        await flushed(mine, kept)
+        await flushed(replication, mine, kept)
         assert store.connection.incarnation.generation == 1
         assert await client.pttl(store.claim_key("t", mine.task_uuid)) > 60_000  # B's, a day
         assert await store.load("t", mine.task_uuid) == theirs
@@ -604,10 +611,7 @@ async def test_claims_answered_across_a_restart_are_written_whole(
         return held
 
     try:
-        heard: list[Any] = []
-        replication.claim_then("t", [image_task("async")], heard.append, session=None, created=0.0)
-        await until(lambda: bool(heard))
-        [other] = heard[0].won.values()
+        [other] = await claimed(replication, 1)
         taken = image_task("async")
         assert await b.create_batch([held_by_b(taken.taskUUID, "b-0")], "b") == [True]
 
@@ -623,13 +627,12 @@ async def test_claims_answered_across_a_restart_are_written_whole(
                 await client.client_kill_filter(_type="normal", skipme=True)
                 answers: list[Any] = await exchange(data, replies, built)
                 other.state = TaskState.PARTIAL  # a flush meanwhile, in the new data set
-                replication.changed(other)
-                await until(lambda: not replication.pending and replication._flushing is None)
+                await flushed(replication, other)
                 return answers
             return await exchange(data, replies, built)
 
         monkeypatch.setattr(pipe, "exchange", restarted_before_the_second)
-        heard.clear()
+        heard: list[Any] = []
         replication.claim_then(
             "t", [image_task("async"), taken], heard.append, session=None, created=0.0
         )
@@ -638,8 +641,7 @@ async def test_claims_answered_across_a_restart_are_written_whole(
         assert store.connection.incarnation.generation == 1
         assert await b.create_batch([held_by_b(mine.task.taskUUID, "b-1")], "b") == [True]
         mine.state, mine.finished = TaskState.DONE, 2.0
-        replication.changed(mine)
-        await until(lambda: not replication.pending and replication._flushing is None)
+        await flushed(replication, mine)
         assert await client.pttl(store.claim_key("t", mine.task_uuid)) > 60_000
     finally:
         await store.close()
@@ -648,33 +650,25 @@ async def test_claims_answered_across_a_restart_are_written_whole(
 
 async def test_a_record_written_whole_stays_whole(redis_url: str) -> None:
     """Redis restarted empty and B took A's taskUUID: A's next write goes whole and writes
-    nowhere (B's claim). Its later writes go whole too (each reads first): written as its
-    state alone, its final write would cut B's open claim down to A's retention."""
+    nowhere (B's claim). Its later writes go whole too (each reads first): written over its
+    claim, its final write would put A's record over B's, with A's retention."""
     prefix = f"test-{uuid.uuid4().hex}"
     store = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
     b = RedisSharedTasks.from_url(redis_url, max_retained=100, prefix=prefix)
     replication = replication_over(store)
-
-    async def flushed(record: TaskRecord) -> None:
-        replication.changed(record)
-        await until(lambda: not replication.pending and replication._flushing is None)
-
     try:
-        heard: list[Any] = []
-        replication.claim_then("t", [image_task("async")], heard.append, session=None, created=0.0)
-        await until(lambda: bool(heard))
-        [mine] = heard[0].won.values()
+        [mine] = await claimed(replication, 1)
         mine.state = TaskState.PARTIAL
-        await flushed(mine)
+        await flushed(replication, mine)
         client = store.connection.client
         await client.flushdb()
         await client.client_kill_filter(_type="normal", skipme=True)  # a restart
         theirs = TaskRecord(tenant="t", task=image_task("async"), upstream_uuid="b-1", created=1.0)
         theirs.task.taskUUID = mine.task.taskUUID
         assert await b.create_batch([theirs], "b") == [True]
-        await flushed(mine)  # whole, and nowhere: the claim is B's
+        await flushed(replication, mine)  # whole, and nowhere: the claim is B's
         mine.state, mine.finished = TaskState.DONE, 2.0
-        await flushed(mine)
+        await flushed(replication, mine)
         claim = store.claim_key("t", mine.task_uuid)
         assert await client.pttl(claim) > 60_000  # B's, a day
         assert await store.load("t", mine.task_uuid) == theirs
@@ -692,23 +686,14 @@ async def test_a_deliverys_outcome_after_the_end_keeps_the_record_listed_once(
     not listed finished a second time, which would count it twice against the bound."""
     store = RedisSharedTasks.from_url(redis_url, max_retained=2, prefix=f"test-{uuid.uuid4().hex}")
     replication = replication_over(store)
-
-    async def flushed(record: TaskRecord) -> None:
-        replication.changed(record)
-        await until(lambda: not replication.pending and replication._flushing is None)
-
     try:
-        heard: list[Any] = []
-        tasks = [image_task("async"), image_task("async")]
-        replication.claim_then("t", tasks, heard.append, session=None, created=0.0)
-        await until(lambda: bool(heard))
-        first, second = heard[0].won.values()
+        first, second = await claimed(replication, 2)
         for r in (first, second):
             r.state, r.finished = TaskState.DONE, 2.0
-            await flushed(r)
+            await flushed(replication, r)
         for attempt in (1, 2):
             first.sends = attempt  # any change: a delivery's attempt, its outcome
-            await flushed(first)
+            await flushed(replication, first)
         assert await store.load("t", second.task_uuid) == second
         assert await store.load("t", first.task_uuid) == first
         assert await store.connection.client.llen(store._finished_key) == 2
@@ -737,15 +722,10 @@ async def test_a_final_write_retried_after_a_failure_is_not_listed_again(
 
     monkeypatch.setattr(store, "write", late)
     try:
-        heard: list[Any] = []
-        tasks = [image_task("async"), image_task("async")]
-        replication.claim_then("t", tasks, heard.append, session=None, created=0.0)
-        await until(lambda: bool(heard))
-        first, second = heard[0].won.values()
+        first, second = await claimed(replication, 2)
         for r in (first, second):
             r.state, r.finished = TaskState.DONE, 2.0
-            replication.changed(r)
-            await until(lambda: not replication.pending and replication._flushing is None)
+            await flushed(replication, r)
         assert calls == 3
         assert await store.connection.client.llen(store._finished_key) == 2
         assert await store.load("t", first.task_uuid) == first
