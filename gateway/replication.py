@@ -490,6 +490,13 @@ class Replication:
                 writes = [
                     Write(r, u not in stored, r.finished is not None) for u, r in batch.items()
                 ]
+                # a final record is never stored, whatever becomes of this write: its later
+                # writes (a delivery's outcome, this one again after a failure Redis may have
+                # run) go whole, whose script reads whether it was listed finished already,
+                # and whether the claim is still its own
+                for write in writes:
+                    if write.final:
+                        stored.discard(write.record.upstream_uuid)
                 try:
                     missing = await self.shared.write(
                         writes, retention=self.retention, replica=self.replica
@@ -502,22 +509,11 @@ class Replication:
                     # newer changes made meanwhile are the same objects: keep the order
                     batch.update(self._dirty)
                     self._dirty = batch
-                    # Redis may have run them (a reply past its deadline, a piece of a write
-                    # in pieces): a final one goes whole next, whose script reads whether it
-                    # was listed finished already
-                    for write in writes:
-                        if write.final:
-                            stored.discard(write.record.upstream_uuid)
                     _run(after)
                     missing = None
                 if missing is None:  # not in the handler: see UpstreamLink._connection
                     await asyncio.sleep(next(delays))
                     continue
-                # a record written whole stays so (never stored): its write may have found
-                # another task's claim and written nowhere, and the next one reads again
-                for write in writes:
-                    if write.final:
-                        stored.discard(write.record.upstream_uuid)
                 for upstream_uuid in missing:  # Redis restarted empty: written whole next
                     stored.discard(upstream_uuid)
                     self._dirty.setdefault(upstream_uuid, batch[upstream_uuid])

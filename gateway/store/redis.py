@@ -245,8 +245,8 @@ class RedisSharedTasks:
         return f"{self._prefix}:open:{key_part(replica)}"
 
     def member(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bytes:
-        """A record's member of the finished set and of the open lists: its tag, then its
-        claim's key."""
+        """A record's member of the finished list and of the open lists: its tag, then its
+        key."""
         return _tag(upstream_uuid) + self._claim_key(tenant, task_uuid)
 
     async def claim(self, tenant: str, task_uuid: str, upstream_uuid: str) -> bool:
