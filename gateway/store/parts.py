@@ -1,6 +1,7 @@
 """A task record as the Redis store (store/redis.py) keeps it: one MessagePack array of
-``TaskRecord``'s fields (no field names). A Struct only: a module compiled
-with mypyc cannot define one (it would build a plain class)."""
+``TaskRecord``'s fields in their order (no field names), which is what a record's fields as
+one tuple (``msgspec.structs.astuple``) encode to. A Struct only: a module compiled with mypyc
+cannot define one (it would build a plain class)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ class StoredRecord(msgspec.Struct, array_like=True, gc=False):
     tenant: str
     task: ImageTask
     upstream_uuid: str
-    created: float
-    session: str | None
     state: TaskState
+    created: float
     finished: float | None
     link: int | None
     window_epoch: int
@@ -26,6 +26,7 @@ class StoredRecord(msgspec.Struct, array_like=True, gc=False):
     results: tuple[ImageResult, ...]
     error: ErrorItem | None
     deliveries: tuple[Delivery, ...]
+    session: str | None
     key_id: str | None
     cost: float
     trace: str | None

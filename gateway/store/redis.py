@@ -94,6 +94,7 @@ from typing import Any
 
 import msgspec
 import structlog
+from msgspec.structs import astuple
 
 from gateway.store.base import TaskRecord
 from gateway.store.connection import RedisConnection, key_part
@@ -151,21 +152,16 @@ class Write:
 
 
 class RecordCodec:
-    """A record as one MessagePack array (store/parts.py), packed as a tuple: the same bytes as
-    StoredRecord's, without a Struct made for each (about 0.25 us a record)."""
+    """A record as one MessagePack array (store/parts.py), packed from its fields as one tuple:
+    the same bytes as StoredRecord's, read by offset in C (``astuple``), without a Struct made
+    for each or an attribute read from compiled code for each field (about 0.4 us a record)."""
 
     def __init__(self) -> None:
         self._encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(StoredRecord).decode
 
     def encode(self, r: TaskRecord) -> bytes:
-        return self._encode(
-            (
-                r.tenant, r.task, r.upstream_uuid, r.created, r.session, r.state, r.finished,
-                r.link, r.window_epoch, r.sends, r.results, r.error, r.deliveries, r.key_id,
-                r.cost, r.trace,
-            )
-        )  # fmt: skip
+        return self._encode(astuple(r))
 
     def decode(self, data: bytes) -> TaskRecord:
         a = self._decode(data)
