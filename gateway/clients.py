@@ -630,11 +630,7 @@ class ClientGateway:
     ) -> Callable[[FrameClaims], None]:
         """What dispatches a frame read while its claims are asked (Intake.claim_then), as
         :meth:`_read` dispatches the others, once they are answered."""
-
-        def claimed(claims: FrameClaims) -> None:
-            context.run(self._claimed, connection, door, outcomes, answer, received, claims)
-
-        return claimed
+        return _ClaimedFrame(self, context, connection, door, outcomes, answer, received)
 
     def _claimed(
         self,
@@ -806,3 +802,40 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+class _ClaimedFrame:
+    """A frame read while its claims are asked, dispatched once they are answered. An object,
+    not a closure: compiled, a closure is two objects per frame (it and its scope), each
+    built and freed attribute by attribute."""
+
+    __slots__ = ("answer", "connection", "context", "door", "gateway", "outcomes", "received")
+
+    def __init__(
+        self,
+        gateway: ClientGateway,
+        context: contextvars.Context,
+        connection: ClientConnection,
+        door: SocketDoor,
+        outcomes: list[Any],
+        answer: Answer,
+        received: int,
+    ) -> None:
+        self.gateway = gateway
+        self.context = context
+        self.connection = connection
+        self.door = door
+        self.outcomes = outcomes
+        self.answer = answer
+        self.received = received
+
+    def __call__(self, claims: FrameClaims) -> None:
+        self.context.run(
+            self.gateway._claimed,
+            self.connection,
+            self.door,
+            self.outcomes,
+            self.answer,
+            self.received,
+            claims,
+        )

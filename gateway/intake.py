@@ -184,7 +184,7 @@ class Intake:
             try:
                 await self.quotas.prepare(tenant, policy, len(claims.won))
             except StoreUnavailable as exc:
-                replication.release_unused(claims, lambda _: False)
+                replication.release_unused(claims)
                 claims.unavailable = str(exc)
                 claims.won.clear()
         return claims
@@ -265,10 +265,7 @@ class Intake:
     def released(self, claims: FrameClaims) -> None:
         """After the dispatch: the claims its refused tasks did not use go back."""
         if self.replication is not None:
-            store, tenant = self.registry.store, claims.tenant
-            self.replication.release_unused(
-                claims, lambda record: store.get(tenant, record.task.taskUUID) is record
-            )
+            self.replication.release_unused(claims, self.registry.store.get)
 
     def _claimed(self, task: ImageTask) -> TaskRecord | ErrorItem:
         """The record the frame's claim won for ``task``, or why it has none."""

@@ -63,6 +63,8 @@ CLAIM_BATCH = 2_000
 
 # what a frame's claims hear of its batch: which of them were won, or why none was asked
 ClaimAnswer = Callable[[list[bool] | StoreUnavailable], None]
+# the record registered for a (tenant, taskUUID), if any (the registry's store)
+Registered = Callable[[str, str], TaskRecord | None]
 TokenTake = Callable[[dict[str, int]], Awaitable[dict[str, StoreUnavailable]]]
 
 
@@ -160,7 +162,7 @@ class Replication:
                 if not future.cancelled():
                     future.set_result(won)
                 elif not isinstance(won, StoreUnavailable):  # its socket closed meanwhile
-                    self.release_unused(self._sorted(tenant, wanted, won), lambda _: False)
+                    self.release_unused(self._sorted(tenant, wanted, won))
 
             self._enqueue(wanted, answered, None)
             claims = self._sorted(tenant, wanted, await future)
@@ -174,7 +176,7 @@ class Replication:
         except StoreUnavailable as exc:
             self._unhealthy(exc)
             if claims.won:
-                self.release_unused(claims, lambda _: False)
+                self.release_unused(claims)
                 claims.won.clear()
             claims.unavailable = str(exc)
             return claims
@@ -199,17 +201,7 @@ class Replication:
         claims won take their tokens first, one take for all of the tenant's frames in the
         batch (``take_tokens``)."""
         wanted = self._wanted(tenant, outcomes, session, created)
-
-        def answered(won: list[bool] | StoreUnavailable) -> None:
-            try:
-                claims = self._sorted(tenant, wanted, won)
-            except Exception:  # a bug: the frame still hears (its socket counts on it)
-                log.exception("a frame's claims could not be sorted")
-                claims = FrameClaims(tenant)
-                claims.unavailable = "the gateway failed to read its claims"
-            then(claims)
-
-        self._enqueue(wanted, answered, tenant)
+        self._enqueue(wanted, _FrameAnswer(self, tenant, wanted, then), tenant)
 
     def _wanted(
         self, tenant: str, outcomes: Iterable[Outcome], session: str | None, created: float
@@ -357,7 +349,7 @@ class Replication:
                         _answer(answered, mine)
                         continue
                     try:  # no tokens to be had: the frame's claims go back unused
-                        self.release_unused(self._sorted(tenant, wanted, mine), lambda _: False)
+                        self.release_unused(self._sorted(tenant, wanted, mine))
                     except Exception:
                         log.exception("claims not given back")
                     _answer(answered, failed)
@@ -404,10 +396,16 @@ class Replication:
         finally:
             self._giving_back -= 1
 
-    def release_unused(self, claims: FrameClaims, used: Callable[[TaskRecord], bool]) -> None:
-        """After the dispatch: claims of tasks that were refused are given back, with the
+    def release_unused(self, claims: FrameClaims, registered: Registered | None = None) -> None:
+        """After the dispatch: claims of tasks that were refused (whose records are not what
+        ``registered`` holds for their taskUUIDs; None: every claim) are given back, with the
         records they wrote."""
-        unused = [(t, r.upstream_uuid) for t, r in claims.won.items() if not used(r)]
+        tenant = claims.tenant
+        unused = [
+            (t, r.upstream_uuid)
+            for t, r in claims.won.items()
+            if registered is None or registered(tenant, t) is not r
+        ]
         for _, upstream_uuid in unused:
             self._stored.discard(upstream_uuid)
         if unused:
@@ -551,6 +549,35 @@ class Replication:
         task = asyncio.get_running_loop().create_task(step)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _FrameAnswer:
+    """What a frame's claims hear of their batch (``Replication.claim_then``), handed on
+    sorted. An object, not a closure: compiled, a closure is two objects per frame (it and its
+    scope), each built and freed attribute by attribute."""
+
+    __slots__ = ("replication", "tenant", "then", "wanted")
+
+    def __init__(
+        self,
+        replication: Replication,
+        tenant: str,
+        wanted: list[TaskRecord],
+        then: Callable[[FrameClaims], None],
+    ) -> None:
+        self.replication = replication
+        self.tenant = tenant
+        self.wanted = wanted
+        self.then = then
+
+    def __call__(self, won: list[bool] | StoreUnavailable) -> None:
+        try:
+            claims = self.replication._sorted(self.tenant, self.wanted, won)
+        except Exception:  # a bug: the frame still hears (its socket counts on it)
+            log.exception("a frame's claims could not be sorted")
+            claims = FrameClaims(self.tenant)
+            claims.unavailable = "the gateway failed to read its claims"
+        self.then(claims)
 
 
 def _answer(answered: ClaimAnswer, won: list[bool] | StoreUnavailable) -> None:
