@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
@@ -54,8 +55,8 @@ __all__ = ["FrameClaims", "Replication", "links_key"]
 log = structlog.get_logger("tenebra.replication")
 
 
-# batches of claims whose answer was lost, given back at once at most (see _give_back)
-MAX_GIVING_BACK = 16
+# claims waiting to be given back at most (see Replication._give_back)
+MAX_GIVING_BACK = 10_000
 
 # claims per round trip at most (a frame's are never split): what piles up while Redis stalls
 # goes in several, each within the deadline
@@ -130,7 +131,10 @@ class Replication:
         self._claiming: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._background: set[asyncio.Task[None]] = set()
-        self._giving_back = 0  # batches whose claims wait to be given back (_give_back)
+        # claims to give back (_give_back): not before, tenant, taskUUID, upstream UUID
+        self._giving: deque[tuple[float, str, str, str]] = deque()
+        self._giver: asyncio.Task[None] | None = None
+        self.gave_up = 0  # claims dropped past MAX_GIVING_BACK, left to lapse
 
     # ------------------------------------------------------------------ claims
 
@@ -268,7 +272,7 @@ class Replication:
                         exc = StoreUnavailable(repr(exc))
                     for _, answered, _ in batch:
                         _answer(answered, exc)
-                    self._give_back(records)
+                    self._give_back(records, after=self.shared.deadline)
                     batch = []
                     continue
                 # written whole: its next writes go over its claim, unread, unless Redis holds
@@ -371,30 +375,60 @@ class Replication:
         else:
             self._staged.pop(tenant, None)
 
-    def _give_back(self, records: list[TaskRecord]) -> None:
-        """The claims of a batch whose answer was lost (a deadline, a dropped connection):
-        Redis may have made them, and their frames heard serviceUnavailable, so a client that
-        sends a taskUUID again must not find it taken by its own first try. Given back, each
-        only while it is still that record's, once the store's deadline has passed (at most
-        ``MAX_GIVING_BACK`` batches at a time; past that, or with Redis still away, they lapse
-        with ``open_ttl``)."""
-        if not records or self._giving_back >= MAX_GIVING_BACK:
-            return
-        by_tenant: dict[str, list[tuple[str, str]]] = {}
+    def _give_back(self, records: list[TaskRecord], after: float = 0.0) -> None:
+        """Claims to give back, each only while it is still that record's, with its place on
+        the open list: of tasks refused after their claim, and (``after`` the store's
+        deadline, for what Redis may still run of it) of a batch whose answer was lost, whose
+        frames heard serviceUnavailable. Tried again with backoff while Redis is away, until it
+        takes them: a claim left to lapse (``open_ttl``) holds its taskUUID against the
+        client's retries, and a takeover meanwhile would run a task its client was told was
+        not accepted. At most ``MAX_GIVING_BACK`` wait: past it the oldest is dropped (it
+        lapses), counted in ``gave_up``."""
+        loop = asyncio.get_running_loop()
+        not_before = loop.time() + after
+        giving = self._giving
         for record in records:
-            by_tenant.setdefault(record.tenant, []).append(
-                (record.task.taskUUID, record.upstream_uuid)
-            )
-        self._giving_back += 1
-        self._spawn(self._given_back(by_tenant))
+            if len(giving) >= MAX_GIVING_BACK:
+                giving.popleft()
+                if not self.gave_up:
+                    log.warning("claims to give back past their bound: the oldest lapse")
+                self.gave_up += 1
+            giving.append((not_before, record.tenant, record.task.taskUUID, record.upstream_uuid))
+        if giving and self._giver is None:
+            self._giver = loop.create_task(self._give_all())
+            self._background.add(self._giver)
+            self._giver.add_done_callback(self._background.discard)
 
-    async def _given_back(self, by_tenant: dict[str, list[tuple[str, str]]]) -> None:
+    async def _give_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        giving = self._giving
+        delays = full_jitter(0.05, 1.0, self._rng)
         try:
-            await asyncio.sleep(self.shared.deadline)
-            for tenant, claims in by_tenant.items():
-                await self._release(tenant, claims)
+            while giving:
+                claim = giving[0]
+                not_before, tenant, task_uuid, upstream_uuid = claim
+                if not_before > loop.time():
+                    await asyncio.sleep(not_before - loop.time())
+                    continue
+                try:
+                    await self.shared.release(tenant, task_uuid, upstream_uuid, self.replica)
+                except StoreUnavailable as exc:
+                    self._unhealthy(exc)
+                    await asyncio.sleep(next(delays))
+                    continue
+                except Exception:  # a bug: that claim lapses, the others still go back
+                    log.exception("a claim could not be given back")
+                if giving and giving[0] is claim:  # else the bound dropped it meanwhile
+                    giving.popleft()
+                self.healthy = True
+                delays = full_jitter(0.05, 1.0, self._rng)
         finally:
-            self._giving_back -= 1
+            self._giver = None
+
+    @property
+    def giving_back(self) -> int:
+        """Claims waiting to be given back."""
+        return len(self._giving)
 
     def release_unused(self, claims: FrameClaims, registered: Registered | None = None) -> None:
         """After the dispatch: claims of tasks that were refused (whose records are not what
@@ -402,23 +436,12 @@ class Replication:
         records they wrote."""
         tenant = claims.tenant
         unused = [
-            (t, r.upstream_uuid)
-            for t, r in claims.won.items()
-            if registered is None or registered(tenant, t) is not r
+            r for t, r in claims.won.items() if registered is None or registered(tenant, t) is not r
         ]
-        for _, upstream_uuid in unused:
-            self._stored.discard(upstream_uuid)
+        for record in unused:
+            self._stored.discard(record.upstream_uuid)
         if unused:
-            self._spawn(self._release(claims.tenant, unused))
-
-    async def _release(self, tenant: str, unused: list[tuple[str, str]]) -> None:
-        try:
-            for task_uuid, upstream_uuid in unused:
-                await self.shared.release(tenant, task_uuid, upstream_uuid, self.replica)
-        except StoreUnavailable as exc:  # the claims lapse with open_ttl
-            self._unhealthy(exc)
-            return
-        self.healthy = True
+            self._give_back(unused)
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
         """A record another replica runs (or ran); None when there is none or Redis is away."""

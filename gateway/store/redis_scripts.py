@@ -10,13 +10,14 @@ __all__ = ["OVER", "RELEASE", "TAKE_OPEN", "WRITE"]
 # ``unpack`` fails past its C stack (8,000 values in Redis's Lua 5.1).
 
 # KEYS[1]: the claim, KEYS[2]: the replica's open list (or any key, unused); ARGV[1]: the
-# record's tag. An open record's: it is on no finished list.
+# record's tag. An open record's: it is on no finished list. Its member goes even where the
+# claim lapsed (or is another task's now): a member is its record's alone (tag and key).
 RELEASE = """
 local held, tag = redis.call('GET', KEYS[1]), ARGV[1]
 if held and string.sub(held, 1, #tag) == tag then
   redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], tag .. KEYS[1])
 end
+redis.call('SREM', KEYS[2], tag .. KEYS[1])
 return 0
 """
 

@@ -549,10 +549,89 @@ async def test_claims_of_a_batch_whose_answer_was_lost_are_given_back(redis_url:
         await until(lambda: bool(heard))
         assert heard[0].unavailable is not None
         assert not await store.claim("t", sent.taskUUID, "the-retry")  # its first try holds it
-        await until(lambda: not replication._background)
+        await until(lambda: replication.giving_back == 0)
         assert await store.claim("t", sent.taskUUID, "the-retry")  # given back
     finally:
         await store.close()
+
+
+@pure_python_only(gateway.replication)
+async def test_claims_given_back_while_redis_is_still_away_go_back_once_it_answers(
+    redis_url: str,
+) -> None:
+    """The batch's answer was lost, and Redis stays away past the deadline: the give-back is
+    tried again, with backoff, until Redis takes it. Left to lapse (twice ``tasks.timeout``),
+    the claims answered serviceUnavailable would hold their taskUUIDs against the client's
+    retries, and stay on the replica's open list: a takeover would run tasks their client was
+    told were not accepted."""
+    store = RedisSharedTasks.from_url(
+        redis_url, max_retained=100, deadline=20 * MS, prefix=f"test-{uuid.uuid4().hex}"
+    )
+    refusals = 3
+
+    class AwayAWhile:
+        deadline = store.deadline
+        connection = store.connection
+
+        async def create_batch(self, records: list[Any], replica: str) -> list[bool]:
+            await store.create_batch(records, replica)
+            raise StoreUnavailable("redis did not answer within 0.04 s")
+
+        async def release(self, *args: Any) -> None:
+            nonlocal refusals
+            if refusals:
+                refusals -= 1
+                raise StoreUnavailable("redis: ConnectionError: connection refused")
+            await store.release(*args)
+
+    replication = replication_over(AwayAWhile())
+    try:
+        sent = image_task("async")
+        heard: list[Any] = []
+        replication.claim_then("t", [sent], heard.append, session=None, created=0.0)
+        await until(lambda: bool(heard))
+        assert heard[0].unavailable is not None
+        await until(lambda: replication.giving_back == 0, within=5000 * MS)
+        assert refusals == 0
+        assert await store.claim("t", sent.taskUUID, "the-retry")  # given back
+        assert await store.connection.client.smembers(store.open_key("a")) == set()
+    finally:
+        await store.close()
+
+
+@pure_python_only(gateway.replication)
+async def test_claims_to_give_back_are_bounded_the_oldest_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis away for long: what waits to be given back is bounded, the oldest dropped past it
+    (its claim lapses with ``open_ttl``) and counted."""
+    monkeypatch.setattr(gateway.replication, "MAX_GIVING_BACK", 2)
+    released: list[str] = []
+
+    class Away:
+        deadline = 1.0
+        answering = False
+
+        async def release(self, tenant: str, task_uuid: str, *args: Any) -> None:
+            if not self.answering:
+                raise StoreUnavailable("redis: ConnectionError: connection refused")
+            released.append(task_uuid)
+
+    store = Away()
+    replication = replication_over(store)
+    records = [
+        TaskRecord(tenant="t", task=image_task("async"), upstream_uuid=f"u-{i}", created=0.0)
+        for i in range(3)
+    ]
+    for record in records:
+        claims = gateway.replication.FrameClaims("t")
+        claims.won[record.task.taskUUID] = record
+        replication.release_unused(claims)
+    assert (replication.giving_back, replication.gave_up) == (2, 1)
+    store.answering = True
+    await until(lambda: replication.giving_back == 0, within=5000 * MS)
+    assert released == [r.task.taskUUID for r in records[1:]]
+    await replication.close()
 
 
 async def test_records_claimed_before_redis_restarted_are_written_whole_after_it(

@@ -169,6 +169,19 @@ async def test_a_whole_write_never_takes_a_claim_another_task_holds(
     assert await store.load(mine.tenant, mine.task_uuid) == theirs
 
 
+async def test_a_release_takes_its_member_off_the_open_list_even_once_its_claim_lapsed(
+    store: RedisSharedTasks,
+) -> None:
+    """A claim given back late (Redis away until it lapsed) leaves no member behind: the open
+    list is renewed by every claim batch, so a member left there would stay for good."""
+    mine = record("studio")
+    assert await store.create_batch([mine], "a") == [True]
+    client = store.connection.client
+    await client.delete(store.claim_key(mine.tenant, mine.task_uuid))  # lapsed
+    await store.release(mine.tenant, mine.task_uuid, mine.upstream_uuid, "a")
+    assert await client.smembers(store.open_key("a")) == set()
+
+
 @pytest.mark.parametrize("final", [False, True])
 async def test_after_a_restart_a_write_built_before_is_not_sent_to_the_new_data_set(
     store: RedisSharedTasks, redis_url: str, final: bool
