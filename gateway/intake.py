@@ -277,14 +277,11 @@ class Intake:
             # another holds it, or the same taskUUID came earlier in this frame
             if task.taskUUID in frame.lost or record is not None:
                 return conflict(task.taskUUID)
-        reason = frame.unavailable if frame is not None else None
-        return error_item(
-            "serviceUnavailable",
-            message="The gateway's shared store did not answer"
-            + (f" ({reason})" if reason else "")
-            + ": the task was not accepted. Retry with backoff.",
-            task_type="imageInference",
-            task_uuid=task.taskUUID,
+        return store_unavailable(
+            "imageInference",
+            task.taskUUID,
+            frame.unavailable if frame is not None else None,
+            "the task was not accepted",
         )
 
     def _refused_destination(self, task: ImageTask) -> ErrorItem | None:
@@ -333,8 +330,14 @@ class Intake:
         """``getResponse``: the gateway's own state of the task, never a question upstream (with a
         shared store, the record another replica wrote, as of its last write)."""
         record = self.registry.lookup(tenant, task_uuid)
-        if record is None and self.frame is not None:
-            record = self.frame.loaded.get(task_uuid)
+        frame = self.frame
+        if record is None and frame is not None:
+            record = frame.loaded.get(task_uuid)
+            if record is None and frame.unavailable is not None:  # not known: not unknown either
+                unavailable = store_unavailable(
+                    "getResponse", task_uuid, frame.unavailable, "the task could not be read"
+                )
+                return [], [unavailable]
         if record is None:
             return [], [
                 error_item(
@@ -345,3 +348,15 @@ class Intake:
                 )
             ]
         return self.registry.response(record)
+
+
+def store_unavailable(task_type: str, task_uuid: str, reason: str | None, what: str) -> ErrorItem:
+    """The shared store did not answer (``reason``): ``what`` became of the task."""
+    return error_item(
+        "serviceUnavailable",
+        message="The gateway's shared store did not answer"
+        + (f" ({reason})" if reason else "")
+        + f": {what}. Retry with backoff.",
+        task_type=task_type,
+        task_uuid=task_uuid,
+    )

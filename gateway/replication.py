@@ -444,12 +444,13 @@ class Replication:
             self._give_back(unused)
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
-        """A record another replica runs (or ran); None when there is none or Redis is away."""
+        """A record another replica runs (or ran); None when there is none. StoreUnavailable
+        when Redis is away: whether there is one is not known."""
         try:
             record = await self.shared.load(tenant, task_uuid)
         except StoreUnavailable as exc:
             self._unhealthy(exc)
-            return None
+            raise
         self.healthy = True
         return record
 

@@ -25,10 +25,11 @@ from aiohttp import web
 from gateway.audit import key_id
 from gateway.clients import too_many_failures
 from gateway.dispatch import Answer, Dispatch
-from gateway.intake import Intake
+from gateway.intake import Intake, store_unavailable
 from gateway.metrics import Metrics
 from gateway.quotas import TokenBucket
 from gateway.store.base import TaskRecord
+from gateway.store.shared import StoreUnavailable
 from gateway.tenants import hash_key
 from gateway.throttle import AuthThrottle, ClientAddresses
 from protocol.codec import encode
@@ -199,7 +200,14 @@ class RestEndpoint:
         task_uuid = request.match_info["task_uuid"]
         record = self.intake.registry.lookup(tenant, task_uuid)
         if record is None and self.intake.replication is not None:  # another replica's
-            record = await self.intake.replication.load(tenant, task_uuid)
+            try:
+                record = await self.intake.replication.load(tenant, task_uuid)
+            except StoreUnavailable as exc:
+                self.metrics.errors.labels("serviceUnavailable").inc()
+                error = store_unavailable(
+                    "getResponse", task_uuid, str(exc), "the task could not be read"
+                )
+                return self._answer([], [error], tenant)
         if record is None:
             _, errors = self.intake.poll(tenant, task_uuid)
             for error in errors:

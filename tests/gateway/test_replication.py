@@ -197,6 +197,43 @@ async def test_rest_task_view_reads_another_replica_task(
     assert len(view["results"]) == 1
 
 
+async def test_a_poll_of_another_replicas_task_while_redis_is_away_is_unavailable_not_unknown(
+    provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """B cannot read A's task while Redis stalls: getResponse and the REST view say so
+    (serviceUnavailable, 503), never taskNotFound: a client told its task does not exist may
+    send it again under another taskUUID, and pay for it twice."""
+    prefix, quick = f"test-{uuid.uuid4().hex}", {"timeout": 100 * MS, "lease": 3000 * MS}
+    async with (
+        running(shared_config(provider, redis_url, prefix, "a", **quick)) as a,
+        running(shared_config(provider, redis_url, prefix, "b", **quick)) as b,
+    ):
+        on_a = await connect(http, a.url)
+        await on_a.auth(ALPHA)
+        body = task(deliveryMethod="async")
+        await on_a.send(body)
+        assert "data" in await on_a.recv()
+        on_b = await connect(http, b.url)
+        await on_b.auth(ALPHA)
+        poll = {"taskType": "getResponse", "taskUUID": body["taskUUID"]}
+        headers = {"Authorization": f"Bearer {ALPHA}"}
+        view = f"http://127.0.0.1:{b.port}/v1/tasks/{body['taskUUID']}"
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            await admin.client_pause(round(1000 * MS * 1000), all=True)
+            await on_b.send(poll)
+            error = (await on_b.recv())["errors"][0]
+            assert (error["code"], error["taskUUID"]) == ("serviceUnavailable", body["taskUUID"])
+            async with http.get(view, headers=headers) as r:
+                assert r.status == 503
+                assert (await r.json())["errors"][0]["code"] == "serviceUnavailable"
+        finally:
+            await admin.client_unpause()
+            await admin.aclose()
+        await on_b.send(poll)  # Redis back: the task as A wrote it
+        assert "data" in await on_b.recv()
+
+
 async def test_redis_away_new_tasks_get_service_unavailable(
     provider: LocalProvider, http: aiohttp.ClientSession
 ) -> None:
