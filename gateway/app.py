@@ -299,6 +299,8 @@ class Gateway:
         )
         if self.redis is not None and self.cluster is not None and self.replication is not None:
             self.pool.on_session = self.replication.link_session
+            replication, pool = self.replication, self.pool
+            self.cluster.on_renewed.append(lambda: replication.record_links(pool.sessions()))
             self.cluster.takeovers.append(
                 Takeover(
                     self.redis,

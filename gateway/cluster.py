@@ -172,6 +172,9 @@ class Cluster:
         # called once, on the event loop, when this replica learns it was taken over: what it
         # runs is another replica's now, it must stop (its loops here have stopped already)
         self.on_fenced: list[Callable[[], None]] = []
+        # called after every renewal that got through: what the replica keeps in Redis is
+        # written again, in case Redis lost it meanwhile (restarted empty, or flushed)
+        self.on_renewed: list[Callable[[], None]] = []
         self._replicas = redis.key("replicas")
         self._registered = redis.key("registered")
         self._fence = self._fence_key(name)
@@ -305,6 +308,11 @@ class Cluster:
                     seconds=self.settling,
                 )
             self._forget_queued()  # seen while this replica's own view was not to be trusted
+        for hook in self.on_renewed:
+            try:
+                hook()
+            except Exception:  # one hook's failure neither stops the others nor the lease
+                log.exception("a renewal hook failed")
         return [name for name in map(_text, dead) if name != self.name]
 
     async def _renew_forever(self) -> None:

@@ -120,6 +120,15 @@ class UpstreamPool:
         self.adopted[link.index] = link
         link.start()
 
+    def sessions(self) -> dict[int, str]:
+        """Each link's provider session, its last (its own and those carrying a dead replica's
+        tasks): what a replica taking this one over resumes."""
+        return {
+            link.index: link.session_uuid
+            for link in [*self.links, *self.adopted.values()]
+            if link.session_uuid
+        }
+
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()

@@ -41,6 +41,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter
+from redis.typing import EncodableT, FieldT
 
 from gateway.backoff import full_jitter
 from gateway.store.base import TaskRecord
@@ -134,6 +135,7 @@ class Replication:
         # claims to give back (_give_back): not before, tenant, taskUUID, upstream UUID
         self._giving: deque[tuple[float, str, str, str]] = deque()
         self._giver: asyncio.Task[None] | None = None
+        self._closed = False
         self.gave_up = 0  # claims dropped past MAX_GIVING_BACK, left to lapse
 
     # ------------------------------------------------------------------ claims
@@ -457,12 +459,21 @@ class Replication:
     def link_session(self, index: int, session_uuid: str) -> None:
         """The pool's hook: a provider link authenticated under ``session_uuid``, recorded for
         a replica that takes this one over to resume."""
+        self.record_links({index: session_uuid})
+
+    def record_links(self, sessions: dict[int, str]) -> None:
+        """Provider sessions by link index, recorded (each link's last); also every lease
+        renewal, all of them: a Redis restarted empty, or flushed, lost them, and a takeover
+        without them would take every task for never sent and submit it again."""
+        if not sessions or self._closed:  # a clean stop deletes them: none written after
+            return
         redis = self.shared.connection
         key = links_key(redis, self.replica)
+        mapping: dict[FieldT, EncodableT] = {str(i): uuid for i, uuid in sessions.items()}
 
         async def write() -> None:
             # no TTL: a link may stay up for days; a takeover or a clean stop deletes it
-            await redis.client.hset(key, str(index), session_uuid)
+            await redis.client.hset(key, mapping=mapping)
 
         async def run() -> None:
             try:
@@ -558,6 +569,7 @@ class Replication:
             await asyncio.wait(list(self._background), timeout=deadline)
 
     async def close(self) -> None:
+        self._closed = True
         _run(self._after)  # frames still held: their sockets are closing, but in order
         self._after = []
         for task in [self._flushing, *self._background]:

@@ -67,6 +67,32 @@ async def test_a_takeover_that_fails_after_adopting_is_not_run_again_by_another(
         assert b.registry.lookup("alpha", body.taskUUID) is None
 
 
+async def test_provider_sessions_are_recorded_again_after_redis_lost_them(
+    provider: LocalProvider, redis_url: str
+) -> None:
+    """Redis restarted empty (or flushed) under a running replica: its provider sessions are
+    recorded again within a lease renewal, not only when a link authenticates anew. Without
+    them, a takeover would take the replica's tasks for never sent and submit them again:
+    the provider refuses each (its taskUUID is running there) and the task fails."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with running(shared_config(provider, redis_url, prefix, "a")) as a:
+        client, key = a.redis.client, links_key(a.redis, a.replica)
+
+        async def recorded() -> dict[bytes, bytes]:
+            return dict(await client.hgetall(key))
+
+        deadline = time.monotonic() + 10000 * MS
+        while not (before := await recorded()):
+            assert time.monotonic() < deadline, "no provider session recorded"
+            await asyncio.sleep(20 * MS)
+        await client.flushdb()
+        deadline = time.monotonic() + 10000 * MS  # a renewal is every third of the lease
+        while not (after := await recorded()):
+            assert time.monotonic() < deadline, "provider sessions not recorded again"
+            await asyncio.sleep(20 * MS)
+        assert after == before
+
+
 async def test_a_replica_that_stops_cleanly_leaves_no_provider_sessions_behind(
     provider: LocalProvider, redis_url: str
 ) -> None:
