@@ -299,6 +299,7 @@ class Gateway:
         )
         if self.redis is not None and self.cluster is not None and self.replication is not None:
             self.pool.on_session = self.replication.link_session
+            self.replication.lease_in_doubt = self.cluster.lease_in_doubt
             replication, pool = self.replication, self.pool
             self.cluster.on_renewed.append(lambda: replication.record_links(pool.sessions()))
             self.cluster.takeovers.append(
@@ -394,7 +395,8 @@ class Gateway:
             tasks=self.store.open_count,
         )
         if self.replication is not None:
-            await self.replication.close()  # no write under this name from here on
+            # no write under this name from here on, and no frame held: the taker sends them
+            await self.replication.close(deliver_held=False)
         if self.clients is not None:
             await self.clients.close_all(1012, b"service restart")
         if self._janitor is not None:

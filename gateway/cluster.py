@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import socket
@@ -187,10 +188,26 @@ class Cluster:
         self._rng = random.Random()
         self._stopping = asyncio.Event()
         self._first = True  # the next renewal is this process's first
+        # loop times a renewal was sent: the last that got through (the lease runs a lease from
+        # it at least), and the last that was answered, through or not (lease_in_doubt)
+        self._renewed_sent = -math.inf
+        self._answered_sent = -math.inf
         self._takeovers_paused = False
         self._dead: asyncio.Queue[str] = asyncio.Queue(MAX_QUEUED_TAKEOVERS)
         self._queued: set[str] = set()  # in the queue or being taken over
         self._taking = False  # a takeover is running
+
+    def lease_in_doubt(self) -> bool:
+        """Whether another replica may have taken this one over without its knowing yet: its
+        lease ran out by its own clock (a stall: SIGSTOP, a paused VM, a blocked loop) and no
+        renewal sent since has been answered; or it was fenced. The frames to its clients wait
+        meanwhile (gateway.replication): a renewal that gets through lets them go, one that
+        finds the replica fenced drops them (another replica sends them), one that fails
+        (Redis away) lets them go, as frames go while Redis is away."""
+        if self.fenced:
+            return True
+        ran_out = self._renewed_sent + self.lease
+        return asyncio.get_running_loop().time() > ran_out > self._answered_sent
 
     @property
     def settling(self) -> float:
@@ -295,12 +312,19 @@ class Cluster:
             round(self.settling * 1000),
             "1" if first else "0",
         ]
-        status, dead = await self.redis.call(lambda: self._renew(keys=keys, args=args))
+        sent = asyncio.get_running_loop().time()
+        try:
+            status, dead = await self.redis.call(lambda: self._renew(keys=keys, args=args))
+        except StoreUnavailable:
+            self._answered_sent = max(self._answered_sent, sent)  # Redis away since
+            raise
+        self._answered_sent = max(self._answered_sent, sent)
         self._first = False
         if status == _FENCED:
             self._fenced_now()
             return []
         self.healthy = True
+        self._renewed_sent = max(self._renewed_sent, sent)
         if status == _LEASE_LAPSED:
             if not first:
                 log.warning(

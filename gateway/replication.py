@@ -56,6 +56,10 @@ __all__ = ["FrameClaims", "Replication", "links_key"]
 log = structlog.get_logger("tenebra.replication")
 
 
+# how often a flush held while the lease is in doubt looks again (a renewal answers within
+# twice the store's deadline)
+IN_DOUBT_POLL = 0.01
+
 # claims waiting to be given back at most (see Replication._give_back)
 MAX_GIVING_BACK = 10_000
 
@@ -116,6 +120,9 @@ class Replication:
         # claims are gone or another task's, and each is written whole, which checks
         self._generation = 0
         self._after: list[Callable[[], None]] = []  # to run once the dirty records are written
+        # the cluster's: whether this replica may have been taken over unknowingly (a stall
+        # past its lease): its writes and frames wait meanwhile
+        self.lease_in_doubt: Callable[[], bool] | None = None
         self._flushing: asyncio.Task[None] | None = None
         # frames waiting for their claims: their new records, who hears the answer, and their
         # tenant where the batch takes their rate tokens (None: the frame's own caller does)
@@ -513,6 +520,12 @@ class Replication:
         try:
             while self._dirty or self._after:
                 await asyncio.sleep(0)  # the rest of this loop turn's changes join the write
+                in_doubt = self.lease_in_doubt
+                if in_doubt is not None and in_doubt():
+                    # maybe taken over during a stall: nothing is written or sent until a
+                    # renewal answers (gateway.cluster); fenced, never (close drops them)
+                    await asyncio.sleep(IN_DOUBT_POLL)
+                    continue
                 batch, self._dirty = self._dirty, {}
                 after, self._after = self._after, []
                 stored = self._stored
@@ -568,9 +581,13 @@ class Replication:
         if self._background:
             await asyncio.wait(list(self._background), timeout=deadline)
 
-    async def close(self) -> None:
+    async def close(self, deliver_held: bool = True) -> None:
+        """For good. The frames still held go first (their sockets are closing, but in order),
+        unless the replica was taken over (``deliver_held`` False): they are the taker's to
+        send."""
         self._closed = True
-        _run(self._after)  # frames still held: their sockets are closing, but in order
+        if deliver_held:
+            _run(self._after)
         self._after = []
         for task in [self._flushing, *self._background]:
             if task is not None:

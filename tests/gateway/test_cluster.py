@@ -240,6 +240,37 @@ async def test_a_replica_taken_over_while_alive_is_fenced(
     assert fenced == ["a"]
 
 
+async def test_a_lease_that_ran_out_unseen_is_in_doubt_until_a_renewal_answers(make: Make) -> None:
+    """A stall (SIGSTOP, a paused VM, a blocked loop) stops a replica with its lease: woken, it
+    cannot know whether another took it over meanwhile. Its lease is in doubt (its frames
+    wait: gateway.replication) until a renewal sent after the lease ran out answers: fenced,
+    it stays so."""
+    a, b, taken = await started_pair(make)
+    await asyncio.sleep(settled(b))
+    assert not a.lease_in_doubt()
+    await kill(a)  # stalled: its loops do nothing, its clock runs on
+    await until(lambda: taken == [("b", "a")], within=5000 * MS)
+    assert a.lease_in_doubt()  # woken: nothing heard since its lease ran out
+    await a._renew_once()
+    assert a.fenced and a.lease_in_doubt()
+
+
+async def test_a_lease_that_ran_out_with_redis_away_is_in_doubt_until_a_renewal_fails(
+    make: Make, proxies: Callable[[], Proxy]
+) -> None:
+    """Redis away past the lease: once a renewal tried after it ran out has failed, the lease
+    is no longer in doubt (frames go, as they do while Redis is away), though not renewed."""
+    to_a = proxies()
+    await to_a.start()
+    a = make("a", to_a)
+    await a.start()
+    to_a.sever()
+    await until(lambda: not a.healthy, within=5000 * MS)
+    await asyncio.sleep(LEASE)  # run out, then tried again
+    await until(lambda: not a.lease_in_doubt(), within=5000 * MS)
+    assert not a.healthy
+
+
 async def test_a_long_takeover_does_not_hold_up_the_lease(make: Make) -> None:
     """A takeover that lasts longer than the lease (and than its lock's first hold): the taker
     renews meanwhile, nobody takes it over, and nobody takes the dead one over twice."""

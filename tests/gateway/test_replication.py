@@ -637,6 +637,43 @@ async def test_claims_given_back_while_redis_is_still_away_go_back_once_it_answe
 
 
 @pure_python_only(gateway.replication)
+async def test_frames_wait_while_the_lease_is_in_doubt_and_never_go_once_fenced() -> None:
+    """Woken from a stall past its lease, a replica relayed results (and wrote them over
+    records another replica had taken over) before its renewal told it it was fenced, and the
+    taker sent the same images again: frames and writes wait while the lease is in doubt, go
+    once it is renewed, and never go once the replica is fenced (the taker sends them)."""
+    written: list[list[str]] = []
+
+    class Store:
+        deadline = 1.0
+        connection = SimpleNamespace(incarnation=Incarnation(b"k"))
+
+        async def write(self, writes: list[Any], **kwargs: Any) -> list[str]:
+            written.append([w.record.upstream_uuid for w in writes])
+            return []
+
+    replication = replication_over(Store())
+    doubt = True
+    replication.lease_in_doubt = lambda: doubt
+    sent: list[str] = []
+    record = TaskRecord(tenant="t", task=image_task("async"), upstream_uuid="u-1", created=0.0)
+    replication.changed(record)
+    replication.after_write(lambda: sent.append("result"))
+    await asyncio.sleep(100 * MS)
+    assert (written, sent) == ([], [])  # held
+    doubt = False  # renewed
+    await until(lambda: sent == ["result"], within=2000 * MS)
+    assert written == [["u-1"]]
+
+    doubt = True  # fenced: in doubt for good
+    replication.changed(record)
+    replication.after_write(lambda: sent.append("another"))
+    await asyncio.sleep(100 * MS)
+    await replication.close(deliver_held=False)
+    assert (written, sent) == ([["u-1"]], ["result"])
+
+
+@pure_python_only(gateway.replication)
 async def test_claims_to_give_back_are_bounded_the_oldest_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
