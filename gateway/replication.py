@@ -142,6 +142,7 @@ class Replication:
         # claims to give back (_give_back): not before, tenant, taskUUID, upstream UUID
         self._giving: deque[tuple[float, str, str, str]] = deque()
         self._giver: asyncio.Task[None] | None = None
+        self._in_hand = 0  # a claim being given back (out of _giving meanwhile)
         self._closed = False
         self.gave_up = 0  # claims dropped past MAX_GIVING_BACK, left to lapse
 
@@ -413,22 +414,30 @@ class Replication:
         giving = self._giving
         delays = full_jitter(0.05, 1.0, self._rng)
         try:
-            while giving:
-                claim = giving[0]
-                not_before, tenant, task_uuid, upstream_uuid = claim
-                if not_before > loop.time():
-                    await asyncio.sleep(not_before - loop.time())
+            while giving and not self._closed:
+                wait = giving[0][0] - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                     continue
+                claim = giving.popleft()
+                _, tenant, task_uuid, upstream_uuid = claim
+                self._in_hand, failed = 1, False
                 try:
                     await self.shared.release(tenant, task_uuid, upstream_uuid, self.replica)
                 except StoreUnavailable as exc:
                     self._unhealthy(exc)
-                    await asyncio.sleep(next(delays))
-                    continue
+                    failed = True
+                    if len(giving) < MAX_GIVING_BACK:  # first again
+                        giving.appendleft(claim)
+                    else:
+                        self.gave_up += 1
                 except Exception:  # a bug: that claim lapses, the others still go back
                     log.exception("a claim could not be given back")
-                if giving and giving[0] is claim:  # else the bound dropped it meanwhile
-                    giving.popleft()
+                finally:
+                    self._in_hand = 0
+                if failed:
+                    await asyncio.sleep(next(delays))
+                    continue
                 self.healthy = True
                 delays = full_jitter(0.05, 1.0, self._rng)
         finally:
@@ -436,8 +445,8 @@ class Replication:
 
     @property
     def giving_back(self) -> int:
-        """Claims waiting to be given back."""
-        return len(self._giving)
+        """Claims waiting to be given back, or being given back."""
+        return len(self._giving) + self._in_hand
 
     def release_unused(self, claims: FrameClaims, registered: Registered | None = None) -> None:
         """After the dispatch: claims of tasks that were refused (whose records are not what
