@@ -135,6 +135,7 @@ class ClientConnection:
         self._schedule = schedule
         self.outbox: deque[bytes] = deque()
         self.queued_bytes = 0
+        self.own = 0  # frames at the head of the outbox that are this socket's (send_own)
         self.session: ClientSession | None = None
         self.overflowed = False
         self.closed = False  # nothing is written after a close, from here or aiohttp
@@ -194,6 +195,13 @@ class ClientConnection:
             self._schedule(self)
         return True
 
+    def send_own(self, frame: bytes) -> None:
+        """Queue the reply to this socket's authentication: it, and what was queued before it
+        (the socket had no session yet: all its own answers), stay with this socket when a
+        newer one takes the session in the meantime (:meth:`take_unsent`)."""
+        if self.send(frame):
+            self.own = len(self.outbox)
+
     def _keeping_up(self) -> asyncio.Transport | None:
         """The transport, if the socket takes what it is given: no drain, and its user-space
         write buffer under the high-water mark."""
@@ -205,10 +213,14 @@ class ClientConnection:
         return transport
 
     def take_unsent(self) -> list[bytes]:
-        """What was queued and not written, for the session: given once."""
-        unsent = list(self.outbox)
-        self.outbox.clear()
-        self.queued_bytes = 0
+        """What was queued and not written, for the session: given once. The socket's own
+        answers at the head of the queue (:meth:`send_own`) stay, for it to write."""
+        outbox = self.outbox
+        own = [outbox.popleft() for _ in range(self.own)]
+        unsent = list(outbox)
+        outbox.clear()
+        outbox.extend(own)
+        self.queued_bytes = sum(map(len, own))
         return unsent
 
     def close_now(self, code: int, reason: bytes) -> None:
@@ -260,7 +272,7 @@ class ClientConnection:
         transport.write(b"".join([text_frame(frame) for frame in self.outbox]))
         self.metrics.frames.client_out += len(self.outbox)
         self.outbox.clear()
-        self.queued_bytes = 0
+        self.queued_bytes = self.own = 0
         if self.session is not None:
             self.session.refill(self)
 
@@ -273,6 +285,8 @@ class ClientConnection:
                 await self.ws.send_frame(frame, TEXT)
                 self.outbox.popleft()
                 self.queued_bytes -= len(frame)
+                if self.own:
+                    self.own -= 1
                 self.metrics.frames.client_out += 1
                 transport = self.request.transport
                 if transport is None or transport.is_closing():

@@ -116,7 +116,8 @@ class ClientSession:
                 self.awaiting -= 1
 
     def detach(self, connection: ClientConnection, now: float) -> None:
-        """The socket is gone: what it did not take comes first in the buffer."""
+        """The socket is gone, or a newer one takes the session: what it did not take of the
+        session's frames comes first in the buffer."""
         if self.connection is not connection:
             return
         self.connection = None
@@ -129,8 +130,10 @@ class ClientSession:
             self._grew(sum(map(len, unsent)))
 
     def attach(self, connection: ClientConnection) -> None:
-        """The auth reply goes first, then every missed frame in order, exactly once."""
-        connection.send(encode_data([AuthenticationResult(connectionSessionUUID=self.uuid)]))
+        """The auth reply goes first, then every missed frame in order, exactly once. The
+        reply is the socket's own: should a newer socket take the session before it is
+        written, it stays (:meth:`detach` moves the session's frames only)."""
+        connection.send_own(encode_data([AuthenticationResult(connectionSessionUUID=self.uuid)]))
         self.connection = connection
         self.table.attached(self)
         self.refill(connection)

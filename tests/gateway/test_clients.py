@@ -4,6 +4,7 @@ parser), one write per loop turn, the drain of a lagging socket and the cut past
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -571,6 +572,39 @@ async def test_a_resumed_backlog_keeps_flowing_after_a_drain_empties_the_queue()
         await asyncio.sleep(0)
     written = [f.data for chunk in transport.writes for f in frames_in(chunk)]
     assert [*socket.sent, *written][1:] == [*backlog, b"new"]  # after the auth reply
+
+
+async def test_two_resumes_of_one_session_in_one_loop_turn_each_get_their_own_reply(
+    gateway: Gateway,
+) -> None:
+    """Two sockets resume one session in one turn of the loop (their frames read together),
+    so the first one's reply is still queued when the second takes the session: each socket
+    gets its own reply, the newest the session's backlog after it. The first one's reply once
+    moved with the session to the second, which got two replies while the first got none."""
+    from gateway.clients import SocketDoor
+    from protocol.frames import Authentication
+
+    clients = gateway.clients
+    assert clients is not None
+    session = clients.table.open("alpha")
+    assert session is not None
+    clients.table.detached(session, gateway.clock())
+    missed = b'{"data":["missed"]}'
+    session.deliver(None, missed)  # type: ignore[arg-type]
+    transports = [FakeTransport(), FakeTransport()]
+    doors = [SocketDoor(connection_over(t, FakeSocket())[0], clients) for t in transports]
+    auth = Authentication(apiKey=ALPHA, connectionSessionUUID=session.uuid)
+    for door in doors:
+        clients.authenticate(door, auth)
+    await asyncio.sleep(0)  # the turn ends: each socket writes what it was given
+    first, second = ([bytes(f.data) for w in t.writes for f in frames_in(w)] for t in transports)
+    assert len(first) == 1 and json.loads(first[0])["data"] == [
+        {"taskType": "authentication", "connectionSessionUUID": session.uuid}
+    ]
+    assert second == [first[0], missed]  # the newest holds the session: its backlog follows
+    assert session.connection is doors[1].connection
+    for _ in doors:
+        clients.intake.disconnect("alpha")
 
 
 async def test_a_sync_task_refused_by_a_full_queue_does_not_keep_the_socket_busy(

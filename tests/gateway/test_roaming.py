@@ -195,12 +195,54 @@ async def test_two_resumes_racing_on_one_replica_make_one_session(
     one, two = await connect(http, b.url), await connect(http, b.url)
     auth = {"taskType": "authentication", "apiKey": ALPHA, "connectionSessionUUID": session}
     await asyncio.gather(one.send(auth), two.send(auth))
-    # both resumed it (the newest socket holds it, and takes what the other had not sent)
+    # both resumed it (the newest socket holds it, and takes what the other had not sent of it)
     await until(lambda: sum(c.session is not None for c in b.clients.connections) == 2)
     table = b.clients.table
     assert (
         table._counts.get("alpha") == 1 == sum(s.tenant == "alpha" for s in table.sessions.values())
     )
+
+
+async def test_two_resumes_racing_on_one_replica_each_get_their_own_reply(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sockets adopt the session A held, and go on to their authentication in one loop
+    turn (held together between the steps): each one's next frame is its own reply, and each
+    answers a ping next, the one the session moved away from included. The first one's reply
+    once moved to the second with the session: one socket got two, the other none."""
+    a, b = pair
+    on_a = await connect(http, a.url)
+    session = await on_a.auth(ALPHA)
+    await in_directory(a, session)
+    await on_a.ws.close()
+    roaming = b.clients.roaming
+    adopt = roaming.adopt
+    entered: list[None] = []
+    adopted: list[None] = []
+    both_entered, both_adopted = asyncio.Event(), asyncio.Event()
+
+    async def together(arrived: list[None], both: asyncio.Event) -> None:
+        arrived.append(None)
+        if len(arrived) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 5000 * MS)
+
+    async def adopt_together(*args: Any) -> bool:
+        await together(entered, both_entered)  # neither has adopted it yet
+        result: bool = await adopt(*args)
+        await together(adopted, both_adopted)
+        return result
+
+    monkeypatch.setattr(roaming, "adopt", adopt_together)
+    one, two = await connect(http, b.url), await connect(http, b.url)
+    auth = {"taskType": "authentication", "apiKey": ALPHA, "connectionSessionUUID": session}
+    await asyncio.gather(one.send(auth), two.send(auth))
+    for client in (one, two):
+        reply = await client.recv(2000 * MS)
+        assert reply == {"data": [{"taskType": "authentication", "connectionSessionUUID": session}]}
+    for client in (one, two):
+        await client.send({"taskType": "ping"})
+        assert await client.recv(2000 * MS) == {"data": [{"taskType": "ping", "pong": True}]}
 
 
 async def test_a_session_back_from_another_replica_resumes_whatever_its_old_window(
