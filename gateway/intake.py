@@ -315,7 +315,9 @@ class Intake:
     def rejoin(self, tenant: str, task: ImageTask, subscriber: Subscriber) -> bool:
         """A sync task sent again, unchanged, while it still runs: the conflict stands, and the
         new socket gets the rest of its results too. This is what an SDK does after a dropped
-        socket (send the same taskUUID again), and it ends with the results, not a 30 s poll."""
+        socket (send the same taskUUID again), and it ends with the results, not a 30 s poll.
+        Its taskUUID in another case is not unchanged: its results carry the first spelling,
+        which that sender would not match, so it is a conflict alone."""
         record = self.registry.lookup(tenant, task.taskUUID)
         if record is None or record.finished is not None or record.task != task:
             return False
@@ -347,7 +349,7 @@ class Intake:
                     task_uuid=task_uuid,
                 )
             ]
-        return self.registry.response(record)
+        return self.registry.response(record, task_uuid)
 
 
 def store_unavailable(task_type: str, task_uuid: str, reason: str | None, what: str) -> ErrorItem:

@@ -87,7 +87,9 @@ class FrameClaims:
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
-        # taskUUID -> its record, claimed and written (gateway.tasks registers it as it is)
+        # taskUUID -> its record, claimed and written (gateway.tasks registers it as it is);
+        # these three by the taskUUID as the frame spelled it: the store's claims, keyed in
+        # lower case, decide which of two spellings wins
         self.won: dict[str, TaskRecord] = {}
         self.lost: set[str] = set()  # taskUUIDs another task holds already
         self.loaded: dict[str, TaskRecord] = {}  # getResponse: by taskUUID

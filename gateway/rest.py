@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from msgspec.structs import replace
 
 from gateway.audit import key_id
 from gateway.clients import too_many_failures
@@ -213,13 +214,18 @@ class RestEndpoint:
             for error in errors:
                 self.metrics.errors.labels(error.code).inc()
             return self._answer([], errors, tenant)
+        results, failure = record.results, record.error
+        if record.task_uuid != task_uuid:  # asked in another case: answered in the one asked
+            results = tuple(replace(r, taskUUID=task_uuid) for r in results)
+            if failure is not None:
+                failure = replace(failure, taskUUID=task_uuid)
         view = {
-            "taskUUID": record.task_uuid,
+            "taskUUID": task_uuid,
             "taskType": "imageInference",
             "state": record.state.value,
             "numberResults": record.task.numberResults,
-            "results": record.results,
-            "error": record.error,
+            "results": results,
+            "error": failure,
             "deliveries": record.deliveries,
         }
         return web.Response(body=encode(view), content_type="application/json")

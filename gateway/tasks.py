@@ -6,6 +6,9 @@ registry keeps only what is live: who is waiting on which task.
 
 Tenants are isolated twice over: a record is found by (tenant, taskUUID), and the provider only
 ever sees the gateway's own UUID for a task, so two tenants' identical taskUUIDs never meet.
+A taskUUID is found in any case (UUIDs are case-insensitive, RFC 9562: the store's key is
+lower-case), so two spellings of one are one task; every item to a client carries the taskUUID
+as that client sent it (its task's, or its getResponse's), since SDKs match answers by it.
 """
 
 from __future__ import annotations
@@ -309,17 +312,22 @@ class TaskRegistry:
     def lookup(self, tenant: str, task_uuid: str) -> TaskRecord | None:
         return self.store.get(tenant, task_uuid)
 
-    def response(self, record: TaskRecord) -> tuple[list[Any], list[ErrorItem]]:
+    def response(self, record: TaskRecord, task_uuid: str) -> tuple[list[Any], list[ErrorItem]]:
         """Cumulative state, one item per generation: successes, then what is still running;
-        a failure as an error item. Always the original taskType, never ``getResponse``."""
-        data: list[Any] = [msgspec.structs.replace(r, status="success") for r in record.results]
+        a failure as an error item. Always the original taskType, never ``getResponse``. Every
+        item carries ``task_uuid``, the taskUUID as the getResponse spelled it: it finds the
+        task in any case (the store's key is lower-case), and an SDK matches its answer by the
+        string it sent."""
+        data: list[Any] = [
+            msgspec.structs.replace(r, status="success", taskUUID=task_uuid) for r in record.results
+        ]
         errors: list[ErrorItem] = []
         missing = record.task.numberResults - len(record.results)
         if record.error is not None:
-            errors.append(msgspec.structs.replace(record.error, status="error"))
+            errors.append(msgspec.structs.replace(record.error, status="error", taskUUID=task_uuid))
         elif missing > 0 and record.finished is None:
             data.extend(
-                ProcessingItem(taskType="imageInference", taskUUID=record.task.taskUUID)
+                ProcessingItem(taskType="imageInference", taskUUID=task_uuid)
                 for _ in range(missing)
             )
         return data, errors

@@ -49,8 +49,9 @@ __all__ = [
 ]
 
 # Canonical 8-4-4-4-12 hex form, version 4, RFC 4122 variant. Either case is accepted and kept as
-# sent: the taskUUID is the client's key and is echoed back byte for byte. msgspec searches the
-# pattern: \Z, since $ also matches before a final newline.
+# sent: the taskUUID is the client's key and is echoed back byte for byte. Two spellings of one
+# UUID are one task (case-insensitive, RFC 9562): the gateway's stores key it in lower case.
+# msgspec searches the pattern: \Z, since $ also matches before a final newline.
 UUID_V4_PATTERN = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}\Z"
 )

@@ -13,8 +13,10 @@ __all__ = ["MemoryTaskStore"]
 def _key(tenant: str, task_uuid: str) -> str:
     """A string, not a (tenant, taskUUID) tuple: a tuple is a GC-tracked object, and one per
     retained record kept the collector running (see TaskRecord.results). The taskUUID is last
-    and has no NUL (it is a validated UUID), so no two pairs meet."""
-    return f"{tenant}\x00{task_uuid}"
+    and has no NUL (it is a validated UUID), so no two pairs meet. Lower-case: UUIDs are
+    case-insensitive (RFC 9562), so two spellings of one are one task (the record keeps the
+    client's own, which every item to that client carries)."""
+    return f"{tenant}\x00{task_uuid.lower()}"
 
 
 class MemoryTaskStore:

@@ -16,7 +16,12 @@ from gateway.store.shared import RecordCodec
 
 __all__ = ["MemorySharedTasks"]
 
-_Key = tuple[str, str]  # (tenant, taskUUID)
+_Key = tuple[str, str]  # (tenant, taskUUID in lower case)
+
+
+def _key(tenant: str, task_uuid: str) -> _Key:
+    """Two spellings of one UUID are one claim (RFC 9562: case-insensitive), as in Redis."""
+    return (tenant, task_uuid.lower())
 
 
 class MemorySharedTasks:
@@ -39,7 +44,7 @@ class MemorySharedTasks:
     async def claim_many(self, tenant: str, claims: Sequence[tuple[str, str]]) -> list[bool]:
         won = []
         for task_uuid, upstream_uuid in claims:
-            key = (tenant, task_uuid)
+            key = _key(tenant, task_uuid)
             held = self._claims.get(key)
             if held is not None and self._expired(held):
                 self._forget(held)
@@ -50,18 +55,18 @@ class MemorySharedTasks:
         return won
 
     async def release(self, tenant: str, task_uuid: str, upstream_uuid: str) -> None:
-        key = (tenant, task_uuid)
+        key = _key(tenant, task_uuid)
         if self._claims.get(key) == upstream_uuid:
             del self._claims[key]
             self._records.pop(upstream_uuid, None)
             self._finished.pop(upstream_uuid, None)
 
     async def save(self, record: TaskRecord) -> None:
-        key = (record.tenant, record.task_uuid)
+        key = _key(record.tenant, record.task_uuid)
         self._records[record.upstream_uuid] = (self._codec.encode(record), key)
 
     async def load(self, tenant: str, task_uuid: str) -> TaskRecord | None:
-        upstream_uuid = self._claims.get((tenant, task_uuid))
+        upstream_uuid = self._claims.get(_key(tenant, task_uuid))
         return None if upstream_uuid is None else self._record(upstream_uuid)
 
     def _record(self, upstream_uuid: str) -> TaskRecord | None:
@@ -75,7 +80,7 @@ class MemorySharedTasks:
         upstream_uuid = record.upstream_uuid
         self._finished.pop(upstream_uuid, None)
         if retention <= 0:
-            self._forget(upstream_uuid, (record.tenant, record.task_uuid))
+            self._forget(upstream_uuid, _key(record.tenant, record.task_uuid))
             return
         await self.save(record)
         now = self._clock()

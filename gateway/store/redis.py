@@ -1,7 +1,10 @@
 """``SharedTasks`` in Redis (``store.url``): what several gateway replicas share about tasks.
 
 Keys, under one prefix (``tenebra`` unless told; tenant and taskUUID escaped so that a ':' in a
-tenant's name cannot make two tenants' keys meet):
+tenant's name cannot make two tenants' keys meet; the taskUUID in lower case, so that two
+spellings of one UUID are one claim, RFC 9562, while the record keeps its client's spelling. A
+replica of before that change keyed a taskUUID as it was sent: the tasks it claimed in upper or
+mixed case are not found by a replica of after it):
 
 - ``{prefix}:record:{tenant}:{taskUUID}``  string: the claim and the record in one key. A *tag*
   (one byte, the upstream UUID's length, then the upstream UUID), a *mark* (``f``: the record
@@ -221,7 +224,9 @@ class RedisSharedTasks:
         return self._max_retained
 
     def claim_key(self, tenant: str, task_uuid: str) -> str:
-        return f"{self._claims}{key_part(tenant)}:{key_part(task_uuid)}"
+        """A (tenant, taskUUID)'s key, the taskUUID in lower case: UUIDs are case-insensitive
+        (RFC 9562), so two spellings of one are one claim (the record keeps the client's)."""
+        return f"{self._claims}{key_part(tenant)}:{key_part(task_uuid.lower())}"
 
     def _tenant(self, tenant: str) -> str:
         """The start of a tenant's claim keys, kept: tenants are few (the configuration's)."""
@@ -234,7 +239,7 @@ class RedisSharedTasks:
         """``claim_key``, as bytes, with the tenant's part kept: twice per task on the hot
         path."""
         start = self._tenants.get(tenant) or self._tenant(tenant)
-        return (start + key_part(task_uuid)).encode()
+        return (start + key_part(task_uuid.lower())).encode()
 
     def open_key(self, replica: str) -> str:
         """The open records a replica runs (their members): what a takeover finds."""

@@ -13,10 +13,11 @@ The contract:
 
 - A **claim** takes a tenant's taskUUID for one upstream UUID, atomically: of every replica that
   claims the same (tenant, taskUUID), exactly one wins; the same taskUUID under two tenants is
-  two claims. ``claim_many`` claims a frame's tasks in one round trip. A claim lasts while its
-  task does (and, in Redis, at most ``open_ttl`` without a finish: a replica that died between
-  claim and finish does not hold the taskUUID forever); ``release`` gives back a claim whose
-  task was refused before it started.
+  two claims, and two spellings of one (upper and lower case: RFC 9562) are one. ``claim_many``
+  claims a frame's tasks in one round trip. A claim lasts while its task does (and, in Redis,
+  at most ``open_ttl`` without a finish: a replica that died between claim and finish does not
+  hold the taskUUID forever); ``release`` gives back a claim whose task was refused before it
+  started.
 - **save** writes a record (msgspec bytes: a copy, never the caller's object); **load** finds
   it by (tenant, taskUUID). A claim without a saved record loads as None. (There is no read by
   upstream UUID: the gateway never needs one, and Redis would need an index for it.)

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 import uuid
+from typing import Any
 
 import aiohttp
 import pytest
@@ -180,6 +181,42 @@ async def test_conflicts_are_per_tenant(
     await beta.send(sent)  # the same taskUUID from another tenant is another task
     [theirs] = (await beta.recv())["data"]
     assert theirs["taskUUID"] == sent["taskUUID"] and theirs["imageUUID"] != mine["imageUUID"]
+    assert provider.stats.submissions == 2
+
+
+async def test_two_spellings_of_one_task_uuid_are_one_task_each_answered_in_its_own(
+    gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    """UUIDs are case-insensitive (RFC 9562): a taskUUID sent again in another case, in a frame
+    of its own or in the same frame, is the same task (conflictTaskUUID, billed once), and each
+    answer carries the taskUUID as its frame spelled it: the SDKs match answers by the string
+    they sent."""
+    set_faults(provider, fast=True)
+    client = await client_of(http, gateway)
+    lower = str(uuid.uuid4())
+    await client.send(task(taskUUID=lower.upper(), deliveryMethod="async"))
+    assert (await client.recv())["data"][0]["taskUUID"] == lower.upper()
+    await client.send(task(taskUUID=lower, deliveryMethod="async"))
+    [error] = (await client.recv())["errors"]
+    assert (error["code"], error["taskUUID"]) == ("conflictTaskUUID", lower)
+    both = str(uuid.uuid4())
+    await client.send(task(taskUUID=both, deliveryMethod="async"), task(taskUUID=both.upper()))
+    frames = [await client.recv(), await client.recv()]
+    assert [i["taskUUID"] for f in frames for i in f.get("data", [])] == [both]
+    assert [(e["code"], e["taskUUID"]) for f in frames for e in f.get("errors", [])] == [
+        ("conflictTaskUUID", both.upper())
+    ]
+    for spelling in (lower, lower.upper()):
+        images: list[dict[str, Any]] = []
+        for _ in range(200):
+            await client.send({"taskType": "getResponse", "taskUUID": spelling})
+            frame = await client.recv()
+            assert "errors" not in frame, frame
+            images = [i for i in frame["data"] if i.get("status") == "success"]
+            if images:
+                break
+            await asyncio.sleep(20 * MS)
+        assert [i["taskUUID"] for i in images] == [spelling]
     assert provider.stats.submissions == 2
 
 

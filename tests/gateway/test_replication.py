@@ -176,6 +176,34 @@ async def test_the_same_task_uuid_on_b_is_a_conflict(
     assert "data" in await beta.recv()
 
 
+async def test_two_spellings_of_one_task_uuid_are_one_task_across_replicas(
+    pair: tuple[Any, Any], http: aiohttp.ClientSession
+) -> None:
+    """UUIDs are case-insensitive (RFC 9562): a taskUUID claimed on a in upper case is a
+    conflict on b in lower case, and b's getResponse in its own spelling finds a's task and
+    answers in that spelling (the SDKs match answers by the string they sent)."""
+    a, b = pair
+    on_a, on_b = await connect(http, a.url), await connect(http, b.url)
+    await on_a.auth(ALPHA)
+    await on_b.auth(ALPHA)
+    lower = str(uuid.uuid4())
+    await on_a.send(task(taskUUID=lower.upper(), deliveryMethod="async"))
+    assert (await on_a.recv())["data"][0]["taskUUID"] == lower.upper()
+    await on_b.send(task(taskUUID=lower, deliveryMethod="async"))
+    error = (await on_b.recv())["errors"][0]
+    assert (error["code"], error["taskUUID"]) == ("conflictTaskUUID", lower)
+    images: list[dict[str, Any]] = []
+    for _ in range(100):
+        await on_b.send({"taskType": "getResponse", "taskUUID": lower})
+        frame = await on_b.recv()
+        assert "errors" not in frame, frame
+        images = [i for i in frame["data"] if i.get("status") == "success"]
+        if images:
+            break
+        await asyncio.sleep(20 * MS)
+    assert [i["taskUUID"] for i in images] == [lower]
+
+
 async def test_rest_task_view_reads_another_replica_task(
     pair: tuple[Any, Any], http: aiohttp.ClientSession
 ) -> None:

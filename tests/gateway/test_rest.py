@@ -56,6 +56,30 @@ async def test_rest_errors_are_counted_like_the_websocket_doors(
     }
 
 
+async def test_rest_task_view_finds_a_task_by_either_spelling_and_says_the_one_asked(
+    gateway: Gateway, provider: LocalProvider, http: aiohttp.ClientSession
+) -> None:
+    """UUIDs are case-insensitive (RFC 9562): ``GET /v1/tasks/<uuid>`` finds a task sent in
+    upper case by its lower-case spelling and answers in the spelling asked, and ``POST /v1``
+    of the other spelling is a conflict."""
+    set_faults(provider, fast=True)
+    url, bearer = f"http://127.0.0.1:{gateway.port}/v1", {"Authorization": f"Bearer {ALPHA}"}
+    lower = str(uuid.uuid4())
+    async with http.post(url, json=[task(taskUUID=lower.upper())], headers=bearer) as response:
+        assert response.status == 200
+    async with http.post(url, json=[task(taskUUID=lower)], headers=bearer) as response:
+        assert response.status == 400
+        [error] = (await response.json())["errors"]
+        assert (error["code"], error["taskUUID"]) == ("conflictTaskUUID", lower)
+    for spelling in (lower, lower.upper()):
+        async with http.get(f"{url}/tasks/{spelling}", headers=bearer) as response:
+            assert response.status == 200
+            view = await response.json()
+        assert view["state"] == "done", view
+        assert [view["taskUUID"], *(r["taskUUID"] for r in view["results"])] == [spelling] * 2
+    assert provider.stats.submissions == 1
+
+
 async def test_rest_get_responses_per_request_are_bounded(
     provider: LocalProvider, http: aiohttp.ClientSession
 ) -> None:

@@ -147,15 +147,48 @@ def test_get_response_is_cumulative(registry: TaskRegistry) -> None:
     assert isinstance(record, TaskRecord)
     registry.move(record, S.SUBMITTED)
     registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i1"))
-    data, errors = registry.response(record)
+    data, errors = registry.response(record, record.task_uuid)
     assert [getattr(i, "status", None) for i in data] == ["success", "processing", "processing"]
     assert errors == []
     registry.on_error(record.upstream_uuid, error_item("timeoutProvider", task_uuid="x"))
-    data, errors = registry.response(record)
+    data, errors = registry.response(record, record.task_uuid)
     assert [getattr(i, "status", None) for i in data] == ["success"]
     assert [(e.code, e.status, e.taskUUID) for e in errors] == [
         ("timeoutProvider", "error", record.task_uuid)
     ]
+
+
+def test_two_spellings_of_one_task_uuid_are_one_task_each_answered_in_its_own(
+    registry: TaskRegistry,
+) -> None:
+    """UUIDs are case-insensitive on input (RFC 9562): a taskUUID in another case is the same
+    task (a conflict, found by getResponse), yet every item a client gets carries the taskUUID
+    as that client spelled it, which is what the SDKs match their answers by."""
+    watcher = Subscriber()
+    task_uuid = str(uuid.uuid4())
+    first = checked(taskUUID=task_uuid.upper(), numberResults=3)
+    record = registry.register("t", first, watcher)
+    assert isinstance(record, TaskRecord)
+    again = registry.register("t", checked(taskUUID=task_uuid), None)
+    assert isinstance(again, ErrorItem)
+    assert (again.code, again.taskUUID) == ("conflictTaskUUID", task_uuid)
+    assert registry.lookup("t", task_uuid) is record
+    registry.move(record, S.SUBMITTED)
+    registry.on_result(record.upstream_uuid, result(record.upstream_uuid, "i1"))
+    assert [f["data"][0]["taskUUID"] for f in watcher.frames] == [task_uuid.upper()]
+    for spelling in (task_uuid, task_uuid.upper()):
+        data, _ = registry.response(record, spelling)
+        assert [(i.taskUUID, i.status) for i in data] == [
+            (spelling, "success"),
+            (spelling, "processing"),
+            (spelling, "processing"),
+        ]
+    registry.on_error(record.upstream_uuid, error_item("timeoutProvider", task_uuid="x"))
+    assert watcher.frames[-1]["errors"][0]["taskUUID"] == task_uuid.upper()
+    data, errors = registry.response(record, task_uuid)
+    assert [i.taskUUID for i in data] == [task_uuid]
+    assert [(e.code, e.taskUUID) for e in errors] == [("timeoutProvider", task_uuid)]
+    assert record.results[0].taskUUID == task_uuid.upper()  # the record is not changed
 
 
 def test_finished_tasks_are_forgotten_after_retention(registry: TaskRegistry, clock: Clock) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import uuid
+
 from gateway.store.base import TaskRecord
 from gateway.store.memory import MemoryTaskStore
 from protocol.codec import decode_client_frame, encode_tasks
@@ -24,6 +26,24 @@ def test_keys_are_per_tenant() -> None:
     assert store.get("a", first.task_uuid) is first
     assert store.by_upstream("u1") is first
     assert store.open_count == 2 and len(store) == 2
+
+
+def test_two_spellings_of_one_task_uuid_are_one_key() -> None:
+    """UUIDs are case-insensitive (RFC 9562): an upper-case and a lower-case spelling of one
+    taskUUID are one task of the tenant, found and forgotten by either; the record keeps the
+    spelling its client sent."""
+    store = MemoryTaskStore(retention=10)
+    task_uuid = str(uuid.uuid4())
+    upper = record("a", "u1", task_uuid.upper())
+    assert store.add(upper)
+    assert not store.add(record("a", "u2", task_uuid))
+    assert store.add(record("b", "u3", task_uuid))  # another tenant's is still another task
+    assert store.get("a", task_uuid) is upper and store.get("a", task_uuid.upper()) is upper
+    assert upper.task_uuid == task_uuid.upper()
+    upper.finished = 1.0
+    store.finish(upper)
+    assert store.sweep(20.0) == [upper]
+    assert store.get("a", task_uuid) is None and store.add(record("a", "u4", task_uuid))
 
 
 def test_retention_starts_when_a_task_finishes() -> None:

@@ -95,6 +95,27 @@ async def test_the_same_task_uuid_under_two_tenants_is_two_claims(replica: Repli
     assert await b.claim("x:y", "z", "u4")
 
 
+async def test_two_spellings_of_one_task_uuid_are_one_claim(replica: Replica) -> None:
+    """UUIDs are case-insensitive (RFC 9562): an upper-case and a lower-case spelling of one
+    taskUUID are one claim across replicas, found and given back by either; the record keeps
+    the spelling its client sent."""
+    a, b = replica(), replica()
+    task_uuid = str(uuid.uuid4())
+    r = record("studio", task_uuid.upper())
+    assert await a.claim(r.tenant, r.task_uuid, r.upstream_uuid)
+    assert not await b.claim("studio", task_uuid, "up2")
+    assert await b.claim_many("studio", [(task_uuid, "up3"), (str(uuid.uuid4()), "up4")]) == [
+        False,
+        True,
+    ]
+    await a.save(r)
+    loaded = await b.load("studio", task_uuid)
+    assert loaded == r and loaded is not None and loaded.task_uuid == task_uuid.upper()
+    await b.release("studio", task_uuid, r.upstream_uuid)
+    assert await b.load("studio", task_uuid.upper()) is None
+    assert await b.claim("studio", task_uuid, "up5")
+
+
 async def test_claim_many_claims_a_frame_in_order(replica: Replica) -> None:
     a, b = replica(), replica()
     u1, u2, u3 = (str(uuid.uuid4()) for _ in range(3))
