@@ -214,9 +214,14 @@ class ClientConnection:
 
     def take_unsent(self) -> list[bytes]:
         """What was queued and not written, for the session: given once. The socket's own
-        answers at the head of the queue (:meth:`send_own`) stay, for it to write."""
+        answers at the head of the queue (:meth:`send_own`) stay, for it to write, and so does
+        the frame a lagging socket is handing to TCP while a newer one takes the session (it
+        is on its way: moved, it reached the client twice)."""
         outbox = self.outbox
-        own = [outbox.popleft() for _ in range(self.own)]
+        keep = self.own
+        if self.drain is not None and not self.closed:
+            keep = max(keep, 1)
+        own = [outbox.popleft() for _ in range(min(keep, len(outbox)))]
         unsent = list(outbox)
         outbox.clear()
         outbox.extend(own)
@@ -283,10 +288,11 @@ class ClientConnection:
             while self.outbox and not self.closed:
                 frame = self.outbox[0]
                 await self.ws.send_frame(frame, TEXT)
-                self.outbox.popleft()
-                self.queued_bytes -= len(frame)
-                if self.own:
-                    self.own -= 1
+                if self.outbox and self.outbox[0] is frame:  # else its session took the queue
+                    self.outbox.popleft()
+                    self.queued_bytes -= len(frame)
+                    if self.own:
+                        self.own -= 1
                 self.metrics.frames.client_out += 1
                 transport = self.request.transport
                 if transport is None or transport.is_closing():

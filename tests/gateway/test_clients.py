@@ -574,6 +574,25 @@ async def test_a_resumed_backlog_keeps_flowing_after_a_drain_empties_the_queue()
     assert [*socket.sent, *written][1:] == [*backlog, b"new"]  # after the auth reply
 
 
+async def test_a_frame_a_lagging_socket_is_sending_stays_its_own_when_the_session_moves() -> None:
+    """A newer socket takes the session while a lagging one is handing a frame to TCP: that
+    frame is this socket's (it is on its way), the rest go with the session. The frame in
+    flight once went with them too, so the newer socket got it again, and the drain, finding
+    its queue emptied under it, failed."""
+    transport, socket = FakeTransport(buffered=WRITE_BUFFER_HIGH_WATER), FakeSocket()
+    connection, _ = connection_over(transport, socket)
+    for frame in (b"first", b"second", b"third"):
+        connection.send(frame)
+    await until(lambda: socket.sent == [b"first"])  # in flight: the drain waits for TCP
+    drain = connection.drain
+    assert drain is not None
+    assert connection.take_unsent() == [b"second", b"third"]
+    socket.release.set()
+    await asyncio.wait_for(drain, 1000 * MS)  # no IndexError
+    assert socket.sent == [b"first"] and not connection.outbox
+    assert connection.queued_bytes == 0
+
+
 async def test_two_resumes_of_one_session_in_one_loop_turn_each_get_their_own_reply(
     gateway: Gateway,
 ) -> None:
