@@ -136,8 +136,8 @@ FULL = Plan(
     stalled_rate=500,
     stall_pairs=3,
     admission=Scenario("admission: 10 tenants with limits vs none, M=200 W=8, 1 result", 200, 100),
-    store=Scenario("store: Redis vs memory, M=200 W=8, 1 result", 200, 100),
-    replicas=Scenario("replicas: two gateways vs one on Redis, M=200 W=8, 1 result", 200, 100),
+    store=Scenario("store: Redis vs memory, M=200 W=8, 1 result", 200, 500),
+    replicas=Scenario("replicas: two gateways vs one on Redis, M=200 W=8, 1 result", 200, 500),
     ceiling=[
         Scenario("ceiling: saturation M=200 W=8 R=1", 200, 500),
         Scenario("ceiling: saturation M=200 W=8 R=4", 200, 200, results=4),
