@@ -1,7 +1,6 @@
 """A task record as the Redis store (store/redis.py) keeps it: one MessagePack array of
-``TaskRecord``'s fields in their order (no field names), which is what a record's fields as
-one tuple (``msgspec.structs.astuple``) encode to. A Struct only: a module compiled with mypyc
-cannot define one (it would build a plain class)."""
+``TaskRecord``'s fields (no field names). A Struct only: a module compiled
+with mypyc cannot define one (it would build a plain class)."""
 
 from __future__ import annotations
 
@@ -17,8 +16,9 @@ class StoredRecord(msgspec.Struct, array_like=True, gc=False):
     tenant: str
     task: ImageTask
     upstream_uuid: str
-    state: TaskState
     created: float
+    session: str | None
+    state: TaskState
     finished: float | None
     link: int | None
     window_epoch: int
@@ -26,7 +26,6 @@ class StoredRecord(msgspec.Struct, array_like=True, gc=False):
     results: tuple[ImageResult, ...]
     error: ErrorItem | None
     deliveries: tuple[Delivery, ...]
-    session: str | None
     key_id: str | None
     cost: float
     trace: str | None
