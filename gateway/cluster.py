@@ -192,6 +192,12 @@ class Cluster:
         # it at least), and the last that was answered, through or not (lease_in_doubt)
         self._renewed_sent = -math.inf
         self._answered_sent = -math.inf
+        # the loop's own pulse (_beat_forever): when it last beat, and when it last found it
+        # had stood still (a stall) longer than _stall
+        self._stall = lease / 3
+        self._beat = -math.inf
+        self._stalled_at = -math.inf
+        self._pulse: asyncio.Task[None] | None = None
         self._takeovers_paused = False
         self._dead: asyncio.Queue[str] = asyncio.Queue(MAX_QUEUED_TAKEOVERS)
         self._queued: set[str] = set()  # in the queue or being taken over
@@ -206,8 +212,26 @@ class Cluster:
         (Redis away) lets them go, as frames go while Redis is away."""
         if self.fenced:
             return True
+        now = asyncio.get_running_loop().time()
         ran_out = self._renewed_sent + self.lease
-        return asyncio.get_running_loop().time() > ran_out > self._answered_sent
+        if not now > ran_out > self._answered_sent:
+            return False
+        # a stall, not an outage (the loop ran on, Redis did not answer: frames go as they go
+        # while Redis is away): the loop stood still, now or since the last renewal answered
+        return now - self._beat > self._stall or self._stalled_at > self._answered_sent
+
+    async def _beat_forever(self) -> None:
+        """The loop's pulse: a beat a third of a lease late says the process stood still
+        (SIGSTOP, a paused VM, a blocked loop), which lease_in_doubt tells from a Redis
+        outage. A lease runs out unrenewed after two thirds of it at least: no stall that
+        lets it is shorter."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._stall / 4)
+            now = loop.time()
+            if now - self._beat > self._stall:
+                self._stalled_at = now
+            self._beat = now
 
     @property
     def settling(self) -> float:
@@ -231,6 +255,8 @@ class Cluster:
         """Lease first (a replica that cannot reach Redis starts unready, and keeps trying)."""
         with contextlib.suppress(StoreUnavailable):
             await self._renew_once()
+        self._beat = asyncio.get_running_loop().time()
+        self._pulse = asyncio.create_task(self._beat_forever(), name="cluster-pulse")
         self._tasks = [
             asyncio.create_task(self._renew_forever(), name="cluster-lease"),
             asyncio.create_task(self._listen_forever(), name="cluster-bus"),
@@ -268,6 +294,8 @@ class Cluster:
             lease.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._pulse is not None:
+            self._pulse.cancel()
         if self.fenced:
             return
         client = self.redis.client
