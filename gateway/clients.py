@@ -136,6 +136,7 @@ class ClientConnection:
         self.outbox: deque[bytes] = deque()
         self.queued_bytes = 0
         self.own = 0  # frames at the head of the outbox that are this socket's (send_own)
+        self.sending: bytes | None = None  # the frame the drain is handing to TCP
         self.session: ClientSession | None = None
         self.overflowed = False
         self.closed = False  # nothing is written after a close, from here or aiohttp
@@ -219,7 +220,7 @@ class ClientConnection:
         is on its way: moved, it reached the client twice)."""
         outbox = self.outbox
         keep = self.own
-        if self.drain is not None and not self.closed:
+        if self.sending is not None and outbox and outbox[0] is self.sending:
             keep = max(keep, 1)
         own = [outbox.popleft() for _ in range(min(keep, len(outbox)))]
         unsent = list(outbox)
@@ -286,8 +287,11 @@ class ClientConnection:
         is made with ``writer_limit=1``: every aiohttp send checks), then the rest at once."""
         try:
             while self.outbox and not self.closed:
-                frame = self.outbox[0]
-                await self.ws.send_frame(frame, TEXT)
+                frame = self.sending = self.outbox[0]
+                try:
+                    await self.ws.send_frame(frame, TEXT)
+                finally:
+                    self.sending = None
                 if self.outbox and self.outbox[0] is frame:  # else its session took the queue
                     self.outbox.popleft()
                     self.queued_bytes -= len(frame)

@@ -593,6 +593,19 @@ async def test_a_frame_a_lagging_socket_is_sending_stays_its_own_when_the_sessio
     assert connection.queued_bytes == 0
 
 
+async def test_a_frame_a_drain_has_not_begun_to_send_goes_with_the_session() -> None:
+    """The drain is scheduled, not yet sending: every frame goes with the session (a socket
+    that closes before its drain runs would lose one kept back)."""
+    transport, socket = FakeTransport(buffered=WRITE_BUFFER_HIGH_WATER), FakeSocket()
+    connection, _ = connection_over(transport, socket)
+    for frame in (b"first", b"second"):
+        connection.send(frame)
+    connection.flush()
+    assert connection.drain is not None and socket.sent == []
+    assert connection.take_unsent() == [b"first", b"second"]
+    connection.drain.cancel()
+
+
 async def test_two_resumes_of_one_session_in_one_loop_turn_each_get_their_own_reply(
     gateway: Gateway,
 ) -> None:
