@@ -418,6 +418,8 @@ class Replication:
         try:
             while giving and not self._closed:
                 wait = giving[0][0] - loop.time()
+                if wait <= 0 and self._in_doubt():  # a taker's claims now, maybe: not touched
+                    wait = IN_DOUBT_POLL
                 if wait > 0:
                     await asyncio.sleep(wait)
                     continue
@@ -444,6 +446,10 @@ class Replication:
                 delays = full_jitter(0.05, 1.0, self._rng)
         finally:
             self._giver = None
+
+    def _in_doubt(self) -> bool:
+        in_doubt = self.lease_in_doubt
+        return in_doubt is not None and in_doubt()
 
     @property
     def giving_back(self) -> int:
@@ -483,7 +489,8 @@ class Replication:
         """Provider sessions by link index, recorded (each link's last); also every lease
         renewal, all of them: a Redis restarted empty, or flushed, lost them, and a takeover
         without them would take every task for never sent and submit it again."""
-        if not sessions or self._closed:  # a clean stop deletes them: none written after
+        # a clean stop deletes them: none written after; nor by a replica maybe taken over
+        if not sessions or self._closed or self._in_doubt():
             return
         redis = self.shared.connection
         key = links_key(redis, self.replica)
@@ -531,8 +538,7 @@ class Replication:
         try:
             while self._dirty or self._after:
                 await asyncio.sleep(0)  # the rest of this loop turn's changes join the write
-                in_doubt = self.lease_in_doubt
-                if in_doubt is not None and in_doubt():
+                if self._in_doubt():
                     # maybe taken over during a stall: nothing is written or sent until a
                     # renewal answers (gateway.cluster); fenced, never (close drops them)
                     await asyncio.sleep(IN_DOUBT_POLL)

@@ -702,6 +702,33 @@ async def test_frames_wait_while_the_lease_is_in_doubt_and_never_go_once_fenced(
 
 
 @pure_python_only(gateway.replication)
+async def test_claims_wait_to_go_back_while_the_lease_is_in_doubt() -> None:
+    """A replica maybe taken over during a stall gives nothing back until a renewal answers:
+    the claims may be the taker's now (the same tags). Fenced, it never does."""
+    released: list[str] = []
+
+    class Store:
+        deadline = 1.0
+
+        async def release(self, tenant: str, task_uuid: str, *args: Any) -> None:
+            released.append(task_uuid)
+
+    replication = replication_over(Store())
+    doubt = True
+    replication.lease_in_doubt = lambda: doubt
+    record = TaskRecord(tenant="t", task=image_task("async"), upstream_uuid="u-1", created=0.0)
+    claims = gateway.replication.FrameClaims("t")
+    claims.won[record.task.taskUUID] = record
+    replication.release_unused(claims)
+    await asyncio.sleep(100 * MS)
+    assert released == [] and replication.giving_back == 1
+    doubt = False  # renewed
+    await until(lambda: replication.giving_back == 0, within=2000 * MS)
+    assert released == [record.task.taskUUID]
+    await replication.close()
+
+
+@pure_python_only(gateway.replication)
 async def test_claims_to_give_back_are_bounded_the_oldest_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
