@@ -76,8 +76,8 @@ class Takeover:
         # gone out since. So every open task is asked about on one of the dead replica's
         # provider sessions (the provider finds a task by the API key's taskUUID, whichever
         # session asks): resumed, the provider says taskNotFound for one it never received,
-        # and it is sent then (gateway.recovery). Only without any provider session (the dead
-        # replica never had a link up) were its tasks surely never sent.
+        # and it is sent then (gateway.recovery). Without any provider session known, each
+        # is sent again (below).
         first = min(by_link) if by_link else None
         sent: defaultdict[int | None, list[TaskRecord]] = defaultdict(list)
         waiting: list[TaskRecord] = []
@@ -95,6 +95,11 @@ class Takeover:
         for link, carried in sent.items():
             self.pool.adopt(by_link.get(link) if link is not None else None, carried)
         for record in waiting:
+            # no provider session known (none was up, or Redis lost them before a renewal
+            # recorded them again): it may have gone out all the same. Counted as sent once, a
+            # conflictTaskUUID to its send says the provider has it (its upstream UUID is the
+            # gateway's own), and it is polled (gateway.recovery), not failed with the conflict
+            record.sends = max(record.sends, 1)
             if record.state is TaskState.RECEIVED:
                 self.pool.submit(record)
             else:  # queued at the dead replica: first in its tenant's line here

@@ -4,9 +4,11 @@ one process and a real redis-server. The process-level tests (SIGKILL) are in te
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
+import aiohttp
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -14,10 +16,10 @@ import redis.asyncio as aioredis
 import gateway.replication
 from gateway.provider.server import LocalProvider
 from gateway.replication import links_key
-from gateway.store.base import TaskRecord
+from gateway.store.base import TaskRecord, TaskState
 from gateway.store.shared import StoreUnavailable
 from tests.compiled import pure_python_only
-from tests.gateway.conftest import running, set_faults, shared_config, until
+from tests.gateway.conftest import connect, running, set_faults, shared_config, until
 from tests.gateway.test_dispatch import image_task
 from tests.protocol.conftest import MODEL
 from tests.timing import MS
@@ -91,6 +93,39 @@ async def test_provider_sessions_are_recorded_again_after_redis_lost_them(
             assert time.monotonic() < deadline, "provider sessions not recorded again"
             await asyncio.sleep(20 * MS)
         assert after == before
+
+
+async def test_a_takeover_without_provider_sessions_polls_a_task_the_provider_has(
+    provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """The dead replica's provider sessions are not known (it died before it could record them
+    again after Redis lost them), so its task goes out again, though the dead one had sent it:
+    the provider's conflictTaskUUID then says it has the task (an upstream UUID is the
+    gateway's own), and it is polled until it ends, not failed with the conflict."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    set_faults(provider, fast=True, latency={"kind": "fixed", "ms": 1500})
+    body = msgspec.structs.replace(image_task("async"), model=MODEL, width=1024, height=1024)
+    upstream = str(uuid.uuid4())
+    sent = await connect(http, provider.url)  # the dead replica's send
+    await sent.auth()
+    await sent.send(
+        json.loads(msgspec.json.encode(msgspec.structs.replace(body, taskUUID=upstream)))
+    )
+    async with running(shared_config(provider, redis_url, prefix, "a")) as a:
+        record = TaskRecord(tenant="alpha", task=body, upstream_uuid=upstream, created=time.time())
+        assert await a.replication.shared.create_batch([record], "d") == [True]
+        await a.redis.client.zadd(f"{prefix}:replicas", {"d": 1})  # its lease long over
+
+        def ended() -> bool:
+            taken = a.registry.lookup("alpha", body.taskUUID)
+            return taken is not None and taken.finished is not None
+
+        await until(ended, within=15000 * MS)
+        taken = a.registry.lookup("alpha", body.taskUUID)
+        assert taken is not None
+        assert (taken.state, taken.error) == (TaskState.DONE, None)
+        assert len(taken.results) == body.numberResults
+    await sent.ws.close()
 
 
 async def test_a_replica_that_stops_cleanly_leaves_no_provider_sessions_behind(
