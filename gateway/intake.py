@@ -335,9 +335,9 @@ class Intake:
         frame = self.frame
         if record is None and frame is not None:
             record = frame.loaded.get(task_uuid)
-            if record is None and frame.unavailable is not None:  # not known: not unknown either
+            if record is None and frame.unread is not None:  # not known: not unknown either
                 unavailable = store_unavailable(
-                    "getResponse", task_uuid, frame.unavailable, "the task could not be read"
+                    "getResponse", task_uuid, frame.unread, "the task could not be read"
                 )
                 return [], [unavailable]
         if record is None:

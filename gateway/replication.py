@@ -83,7 +83,7 @@ class FrameClaims:
     """What one frame's tasks hold in the shared store, for its synchronous dispatch. (Not a
     dataclass: mypyc leaves a dataclass's generated ``__init__`` in Python, a call per frame.)"""
 
-    __slots__ = ("loaded", "lost", "tenant", "unavailable", "won")
+    __slots__ = ("loaded", "lost", "tenant", "unavailable", "unread", "won")
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
@@ -94,6 +94,8 @@ class FrameClaims:
         self.lost: set[str] = set()  # taskUUIDs another task holds already
         self.loaded: dict[str, TaskRecord] = {}  # getResponse: by taskUUID
         self.unavailable: str | None = None  # the store did not answer: why
+        # its getResponse tasks' records were not read (the store did not answer): why
+        self.unread: str | None = None
 
 
 class Replication:
@@ -194,7 +196,7 @@ class Replication:
             if claims.won:
                 self.release_unused(claims)
                 claims.won.clear()
-            claims.unavailable = str(exc)
+            claims.unavailable = claims.unread = str(exc)
             return claims
         if polled:
             self.healthy = True
@@ -243,7 +245,7 @@ class Replication:
         claims = FrameClaims(tenant)
         if isinstance(won, StoreUnavailable):
             self._unhealthy(won)
-            claims.unavailable = str(won)
+            claims.unavailable = claims.unread = str(won)
             return claims
         if wanted:
             self.healthy = True
@@ -646,7 +648,7 @@ class _FrameAnswer:
         except Exception:  # a bug: the frame still hears (its socket counts on it)
             log.exception("a frame's claims could not be sorted")
             claims = FrameClaims(self.tenant)
-            claims.unavailable = "the gateway failed to read its claims"
+            claims.unavailable = claims.unread = "the gateway failed to read its claims"
         self.then(claims)
 
 

@@ -568,6 +568,28 @@ async def test_a_rated_frame_whose_tokens_redis_does_not_give_gets_service_unava
         await accepted_once_given_back(client, body)
 
 
+async def test_a_poll_read_before_the_frames_tokens_failed_is_answered_as_read(
+    provider: LocalProvider, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A frame's getResponse found no task (Redis answered), then its rate tokens could not be
+    taken: the image task is serviceUnavailable, the poll taskNotFound, as it was read."""
+    config = shared_config(provider, redis_url, f"test-{uuid.uuid4().hex}", "a")
+    config.tenants["rated"] = Tenant(keys=["rated-key-123456"], rate=100.0, burst=100)
+    async with running(config) as a:
+        limits = a.intake.quotas.shared
+
+        async def unavailable(tenant: str, count: int, rate: float, burst: int) -> Any:
+            raise StoreUnavailable("redis: the rate bucket did not answer")
+
+        limits.take = unavailable
+        client = await connect(http, a.url)
+        await client.auth("rated-key-123456")
+        body, unknown = task(deliveryMethod="async"), str(uuid.uuid4())
+        await client.send(body, {"taskType": "getResponse", "taskUUID": unknown})
+        errors = {e["taskUUID"]: e["code"] for e in (await client.recv())["errors"]}
+        assert errors == {body["taskUUID"]: "serviceUnavailable", unknown: "taskNotFound"}
+
+
 @pure_python_only(gateway.replication)
 async def test_claims_that_piled_up_go_in_bounded_batches_frames_whole_and_in_order() -> None:
     """Frames that waited while Redis stalled: their claims go in round trips of about
