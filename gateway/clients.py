@@ -614,7 +614,7 @@ class ClientGateway:
                         held.tenant,
                         outcomes,
                         held.uuid,
-                        self._when_claimed(context, connection, door, outcomes, answer, received),
+                        _ClaimedFrame(self, context, connection, door, outcomes, answer, received),
                         behind=connection.claiming > 0,
                     ):
                         connection.claiming += 1
@@ -642,19 +642,6 @@ class ClientGateway:
             elif kind == WSMsgType.ERROR:
                 log.info("client socket error", error=repr(ws.exception()))
                 return
-
-    def _when_claimed(
-        self,
-        context: contextvars.Context,
-        connection: ClientConnection,
-        door: SocketDoor,
-        outcomes: list[Any],
-        answer: Answer,
-        received: int,
-    ) -> Callable[[FrameClaims], None]:
-        """What dispatches a frame read while its claims are asked (Intake.claim_then), as
-        :meth:`_read` dispatches the others, once they are answered."""
-        return _ClaimedFrame(self, context, connection, door, outcomes, answer, received)
 
     def _claimed(
         self,
@@ -829,9 +816,10 @@ def _utf8(data: bytes) -> bool:
 
 
 class _ClaimedFrame:
-    """A frame read while its claims are asked, dispatched once they are answered. An object,
-    not a closure: compiled, a closure is two objects per frame (it and its scope), each
-    built and freed attribute by attribute."""
+    """A frame read while its claims are asked (Intake.claim_then), dispatched as
+    ``ClientGateway._read`` dispatches the others once they are answered. An object, not a
+    closure: compiled, a closure is two objects per frame (it and its scope), each built and
+    freed attribute by attribute."""
 
     __slots__ = ("answer", "connection", "context", "door", "gateway", "outcomes", "received")
 
