@@ -88,6 +88,23 @@ class Client:
         return uuid
 
 
+async def polled_images(
+    client: Client, task_uuid: str, want: int = 1, tries: int = 100
+) -> list[dict[str, Any]]:
+    """``getResponse`` for ``task_uuid`` every 20 ms until ``want`` images are in (at most
+    ``tries`` times, no error item allowed): the last answer's images."""
+    images: list[dict[str, Any]] = []
+    for _ in range(tries):
+        await client.send({"taskType": "getResponse", "taskUUID": task_uuid})
+        frame = await client.recv()
+        assert "errors" not in frame, frame
+        images = [i for i in frame["data"] if i.get("status") == "success"]
+        if len(images) >= want:
+            break
+        await asyncio.sleep(20 * MS)
+    return images
+
+
 async def connect(http: aiohttp.ClientSession, url: str) -> Client:
     return Client(await http.ws_connect(url, max_msg_size=0))
 

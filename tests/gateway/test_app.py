@@ -6,7 +6,6 @@ import asyncio
 import socket
 import time
 import uuid
-from typing import Any
 
 import aiohttp
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.config import Config, ServerSettings
 from gateway.provider.server import LocalProvider
-from tests.gateway.conftest import ALPHA, BETA, Client, connect, set_faults, task
+from tests.gateway.conftest import ALPHA, BETA, Client, connect, polled_images, set_faults, task
 from tests.timing import MS
 
 
@@ -207,15 +206,7 @@ async def test_two_spellings_of_one_task_uuid_are_one_task_each_answered_in_its_
         ("conflictTaskUUID", both.upper())
     ]
     for spelling in (lower, lower.upper()):
-        images: list[dict[str, Any]] = []
-        for _ in range(200):
-            await client.send({"taskType": "getResponse", "taskUUID": spelling})
-            frame = await client.recv()
-            assert "errors" not in frame, frame
-            images = [i for i in frame["data"] if i.get("status") == "success"]
-            if images:
-                break
-            await asyncio.sleep(20 * MS)
+        images = await polled_images(client, spelling, tries=200)
         assert [i["taskUUID"] for i in images] == [spelling]
     assert provider.stats.submissions == 2
 
